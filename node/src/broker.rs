@@ -1,0 +1,298 @@
+//! The node's shared broker state and the publish path.
+//!
+//! ```text
+//!  connection task                    Broker::publish
+//!  PUBLISH ──decode──> Message ──Arc──>  retained store (if retain)
+//!                                        trie.collect(topic) -> matches (reused Vec)
+//!                                        drop No Local, merge overlaps per session
+//!                                        Session::enqueue ──notify──> subscriber's task
+//!                                                                      drains, encodes, writes
+//! ```
+//! Locks are sync and never held across `.await`: the trie and retained store are
+//! `RwLock`s, each session queue a `Mutex` held for a push or a drain.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::SubscriptionOptions;
+use crate::config::Config;
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::router::{Match, ParsedFilter, RetainedStore, Subscriber, SubscriptionTrie};
+use crate::session::{Delivery, DropReason, Enqueued, QueueLimits, Session, SessionId, SessionRegistry, SessionState, SubIds};
+
+pub struct Broker {
+    pub cfg: Config,
+    pub metrics: Metrics,
+    pub sessions: SessionRegistry,
+    pub limits: QueueLimits,
+    pub started: Instant,
+    router: RwLock<SubscriptionTrie>,
+    retained: RwLock<RetainedStore>,
+    timers: Timers,
+    pending_wills: Mutex<HashMap<Arc<str>, PendingWill>>,
+    next_conn_id: AtomicU64,
+}
+
+struct PendingWill {
+    session: SessionId,
+    msg: Message,
+}
+
+#[derive(Clone, Debug)]
+enum TimerEvent {
+    Will(Arc<str>, SessionId),
+    SessionExpiry(Arc<str>, SessionId),
+}
+
+#[derive(Default)]
+struct Timers {
+    queue: Mutex<BTreeMap<(Instant, u64), TimerEvent>>,
+    seq: AtomicU64,
+    wake: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Broker {
+    pub fn new(cfg: Config, metrics: Metrics) -> Broker {
+        let limits = QueueLimits {
+            max_messages: cfg.mqtt.max_queued_messages,
+            overflow: cfg.mqtt.queue_overflow,
+            qos0_offline: cfg.mqtt.queue_qos0_offline,
+        };
+        Broker {
+            cfg,
+            metrics,
+            sessions: SessionRegistry::default(),
+            limits,
+            started: Instant::now(),
+            router: RwLock::new(SubscriptionTrie::default()),
+            retained: RwLock::new(RetainedStore::default()),
+            timers: Timers::default(),
+            pending_wills: Mutex::new(HashMap::new()),
+            next_conn_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Routes a message to every matching local session and stores it if retained.
+    /// `scratch` is the caller's reusable match buffer. Returns the number of sessions
+    /// that got it.
+    pub fn publish(&self, msg: Arc<Message>, scratch: &mut Vec<Match>) -> usize {
+        if msg.retain {
+            let mut store = self.retained.write().unwrap_or_else(|e| e.into_inner());
+            store.set(msg.clone());
+            self.metrics.retained.set(store.len() as i64);
+        }
+        scratch.clear();
+        self.router.read().unwrap_or_else(|e| e.into_inner()).collect(&msg.topic, scratch);
+        scratch.retain(|m| !(m.no_local && m.session.id() == msg.origin));
+        if scratch.len() > 1 {
+            scratch.sort_unstable_by_key(|m| (m.session.id(), m.shared));
+        }
+        let mut delivered = 0;
+        let mut i = 0;
+        while i < scratch.len() {
+            let first = &scratch[i];
+            let mut qos = first.qos;
+            let mut rap = first.retain_as_published;
+            let mut ids = SubIds::None;
+            ids.extend(first.subscription_id);
+            let mut j = i + 1;
+            // Overlapping subscriptions of one session: one copy, highest QoS, every id.
+            while !first.shared && j < scratch.len() && !scratch[j].shared && scratch[j].session.id() == first.session.id() {
+                qos = qos.max(scratch[j].qos);
+                rap |= scratch[j].retain_as_published;
+                ids.extend(scratch[j].subscription_id);
+                j += 1;
+            }
+            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: msg.retain && rap, subscription_ids: ids };
+            if self.enqueue(&first.session, d) {
+                delivered += 1;
+            }
+            i = j;
+        }
+        scratch.clear();
+        delivered
+    }
+
+    /// Queues one delivery, counting what the overflow policy drops.
+    pub fn enqueue(&self, session: &Session, d: Delivery) -> bool {
+        let (outcome, dropped_oldest) = session.enqueue(d, &self.limits);
+        if dropped_oldest {
+            self.metrics.queue_dropped.with_label_values(&["queue_full"]).inc();
+        }
+        match outcome {
+            Enqueued::Queued => true,
+            Enqueued::Dropped(DropReason::QueueFull) => {
+                self.metrics.queue_dropped.with_label_values(&["queue_full"]).inc();
+                false
+            }
+            Enqueued::Dropped(_) => false,
+        }
+    }
+
+    /// Adds or replaces a subscription; returns whether it existed.
+    pub fn subscribe(&self, session: &Arc<Session>, f: &ParsedFilter<'_>, options: SubscriptionOptions, id: Option<u32>) -> bool {
+        let sub = Subscriber { session: session.clone(), options, subscription_id: id };
+        let existed = self.router.write().unwrap_or_else(|e| e.into_inner()).subscribe(f.filter, f.group, sub);
+        if !existed {
+            self.metrics.subscriptions.inc();
+        }
+        existed
+    }
+
+    pub fn unsubscribe(&self, session: SessionId, f: &ParsedFilter<'_>) -> bool {
+        let found = self.router.write().unwrap_or_else(|e| e.into_inner()).unsubscribe(f.filter, f.group, session);
+        if found {
+            self.metrics.subscriptions.dec();
+        }
+        found
+    }
+
+    /// Retained messages matching a (non-shared) filter, expired ones left out.
+    pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        self.retained.read().unwrap_or_else(|e| e.into_inner()).collect(filter, &mut out);
+        out.retain(|m| !m.is_expired(now));
+        out
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Removes an ended session's subscriptions and registry entry and fires its pending will.
+    pub fn end_session(&self, session: &Session, state: Option<Box<SessionState>>) {
+        if let Some(state) = state {
+            let max_levels = usize::MAX;
+            for filter in state.subscriptions.keys() {
+                if let Ok(parsed) = crate::router::topic::parse_filter(filter, max_levels) {
+                    self.unsubscribe(session.id(), &parsed);
+                }
+            }
+        }
+        if self.sessions.remove(session) {
+            self.metrics.sessions.dec();
+        }
+        self.fire_will(session.client_id(), session.id());
+    }
+
+    /// Publishes a will now, or after `delay` unless the client comes back first.
+    pub fn schedule_will(&self, client_id: &Arc<str>, session: SessionId, msg: Message, delay: Duration) {
+        if delay.is_zero() {
+            self.publish_will(msg);
+            return;
+        }
+        lock(&self.pending_wills).insert(client_id.clone(), PendingWill { session, msg });
+        self.timers.add(Instant::now() + delay, TimerEvent::Will(client_id.clone(), session));
+    }
+
+    /// Drops a pending will of this session (its client reconnected in time).
+    pub fn cancel_will(&self, client_id: &str, session: SessionId) {
+        let mut wills = lock(&self.pending_wills);
+        if wills.get(client_id).is_some_and(|w| w.session == session) {
+            wills.remove(client_id);
+        }
+    }
+
+    fn fire_will(&self, client_id: &str, session: SessionId) {
+        let will = {
+            let mut wills = lock(&self.pending_wills);
+            match wills.get(client_id) {
+                Some(w) if w.session == session => wills.remove(client_id),
+                _ => None,
+            }
+        };
+        if let Some(w) = will {
+            self.publish_will(w.msg);
+        }
+    }
+
+    fn publish_will(&self, mut msg: Message) {
+        // The expiry interval counts from publication, not from CONNECT.
+        let now = Instant::now();
+        msg.expires_at = msg.props.message_expiry_interval.map(|s| now + Duration::from_secs(s as u64));
+        self.metrics.wills_published.inc();
+        tracing::debug!(topic = %msg.topic, "publishing will");
+        self.publish(Arc::new(msg), &mut Vec::new());
+    }
+
+    pub fn schedule_session_expiry(&self, session: &Session, at: Instant) {
+        self.timers.add(at, TimerEvent::SessionExpiry(session.client_id().clone(), session.id()));
+    }
+
+    fn on_timer(&self, ev: TimerEvent, now: Instant) {
+        match ev {
+            TimerEvent::Will(client_id, session) => self.fire_will(&client_id, session),
+            TimerEvent::SessionExpiry(client_id, id) => {
+                let Some(session) = self.sessions.get(&client_id) else { return };
+                if session.id() != id || session.is_connected() || session.expires_at().is_none_or(|t| t > now) {
+                    return;
+                }
+                tracing::debug!(%client_id, "session expired");
+                let (state, _) = session.end();
+                self.end_session(&session, state);
+            }
+        }
+    }
+
+    /// Runs delayed wills and session expiry until cancelled.
+    pub async fn run_timers(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let wake = self.timers.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            let now = Instant::now();
+            let (due, next) = self.timers.take_due(now);
+            for ev in due {
+                self.on_timer(ev, now);
+            }
+            let sleep = match next {
+                Some(t) => tokio::time::sleep_until(t.into()),
+                None => tokio::time::sleep(Duration::from_secs(3600)),
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = &mut wake => {}
+                _ = sleep => {}
+            }
+        }
+    }
+}
+
+impl Timers {
+    fn add(&self, at: Instant, ev: TimerEvent) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut q = lock(&self.queue);
+        let earliest = q.keys().next().is_none_or(|(t, _)| at < *t);
+        q.insert((at, seq), ev);
+        drop(q);
+        if earliest {
+            self.wake.notify_one();
+        }
+    }
+
+    fn take_due(&self, now: Instant) -> (Vec<TimerEvent>, Option<Instant>) {
+        let mut q = lock(&self.queue);
+        let mut due = Vec::new();
+        while let Some(entry) = q.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            due.push(entry.remove());
+        }
+        (due, q.keys().next().map(|(t, _)| *t))
+    }
+}

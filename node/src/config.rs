@@ -1,0 +1,574 @@
+//! Node configuration: one serde tree and the rules for loading it.
+//!
+//! Sources, lowest precedence first:
+//! 1. [`Config::default`], the zero-config node;
+//! 2. the TOML file given by `--config`;
+//! 3. generic environment variables `PETREL_<SECTION>__<FIELD>`, e.g.
+//!    `PETREL_MQTT__MAX_QUEUED_MESSAGES=10`, then `PETREL_LOG` for `log.level`;
+//! 4. command-line flags, applied by `main` after [`Config::load`].
+//!
+//! Unknown sections and keys are rejected in the file and in the environment. Every problem
+//! found is reported, not only the first. `petrel.example.toml` (repository root) is the
+//! canonical commented rendering of the defaults; a unit test keeps it equal to
+//! [`Config::default`] and makes it name every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The commented default configuration, printed by `petrel --print-default-config`.
+pub const EXAMPLE_TOML: &str = include_str!("../../petrel.example.toml");
+
+/// Environment variable holding a tracing `EnvFilter` directive; overrides `log.level`.
+pub const LOG_ENV: &str = "PETREL_LOG";
+
+/// Prefix of the generic `PETREL_<SECTION>__<FIELD>` environment variables.
+const ENV_PREFIX: &str = "PETREL_";
+/// Separator between section and field in a generic environment variable name.
+const ENV_SEPARATOR: &str = "__";
+
+/// Smallest accepted `mqtt.max_packet_size_bytes`.
+pub const MIN_PACKET_SIZE_BYTES: u32 = 32;
+/// Largest MQTT packet: 268435455 bytes of remaining length plus a 5-byte fixed header.
+pub const MAX_PACKET_SIZE_BYTES: u32 = 268_435_460;
+/// Longest accepted `mqtt.client_id_prefix`.
+pub const MAX_CLIENT_ID_PREFIX_LEN: usize = 64;
+
+/// The whole node configuration. `Config::default()` is the zero-config node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[mqtt]`: the MQTT listener and protocol limits.
+    pub mqtt: MqttConfig,
+    /// `[admin]`: the admin HTTP listener (metrics and health).
+    pub admin: AdminConfig,
+    /// `[storage]`: where the node keeps its data.
+    pub storage: StorageConfig,
+    /// `[limits]`: process-wide resource limits.
+    pub limits: LimitsConfig,
+    /// `[log]`: log output.
+    pub log: LogConfig,
+}
+
+/// `[mqtt]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Address the MQTT listener binds; port 0 picks a free port. Default `0.0.0.0:1883`.
+    pub addr: SocketAddr,
+    /// Time a new connection has to send CONNECT before it is closed. Default `10000`.
+    pub connect_timeout_ms: u64,
+    /// Largest accepted inbound packet, also sent as the v5 Maximum Packet Size; between 32 and
+    /// 268435460. Default `1048576` (1 MiB).
+    pub max_packet_size_bytes: u32,
+    /// Cap on the client's keep alive, told to v5 clients as Server Keep Alive; 0 accepts the
+    /// client's value. Default `0`.
+    pub max_keep_alive_secs: u16,
+    /// Inbound unacknowledged QoS 1/2 publishes allowed per client (v5 Receive Maximum); at
+    /// least 1. Default `128`.
+    pub receive_maximum: u16,
+    /// Outbound unacknowledged QoS 1/2 publishes per session, further limited by the client's
+    /// Receive Maximum; at least 1. Default `32`.
+    pub max_inflight_messages: u16,
+    /// Messages queued per session while it is offline or its window is full; at least 1.
+    /// Default `1000`.
+    pub max_queued_messages: usize,
+    /// Which message a full session queue drops: `drop-newest` or `drop-oldest`.
+    /// Default `drop-newest`.
+    pub queue_overflow: QueueOverflow,
+    /// Queue QoS 0 messages for offline persistent sessions too. Default `false`.
+    pub queue_qos0_offline: bool,
+    /// Topic aliases accepted from a client; outbound aliases use the smaller of the client's
+    /// maximum and this; 0 disables aliases. Default `64`.
+    pub topic_alias_maximum: u16,
+    /// Highest QoS granted and accepted, 0 to 2. Default `2`.
+    pub max_qos: u8,
+    /// Whether retained messages are supported. Default `true`.
+    pub retain_available: bool,
+    /// Cap on the session expiry interval a v5 client may ask for. Default `4294967295`.
+    pub session_expiry_max_secs: u32,
+    /// Expiry of MQTT 3.1/3.1.1 sessions with clean_session=0; `4294967295` (u32::MAX) means
+    /// never. Default `4294967295`.
+    pub persistent_session_expiry_secs: u32,
+    /// Interval between `$SYS` topic publishes; 0 disables them. Default `10`.
+    pub sys_interval_secs: u64,
+    /// Prefix of server-assigned client ids: 1 to 64 characters of `A-Z a-z 0-9 - _ .`.
+    /// Default `petrel-`.
+    pub client_id_prefix: String,
+}
+
+/// What a full session queue drops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueOverflow {
+    /// Drop the message that does not fit (the default).
+    #[default]
+    DropNewest,
+    /// Drop the oldest queued message to make room.
+    DropOldest,
+}
+
+/// `[admin]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Whether the admin HTTP listener runs. Default `true`.
+    pub enabled: bool,
+    /// Address the admin HTTP listener binds; port 0 picks a free port. Default `0.0.0.0:8080`.
+    pub addr: SocketAddr,
+}
+
+/// `[storage]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory for the node's data. Default `./data`.
+    pub data_dir: PathBuf,
+}
+
+/// `[limits]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most concurrent client connections; at least 1. Default `100000`.
+    pub max_connections: usize,
+    /// Most levels (`/`-separated parts) in a topic name or filter; at least 1. Default `128`.
+    pub max_topic_levels: usize,
+}
+
+/// `[log]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Output format: `text` or `json`. Default `text`.
+    pub format: LogFormat,
+    /// Tracing `EnvFilter` directive, e.g. `info,petrel_node=debug`; the `PETREL_LOG`
+    /// environment variable overrides it. Default `info`.
+    pub level: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Why [`Config::load`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("read config file {}", path.display())]
+    Read {
+        /// The file given to `--config`.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The sources hold unknown keys or bad values; one entry per problem.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+}
+
+impl ConfigError {
+    /// Every problem, one line each, for printing before exiting.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Read { path, source } => {
+                vec![format!("read config file {}: {source}", path.display())]
+            }
+            ConfigError::Invalid(problems) => problems.clone(),
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            addr: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            connect_timeout_ms: 10_000,
+            max_packet_size_bytes: 1_048_576,
+            max_keep_alive_secs: 0,
+            receive_maximum: 128,
+            max_inflight_messages: 32,
+            max_queued_messages: 1000,
+            queue_overflow: QueueOverflow::DropNewest,
+            queue_qos0_offline: false,
+            topic_alias_maximum: 64,
+            max_qos: 2,
+            retain_available: true,
+            session_expiry_max_secs: u32::MAX,
+            persistent_session_expiry_secs: u32::MAX,
+            sys_interval_secs: 10,
+            client_id_prefix: "petrel-".to_owned(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("./data"),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 100_000,
+            max_topic_levels: 128,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("expected `text` or `json`, got `{other}`")),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file at `path` (if any), then the `PETREL_*` variables in
+    /// `env` (the process environment; other variables are ignored). Does not validate.
+    pub fn load<I>(path: Option<&Path>, env: I) -> Result<Config, ConfigError>
+    where
+        I: Iterator<Item = (String, String)>,
+    {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Some((path, text))
+            }
+            None => None,
+        };
+        let file = file.as_ref().map(|(path, text)| (*path, text.as_str()));
+        Self::from_sources(file, env)
+    }
+
+    /// [`Config::load`] with the file already read: `file` is its path (for messages) and text.
+    fn from_sources<I>(file: Option<(&Path, &str)>, env: I) -> Result<Config, ConfigError>
+    where
+        I: Iterator<Item = (String, String)>,
+    {
+        let schema = Schema::new();
+        let mut merged = toml::Table::new();
+        let mut problems = Vec::new();
+        if let Some((path, text)) = file {
+            schema.merge_file(path, text, &mut merged, &mut problems);
+        }
+        schema.merge_env(env, &mut merged, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Config::deserialize(toml::Value::Table(merged))
+            .map_err(|e| ConfigError::Invalid(vec![e.message().to_owned()]))
+    }
+
+    /// Checks rules the types cannot express. Returns every broken rule, one message each.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let mut require = |ok: bool, problem: String| {
+            if !ok {
+                problems.push(problem);
+            }
+        };
+        let mqtt = &self.mqtt;
+        require(
+            mqtt.connect_timeout_ms > 0,
+            "mqtt.connect_timeout_ms must be at least 1".to_owned(),
+        );
+        require(
+            (MIN_PACKET_SIZE_BYTES..=MAX_PACKET_SIZE_BYTES).contains(&mqtt.max_packet_size_bytes),
+            format!(
+                "mqtt.max_packet_size_bytes must be between {MIN_PACKET_SIZE_BYTES} and \
+                 {MAX_PACKET_SIZE_BYTES}, got {}",
+                mqtt.max_packet_size_bytes
+            ),
+        );
+        require(
+            mqtt.receive_maximum > 0,
+            "mqtt.receive_maximum must be at least 1".to_owned(),
+        );
+        require(
+            mqtt.max_inflight_messages > 0,
+            "mqtt.max_inflight_messages must be at least 1".to_owned(),
+        );
+        require(
+            mqtt.max_queued_messages > 0,
+            "mqtt.max_queued_messages must be at least 1".to_owned(),
+        );
+        require(
+            mqtt.max_qos <= 2,
+            format!("mqtt.max_qos must be 0, 1 or 2, got {}", mqtt.max_qos),
+        );
+        require(
+            valid_client_id_prefix(&mqtt.client_id_prefix),
+            format!(
+                "mqtt.client_id_prefix must be 1 to {MAX_CLIENT_ID_PREFIX_LEN} characters of \
+                 A-Z a-z 0-9 - _ ., got {:?}",
+                mqtt.client_id_prefix
+            ),
+        );
+        require(
+            !(self.admin.enabled && ports_clash(mqtt.addr, self.admin.addr)),
+            format!(
+                "admin.addr {} and mqtt.addr {} use the same port",
+                self.admin.addr, mqtt.addr
+            ),
+        );
+        require(
+            !self.storage.data_dir.as_os_str().is_empty(),
+            "storage.data_dir must not be empty".to_owned(),
+        );
+        require(
+            self.limits.max_connections > 0,
+            "limits.max_connections must be at least 1".to_owned(),
+        );
+        require(
+            self.limits.max_topic_levels > 0,
+            "limits.max_topic_levels must be at least 1".to_owned(),
+        );
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            require(
+                false,
+                format!(
+                    "log.level (or {LOG_ENV}) {:?} is not a tracing filter: {e}",
+                    self.log.level
+                ),
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The default configuration as commented TOML (the text of `petrel.example.toml`).
+    pub fn to_toml_string() -> String {
+        EXAMPLE_TOML.to_owned()
+    }
+}
+
+fn valid_client_id_prefix(prefix: &str) -> bool {
+    (1..=MAX_CLIENT_ID_PREFIX_LEN).contains(&prefix.len())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Whether two listeners would fight over one port (port 0 never clashes).
+fn ports_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The known sections and keys, taken from the serialized default configuration. Every field
+/// must therefore serialize to a value (no `Option` defaulting to `None`), or it would be
+/// rejected as unknown.
+struct Schema {
+    defaults: toml::Table,
+}
+
+impl Schema {
+    fn new() -> Self {
+        let defaults = match toml::Value::try_from(Config::default()) {
+            Ok(toml::Value::Table(table)) => table,
+            other => panic!("the default config must serialize to a TOML table, got {other:?}"),
+        };
+        Schema { defaults }
+    }
+
+    /// The default values of `section`, or a message listing the known sections.
+    fn section(&self, section: &str) -> Result<&toml::Table, String> {
+        let fields = self.defaults.get(section).and_then(toml::Value::as_table);
+        fields.ok_or_else(|| {
+            format!(
+                "unknown section `{section}`, expected one of: {}",
+                key_list(&self.defaults)
+            )
+        })
+    }
+
+    /// The default value of `section.field`, or a message saying what is known instead.
+    fn default_of(&self, section: &str, field: &str) -> Result<&toml::Value, String> {
+        let fields = self.section(section)?;
+        fields.get(field).ok_or_else(|| {
+            format!(
+                "unknown key `{section}.{field}`, expected one of: {}",
+                key_list(fields)
+            )
+        })
+    }
+
+    fn merge_file(
+        &self,
+        path: &Path,
+        text: &str,
+        merged: &mut toml::Table,
+        problems: &mut Vec<String>,
+    ) {
+        let file = match text.parse::<toml::Table>() {
+            Ok(file) => file,
+            Err(e) => {
+                let at = e.span().map(|span| line_col(text, span.start));
+                let (line, col) = at.unwrap_or((1, 1));
+                let message = e.message().trim().replace('\n', "; ");
+                problems.push(format!("{}:{line}:{col}: {message}", path.display()));
+                return;
+            }
+        };
+        for (section, value) in file {
+            let fields = match (self.section(&section), value) {
+                (Ok(_), toml::Value::Table(fields)) => fields,
+                (Ok(_), _) => {
+                    problems.push(format!("{}: `{section}` must be a table", path.display()));
+                    continue;
+                }
+                (Err(problem), _) => {
+                    problems.push(format!("{}: {problem}", path.display()));
+                    continue;
+                }
+            };
+            for (field, value) in fields {
+                match self.check(&section, &field, &value) {
+                    Ok(()) => insert(merged, &section, field, value),
+                    Err(problem) => problems.push(format!("{}: {problem}", path.display())),
+                }
+            }
+        }
+    }
+
+    fn merge_env<I>(&self, env: I, merged: &mut toml::Table, problems: &mut Vec<String>)
+    where
+        I: Iterator<Item = (String, String)>,
+    {
+        let mut env: Vec<(String, String)> = env.collect();
+        env.sort();
+        let mut log_level = None;
+        for (name, raw) in env {
+            if name == LOG_ENV {
+                log_level = Some(raw);
+                continue;
+            }
+            let Some((section, field)) = name
+                .strip_prefix(ENV_PREFIX)
+                .and_then(|rest| rest.split_once(ENV_SEPARATOR))
+            else {
+                continue;
+            };
+            let (section, field) = (section.to_ascii_lowercase(), field.to_ascii_lowercase());
+            let default = match self.default_of(&section, &field) {
+                Ok(default) => default,
+                Err(problem) => {
+                    problems.push(format!("environment variable {name}: {problem}"));
+                    continue;
+                }
+            };
+            let value = env_value(default, &raw);
+            match self.check(&section, &field, &value) {
+                Ok(()) => insert(merged, &section, field, value),
+                Err(problem) => {
+                    problems.push(format!("environment variable {name}={raw}: {problem}"))
+                }
+            }
+        }
+        if let Some(level) = log_level {
+            insert(
+                merged,
+                "log",
+                "level".to_owned(),
+                toml::Value::String(level),
+            );
+        }
+    }
+
+    /// Checks that `value` is acceptable for `section.field` on its own, so that each bad
+    /// key gets its own message.
+    fn check(&self, section: &str, field: &str, value: &toml::Value) -> Result<(), String> {
+        self.default_of(section, field)?;
+        let mut one = toml::Table::new();
+        insert(&mut one, section, field.to_owned(), value.clone());
+        match Config::deserialize(toml::Value::Table(one)) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("`{section}.{field}` = {value}: {}", e.message())),
+        }
+    }
+}
+
+/// The TOML value of an environment variable: raw text for string settings, otherwise the
+/// text parsed as a TOML value if it parses (`10`, `true`), else the raw text as a string.
+fn env_value(default: &toml::Value, raw: &str) -> toml::Value {
+    if default.is_str() {
+        return toml::Value::String(raw.to_owned());
+    }
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut table) if table.len() == 1 => table.remove("v").expect("the table has key v"),
+        _ => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn insert(root: &mut toml::Table, section: &str, field: String, value: toml::Value) {
+    let fields = root
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(fields) = fields {
+        fields.insert(field, value);
+    }
+}
+
+fn key_list(table: &toml::Table) -> String {
+    table
+        .keys()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+#[path = "config_test.rs"]
+mod tests;

@@ -1,0 +1,232 @@
+//! The connected state of one connection and its event loop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::error::ConnError;
+use crate::broker::Broker;
+use crate::codec::{decode_packet, encode_packet, Connect, Disconnect, LastWill, MqttStr, Packet, Protocol};
+use crate::message::Message;
+use crate::router::Match;
+use crate::session::{Delivery, Kick, Session, SessionState};
+
+/// Stop taking messages off the session queue while this much is waiting to be written.
+pub(super) const HIGH_WATER: usize = 64 * 1024;
+/// How long a closing connection may spend flushing its last bytes.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+pub(super) struct ConnParams {
+    pub connect: Box<Connect>,
+    pub client_id: Arc<str>,
+    pub keep_alive: u16,
+    pub expiry: u32,
+    pub conn_id: u64,
+}
+
+/// How the event loop ended.
+pub(super) enum Exit {
+    /// The client sent DISCONNECT (v5 0x04 asks for the will anyway).
+    Disconnect { with_will: bool },
+    Error(ConnError),
+}
+
+pub(super) struct Conn {
+    pub broker: Arc<Broker>,
+    pub session: Arc<Session>,
+    pub state: Box<SessionState>,
+    pub protocol: Protocol,
+    pub client_id: Arc<str>,
+    pub conn_id: u64,
+    pub keep_alive: Duration,
+    /// Session expiry interval in seconds; DISCONNECT may change it.
+    pub expiry: u32,
+    pub will: Option<LastWill>,
+    /// Encoded packets waiting to be written.
+    pub out: BytesMut,
+    /// Largest packet the client accepts.
+    pub out_max_packet: usize,
+    /// Outbound QoS 1/2 window: min(client's receive maximum, configured in-flight maximum).
+    pub out_window: usize,
+    pub out_alias_max: u16,
+    pub out_aliases: HashMap<MqttStr, u16>,
+    pub in_aliases: HashMap<u16, MqttStr>,
+    /// v5 Request Problem Information: reason strings and user properties on acks.
+    pub problem_info: bool,
+    pub matches: Vec<Match>,
+    pub batch: Vec<Delivery>,
+    /// The session queue may hold messages we have not taken yet.
+    pub queue_pending: bool,
+}
+
+impl Conn {
+    pub fn new(broker: Arc<Broker>, session: Arc<Session>, state: Box<SessionState>, p: ConnParams, out: BytesMut) -> Conn {
+        let cfg = &broker.cfg.mqtt;
+        let props = &p.connect.properties;
+        let v5 = p.connect.protocol.is_v5();
+        let client_receive_max = props.receive_maximum.unwrap_or(u16::MAX) as usize;
+        Conn {
+            protocol: p.connect.protocol,
+            client_id: p.client_id,
+            conn_id: p.conn_id,
+            keep_alive: Duration::from_secs(p.keep_alive as u64),
+            expiry: p.expiry,
+            will: p.connect.will,
+            out,
+            out_max_packet: props.maximum_packet_size.unwrap_or(u32::MAX) as usize,
+            out_window: client_receive_max.min(cfg.max_inflight_messages as usize).max(1),
+            out_alias_max: if v5 { props.topic_alias_maximum.unwrap_or(0).min(cfg.topic_alias_maximum) } else { 0 },
+            out_aliases: HashMap::new(),
+            in_aliases: HashMap::new(),
+            problem_info: props.request_problem_information.unwrap_or(true),
+            matches: Vec::new(),
+            batch: Vec::new(),
+            queue_pending: true,
+            session,
+            state,
+            broker,
+        }
+    }
+
+    pub fn v5(&self) -> bool {
+        self.protocol.is_v5()
+    }
+
+    /// Encodes a control packet into the write buffer.
+    pub fn send(&mut self, p: &Packet) {
+        if let Err(e) = encode_packet(p, self.protocol, &mut self.out) {
+            tracing::warn!(error = %e, packet = p.name(), "could not encode packet");
+        }
+    }
+
+    pub async fn run<R, W>(
+        &mut self,
+        reader: &mut R,
+        writer: &mut W,
+        mut rbuf: BytesMut,
+        mut kick: oneshot::Receiver<Kick>,
+        cancel: CancellationToken,
+    ) -> Exit
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        self.resend_inflight();
+        let max_in = self.broker.cfg.mqtt.max_packet_size_bytes;
+        let ka_limit = self.keep_alive * 3 / 2;
+        let ka_on = !ka_limit.is_zero();
+        let mut last_seen = Instant::now();
+        let sleep = tokio::time::sleep(if ka_on { ka_limit } else { Duration::from_secs(86_400) });
+        tokio::pin!(sleep);
+        let mut kick_live = true;
+        let session = self.session.clone();
+        loop {
+            if self.queue_pending && self.out.len() < HIGH_WATER {
+                self.pump();
+            }
+            if rbuf.capacity() - rbuf.len() < 1024 {
+                rbuf.reserve(8192);
+            }
+            let can_write = !self.out.is_empty();
+            let can_take = self.out.len() < HIGH_WATER;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Exit::Error(ConnError::ShuttingDown),
+                k = &mut kick, if kick_live => match k {
+                    Ok(Kick::TakenOver) => return Exit::Error(ConnError::TakenOver),
+                    Err(_) => kick_live = false,
+                },
+                r = writer.write_buf(&mut self.out), if can_write => match r {
+                    Ok(0) => return Exit::Error(ConnError::PeerClosed),
+                    Ok(n) => self.broker.metrics.bytes_sent.inc_by(n as u64),
+                    Err(e) => return Exit::Error(e.into()),
+                },
+                r = reader.read_buf(&mut rbuf) => {
+                    match r {
+                        Ok(0) => return Exit::Error(ConnError::PeerClosed),
+                        Ok(n) => self.broker.metrics.bytes_received.inc_by(n as u64),
+                        Err(e) => return Exit::Error(e.into()),
+                    }
+                    last_seen = Instant::now();
+                    loop {
+                        match decode_packet(&mut rbuf, self.protocol, max_in) {
+                            Ok(Some(p)) => match self.handle(p) {
+                                Ok(None) => {}
+                                Ok(Some(exit)) => return exit,
+                                Err(e) => return Exit::Error(e),
+                            },
+                            Ok(None) => break,
+                            Err(e) => return Exit::Error(e.into()),
+                        }
+                    }
+                }
+                _ = session.notified(), if can_take => self.queue_pending = true,
+                _ = &mut sleep, if ka_on => {
+                    let deadline = last_seen + ka_limit;
+                    if Instant::now() >= deadline {
+                        return Exit::Error(ConnError::KeepAliveTimeout);
+                    }
+                    sleep.as_mut().reset(deadline.into());
+                }
+            }
+        }
+    }
+
+    /// Says goodbye, then fires or schedules the will and parks or ends the session.
+    pub async fn finish<W>(mut self, exit: Exit, writer: &mut W)
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let metrics = &self.broker.metrics;
+        let (publish_will, reason) = match &exit {
+            Exit::Disconnect { with_will } => (*with_will, None),
+            Exit::Error(e) => {
+                if let Some(label) = e.bad_packet_label() {
+                    metrics.bad_packet(label);
+                }
+                if matches!(e, ConnError::KeepAliveTimeout) {
+                    metrics.keepalive_timeouts.inc();
+                }
+                tracing::debug!(client_id = %self.client_id, error = %e, "connection closed");
+                (!matches!(e, ConnError::ShuttingDown), Some(e))
+            }
+        };
+        if let Some(rc) = reason.and_then(|e| e.reason_code()) {
+            if self.v5() {
+                let mut d = Disconnect::new(rc);
+                if self.problem_info || rc.is_error() {
+                    d.properties.reason_string = reason.and_then(|e| MqttStr::new(&e.reason_string()).ok());
+                }
+                self.send(&Packet::Disconnect(d));
+            }
+        }
+        let out = std::mem::take(&mut self.out);
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+            let _ = writer.write_all(&out).await;
+            let _ = writer.shutdown().await;
+        })
+        .await;
+        let now = Instant::now();
+        if publish_will {
+            if let Some(w) = self.will.take() {
+                let delay = if self.v5() { w.properties.will_delay_interval.unwrap_or(0).min(self.expiry) } else { 0 };
+                let msg = Message::from_will(&w, self.session.id(), now);
+                self.broker.schedule_will(&self.client_id, self.session.id(), msg, Duration::from_secs(delay as u64));
+            }
+        }
+        let end = self.expiry == 0;
+        let expires_at = (!end && self.expiry != u32::MAX).then(|| now + Duration::from_secs(self.expiry as u64));
+        let broker = self.broker.clone();
+        let session = self.session.clone();
+        if let Some(state) = session.release(self.conn_id, self.state, expires_at, end) {
+            broker.end_session(&session, Some(state));
+        } else if let Some(at) = expires_at {
+            broker.schedule_session_expiry(&session, at);
+        }
+    }
+}

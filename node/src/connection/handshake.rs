@@ -1,0 +1,282 @@
+//! From an accepted socket to a connected session: CONNECT, the client-id claim, CONNACK.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{Conn, ConnParams};
+use crate::broker::Broker;
+use crate::codec::{
+    decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect, DecodeError, MqttStr, Packet,
+    Protocol, QoS, ReasonCode,
+};
+use crate::router::topic;
+use crate::session::{Kick, Session, SessionState};
+
+/// How long a CONNECT waits for the previous connection of its client id to let go.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one client connection to its end.
+pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, cancel: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    broker.metrics.connections.inc();
+    broker.metrics.connections_total.inc();
+    run(stream, peer, &broker, cancel).await;
+    broker.metrics.connections.dec();
+}
+
+enum ConnectFailure {
+    Timeout,
+    Closed,
+    NotConnect,
+    Decode(DecodeError, Option<u8>),
+    Io(std::io::Error),
+}
+
+async fn run<S>(stream: S, peer: SocketAddr, broker: &Arc<Broker>, cancel: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let cfg = &broker.cfg.mqtt;
+    let limit = Duration::from_millis(cfg.connect_timeout_ms);
+    let read = read_connect(&mut reader, &mut rbuf, cfg.max_packet_size_bytes);
+    let connect = match tokio::time::timeout(limit, read).await.unwrap_or(Err(ConnectFailure::Timeout)) {
+        Ok(c) => c,
+        Err(f) => return refuse_early(f, &mut writer, broker, peer).await,
+    };
+    tracing::Span::current().record("client_id", connect.client_id.as_str());
+    let protocol = connect.protocol;
+    let accepted = match accept(&connect, broker) {
+        Ok(a) => a,
+        Err(rc) => return refuse(protocol, rc, &mut writer).await,
+    };
+    let conn_id = broker.next_conn_id();
+    let (kick_tx, kick_rx) = oneshot::channel();
+    let claim = claim(broker, &accepted.client_id, connect.clean_start, accepted.expiry, conn_id, kick_tx).await;
+    let (session, state, present) = match claim {
+        Ok(c) => c,
+        Err(rc) => return refuse(protocol, rc, &mut writer).await,
+    };
+    tracing::debug!(client_id = %accepted.client_id, %protocol, present, "connected");
+    let connack = connack(&connect, broker, &accepted, present);
+    let mut out = BytesMut::with_capacity(8192);
+    encode_packet(&Packet::ConnAck(connack), protocol, &mut out).expect("connack encodes");
+    let params = ConnParams { connect, client_id: accepted.client_id, keep_alive: accepted.keep_alive, expiry: accepted.expiry, conn_id };
+    let mut conn = Conn::new(broker.clone(), session, state, params, out);
+    let exit = conn.run(&mut reader, &mut writer, rbuf, kick_rx, cancel).await;
+    conn.finish(exit, &mut writer).await;
+}
+
+async fn read_connect<R>(reader: &mut R, rbuf: &mut BytesMut, max: u32) -> Result<Box<Connect>, ConnectFailure>
+where
+    R: AsyncRead + Unpin,
+{
+    loop {
+        if !rbuf.is_empty() && rbuf[0] != 0x10 {
+            return Err(ConnectFailure::NotConnect);
+        }
+        match decode_packet(rbuf, Protocol::V5, max) {
+            Ok(Some(Packet::Connect(c))) => return Ok(c),
+            Ok(Some(_)) => return Err(ConnectFailure::NotConnect),
+            Ok(None) => {}
+            Err(e) => return Err(ConnectFailure::Decode(e, peek_level(rbuf))),
+        }
+        match reader.read_buf(rbuf).await {
+            Ok(0) => return Err(ConnectFailure::Closed),
+            Ok(_) => {}
+            Err(e) => return Err(ConnectFailure::Io(e)),
+        }
+    }
+}
+
+/// The protocol level byte of a (possibly malformed) CONNECT, if it can be read.
+fn peek_level(buf: &[u8]) -> Option<u8> {
+    let (_, n) = read_remaining_length(buf.get(1..)?).ok()??;
+    let at = 1 + n;
+    let name_len = u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]) as usize;
+    buf.get(at + 2 + name_len).copied()
+}
+
+async fn refuse_early<W>(f: ConnectFailure, writer: &mut W, broker: &Broker, peer: SocketAddr)
+where
+    W: AsyncWrite + Unpin,
+{
+    match f {
+        ConnectFailure::Timeout => {
+            broker.metrics.connect_timeouts.inc();
+            tracing::debug!(%peer, "no CONNECT within the connect timeout");
+        }
+        ConnectFailure::Closed => tracing::debug!(%peer, "closed before CONNECT"),
+        ConnectFailure::Io(e) => tracing::debug!(%peer, error = %e, "read error before CONNECT"),
+        ConnectFailure::NotConnect => {
+            broker.metrics.bad_packet("first_packet_not_connect");
+            tracing::debug!(%peer, "first packet is not CONNECT");
+        }
+        ConnectFailure::Decode(e, level) => {
+            broker.metrics.bad_packet(e.metric_label());
+            tracing::debug!(%peer, error = %e, "bad CONNECT");
+            match (e, level) {
+                (DecodeError::UnsupportedProtocol { .. }, _) => {
+                    refuse(Protocol::V3_1_1, ReasonCode(1), writer).await;
+                }
+                (e, Some(5)) => refuse(Protocol::V5, e.reason_code(), writer).await,
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn refuse<W>(protocol: Protocol, rc: ReasonCode, writer: &mut W)
+where
+    W: AsyncWrite + Unpin,
+{
+    tracing::debug!(reason = %rc, "connection refused");
+    let connack = ConnAck { session_present: false, reason_code: rc, properties: ConnAckProperties::default() };
+    let mut out = BytesMut::new();
+    if encode_packet(&Packet::ConnAck(connack), protocol, &mut out).is_ok() {
+        let _ = writer.write_all(&out).await;
+        let _ = writer.flush().await;
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// What CONNECT negotiated, before the session is claimed.
+struct Accepted {
+    client_id: Arc<str>,
+    assigned: Option<MqttStr>,
+    expiry: u32,
+    keep_alive: u16,
+    server_keep_alive: Option<u16>,
+}
+
+fn accept(c: &Connect, broker: &Broker) -> Result<Accepted, ReasonCode> {
+    let cfg = &broker.cfg.mqtt;
+    let v5 = c.protocol.is_v5();
+    if v5 && c.properties.authentication_method.is_some() {
+        return Err(ReasonCode::BAD_AUTHENTICATION_METHOD);
+    }
+    let mut assigned = None;
+    let client_id: Arc<str> = if c.client_id.is_empty() {
+        if !v5 && (!c.clean_start || c.protocol == Protocol::V3_1) {
+            return Err(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+        }
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let id = format!("{}{:x}{:04x}", cfg.client_id_prefix, nanos, broker.next_conn_id() & 0xffff);
+        if v5 {
+            assigned = Some(MqttStr::new(&id).map_err(|_| ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR)?);
+        }
+        id.into()
+    } else {
+        c.client_id.as_str().into()
+    };
+    if let Some(w) = &c.will {
+        if w.qos as u8 > cfg.max_qos {
+            return Err(ReasonCode::QOS_NOT_SUPPORTED);
+        }
+        if w.retain && !cfg.retain_available {
+            return Err(ReasonCode::RETAIN_NOT_SUPPORTED);
+        }
+        if w.topic.starts_with("$SYS") || topic::depth(&w.topic) > broker.cfg.limits.max_topic_levels {
+            return Err(ReasonCode::TOPIC_NAME_INVALID);
+        }
+    }
+    let expiry = if v5 {
+        c.properties.session_expiry_interval.unwrap_or(0).min(cfg.session_expiry_max_secs)
+    } else if c.clean_start {
+        0
+    } else {
+        cfg.persistent_session_expiry_secs
+    };
+    let (mut keep_alive, mut server_keep_alive) = (c.keep_alive, None);
+    let cap = cfg.max_keep_alive_secs;
+    if v5 && cap > 0 && (keep_alive == 0 || keep_alive > cap) {
+        keep_alive = cap;
+        server_keep_alive = Some(cap);
+    }
+    Ok(Accepted { client_id, assigned, expiry, keep_alive, server_keep_alive })
+}
+
+/// Claims the client id: takes over a connected session, resumes or replaces it.
+/// This is the seam where the cluster's Raft claim (a new epoch) plugs in.
+async fn claim(
+    broker: &Broker,
+    client_id: &Arc<str>,
+    clean_start: bool,
+    expiry: u32,
+    conn_id: u64,
+    kick: oneshot::Sender<Kick>,
+) -> Result<(Arc<Session>, Box<SessionState>, bool), ReasonCode> {
+    let mut kick = kick;
+    for _ in 0..3 {
+        let existing = broker.sessions.get(client_id);
+        if let Some(old) = &existing {
+            if old.kick(Kick::TakenOver) {
+                broker.metrics.takeovers.inc();
+                tracing::info!(%client_id, "session taken over");
+                if !old.wait_released(TAKEOVER_TIMEOUT).await {
+                    return Err(ReasonCode::SERVER_BUSY);
+                }
+            }
+        }
+        let (session, present) = match existing {
+            Some(old) if !clean_start && !old.is_ended() => {
+                broker.cancel_will(client_id, old.id());
+                old.set_expiry_secs(expiry);
+                (old, true)
+            }
+            old => {
+                if let Some(old) = old {
+                    if !old.is_ended() {
+                        let (state, _) = old.end();
+                        broker.end_session(&old, state);
+                    }
+                }
+                let (session, _) = broker.sessions.create(client_id.clone(), expiry);
+                broker.metrics.sessions.inc();
+                (session, false)
+            }
+        };
+        match session.attach(conn_id, kick) {
+            Ok(state) => return Ok((session, state, present)),
+            Err(k) => kick = k,
+        }
+    }
+    Err(ReasonCode::SERVER_BUSY)
+}
+
+fn connack(c: &Connect, broker: &Broker, a: &Accepted, present: bool) -> ConnAck {
+    let cfg = &broker.cfg.mqtt;
+    let mut p = ConnAckProperties::default();
+    if c.protocol.is_v5() {
+        if c.properties.session_expiry_interval.is_some_and(|asked| asked != a.expiry) {
+            p.session_expiry_interval = Some(a.expiry);
+        }
+        p.receive_maximum = Some(cfg.receive_maximum);
+        if cfg.max_qos < 2 {
+            p.maximum_qos = QoS::from_u8(cfg.max_qos);
+        }
+        if !cfg.retain_available {
+            p.retain_available = Some(false);
+        }
+        p.maximum_packet_size = Some(cfg.max_packet_size_bytes);
+        p.assigned_client_identifier = a.assigned.clone();
+        if cfg.topic_alias_maximum > 0 {
+            p.topic_alias_maximum = Some(cfg.topic_alias_maximum);
+        }
+        p.server_keep_alive = a.server_keep_alive;
+        if c.properties.request_response_information == Some(true) {
+            p.response_information = MqttStr::new(&format!("response/{}", a.client_id)).ok();
+        }
+    }
+    let present = present && c.protocol != Protocol::V3_1;
+    ConnAck { session_present: present, reason_code: ReasonCode::SUCCESS, properties: p }
+}

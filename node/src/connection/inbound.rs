@@ -1,0 +1,225 @@
+//! Packets from the client.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::conn::{Conn, Exit};
+use super::error::ConnError;
+use crate::codec::{
+    AckProperties, Disconnect, MqttStr, Packet, PubResp, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
+    UnsubAck, Unsubscribe,
+};
+use crate::message::Message;
+use crate::router::topic;
+use crate::session::{Delivery, Stage, StoredSubscription, SubIds};
+
+impl Conn {
+    /// Handles one packet; `Some(exit)` ends the connection normally.
+    pub(super) fn handle(&mut self, p: Packet) -> Result<Option<Exit>, ConnError> {
+        match p {
+            Packet::Publish(p) => self.on_publish(p)?,
+            Packet::PubAck(r) => {
+                if let Some(f) = self.state.take_inflight(r.packet_id, Stage::Published) {
+                    if f.delivery.qos != QoS::AtLeastOnce {
+                        return Err(ConnError::Protocol("PUBACK for a QoS 2 message"));
+                    }
+                    self.queue_pending = true;
+                }
+            }
+            Packet::PubRec(r) => self.on_pubrec(r),
+            Packet::PubComp(r) => {
+                if self.state.take_inflight(r.packet_id, Stage::Released).is_some() {
+                    self.queue_pending = true;
+                }
+            }
+            Packet::PubRel(r) => {
+                let rc = if self.state.inbound_qos2.remove(&r.packet_id.get()) {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.send(&Packet::PubComp(PubResp::new(r.packet_id, rc)));
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s)?,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Disconnect(d) => return self.on_disconnect(d).map(Some),
+            Packet::Connect(_) => return Err(ConnError::SecondConnect),
+            Packet::Auth(_) => return Err(ConnError::Protocol("AUTH without an authentication method")),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                return Err(ConnError::Protocol("server-to-client packet sent by a client"));
+            }
+        }
+        Ok(None)
+    }
+
+    fn ack(&mut self, p: &Publish, rc: ReasonCode, why: Option<&'static str>) {
+        let Some(id) = p.packet_id else { return };
+        let mut resp = PubResp::new(id, rc);
+        if self.problem_info && self.v5() {
+            resp.properties.reason_string = why.map(MqttStr::from_static);
+        }
+        match p.qos {
+            QoS::AtLeastOnce => self.send(&Packet::PubAck(resp)),
+            QoS::ExactlyOnce => self.send(&Packet::PubRec(resp)),
+            QoS::AtMostOnce => {}
+        }
+    }
+
+    fn on_publish(&mut self, mut p: Publish) -> Result<(), ConnError> {
+        let cfg = &self.broker.cfg;
+        self.broker.metrics.messages_received.inc();
+        if let Some(alias) = p.properties.topic_alias {
+            if alias == 0 || alias > cfg.mqtt.topic_alias_maximum {
+                return Err(ConnError::TopicAliasInvalid);
+            }
+            if p.topic.is_empty() {
+                p.topic = self.in_aliases.get(&alias).cloned().ok_or(ConnError::Protocol("unknown topic alias"))?;
+            } else {
+                self.in_aliases.insert(alias, p.topic.clone());
+            }
+        }
+        if !p.properties.subscription_identifiers.is_empty() {
+            return Err(ConnError::Protocol("subscription identifier in a client's PUBLISH"));
+        }
+        if p.qos as u8 > cfg.mqtt.max_qos {
+            return Err(ConnError::QosNotSupported);
+        }
+        if p.retain && !cfg.mqtt.retain_available {
+            return Err(ConnError::RetainNotSupported);
+        }
+        if topic::depth(&p.topic) > cfg.limits.max_topic_levels {
+            return Err(ConnError::TopicNameInvalid);
+        }
+        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            if p.qos == QoS::AtMostOnce {
+                return Err(ConnError::PayloadFormatInvalid);
+            }
+            self.ack(&p, ReasonCode::PAYLOAD_FORMAT_INVALID, Some("payload is not valid UTF-8"));
+            return Ok(());
+        }
+        if p.topic.starts_with("$SYS") {
+            // Clients may not write the broker's own topics; v3 has no way to say so.
+            let rc = if self.v5() { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::SUCCESS };
+            self.ack(&p, rc, Some("$SYS topics are published by the broker only"));
+            return Ok(());
+        }
+        if p.qos == QoS::ExactlyOnce {
+            let id = p.packet_id.expect("qos 2 has a packet id").get();
+            if self.state.inbound_qos2.contains(&id) {
+                // A retransmission: already routed once, so only acknowledge it again.
+                self.ack(&p, ReasonCode::SUCCESS, None);
+                return Ok(());
+            }
+            if self.state.inbound_qos2.len() >= cfg.mqtt.receive_maximum as usize {
+                return Err(ConnError::ReceiveMaximumExceeded);
+            }
+            self.state.inbound_qos2.insert(id);
+        }
+        let packet_id = p.packet_id;
+        let qos = p.qos;
+        let msg = Arc::new(Message::from_publish(p, self.session.id(), Instant::now()));
+        let n = self.broker.publish(msg, &mut self.matches);
+        if let Some(id) = packet_id {
+            let rc = if n == 0 && self.v5() { ReasonCode::NO_MATCHING_SUBSCRIBERS } else { ReasonCode::SUCCESS };
+            let resp = PubResp::new(id, rc);
+            self.send(&if qos == QoS::AtLeastOnce { Packet::PubAck(resp) } else { Packet::PubRec(resp) });
+        }
+        Ok(())
+    }
+
+    fn on_pubrec(&mut self, r: PubResp) {
+        let pos = self
+            .state
+            .inflight
+            .iter()
+            .position(|f| f.packet_id == r.packet_id && f.stage == Stage::Published && f.delivery.qos == QoS::ExactlyOnce);
+        let Some(pos) = pos else {
+            self.send(&Packet::PubRel(PubResp::new(r.packet_id, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)));
+            return;
+        };
+        if r.reason_code.is_error() {
+            // The receiver refused it: the exchange ends here.
+            self.state.inflight.remove(pos);
+            self.queue_pending = true;
+            return;
+        }
+        self.state.inflight[pos].stage = Stage::Released;
+        self.send(&Packet::PubRel(PubResp::new(r.packet_id, ReasonCode::SUCCESS)));
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) -> Result<(), ConnError> {
+        let v5 = self.v5();
+        let max_qos = QoS::from_u8(self.broker.cfg.mqtt.max_qos).unwrap_or(QoS::ExactlyOnce);
+        let max_levels = self.broker.cfg.limits.max_topic_levels;
+        let sub_id = s.properties.subscription_identifier;
+        let now = Instant::now();
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        for (raw, asked) in &s.filters {
+            let Ok(parsed) = topic::parse_filter(raw, max_levels) else {
+                codes.push(if v5 { ReasonCode::TOPIC_FILTER_INVALID } else { ReasonCode::UNSPECIFIED_ERROR });
+                continue;
+            };
+            if v5 && parsed.group.is_some() && asked.no_local {
+                return Err(ConnError::Protocol("no local on a shared subscription"));
+            }
+            let mut options = *asked;
+            options.qos = asked.qos.min(max_qos);
+            let existed = self.broker.subscribe(&self.session, &parsed, options, sub_id);
+            self.state.subscriptions.insert(raw.clone(), StoredSubscription { options, subscription_id: sub_id });
+            codes.push(ReasonCode(options.qos as u8));
+            let send_retained = match options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendIfNew => !existed,
+                RetainHandling::DoNotSend => false,
+            };
+            if parsed.group.is_none() && send_retained {
+                for msg in self.broker.retained_matching(parsed.filter, now) {
+                    let qos = msg.qos.min(options.qos);
+                    let mut ids = SubIds::None;
+                    ids.extend(sub_id);
+                    retained.push(Delivery { msg, qos, retain: true, subscription_ids: ids });
+                }
+            }
+        }
+        let properties = AckProperties::default();
+        self.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties, reason_codes: codes }));
+        for d in retained {
+            self.broker.enqueue(&self.session, d);
+        }
+        self.queue_pending = true;
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let max_levels = usize::MAX;
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for raw in &u.filters {
+            let rc = match topic::parse_filter(raw, max_levels) {
+                Ok(parsed) => {
+                    self.state.subscriptions.remove(raw);
+                    if self.broker.unsubscribe(self.session.id(), &parsed) {
+                        ReasonCode::SUCCESS
+                    } else {
+                        ReasonCode::NO_SUBSCRIPTION_EXISTED
+                    }
+                }
+                Err(_) => ReasonCode::TOPIC_FILTER_INVALID,
+            };
+            codes.push(rc);
+        }
+        let properties = AckProperties::default();
+        self.send(&Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties, reason_codes: codes }));
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) -> Result<Exit, ConnError> {
+        if let Some(secs) = d.properties.session_expiry_interval {
+            if self.expiry == 0 && secs != 0 {
+                return Err(ConnError::Protocol("session expiry set on DISCONNECT after 0 on CONNECT"));
+            }
+            self.expiry = secs.min(self.broker.cfg.mqtt.session_expiry_max_secs);
+        }
+        Ok(Exit::Disconnect { with_will: d.reason_code == ReasonCode::DISCONNECT_WITH_WILL })
+    }
+}

@@ -1,0 +1,125 @@
+//! Messages to the client: taking them off the session queue within the in-flight window,
+//! encoding them (topic alias, remaining expiry, subscription ids) and redelivery.
+
+use std::time::Instant;
+
+use super::conn::{Conn, HIGH_WATER};
+use crate::codec::{Packet, PubResp, PublishOut, QoS, ReasonCode};
+use crate::session::{Delivery, Inflight, Stage};
+
+/// Deliveries taken off the session queue per lock.
+const BATCH: usize = 256;
+
+impl Conn {
+    /// Moves queued messages into the write buffer while the window and buffer allow.
+    pub(super) fn pump(&mut self) {
+        let mut batch = std::mem::take(&mut self.batch);
+        loop {
+            let window = self.out_window.saturating_sub(self.state.inflight.len());
+            self.session.drain(window, BATCH, &mut batch);
+            let taken = batch.len();
+            let now = Instant::now();
+            for d in batch.drain(..) {
+                self.deliver(d, now);
+            }
+            if taken < BATCH || self.out.len() >= HIGH_WATER {
+                // Either the queue is empty, the window is full, or the socket must catch up;
+                // the queue notification, an ack or a write wakes us for the rest.
+                self.queue_pending = taken == BATCH;
+                break;
+            }
+        }
+        self.batch = batch;
+    }
+
+    fn deliver(&mut self, d: Delivery, now: Instant) {
+        let metrics = &self.broker.metrics;
+        if d.msg.is_expired(now) {
+            metrics.queue_dropped.with_label_values(&["expired"]).inc();
+            return;
+        }
+        let packet_id = (d.qos != QoS::AtMostOnce).then(|| self.state.alloc_packet_id());
+        let mut topic: &str = &d.msg.topic;
+        let mut alias = None;
+        if self.out_alias_max > 0 {
+            match self.out_aliases.get(&d.msg.topic) {
+                Some(&a) => {
+                    alias = Some(a);
+                    topic = "";
+                }
+                None if (self.out_aliases.len() as u16) < self.out_alias_max => {
+                    let a = self.out_aliases.len() as u16 + 1;
+                    self.out_aliases.insert(d.msg.topic.clone(), a);
+                    alias = Some(a);
+                }
+                None => {}
+            }
+        }
+        let out = PublishOut {
+            dup: false,
+            qos: d.qos,
+            retain: d.retain,
+            topic,
+            packet_id,
+            props: &d.msg.props,
+            message_expiry_interval: d.msg.remaining_expiry(now),
+            topic_alias: alias,
+            subscription_identifiers: d.subscription_ids.as_slice(),
+            payload: &d.msg.payload,
+        };
+        if out.encoded_len(self.protocol) > self.out_max_packet {
+            // The client could not accept it: discarded as if sent (MQTT 5, 3.1.2.25).
+            metrics.queue_dropped.with_label_values(&["too_large"]).inc();
+            return;
+        }
+        if out.encode(self.protocol, &mut self.out).is_err() {
+            metrics.queue_dropped.with_label_values(&["too_large"]).inc();
+            return;
+        }
+        metrics.messages_sent.inc();
+        if let Some(packet_id) = packet_id {
+            self.state.inflight.push_back(Inflight { packet_id, delivery: d, stage: Stage::Published });
+        }
+    }
+
+    /// After a reconnect: unacknowledged PUBLISHes again with DUP, PUBRELs again. An entry
+    /// too large for this connection's packet limit is dropped rather than kept forever.
+    pub(super) fn resend_inflight(&mut self) {
+        let now = Instant::now();
+        let mut inflight = std::mem::take(&mut self.state.inflight);
+        inflight.retain(|f| match f.stage {
+            Stage::Published => {
+                let out = redelivery(f, now);
+                let fits = out.encoded_len(self.protocol) <= self.out_max_packet;
+                if fits && out.encode(self.protocol, &mut self.out).is_ok() {
+                    self.broker.metrics.messages_sent.inc();
+                    true
+                } else {
+                    self.broker.metrics.queue_dropped.with_label_values(&["too_large"]).inc();
+                    false
+                }
+            }
+            Stage::Released => {
+                let rel = Packet::PubRel(PubResp::new(f.packet_id, ReasonCode::SUCCESS));
+                crate::codec::encode_packet(&rel, self.protocol, &mut self.out).is_ok()
+            }
+        });
+        self.state.inflight = inflight;
+    }
+}
+
+fn redelivery(f: &Inflight, now: Instant) -> PublishOut<'_> {
+    let d = &f.delivery;
+    PublishOut {
+        dup: true,
+        qos: d.qos,
+        retain: d.retain,
+        topic: &d.msg.topic,
+        packet_id: Some(f.packet_id),
+        props: &d.msg.props,
+        message_expiry_interval: d.msg.remaining_expiry(now),
+        topic_alias: None,
+        subscription_identifiers: d.subscription_ids.as_slice(),
+        payload: &d.msg.payload,
+    }
+}

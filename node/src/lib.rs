@@ -1,0 +1,43 @@
+//! Petrel node: one MQTT broker process.
+//!
+//! - [`codec`]: MQTT 3.1 / 3.1.1 / 5.0 packets, strict decoder, allocation-free publish encoder.
+//! - [`config`]: the settings tree (defaults < TOML < `PETREL_*` env < flags).
+//! - [`listener`]: bound sockets and the accept loop.
+//! - [`connection`]: one task per connection: CONNECT, the event loop, will and session on close.
+//! - [`session`]: what outlives a connection: queue, in-flight window, subscriptions.
+//! - [`router`]: topic filters, the subscription trie, retained messages.
+//! - [`broker`]: shared state and the publish path; delayed wills and session expiry.
+//! - [`sys`]: `$SYS` topics. [`metrics`]: Prometheus metrics. [`admin`]: the admin API backend.
+//! - [`node`]: `Node::start` and `NodeHandle`.
+
+pub mod admin;
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod message;
+pub mod metrics;
+pub mod node;
+pub mod router;
+pub mod session;
+pub mod sys;
+
+use std::net::SocketAddr;
+
+pub use listener::Listeners;
+pub use node::{Node, NodeHandle};
+
+/// Errors of starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bind {what} listener on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read local address of a listener")]
+    LocalAddr(#[source] std::io::Error),
+}

@@ -1,0 +1,127 @@
+//! The `petrel` binary: CLI → config → tracing → runtime → bind → start → wait for a signal →
+//! graceful shutdown. Exit codes: 0 after a signal, 64 for a bad CLI or config, 1 otherwise.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use petrel_node::config::{Config, LogFormat};
+use petrel_node::{Listeners, Node};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for a bad command line or configuration (BSD `EX_USAGE`).
+const EXIT_USAGE: u8 = 64;
+/// How long connections get to drain after SIGTERM/SIGINT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Petrel MQTT broker node. Settings come from defaults < --config file < PETREL_<SECTION>__<FIELD>
+/// environment variables < these flags.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// TOML config file; see --print-default-config for every setting
+    #[arg(long, env = "PETREL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// MQTT listen address (overrides mqtt.addr)
+    #[arg(long, env = "PETREL_MQTT_ADDR", value_name = "HOST:PORT")]
+    mqtt_addr: Option<SocketAddr>,
+    /// Admin HTTP listen address (overrides admin.addr)
+    #[arg(long, env = "PETREL_ADMIN_ADDR", value_name = "HOST:PORT")]
+    admin_addr: Option<SocketAddr>,
+    /// Data directory (overrides storage.data_dir)
+    #[arg(long, env = "PETREL_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Once listening, atomically write {"mqtt":..,"admin":..,"pid":..} JSON to this file
+    #[arg(long, env = "PETREL_READY_FILE", value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+    /// Log format, text or json (overrides log.format)
+    #[arg(long, env = "PETREL_LOG_FORMAT", value_name = "text|json")]
+    log_format: Option<LogFormat>,
+    /// Print the default configuration as commented TOML and exit
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { EXIT_USAGE.into() } else { 0 })
+    });
+    if cli.print_default_config {
+        print!("{}", Config::to_toml_string());
+        return ExitCode::SUCCESS;
+    }
+    let cfg = match load_config(&cli) {
+        Ok(cfg) => cfg,
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("petrel: config: {problem}");
+            }
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let logs = tracing_subscriber::fmt().with_env_filter(EnvFilter::new(&cfg.log.level));
+    match cfg.log.format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    let result = tokio::runtime::Runtime::new() // multi-thread, all drivers enabled
+        .context("build tokio runtime")
+        .and_then(|rt| rt.block_on(run(cfg, cli.ready_file)));
+    if let Err(e) = result {
+        tracing::error!(error = format!("{e:#}"), "petrel failed");
+        eprintln!("petrel: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Config from file and environment, then the flag overrides, then validation.
+fn load_config(cli: &Cli) -> Result<Config, Vec<String>> {
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())));
+    let mut cfg = Config::load(cli.config.as_deref(), env).map_err(|e| e.problems())?;
+    cfg.mqtt.addr = cli.mqtt_addr.unwrap_or(cfg.mqtt.addr);
+    cfg.admin.addr = cli.admin_addr.unwrap_or(cfg.admin.addr);
+    cfg.storage.data_dir = cli.data_dir.clone().unwrap_or(cfg.storage.data_dir);
+    cfg.log.format = cli.log_format.unwrap_or(cfg.log.format);
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    // Installed before the ready file exists, so an early SIGTERM is a graceful shutdown.
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let listeners = Listeners::bind(&cfg).await.context("bind listeners")?;
+    let handle = Node::start(cfg, listeners).await.context("start node")?;
+    let (mqtt, admin) = (handle.mqtt_addr(), handle.admin_addr());
+    info!(mqtt = %mqtt, admin = ?admin, "listening");
+    let ready = serde_json::json!({ "mqtt": mqtt, "admin": admin, "pid": std::process::id() });
+    if let Some(Err(e)) = ready_file.map(|path| write_atomically(&path, &ready.to_string())) {
+        handle.shutdown(SHUTDOWN_GRACE).await;
+        return Err(e);
+    }
+    let signal = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    info!(signal, "shutting down");
+    handle.shutdown(SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+/// Writes a temporary sibling, then renames it over `path`, so readers never see half a file.
+/// Blocking, but small and once per process.
+fn write_atomically(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, contents).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+}

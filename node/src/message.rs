@@ -1,0 +1,90 @@
+//! An application message as the broker holds it: decoded once, shared by every queue and
+//! connection it is delivered to.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::codec::{LastWill, MqttStr, Publish, PublishProperties, QoS};
+use crate::session::SessionId;
+
+#[derive(Debug)]
+pub struct Message {
+    pub topic: MqttStr,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// Passthrough properties; topic alias and subscription identifiers are always cleared
+    /// because they belong to one connection, not to the message.
+    pub props: PublishProperties,
+    /// When the v5 message expiry interval runs out.
+    pub expires_at: Option<Instant>,
+    /// The session that published it (for No Local), or [`SessionId::BROKER`].
+    pub origin: SessionId,
+}
+
+impl Message {
+    /// Takes a client's PUBLISH (its topic already resolved from an alias).
+    pub fn from_publish(p: Publish, origin: SessionId, now: Instant) -> Message {
+        let mut props = p.properties;
+        props.topic_alias = None;
+        props.subscription_identifiers = Vec::new();
+        let expires_at = props.message_expiry_interval.map(|s| now + Duration::from_secs(s as u64));
+        Message { topic: p.topic, payload: p.payload, qos: p.qos, retain: p.retain, props, expires_at, origin }
+    }
+
+    /// Builds the message a will turns into when it is published.
+    pub fn from_will(w: &LastWill, origin: SessionId, now: Instant) -> Message {
+        let wp = &w.properties;
+        let props = PublishProperties {
+            payload_format_indicator: wp.payload_format_indicator,
+            message_expiry_interval: wp.message_expiry_interval,
+            response_topic: wp.response_topic.clone(),
+            correlation_data: wp.correlation_data.clone(),
+            user_properties: wp.user_properties.clone(),
+            content_type: wp.content_type.clone(),
+            ..Default::default()
+        };
+        let expires_at = wp.message_expiry_interval.map(|s| now + Duration::from_secs(s as u64));
+        Message {
+            topic: w.topic.clone(),
+            payload: w.payload.clone(),
+            qos: w.qos,
+            retain: w.retain,
+            props,
+            expires_at,
+            origin,
+        }
+    }
+
+    /// A message the broker itself publishes ($SYS).
+    pub fn broker(topic: MqttStr, payload: Bytes, retain: bool) -> Message {
+        Message {
+            topic,
+            payload,
+            qos: QoS::AtMostOnce,
+            retain,
+            props: PublishProperties::default(),
+            expires_at: None,
+            origin: SessionId::BROKER,
+        }
+    }
+
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// The message expiry interval to send with a delivery: what is left, rounded up.
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|t| {
+            let left = t.saturating_duration_since(now);
+            let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            secs.max(1) as u32
+        })
+    }
+
+    #[cfg(test)]
+    pub fn for_test(topic: &str, payload: &'static [u8]) -> std::sync::Arc<Message> {
+        std::sync::Arc::new(Message::broker(MqttStr::new(topic).expect("test topic"), Bytes::from_static(payload), true))
+    }
+}

@@ -1,0 +1,97 @@
+//! The node's Prometheus metrics, registered in a per-node registry (no global state, so
+//! several nodes can live in one test process).
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections: IntGauge,
+    pub connections_total: IntCounter,
+    pub bad_packets: IntCounterVec,
+    pub connect_timeouts: IntCounter,
+    pub keepalive_timeouts: IntCounter,
+    pub messages_received: IntCounter,
+    pub messages_sent: IntCounter,
+    pub bytes_received: IntCounter,
+    pub bytes_sent: IntCounter,
+    pub queue_dropped: IntCounterVec,
+    pub sessions: IntGauge,
+    pub subscriptions: IntGauge,
+    pub retained: IntGauge,
+    pub takeovers: IntCounter,
+    pub wills_published: IntCounter,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let m = Metrics {
+            connections: gauge(&r, "petrel_mqtt_connections", "MQTT connections currently open"),
+            connections_total: counter(&r, "petrel_mqtt_connections_total", "MQTT connections accepted"),
+            bad_packets: counter_vec(
+                &r,
+                "petrel_mqtt_bad_packets_total",
+                "Connections closed or refused because of bad input, by reason",
+                "reason",
+            ),
+            connect_timeouts: counter(
+                &r,
+                "petrel_mqtt_connect_timeouts_total",
+                "Connections dropped because no CONNECT came in time",
+            ),
+            keepalive_timeouts: counter(
+                &r,
+                "petrel_mqtt_keepalive_timeouts_total",
+                "Connections closed after 1.5 times the keep alive without a packet",
+            ),
+            messages_received: counter(&r, "petrel_mqtt_messages_received_total", "PUBLISH packets received"),
+            messages_sent: counter(&r, "petrel_mqtt_messages_sent_total", "PUBLISH packets sent"),
+            bytes_received: counter(&r, "petrel_mqtt_received_bytes_total", "Bytes read from MQTT clients"),
+            bytes_sent: counter(&r, "petrel_mqtt_sent_bytes_total", "Bytes written to MQTT clients"),
+            queue_dropped: counter_vec(
+                &r,
+                "petrel_session_queue_dropped_total",
+                "Messages dropped instead of delivered, by reason (queue_full, expired, too_large)",
+                "reason",
+            ),
+            sessions: gauge(&r, "petrel_sessions", "Sessions held (connected or not)"),
+            subscriptions: gauge(&r, "petrel_subscriptions", "Subscriptions held"),
+            retained: gauge(&r, "petrel_retained_messages", "Retained messages held"),
+            takeovers: counter(&r, "petrel_session_takeovers_total", "Connections closed by a newer connection with the same client id"),
+            wills_published: counter(&r, "petrel_wills_published_total", "Will messages published"),
+            registry: r,
+        };
+        for reason in ["queue_full", "expired", "too_large"] {
+            m.queue_dropped.with_label_values(&[reason]);
+        }
+        m
+    }
+
+    pub fn bad_packet(&self, reason: &str) {
+        self.bad_packets.with_label_values(&[reason]).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

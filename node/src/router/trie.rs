@@ -1,0 +1,268 @@
+//! The subscription trie: one node per filter level, `+` and `#` stored as ordinary children.
+//!
+//! Read-mostly: the broker keeps it behind a sync `RwLock` that is never held across `.await`.
+//! Matching walks the topic's levels once and never allocates besides the caller's output
+//! vector, which connections reuse between publishes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::codec::{QoS, SubscriptionOptions};
+use crate::session::{Session, SessionId};
+
+/// One subscription of one session.
+#[derive(Clone)]
+pub struct Subscriber {
+    pub session: Arc<Session>,
+    pub options: SubscriptionOptions,
+    pub subscription_id: Option<u32>,
+}
+
+/// A subscriber selected for one publish.
+#[derive(Clone)]
+pub struct Match {
+    pub session: Arc<Session>,
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub subscription_id: Option<u32>,
+    pub shared: bool,
+}
+
+#[derive(Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    subs: HashMap<SessionId, Subscriber>,
+    shared: Vec<SharedGroup>,
+}
+
+struct SharedGroup {
+    name: Box<str>,
+    members: Vec<Subscriber>,
+    next: AtomicUsize,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.subs.is_empty() && self.shared.is_empty()
+    }
+
+    fn add_to(&self, out: &mut Vec<Match>) {
+        for s in self.subs.values() {
+            out.push(Match {
+                session: s.session.clone(),
+                qos: s.options.qos,
+                no_local: s.options.no_local,
+                retain_as_published: s.options.retain_as_published,
+                subscription_id: s.subscription_id,
+                shared: false,
+            });
+        }
+        for g in &self.shared {
+            if let Some(s) = g.pick() {
+                out.push(Match {
+                    session: s.session.clone(),
+                    qos: s.options.qos,
+                    no_local: false,
+                    retain_as_published: s.options.retain_as_published,
+                    subscription_id: s.subscription_id,
+                    shared: true,
+                });
+            }
+        }
+    }
+}
+
+impl SharedGroup {
+    /// Round robin over the members, skipping those that are not connected; if none is
+    /// connected the message goes to the next member's queue.
+    fn pick(&self) -> Option<&Subscriber> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &self.members[(start + i) % n])
+            .find(|s| s.session.is_connected())
+            .or_else(|| Some(&self.members[start % n]))
+    }
+}
+
+/// All subscriptions of the node's local sessions.
+#[derive(Default)]
+pub struct SubscriptionTrie {
+    root: Node,
+}
+
+impl SubscriptionTrie {
+    /// Adds or replaces a session's subscription. Returns whether it already existed.
+    pub fn subscribe(&mut self, filter: &str, group: Option<&str>, sub: Subscriber) -> bool {
+        let mut node = &mut self.root;
+        for level in filter.split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        let id = sub.session.id();
+        match group {
+            None => node.subs.insert(id, sub).is_some(),
+            Some(name) => {
+                let g = match node.shared.iter().position(|g| &*g.name == name) {
+                    Some(i) => &mut node.shared[i],
+                    None => {
+                        node.shared.push(SharedGroup { name: name.into(), members: Vec::new(), next: AtomicUsize::new(0) });
+                        node.shared.last_mut().expect("just pushed")
+                    }
+                };
+                match g.members.iter_mut().find(|m| m.session.id() == id) {
+                    Some(m) => {
+                        *m = sub;
+                        true
+                    }
+                    None => {
+                        g.members.push(sub);
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes a session's subscription. Returns whether it existed.
+    pub fn unsubscribe(&mut self, filter: &str, group: Option<&str>, session: SessionId) -> bool {
+        fn remove<'a>(
+            node: &mut Node,
+            mut levels: impl Iterator<Item = &'a str>,
+            group: Option<&str>,
+            session: SessionId,
+        ) -> bool {
+            match levels.next() {
+                Some(level) => {
+                    let Some(child) = node.children.get_mut(level) else { return false };
+                    let found = remove(child, levels, group, session);
+                    if child.is_empty() {
+                        node.children.remove(level);
+                    }
+                    found
+                }
+                None => match group {
+                    None => node.subs.remove(&session).is_some(),
+                    Some(name) => {
+                        let Some(gi) = node.shared.iter().position(|g| &*g.name == name) else { return false };
+                        let g = &mut node.shared[gi];
+                        let before = g.members.len();
+                        g.members.retain(|m| m.session.id() != session);
+                        let found = g.members.len() != before;
+                        if g.members.is_empty() {
+                            node.shared.swap_remove(gi);
+                        }
+                        found
+                    }
+                },
+            }
+        }
+        remove(&mut self.root, filter.split('/'), group, session)
+    }
+
+    /// Appends every subscription matching `topic` to `out`, one entry per subscription
+    /// (and one chosen member per shared group).
+    pub fn collect(&self, topic: &str, out: &mut Vec<Match>) {
+        let dollar = topic.starts_with('$');
+        walk(&self.root, topic.split('/'), !dollar, out);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.root.is_empty()
+    }
+}
+
+fn walk<'a>(node: &Node, mut levels: std::str::Split<'a, char>, wildcards: bool, out: &mut Vec<Match>) {
+    match levels.next() {
+        None => {
+            node.add_to(out);
+            // "a/#" also matches "a".
+            if let Some(hash) = node.children.get("#") {
+                hash.add_to(out);
+            }
+        }
+        Some(level) => {
+            if wildcards {
+                if let Some(hash) = node.children.get("#") {
+                    hash.add_to(out);
+                }
+                if let Some(plus) = node.children.get("+") {
+                    walk(plus, levels.clone(), true, out);
+                }
+            }
+            if let Some(child) = node.children.get(level) {
+                walk(child, levels, true, out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::Session;
+
+    fn sub(s: &Arc<Session>, qos: QoS) -> Subscriber {
+        Subscriber {
+            session: s.clone(),
+            options: SubscriptionOptions { qos, ..Default::default() },
+            subscription_id: None,
+        }
+    }
+
+    fn ids(t: &SubscriptionTrie, topic: &str) -> Vec<SessionId> {
+        let mut out = Vec::new();
+        t.collect(topic, &mut out);
+        let mut v: Vec<_> = out.iter().map(|m| m.session.id()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn wildcards_and_dollar() {
+        let a = Session::new_for_test("a");
+        let b = Session::new_for_test("b");
+        let mut t = SubscriptionTrie::default();
+        t.subscribe("x/#", None, sub(&a, QoS::AtMostOnce));
+        t.subscribe("x/+/z", None, sub(&b, QoS::AtLeastOnce));
+        t.subscribe("#", None, sub(&b, QoS::AtMostOnce));
+        assert_eq!(ids(&t, "x"), vec![a.id(), b.id()]);
+        assert_eq!(ids(&t, "x/y/z"), vec![a.id(), b.id(), b.id()]);
+        assert_eq!(ids(&t, "$SYS/x"), Vec::<SessionId>::new());
+        t.subscribe("$SYS/#", None, sub(&a, QoS::AtMostOnce));
+        assert_eq!(ids(&t, "$SYS/x"), vec![a.id()]);
+        assert!(t.unsubscribe("x/#", None, a.id()));
+        assert!(!t.unsubscribe("x/#", None, a.id()));
+        assert_eq!(ids(&t, "x/y/z"), vec![b.id(), b.id()]);
+        assert!(t.unsubscribe("x/+/z", None, b.id()));
+        assert!(t.unsubscribe("#", None, b.id()));
+        assert!(t.unsubscribe("$SYS/#", None, a.id()));
+        assert!(t.is_empty(), "empty nodes are pruned");
+    }
+
+    #[test]
+    fn shared_round_robin() {
+        let a = Session::new_for_test("a");
+        let b = Session::new_for_test("b");
+        a.set_connected(true);
+        b.set_connected(true);
+        let mut t = SubscriptionTrie::default();
+        t.subscribe("s/+", Some("g"), sub(&a, QoS::AtMostOnce));
+        t.subscribe("s/+", Some("g"), sub(&b, QoS::AtMostOnce));
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let got = ids(&t, "s/1");
+            assert_eq!(got.len(), 1);
+            seen.push(got[0]);
+        }
+        assert_eq!(seen.iter().filter(|&&id| id == a.id()).count(), 2);
+        b.set_connected(false);
+        for _ in 0..3 {
+            assert_eq!(ids(&t, "s/1"), vec![a.id()], "disconnected member skipped");
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Sessions: what outlives a connection.
+//!
+//! - [`Session`]: the shared half (message queue, connection link), reachable from the
+//!   router so publishers can enqueue without knowing whether the client is online.
+//! - [`SessionState`]: the owned half (subscriptions, in-flight window, inbound QoS 2 ids),
+//!   held by the connection task while connected and parked in the `Session` otherwise.
+//! - [`SessionRegistry`]: client id -> session. The CONNECT claim goes through here; in the
+//!   cluster it becomes a Raft command.
+
+mod queue;
+mod registry;
+#[allow(clippy::module_inception)]
+mod session;
+mod state;
+
+pub use queue::{Delivery, DropReason, Enqueued, QueueLimits, SubIds};
+pub use registry::SessionRegistry;
+pub use session::{Kick, Session, SessionId};
+pub use state::{Inflight, SessionState, Stage, StoredSubscription};

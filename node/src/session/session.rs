@@ -1,0 +1,254 @@
+//! The shared half of a session.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
+
+use super::queue::{self, Delivery, DropReason, Enqueued, QueueLimits};
+use super::state::SessionState;
+use crate::codec::QoS;
+
+/// Identifies one incarnation of a session (a clean start makes a new one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+impl SessionId {
+    /// Origin of messages the broker publishes itself.
+    pub const BROKER: SessionId = SessionId(0);
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Why a connection is told to go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    /// Another connection claimed the client id.
+    TakenOver,
+}
+
+struct Link {
+    conn_id: u64,
+    kick: Option<oneshot::Sender<Kick>>,
+}
+
+struct Inner {
+    queue: VecDeque<Delivery>,
+    /// Parked while no connection owns it.
+    state: Option<Box<SessionState>>,
+    link: Option<Link>,
+    /// Session expiry interval in seconds (u32::MAX: never).
+    expiry_secs: u32,
+    /// Set while offline: when the session expires.
+    expires_at: Option<Instant>,
+    ended: bool,
+}
+
+pub struct Session {
+    id: SessionId,
+    client_id: Arc<str>,
+    connected: AtomicBool,
+    /// Wakes the owning connection when the queue gains a message.
+    notify: Notify,
+    /// Wakes a taking-over connection when the old one has parked the state.
+    released: Notify,
+    inner: Mutex<Inner>,
+}
+
+impl Session {
+    pub fn new(id: SessionId, client_id: Arc<str>, expiry_secs: u32) -> Session {
+        Session {
+            id,
+            client_id,
+            connected: AtomicBool::new(false),
+            notify: Notify::new(),
+            released: Notify::new(),
+            inner: Mutex::new(Inner {
+                queue: VecDeque::new(),
+                state: Some(Box::default()),
+                link: None,
+                expiry_secs,
+                expires_at: None,
+                ended: false,
+            }),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn new_for_test(client_id: &str) -> Arc<Session> {
+        use std::sync::atomic::AtomicU64;
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Arc::new(Session::new(SessionId(NEXT.fetch_add(1, Ordering::Relaxed)), client_id.into(), 0))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    #[cfg(test)]
+    pub fn set_connected(&self, v: bool) {
+        self.connected.store(v, Ordering::Release);
+    }
+
+    /// Queues a delivery for the client, online or not. Returns the outcome and whether an
+    /// older message was dropped to make room.
+    pub fn enqueue(&self, d: Delivery, limits: &QueueLimits) -> (Enqueued, bool) {
+        let mut inner = self.lock();
+        if inner.ended {
+            return (Enqueued::Dropped(DropReason::SessionGone), false);
+        }
+        let online = inner.link.is_some();
+        let out = queue::push(&mut inner.queue, d, online, limits);
+        drop(inner);
+        if online && out.0 == Enqueued::Queued {
+            self.notify.notify_one();
+        }
+        out
+    }
+
+    /// Takes deliveries off the front: any number of QoS 0, at most `window` of QoS 1/2, at
+    /// most `max` in all. Stops at the first QoS 1/2 that does not fit, to keep order.
+    pub fn drain(&self, mut window: usize, max: usize, out: &mut Vec<Delivery>) {
+        let mut inner = self.lock();
+        while out.len() < max {
+            let Some(front) = inner.queue.front() else { break };
+            if front.qos != QoS::AtMostOnce {
+                if window == 0 {
+                    break;
+                }
+                window -= 1;
+            }
+            out.extend(inner.queue.pop_front());
+        }
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Future that completes when a message is queued for the attached connection.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// Attaches a connection and hands it the parked state. Gives the kick sender back if
+    /// another connection still holds the session or it has ended.
+    pub fn attach(
+        &self,
+        conn_id: u64,
+        kick: oneshot::Sender<Kick>,
+    ) -> Result<Box<SessionState>, oneshot::Sender<Kick>> {
+        let mut inner = self.lock();
+        if inner.link.is_some() || inner.ended {
+            return Err(kick);
+        }
+        let Some(state) = inner.state.take() else { return Err(kick) };
+        inner.link = Some(Link { conn_id, kick: Some(kick) });
+        inner.expires_at = None;
+        self.connected.store(true, Ordering::Release);
+        Ok(state)
+    }
+
+    /// Releases the session after connection `conn_id` closed. If `end` is set the session
+    /// ends and the state comes back for the caller to clean up the router; otherwise the
+    /// state is parked until `expires_at` (None: it never expires).
+    pub fn release(
+        &self,
+        conn_id: u64,
+        state: Box<SessionState>,
+        expires_at: Option<Instant>,
+        end: bool,
+    ) -> Option<Box<SessionState>> {
+        let mut inner = self.lock();
+        let mut back = None;
+        if inner.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
+            inner.link = None;
+            self.connected.store(false, Ordering::Release);
+            if end {
+                inner.ended = true;
+                inner.queue.clear();
+                back = Some(state);
+            } else {
+                inner.state = Some(state);
+                inner.expires_at = expires_at;
+            }
+        }
+        drop(inner);
+        self.released.notify_waiters();
+        back
+    }
+
+    /// Tells the attached connection to go. Returns false if none is attached.
+    pub fn kick(&self, why: Kick) -> bool {
+        let mut inner = self.lock();
+        match inner.link.as_mut().and_then(|l| l.kick.take()) {
+            Some(tx) => {
+                let _ = tx.send(why);
+                true
+            }
+            None => inner.link.is_some(),
+        }
+    }
+
+    /// Waits until no connection is attached, at most `timeout`. Returns whether it is free.
+    pub async fn wait_released(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.lock().link.is_none() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return self.lock().link.is_none();
+            }
+        }
+    }
+
+    pub fn expiry_secs(&self) -> u32 {
+        self.lock().expiry_secs
+    }
+
+    pub fn set_expiry_secs(&self, secs: u32) {
+        self.lock().expiry_secs = secs;
+    }
+
+    /// When an offline session expires; None while connected or if it never expires.
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.lock().expires_at
+    }
+
+    /// Marks the session ended and returns its parked state (None if a connection holds it)
+    /// and the number of messages that were still queued.
+    pub fn end(&self) -> (Option<Box<SessionState>>, usize) {
+        let mut inner = self.lock();
+        inner.ended = true;
+        let dropped = inner.queue.len();
+        inner.queue.clear();
+        (inner.state.take(), dropped)
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.lock().ended
+    }
+}

@@ -1,0 +1,69 @@
+//! The owned half of a session: touched only by the connection that holds it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use super::queue::Delivery;
+use crate::codec::{MqttStr, PacketId, SubscriptionOptions};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredSubscription {
+    pub options: SubscriptionOptions,
+    pub subscription_id: Option<u32>,
+}
+
+/// Where an outbound QoS 1/2 message stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL sent; waiting for PUBCOMP.
+    Released,
+}
+
+#[derive(Debug)]
+pub struct Inflight {
+    pub packet_id: PacketId,
+    pub delivery: Delivery,
+    pub stage: Stage,
+}
+
+#[derive(Debug)]
+pub struct SessionState {
+    /// Raw filter (with any `$share/group/` prefix) -> options.
+    pub subscriptions: HashMap<MqttStr, StoredSubscription>,
+    /// Outbound QoS 1/2 messages not yet acknowledged, in send order.
+    pub inflight: VecDeque<Inflight>,
+    pub next_packet_id: PacketId,
+    /// Inbound QoS 2 packet ids received (and routed) whose PUBREL has not come yet.
+    pub inbound_qos2: HashSet<u16>,
+}
+
+impl Default for SessionState {
+    fn default() -> SessionState {
+        SessionState {
+            subscriptions: HashMap::new(),
+            inflight: VecDeque::new(),
+            next_packet_id: PacketId::new(1).expect("1 is not 0"),
+            inbound_qos2: HashSet::new(),
+        }
+    }
+}
+
+impl SessionState {
+    /// Allocates a packet id not used by an in-flight message.
+    pub fn alloc_packet_id(&mut self) -> PacketId {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = id.next();
+            if !self.inflight.iter().any(|f| f.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Removes and returns the in-flight entry with this id, if it is at `stage`.
+    pub fn take_inflight(&mut self, id: PacketId, stage: Stage) -> Option<Inflight> {
+        let pos = self.inflight.iter().position(|f| f.packet_id == id && f.stage == stage)?;
+        self.inflight.remove(pos)
+    }
+}

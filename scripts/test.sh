@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Run every Petrel test on this machine, installing what is missing first (scripts/setup.sh):
+#
+#   1. build the debug `petrel` binary
+#   2. cargo test --workspace       unit, property and Rust end-to-end tests
+#   3. pytest tests/python          paho-mqtt (3.1.1 and 5.0) against the binary, raw bad input
+#   4. tests/interop/*.sh           mosquitto_pub / mosquitto_sub against the binary
+#
+# Every step runs even when an earlier one failed (except those that need the binary when it
+# did not build); a summary closes the output and the exit status is non-zero on any failure.
+# Builds go to CARGO_TARGET_DIR (default ~/.cache/petrel-target), so repeated runs and CI reuse
+# them. Extra arguments are passed to pytest (e.g. `scripts/test.sh -k retained`).
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+cd "$repo" || exit 1
+
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/petrel-target}"
+export PETREL_BIN="$CARGO_TARGET_DIR/debug/petrel"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+export PYTHONDONTWRITEBYTECODE=1
+
+logs="$(mktemp -d "${TMPDIR:-/tmp}/petrel-test.XXXXXX")"
+steps=()
+results=()
+total_passed=0
+total_failed=0
+any_failed=0
+
+banner() { printf '\n==== %s ====\n' "$*"; }
+
+# record NAME STATUS [DETAIL]
+record() {
+    steps+=("$1")
+    results+=("$2${3:+ ($3)}")
+    [ "$2" = ok ] || any_failed=1
+}
+
+add_counts() {
+    total_passed=$((total_passed + $1))
+    total_failed=$((total_failed + $2))
+}
+
+# --- 0. setup -------------------------------------------------------------------------------------
+banner "setup"
+if bash "$here/setup.sh" test; then
+    record setup ok
+else
+    record setup FAILED
+fi
+
+# --- 1. build ---------------------------------------------------------------------------------------
+banner "cargo build -p petrel-node --bin petrel"
+if cargo build -p petrel-node --bin petrel && [ -x "$PETREL_BIN" ]; then
+    record build ok
+    have_bin=1
+else
+    record build FAILED
+    have_bin=0
+fi
+
+# --- 2. cargo test ------------------------------------------------------------------------------------
+banner "cargo test --workspace"
+timeout --signal=INT --kill-after=60 50m cargo test --workspace --no-fail-fast 2>&1 | tee "$logs/cargo.log"
+rc=${PIPESTATUS[0]}
+read -r p f < <(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed;.*/\1 \2/p' "$logs/cargo.log" |
+    awk '{p += $1; f += $2} END {print p + 0, f + 0}')
+add_counts "$p" "$f"
+if [ "$rc" -eq 0 ]; then
+    record "cargo test" ok "$p passed, $f failed"
+else
+    [ "$rc" -eq 124 ] && echo "cargo test: timed out" >&2
+    record "cargo test" FAILED "$p passed, $f failed, exit $rc"
+fi
+
+# --- 3. pytest ----------------------------------------------------------------------------------------
+if [ "$have_bin" -eq 1 ]; then
+    banner "pytest tests/python"
+    timeout --signal=INT --kill-after=30 25m python3 -m pytest tests/python -p no:cacheprovider -rfE \
+        --junitxml="$logs/pytest.xml" "$@"
+    rc=$?
+    read -r p f < <(python3 - "$logs/pytest.xml" <<'EOF' 2>/dev/null || echo "0 0"
+import sys
+import xml.etree.ElementTree as ET
+
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+tests = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skipped = sum(int(s.get("skipped", 0)) for s in suites)
+print(tests - bad - skipped, bad)
+EOF
+    )
+    add_counts "$p" "$f"
+    if [ "$rc" -eq 0 ]; then
+        record pytest ok "$p passed, $f failed"
+    else
+        # exit 5 = no test collected: that is a failure here too
+        record pytest FAILED "$p passed, $f failed, exit $rc"
+    fi
+else
+    record pytest FAILED "not run: no binary"
+fi
+
+# --- 4. mosquitto interop -------------------------------------------------------------------------
+shopt -s nullglob
+interop=(tests/interop/*.sh)
+if [ "$have_bin" -eq 1 ] && [ "${#interop[@]}" -gt 0 ]; then
+    for script in "${interop[@]}"; do
+        name="interop $(basename "$script" .sh)"
+        banner "$name"
+        timeout --kill-after=30 10m bash "$script" 2>&1 | tee "$logs/interop.log"
+        rc=${PIPESTATUS[0]}
+        # each interop script ends with a line "NAME: N passed, M failed"
+        read -r p f < <(sed -n 's/^[A-Za-z0-9_-]*: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' \
+            "$logs/interop.log" | tail -n 1 | awk '{print $1 + 0, $2 + 0}')
+        add_counts "$p" "$f"
+        if [ "$rc" -eq 0 ]; then
+            record "$name" ok "$p passed, $f failed"
+        else
+            record "$name" FAILED "$p passed, $f failed, exit $rc"
+        fi
+    done
+elif [ "${#interop[@]}" -gt 0 ]; then
+    record interop FAILED "not run: no binary"
+fi
+
+# --- summary ---------------------------------------------------------------------------------------
+banner "summary"
+for i in "${!steps[@]}"; do
+    printf '  %-26s %s\n' "${steps[$i]}" "${results[$i]}"
+done
+rm -rf "$logs"
+if [ "$any_failed" -ne 0 ]; then
+    echo "test.sh: FAILED"
+else
+    echo "test.sh: all steps passed"
+fi
+echo "total: $total_passed passed, $total_failed failed"
+exit "$any_failed"

@@ -1,0 +1,22 @@
+//! Harness for the end-to-end tests.
+//!
+//! [`Broker`] spawns the real `petrel` binary on loopback ports chosen by the kernel and waits
+//! for its ready file; [`V3Client`] and [`V5Client`] wrap rumqttc clients whose event loops run
+//! in a task and feed a queue the test reads with deadlines; [`RawClient`] and [`pkt`] speak
+//! hand-made bytes for the cases a well-behaved client library refuses to produce.
+//!
+//! Nothing here sleeps to synchronise: every wait names a condition and a deadline
+//! ([`wait_until`]), and every test runs under [`test_timeout`].
+
+mod broker;
+mod client;
+pub mod pkt;
+mod raw;
+mod wait;
+
+pub use broker::{run_petrel, Broker, BrokerBuilder, Metrics};
+pub use client::{V3Client, V3Event, V5Client, V5Event};
+pub use raw::{RawClient, RawPacket, RawRead};
+pub use wait::{let_time_pass, test_timeout, wait_until, QUIET, WAIT};
+
+pub use rumqttc;
