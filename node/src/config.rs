@@ -301,76 +301,54 @@ impl Config {
 
     /// Checks rules the types cannot express. Returns every broken rule, one message each.
     pub fn validate(&self) -> Result<(), Vec<String>> {
-        let mut problems = Vec::new();
-        let mut require = |ok: bool, problem: String| {
-            if !ok {
-                problems.push(problem);
-            }
-        };
-        let mqtt = &self.mqtt;
-        require(
-            mqtt.connect_timeout_ms > 0,
-            "mqtt.connect_timeout_ms must be at least 1".to_owned(),
-        );
-        require(
-            (MIN_PACKET_SIZE_BYTES..=MAX_PACKET_SIZE_BYTES).contains(&mqtt.max_packet_size_bytes),
-            format!(
-                "mqtt.max_packet_size_bytes must be between {MIN_PACKET_SIZE_BYTES} and \
-                 {MAX_PACKET_SIZE_BYTES}, got {}",
-                mqtt.max_packet_size_bytes
-            ),
-        );
-        require(
-            mqtt.receive_maximum > 0,
-            "mqtt.receive_maximum must be at least 1".to_owned(),
-        );
-        require(
-            mqtt.max_inflight_messages > 0,
-            "mqtt.max_inflight_messages must be at least 1".to_owned(),
-        );
-        require(
-            mqtt.max_queued_messages > 0,
-            "mqtt.max_queued_messages must be at least 1".to_owned(),
-        );
-        require(
-            mqtt.max_qos <= 2,
-            format!("mqtt.max_qos must be 0, 1 or 2, got {}", mqtt.max_qos),
-        );
-        require(
-            valid_client_id_prefix(&mqtt.client_id_prefix),
-            format!(
+        let (mqtt, admin, limits) = (&self.mqtt, &self.admin, &self.limits);
+        let at_least_one = [
+            ("mqtt.connect_timeout_ms", mqtt.connect_timeout_ms > 0),
+            ("mqtt.receive_maximum", mqtt.receive_maximum > 0),
+            ("mqtt.max_inflight_messages", mqtt.max_inflight_messages > 0),
+            ("mqtt.max_queued_messages", mqtt.max_queued_messages > 0),
+            ("limits.max_connections", limits.max_connections > 0),
+            ("limits.max_topic_levels", limits.max_topic_levels > 0),
+        ];
+        let mut problems: Vec<String> = at_least_one
+            .iter()
+            .filter(|(_, ok)| !ok)
+            .map(|(key, _)| format!("{key} must be at least 1"))
+            .collect();
+        let (min, max) = (MIN_PACKET_SIZE_BYTES, MAX_PACKET_SIZE_BYTES);
+        if !(min..=max).contains(&mqtt.max_packet_size_bytes) {
+            let got = mqtt.max_packet_size_bytes;
+            problems.push(format!(
+                "mqtt.max_packet_size_bytes must be between {min} and {max}, got {got}"
+            ));
+        }
+        if mqtt.max_qos > 2 {
+            problems.push(format!(
+                "mqtt.max_qos must be 0, 1 or 2, got {}",
+                mqtt.max_qos
+            ));
+        }
+        if !valid_client_id_prefix(&mqtt.client_id_prefix) {
+            problems.push(format!(
                 "mqtt.client_id_prefix must be 1 to {MAX_CLIENT_ID_PREFIX_LEN} characters of \
                  A-Z a-z 0-9 - _ ., got {:?}",
                 mqtt.client_id_prefix
-            ),
-        );
-        require(
-            !(self.admin.enabled && ports_clash(mqtt.addr, self.admin.addr)),
-            format!(
-                "admin.addr {} and mqtt.addr {} use the same port",
-                self.admin.addr, mqtt.addr
-            ),
-        );
-        require(
-            !self.storage.data_dir.as_os_str().is_empty(),
-            "storage.data_dir must not be empty".to_owned(),
-        );
-        require(
-            self.limits.max_connections > 0,
-            "limits.max_connections must be at least 1".to_owned(),
-        );
-        require(
-            self.limits.max_topic_levels > 0,
-            "limits.max_topic_levels must be at least 1".to_owned(),
-        );
+            ));
+        }
+        if admin.enabled && ports_clash(mqtt.addr, admin.addr) {
+            let (a, m) = (admin.addr, mqtt.addr);
+            problems.push(format!(
+                "admin.addr {a} and mqtt.addr {m} use the same port"
+            ));
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            problems.push("storage.data_dir must not be empty".to_owned());
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            require(
-                false,
-                format!(
-                    "log.level (or {LOG_ENV}) {:?} is not a tracing filter: {e}",
-                    self.log.level
-                ),
-            );
+            let level = &self.log.level;
+            problems.push(format!(
+                "log.level (or {LOG_ENV}) {level:?} is not a tracing filter: {e}"
+            ));
         }
         if problems.is_empty() {
             Ok(())

@@ -1,5 +1,6 @@
 //! The `petrel` binary: CLI → config → tracing → runtime → bind → start → wait for a signal →
 //! graceful shutdown. Exit codes: 0 after a signal, 64 for a bad CLI or config, 1 otherwise.
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,7 +22,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Petrel MQTT broker node. Settings come from defaults < --config file < PETREL_<SECTION>__<FIELD>
 /// environment variables < these flags.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     /// TOML config file; see --print-default-config for every setting
     #[arg(long, env = "PETREL_CONFIG", value_name = "FILE")]
@@ -64,7 +65,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let logs = tracing_subscriber::fmt().with_env_filter(EnvFilter::new(&cfg.log.level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(&cfg.log.level))
+        .with_ansi(std::io::stdout().is_terminal());
     match cfg.log.format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
