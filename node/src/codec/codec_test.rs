@@ -1707,7 +1707,7 @@ fn v5_short_forms() {
     check(&[0xF0, 0x00], V5, a(0));
     check(&[0xF0, 0x01, 0x18], V5, a(0x18));
     check(&[0xF0, 0x02, 0x18, 0x00], V5, a(0x18));
-    // 3.x ignores nothing: a v5-style PUBACK is trailing bytes there (checked in trailing_bytes).
+    // Before v5 the same bytes are trailing garbage (see `trailing_bytes`).
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ pub fn decode_packet(buf: &mut BytesMut, protocol: Protocol, max_packet_size: u3
         return Err(DecodeError::PacketTooLarge { size: total, max: max_packet_size });
     }
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // Grow towards the announced size a bounded step at a time, so that a few header
+        // bytes cannot make the broker reserve a whole maximum-size packet.
+        buf.reserve((total - buf.len()).min(64 * 1024));
         return Ok(None);
     }
     let mut frame = buf.split_to(total).freeze();

@@ -218,7 +218,7 @@ impl<'a> PublishOut<'a> {
 
     fn body<S: Sink>(&self, protocol: Protocol, s: &mut S) {
         s.put_bin(self.topic.as_bytes());
-        if let Some(id) = self.packet_id {
+        if let (Some(id), true) = (self.packet_id, self.qos != QoS::AtMostOnce) {
             s.put_u16(id.get());
         }
         if protocol.is_v5() {
