@@ -1,9 +1,23 @@
-//! Durable storage for Petrel.
+//! Durable storage for Petrel, on RocksDB.
 //!
-//! This crate will own RocksDB: the Raft log and vote, the replicated state machine, persistent
-//! sessions (subscriptions, queued messages, in-flight QoS 1/2 state) and retained messages.
-//! Until it lands, the node keeps this state in memory; the seams are the `SessionStore` and
-//! `RetainedStore` users in `petrel-node`. See ARCHITECTURE.md.
+//! - [`Store`]: the database, its column families ([`Cf`]) and a group-commit writer thread:
+//!   operations appended from any thread become one WAL write; a [`Ticket`] resolves once its
+//!   operations are durable.
+//! - [`keys`]: key layout; everything of one client shares a prefix.
+//!
+//! Values are opaque bytes: this crate knows nothing about MQTT (the node encodes them).
+//! The Raft log and state machine will live here too (`raft_log.rs`, `sm_store.rs`).
+
+pub mod error;
+pub mod keys;
+mod store;
+
+pub use error::{Error, Result};
+pub use keys::Cf;
+pub use store::{BatchWriter, Committed, Store, StoreOptions, Ticket};
 
 /// On-disk format version written into every data directory.
 pub const FORMAT_VERSION: u32 = 1;
+
+#[cfg(test)]
+mod store_test;

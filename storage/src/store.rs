@@ -1,0 +1,237 @@
+//! The RocksDB store and its group-commit writer.
+//!
+//! ```text
+//!  any thread                         writer thread ("petrel-store")
+//!  store.append(|w| w.put(..)) ─┐      wait for work
+//!    -> Ticket(n)               ├──>   take the whole pending WriteBatch
+//!  store.append(..) -> Ticket(n+1)┘    db.write (WAL; fsync if configured)
+//!  ticket.wait().await   <──────────   committed watermark := n+1
+//! ```
+//!
+//! Appends from every connection go into one shared `WriteBatch`, so a burst of publishes
+//! becomes one RocksDB write. Order of appends is order of application.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::keys::{self, Cf, FORMAT_VERSION_KEY};
+use crate::FORMAT_VERSION;
+
+/// How the store is opened.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Directory of the RocksDB database.
+    pub path: PathBuf,
+    /// fsync every group commit (survives power loss), not only write the WAL (survives a
+    /// process crash).
+    pub fsync: bool,
+}
+
+/// Position in the commit order; durable once the committed watermark reaches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Ticket(pub u64);
+
+/// The committed watermark and whether the writer has failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Committed {
+    pub ticket: Ticket,
+    pub failed: bool,
+}
+
+struct Pending {
+    batch: WriteBatch,
+    last: u64,
+    stop: bool,
+}
+
+struct Shared {
+    db: DB,
+    pending: Mutex<Pending>,
+    work: Condvar,
+    committed: watch::Sender<Committed>,
+    fsync: bool,
+}
+
+/// A cheap handle; clones share one database and one writer.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+    writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// Adds operations to the pending batch; handed out by [`Store::append`].
+pub struct BatchWriter<'a> {
+    db: &'a DB,
+    batch: &'a mut WriteBatch,
+}
+
+impl BatchWriter<'_> {
+    fn cf(&self, cf: Cf) -> &ColumnFamily {
+        self.db.cf_handle(cf.name()).expect("every column family is created at open")
+    }
+
+    pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
+        let h = self.cf(cf);
+        self.batch.put_cf(h, key, value);
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: &[u8]) {
+        let h = self.cf(cf);
+        self.batch.delete_cf(h, key);
+    }
+
+    /// Deletes the session record and every per-client key of `client_id`.
+    pub fn delete_client(&mut self, client_id: &str) {
+        let (from, to) = (keys::client_prefix(client_id), keys::client_prefix_end(client_id));
+        for cf in Cf::PER_CLIENT {
+            let h = self.cf(cf);
+            self.batch.delete_range_cf(h, &from, &to);
+        }
+        self.delete(Cf::Sessions, client_id.as_bytes());
+        self.delete(Cf::Wills, client_id.as_bytes());
+    }
+}
+
+fn lock(m: &Mutex<Pending>) -> MutexGuard<'_, Pending> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Store {
+    /// Opens (or creates) the database and starts the writer thread. Refuses a directory
+    /// written by another format version, or one that holds something else.
+    pub fn open(opts: StoreOptions) -> Result<Store> {
+        let path = opts.path.clone();
+        let exists = path.join("CURRENT").exists();
+        if !exists && path.exists() && std::fs::read_dir(&path).map(|mut d| d.next().is_some()).unwrap_or(false) {
+            return Err(Error::NotPetrel { path });
+        }
+        std::fs::create_dir_all(&path).map_err(|source| Error::CreateDir { path: path.clone(), source })?;
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        db_opts.set_keep_log_file_num(4);
+        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
+        let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|source| Error::Open { path: path.clone(), source })?;
+        let meta = db.cf_handle(Cf::Meta.name()).expect("meta family exists");
+        match db.get_cf(meta, FORMAT_VERSION_KEY).map_err(|source| Error::Rocks { action: "read format version", source })? {
+            Some(v) => {
+                let found = v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0);
+                if found != FORMAT_VERSION {
+                    return Err(Error::FormatVersion { path, found, expected: FORMAT_VERSION });
+                }
+            }
+            None if exists => return Err(Error::NotPetrel { path }),
+            None => {
+                let mut w = WriteOptions::default();
+                w.set_sync(true);
+                db.put_cf_opt(meta, FORMAT_VERSION_KEY, FORMAT_VERSION.to_be_bytes(), &w)
+                    .map_err(|source| Error::Rocks { action: "write format version", source })?;
+            }
+        }
+        let (committed, _) = watch::channel(Committed::default());
+        let shared = Arc::new(Shared {
+            db,
+            pending: Mutex::new(Pending { batch: WriteBatch::default(), last: 0, stop: false }),
+            work: Condvar::new(),
+            committed,
+            fsync: opts.fsync,
+        });
+        let for_thread = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("petrel-store".into())
+            .spawn(move || write_loop(&for_thread))
+            .map_err(|source| Error::CreateDir { path: opts.path, source })?;
+        Ok(Store { shared, writer: Arc::new(Mutex::new(Some(writer))) })
+    }
+
+    /// Appends operations to the next group commit and returns its ticket.
+    pub fn append<F>(&self, f: F) -> Ticket
+    where
+        F: FnOnce(&mut BatchWriter<'_>),
+    {
+        let mut p = lock(&self.shared.pending);
+        let was_empty = p.batch.is_empty();
+        f(&mut BatchWriter { db: &self.shared.db, batch: &mut p.batch });
+        if p.batch.is_empty() {
+            return Ticket(p.last);
+        }
+        if was_empty {
+            // A new batch: the writer takes batches whole, so tickets number batches.
+            p.last += 1;
+        }
+        let ticket = Ticket(p.last);
+        drop(p);
+        self.shared.work.notify_one();
+        ticket
+    }
+
+    /// A receiver of the committed watermark.
+    pub fn committed(&self) -> watch::Receiver<Committed> {
+        self.shared.committed.subscribe()
+    }
+
+    /// Waits until `ticket` is durable. Errors if the writer failed.
+    pub async fn wait(&self, ticket: Ticket) -> Result<()> {
+        let mut rx = self.committed();
+        let c = rx.wait_for(|c| c.failed || c.ticket >= ticket).await.map_err(|_| Error::WriterFailed)?;
+        if c.failed {
+            return Err(Error::WriterFailed);
+        }
+        Ok(())
+    }
+
+    /// Every key and value of a column family, in key order.
+    pub fn scan(&self, cf: Cf) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_ {
+        let h = self.shared.db.cf_handle(cf.name()).expect("every column family is created at open");
+        self.shared
+            .db
+            .iterator_cf(h, IteratorMode::Start)
+            .map(|r| r.map_err(|source| Error::Rocks { action: "scan", source }))
+    }
+
+    /// Flushes what is pending and stops the writer; later appends are never written.
+    pub fn close(&self) {
+        lock(&self.shared.pending).stop = true;
+        self.shared.work.notify_one();
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.shared.db.path()
+    }
+}
+
+fn write_loop(s: &Shared) {
+    let mut w = WriteOptions::default();
+    w.set_sync(s.fsync);
+    loop {
+        let (batch, ticket, stop) = {
+            let mut p = lock(&s.pending);
+            while p.batch.is_empty() && !p.stop {
+                p = s.work.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            (std::mem::take(&mut p.batch), p.last, p.stop)
+        };
+        if !batch.is_empty() {
+            if let Err(e) = s.db.write_opt(batch, &w) {
+                tracing::error!(error = %e, "rocksdb write failed; acknowledgements that need it will fail");
+                s.committed.send_modify(|c| c.failed = true);
+                return;
+            }
+            s.committed.send_modify(|c| c.ticket = Ticket(ticket));
+        }
+        if stop {
+            return;
+        }
+    }
+}
