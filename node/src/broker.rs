@@ -16,12 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use petrel_storage::{keys, Cf, Store, Ticket, Txn};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::SubscriptionOptions;
+use crate::codec::{QoS, SubscriptionOptions};
 use crate::config::Config;
 use crate::message::Message;
+use crate::persist::value::{self, Clock};
 use crate::metrics::Metrics;
 use crate::router::{Match, ParsedFilter, RetainedStore, Subscriber, SubscriptionTrie};
 use crate::session::{Delivery, DropReason, Enqueued, QueueLimits, Session, SessionId, SessionRegistry, SessionState, SubIds};
@@ -32,6 +34,7 @@ pub struct Broker {
     pub sessions: SessionRegistry,
     pub limits: QueueLimits,
     pub started: Instant,
+    pub store: Store,
     router: RwLock<SubscriptionTrie>,
     retained: RwLock<RetainedStore>,
     timers: Timers,
@@ -62,7 +65,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Broker {
-    pub fn new(cfg: Config, metrics: Metrics) -> Broker {
+    pub fn new(cfg: Config, metrics: Metrics, store: Store) -> Broker {
         let limits = QueueLimits {
             max_messages: cfg.mqtt.max_queued_messages,
             overflow: cfg.mqtt.queue_overflow,
@@ -74,6 +77,7 @@ impl Broker {
             sessions: SessionRegistry::default(),
             limits,
             started: Instant::now(),
+            store,
             router: RwLock::new(SubscriptionTrie::default()),
             retained: RwLock::new(RetainedStore::default()),
             timers: Timers::default(),
@@ -87,20 +91,28 @@ impl Broker {
     }
 
     /// Routes a message to every matching local session and stores it if retained.
-    /// `scratch` is the caller's reusable match buffer. Returns the number of sessions
-    /// that got it.
-    pub fn publish(&self, msg: Arc<Message>, scratch: &mut Vec<Match>) -> usize {
-        if msg.retain {
-            let mut store = self.retained.write().unwrap_or_else(|e| e.into_inner());
-            store.set(msg.clone());
-            self.metrics.retained.set(store.len() as i64);
-        }
+    /// `scratch` is the caller's reusable match buffer. `inbound` names an inbound QoS 2
+    /// packet id to record in the same atomic write as the stored copies (exactly once across
+    /// a crash). Returns the number of sessions that got it and the ticket after which every
+    /// stored copy is durable.
+    pub fn publish(&self, msg: Arc<Message>, scratch: &mut Vec<Match>, inbound: Option<(&str, u16)>) -> (usize, Option<Ticket>) {
         scratch.clear();
         self.router.read().unwrap_or_else(|e| e.into_inner()).collect(&msg.topic, scratch);
         scratch.retain(|m| !(m.no_local && m.session.id() == msg.origin));
         if scratch.len() > 1 {
             scratch.sort_unstable_by_key(|m| (m.session.id(), m.shared));
         }
+        let stored = msg.qos != QoS::AtMostOnce && scratch.iter().any(|m| m.qos != QoS::AtMostOnce && m.session.is_persistent());
+        // One atomic write for everything this publish stores; nothing is taken when the
+        // message goes only to clean sessions.
+        let mut txn = (stored || msg.retain || inbound.is_some()).then(|| self.store.begin());
+        if let (Some(txn), Some((client_id, packet_id))) = (txn.as_mut(), inbound) {
+            txn.writer().put(Cf::Inbound, &keys::inbound_key(client_id, packet_id), &[]);
+        }
+        if msg.retain {
+            self.set_retained(&msg, txn.as_mut().expect("taken for retained messages"));
+        }
+        let clock = Clock::now();
         let mut delivered = 0;
         let mut i = 0;
         while i < scratch.len() {
@@ -117,19 +129,44 @@ impl Broker {
                 ids.extend(scratch[j].subscription_id);
                 j += 1;
             }
-            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: msg.retain && rap, subscription_ids: ids };
-            if self.enqueue(&first.session, d) {
-                delivered += 1;
-            }
+            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: msg.retain && rap, subscription_ids: ids, seq: 0 };
+            delivered += self.enqueue_in(&first.session, d, txn.as_mut(), &clock) as usize;
             i = j;
         }
         scratch.clear();
-        delivered
+        (delivered, txn.map(Txn::commit))
+    }
+
+    fn set_retained(&self, msg: &Arc<Message>, txn: &mut Txn<'_>) {
+        let encoded = (!msg.payload.is_empty()).then(|| value::message(msg, msg.qos, true, &[], &Clock::now()));
+        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        retained.set(msg.clone());
+        self.metrics.retained.set(retained.len() as i64);
+        let mut w = txn.writer();
+        match &encoded {
+            Some(v) => w.put(Cf::Retained, msg.topic.as_bytes(), v),
+            None => w.delete(Cf::Retained, msg.topic.as_bytes()),
+        }
+    }
+
+    /// Queues one delivery (stored first for a persistent session), outside any publish.
+    /// Returns whether it was queued and the store ticket.
+    pub fn enqueue(&self, session: &Session, d: Delivery) -> (bool, Option<Ticket>) {
+        let stored = session.is_persistent() && d.qos != QoS::AtMostOnce;
+        let mut txn = stored.then(|| self.store.begin());
+        let queued = self.enqueue_in(session, d, txn.as_mut(), &Clock::now());
+        (queued, txn.map(Txn::commit))
     }
 
     /// Queues one delivery, counting what the overflow policy drops.
-    pub fn enqueue(&self, session: &Session, d: Delivery) -> bool {
-        let (outcome, dropped_oldest) = session.enqueue(d, &self.limits);
+    fn enqueue_in(&self, session: &Session, d: Delivery, txn: Option<&mut Txn<'_>>, clock: &Clock) -> bool {
+        let stored = match txn {
+            Some(txn) if session.is_persistent() && d.qos != QoS::AtMostOnce => {
+                Some((txn, value::message(&d.msg, d.qos, d.retain, d.subscription_ids.as_slice(), clock)))
+            }
+            _ => None,
+        };
+        let (outcome, dropped_oldest) = session.enqueue(d, &self.limits, stored);
         if dropped_oldest {
             self.metrics.queue_dropped.with_label_values(&["queue_full"]).inc();
         }
@@ -187,6 +224,10 @@ impl Broker {
             self.metrics.sessions.dec();
         }
         self.fire_will(session.client_id(), session.id());
+        if session.is_persistent() {
+            let client_id = session.client_id();
+            self.store.append(|w| w.delete_client(client_id));
+        }
     }
 
     /// Publishes a will now, or after `delay` unless the client comes back first.
@@ -195,8 +236,19 @@ impl Broker {
             self.publish_will(msg);
             return;
         }
+        let due = Instant::now() + delay;
+        let stored = value::will(&msg, due, &Clock::now());
+        let mut wills = lock(&self.pending_wills);
+        wills.insert(client_id.clone(), PendingWill { session, msg });
+        self.store.append(|w| w.put(Cf::Wills, client_id.as_bytes(), &stored));
+        drop(wills);
+        self.timers.add(due, TimerEvent::Will(client_id.clone(), session));
+    }
+
+    /// Re-arms a will recovered from the store.
+    pub fn restore_will(&self, client_id: Arc<str>, session: SessionId, msg: Message, due: Instant) {
         lock(&self.pending_wills).insert(client_id.clone(), PendingWill { session, msg });
-        self.timers.add(Instant::now() + delay, TimerEvent::Will(client_id.clone(), session));
+        self.timers.add(due, TimerEvent::Will(client_id, session));
     }
 
     /// Drops a pending will of this session (its client reconnected in time).
@@ -204,6 +256,7 @@ impl Broker {
         let mut wills = lock(&self.pending_wills);
         if wills.get(client_id).is_some_and(|w| w.session == session) {
             wills.remove(client_id);
+            self.store.append(|w| w.delete(Cf::Wills, client_id.as_bytes()));
         }
     }
 
@@ -211,7 +264,10 @@ impl Broker {
         let will = {
             let mut wills = lock(&self.pending_wills);
             match wills.get(client_id) {
-                Some(w) if w.session == session => wills.remove(client_id),
+                Some(w) if w.session == session => {
+                    self.store.append(|w| w.delete(Cf::Wills, client_id.as_bytes()));
+                    wills.remove(client_id)
+                }
                 _ => None,
             }
         };
@@ -226,7 +282,14 @@ impl Broker {
         msg.expires_at = msg.props.message_expiry_interval.map(|s| now + Duration::from_secs(s as u64));
         self.metrics.wills_published.inc();
         tracing::debug!(topic = %msg.topic, "publishing will");
-        self.publish(Arc::new(msg), &mut Vec::new());
+        self.publish(Arc::new(msg), &mut Vec::new(), None);
+    }
+
+    /// Restores a retained message at start, without writing it back.
+    pub fn restore_retained(&self, msg: Arc<Message>) {
+        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        retained.set(msg);
+        self.metrics.retained.set(retained.len() as i64);
     }
 
     pub fn schedule_session_expiry(&self, session: &Session, at: Instant) {

@@ -124,8 +124,16 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Directory for the node's data. Default `./data`.
+    /// Directory for the node's data (the RocksDB database is `<data_dir>/db`).
+    /// Default `./data`.
     pub data_dir: PathBuf,
+    /// Send PUBACK/PUBREC for a QoS 1/2 message only once every persistent session's copy
+    /// is in RocksDB's write-ahead log, so a crash loses no acknowledged message.
+    /// Default `true`.
+    pub durable_acks: bool,
+    /// Also fsync each group commit, so acknowledged messages survive power loss, not only
+    /// a process crash. Default `false`.
+    pub fsync: bool,
 }
 
 /// `[limits]` section.
@@ -225,6 +233,8 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             data_dir: PathBuf::from("./data"),
+            durable_acks: true,
+            fsync: false,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`session`]: what outlives a connection: queue, in-flight window, subscriptions.
 //! - [`router`]: topic filters, the subscription trie, retained messages.
 //! - [`broker`]: shared state and the publish path; delayed wills and session expiry.
+//! - [`persist`]: sessions, retained messages and wills in `petrel-storage`; recovery.
 //! - [`sys`]: `$SYS` topics. [`metrics`]: Prometheus metrics. [`admin`]: the admin API backend.
 //! - [`node`]: `Node::start` and `NodeHandle`.
 
@@ -19,6 +20,7 @@ pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod node;
+pub mod persist;
 pub mod router;
 pub mod session;
 pub mod sys;
@@ -40,4 +42,6 @@ pub enum Error {
     },
     #[error("read local address of a listener")]
     LocalAddr(#[source] std::io::Error),
+    #[error(transparent)]
+    Storage(#[from] petrel_storage::Error),
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use petrel_storage::{Store, StoreOptions};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -13,6 +14,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::listener::{accept_loop, Listeners};
 use crate::metrics::Metrics;
+use crate::persist::recover::recover;
 use crate::{sys, Error};
 
 pub struct Node;
@@ -36,7 +38,20 @@ impl Node {
             None => None,
         };
         let sys_on = cfg.mqtt.sys_interval_secs > 0;
-        let broker = Arc::new(Broker::new(cfg, Metrics::new()));
+        let store = Store::open(StoreOptions { path: cfg.storage.data_dir.join("db"), fsync: cfg.storage.fsync })?;
+        let broker = Arc::new(Broker::new(cfg, Metrics::new(), store.clone()));
+        let recovered = recover(&broker, &store)?;
+        tracing::info!(
+            sessions = recovered.sessions,
+            subscriptions = recovered.subscriptions,
+            queued = recovered.queued,
+            retained = recovered.retained,
+            wills = recovered.wills,
+            expired = recovered.expired,
+            orphans = recovered.orphans,
+            path = %store.path().display(),
+            "storage opened"
+        );
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(listeners.mqtt, broker.clone(), cancel.clone(), tracker.clone()));
@@ -82,5 +97,8 @@ impl NodeHandle {
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             tracing::warn!("shutdown grace period ran out with tasks still running");
         }
+        // Writes what the connections appended while closing, then stops the writer.
+        let store = self.broker.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
 }

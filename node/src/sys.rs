@@ -45,6 +45,6 @@ fn publish_all(b: &Broker, scratch: &mut Vec<crate::router::Match>) {
     ];
     for (topic, value) in values {
         let topic = MqttStr::from_static(topic);
-        b.publish(Arc::new(Message::broker(topic, Bytes::from(value), true)), scratch);
+        b.publish(Arc::new(Message::broker(topic, Bytes::from(value), true)), scratch, None);
     }
 }

@@ -14,6 +14,8 @@ pub enum Cf {
     Subscriptions,
     /// client id, 0, sequence (u64 big-endian) -> queued or in-flight message.
     Queue,
+    /// client id, 0, sequence -> packet id and stage of an outbound QoS 2 message.
+    Inflight,
     /// client id, 0, packet id (u16 big-endian) -> empty: inbound QoS 2 awaiting PUBREL.
     Inbound,
     /// topic -> retained message.
@@ -23,7 +25,8 @@ pub enum Cf {
 }
 
 impl Cf {
-    pub const ALL: [Cf; 7] = [Cf::Meta, Cf::Sessions, Cf::Subscriptions, Cf::Queue, Cf::Inbound, Cf::Retained, Cf::Wills];
+    pub const ALL: [Cf; 8] =
+        [Cf::Meta, Cf::Sessions, Cf::Subscriptions, Cf::Queue, Cf::Inflight, Cf::Inbound, Cf::Retained, Cf::Wills];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -31,6 +34,7 @@ impl Cf {
             Cf::Sessions => "sessions",
             Cf::Subscriptions => "subscriptions",
             Cf::Queue => "queue",
+            Cf::Inflight => "inflight_qos2",
             Cf::Inbound => "inbound_qos2",
             Cf::Retained => "retained",
             Cf::Wills => "wills",
@@ -38,7 +42,7 @@ impl Cf {
     }
 
     /// Column families whose keys start with a client id prefix.
-    pub const PER_CLIENT: [Cf; 3] = [Cf::Subscriptions, Cf::Queue, Cf::Inbound];
+    pub const PER_CLIENT: [Cf; 4] = [Cf::Subscriptions, Cf::Queue, Cf::Inflight, Cf::Inbound];
 }
 
 /// Key of the format version in [`Cf::Meta`].

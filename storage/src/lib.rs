@@ -14,7 +14,7 @@ mod store;
 
 pub use error::{Error, Result};
 pub use keys::Cf;
-pub use store::{BatchWriter, Committed, Store, StoreOptions, Ticket};
+pub use store::{BatchWriter, Committed, Store, StoreOptions, Ticket, Txn};
 
 /// On-disk format version written into every data directory.
 pub const FORMAT_VERSION: u32 = 1;

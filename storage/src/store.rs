@@ -70,30 +70,67 @@ pub struct BatchWriter<'a> {
     batch: &'a mut WriteBatch,
 }
 
-impl BatchWriter<'_> {
-    fn cf(&self, cf: Cf) -> &ColumnFamily {
-        self.db.cf_handle(cf.name()).expect("every column family is created at open")
-    }
+fn handle(db: &DB, cf: Cf) -> &ColumnFamily {
+    db.cf_handle(cf.name()).expect("every column family is created at open")
+}
 
+impl BatchWriter<'_> {
     pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) {
-        let h = self.cf(cf);
-        self.batch.put_cf(h, key, value);
+        self.batch.put_cf(handle(self.db, cf), key, value);
     }
 
     pub fn delete(&mut self, cf: Cf, key: &[u8]) {
-        let h = self.cf(cf);
-        self.batch.delete_cf(h, key);
+        self.batch.delete_cf(handle(self.db, cf), key);
     }
 
     /// Deletes the session record and every per-client key of `client_id`.
     pub fn delete_client(&mut self, client_id: &str) {
         let (from, to) = (keys::client_prefix(client_id), keys::client_prefix_end(client_id));
         for cf in Cf::PER_CLIENT {
-            let h = self.cf(cf);
-            self.batch.delete_range_cf(h, &from, &to);
+            self.batch.delete_range_cf(handle(self.db, cf), &from, &to);
         }
         self.delete(Cf::Sessions, client_id.as_bytes());
         self.delete(Cf::Wills, client_id.as_bytes());
+    }
+}
+
+/// Operations appended atomically; see [`Store::begin`].
+pub struct Txn<'a> {
+    shared: &'a Shared,
+    guard: Option<MutexGuard<'a, Pending>>,
+    was_empty: bool,
+}
+
+impl Txn<'_> {
+    pub fn writer(&mut self) -> BatchWriter<'_> {
+        let p = self.guard.as_mut().expect("guard held until commit");
+        BatchWriter { db: &self.shared.db, batch: &mut p.batch }
+    }
+
+    /// Ends the transaction; the ticket says when its operations are durable.
+    pub fn commit(mut self) -> Ticket {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Ticket {
+        let Some(mut p) = self.guard.take() else { return Ticket(0) };
+        if p.batch.is_empty() {
+            return Ticket(p.last);
+        }
+        if self.was_empty {
+            // A new batch: the writer takes batches whole, so tickets number batches.
+            p.last += 1;
+        }
+        let ticket = Ticket(p.last);
+        drop(p);
+        self.shared.work.notify_one();
+        ticket
+    }
+}
+
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -156,20 +193,17 @@ impl Store {
     where
         F: FnOnce(&mut BatchWriter<'_>),
     {
-        let mut p = lock(&self.shared.pending);
-        let was_empty = p.batch.is_empty();
-        f(&mut BatchWriter { db: &self.shared.db, batch: &mut p.batch });
-        if p.batch.is_empty() {
-            return Ticket(p.last);
-        }
-        if was_empty {
-            // A new batch: the writer takes batches whole, so tickets number batches.
-            p.last += 1;
-        }
-        let ticket = Ticket(p.last);
-        drop(p);
-        self.shared.work.notify_one();
-        ticket
+        let mut txn = self.begin();
+        f(&mut txn.writer());
+        txn.commit()
+    }
+
+    /// Starts appending operations that must land in one atomic write: the pending batch
+    /// stays locked until [`Txn::commit`] (or drop), so the writer cannot split them.
+    pub fn begin(&self) -> Txn<'_> {
+        let guard = lock(&self.shared.pending);
+        let was_empty = guard.batch.is_empty();
+        Txn { shared: &self.shared, guard: Some(guard), was_empty }
     }
 
     /// A receiver of the committed watermark.

@@ -1,12 +1,13 @@
 //! The connected state of one connection and its event loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
+use petrel_storage::{Committed, Ticket};
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ConnError;
@@ -62,6 +63,14 @@ pub(super) struct Conn {
     pub batch: Vec<Delivery>,
     /// The session queue may hold messages we have not taken yet.
     pub queue_pending: bool,
+    /// The store's committed watermark.
+    pub committed: watch::Receiver<Committed>,
+    /// Acknowledgements waiting for their store writes, in the order they must be sent.
+    pub pending_acks: VecDeque<(Ticket, Packet)>,
+    /// Nothing in `out` may reach the socket before this ticket is durable.
+    pub write_barrier: Ticket,
+    /// `storage.durable_acks`: hold QoS 1/2 acknowledgements until the WAL has the message.
+    pub durable_acks: bool,
 }
 
 impl Conn {
@@ -87,6 +96,10 @@ impl Conn {
             matches: Vec::new(),
             batch: Vec::new(),
             queue_pending: true,
+            committed: broker.store.committed(),
+            pending_acks: VecDeque::new(),
+            write_barrier: Ticket::default(),
+            durable_acks: broker.cfg.storage.durable_acks,
             session,
             state,
             broker,
@@ -102,6 +115,31 @@ impl Conn {
         if let Err(e) = encode_packet(p, self.protocol, &mut self.out) {
             tracing::warn!(error = %e, packet = p.name(), "could not encode packet");
         }
+    }
+
+    /// Sends an acknowledgement once `ticket` is durable (at once if nothing waits). Keeps
+    /// acknowledgements in the order of the packets they answer.
+    pub fn send_after(&mut self, ticket: Option<Ticket>, ack: Packet) {
+        let durable = self.committed.borrow().ticket;
+        let wait = self.durable_acks && ticket.is_some_and(|t| t > durable);
+        if wait || !self.pending_acks.is_empty() {
+            self.pending_acks.push_back((ticket.unwrap_or_default(), ack));
+        } else {
+            self.send(&ack);
+        }
+    }
+
+    /// Sends the acknowledgements whose writes are now durable.
+    fn release_acks(&mut self) -> Result<(), ConnError> {
+        let c = *self.committed.borrow();
+        if c.failed {
+            return Err(ConnError::StoreFailed);
+        }
+        while self.pending_acks.front().is_some_and(|(t, _)| *t <= c.ticket) {
+            let (_, ack) = self.pending_acks.pop_front().expect("front exists");
+            self.send(&ack);
+        }
+        Ok(())
     }
 
     pub async fn run<R, W>(
@@ -132,8 +170,10 @@ impl Conn {
             if rbuf.capacity() - rbuf.len() < 1024 {
                 rbuf.reserve(8192);
             }
-            let can_write = !self.out.is_empty();
+            let barrier_open = self.write_barrier <= self.committed.borrow().ticket;
+            let can_write = !self.out.is_empty() && barrier_open;
             let can_take = self.out.len() < HIGH_WATER;
+            let wait_store = !self.pending_acks.is_empty() || !barrier_open;
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Exit::Error(ConnError::ShuttingDown),
@@ -166,6 +206,14 @@ impl Conn {
                     }
                 }
                 _ = session.notified(), if can_take => self.queue_pending = true,
+                r = self.committed.changed(), if wait_store => {
+                    if r.is_err() {
+                        return Exit::Error(ConnError::StoreFailed);
+                    }
+                    if let Err(e) = self.release_acks() {
+                        return Exit::Error(e);
+                    }
+                }
                 _ = &mut sleep, if ka_on => {
                     let deadline = last_seen + ka_limit;
                     if Instant::now() >= deadline {
@@ -223,6 +271,10 @@ impl Conn {
         let expires_at = (!end && self.expiry != u32::MAX).then(|| now + Duration::from_secs(self.expiry as u64));
         let broker = self.broker.clone();
         let session = self.session.clone();
+        if session.is_persistent() && !end {
+            let since = crate::persist::value::Clock::now().unix_ms;
+            broker.store.append(|w| crate::persist::put_session(w, &self.client_id, self.expiry, since));
+        }
         if let Some(state) = session.release(self.conn_id, self.state, expires_at, end) {
             broker.end_session(&session, Some(state));
         } else if let Some(at) = expires_at {

@@ -28,6 +28,8 @@ pub enum ConnError {
     TakenOver,
     #[error("server shutting down")]
     ShuttingDown,
+    #[error("the message store failed")]
+    StoreFailed,
     #[error("connection closed by peer")]
     PeerClosed,
     #[error("i/o: {0}")]
@@ -49,6 +51,7 @@ impl ConnError {
             ConnError::KeepAliveTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,
             ConnError::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
             ConnError::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,
+            ConnError::StoreFailed => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
             ConnError::PeerClosed | ConnError::Io(_) => return None,
         })
     }

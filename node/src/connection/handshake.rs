@@ -246,11 +246,27 @@ async fn claim(
             }
         };
         match session.attach(conn_id, kick) {
-            Ok(state) => return Ok((session, state, present)),
+            Ok(state) => {
+                persist_claim(broker, &session, expiry);
+                return Ok((session, state, present));
+            }
             Err(k) => kick = k,
         }
     }
     Err(ReasonCode::SERVER_BUSY)
+}
+
+/// Stores a persistent session's record, or forgets a stored session that is no longer
+/// persistent (resumed with expiry 0: it ends when this connection does).
+fn persist_claim(broker: &Broker, session: &Session, expiry: u32) {
+    let client_id = session.client_id();
+    if expiry > 0 {
+        session.set_persistent(true);
+        broker.store.append(|w| crate::persist::put_session(w, client_id, expiry, 0));
+    } else if session.is_persistent() {
+        session.set_persistent(false);
+        broker.store.append(|w| w.delete_client(client_id));
+    }
 }
 
 fn connack(c: &Connect, broker: &Broker, a: &Accepted, present: bool) -> ConnAck {

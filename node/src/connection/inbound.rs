@@ -1,6 +1,8 @@
 //! Packets from the client.
 
 use std::sync::Arc;
+
+use petrel_storage::{keys, Cf};
 use std::time::Instant;
 
 use super::conn::{Conn, Exit};
@@ -10,6 +12,7 @@ use crate::codec::{
     UnsubAck, Unsubscribe,
 };
 use crate::message::Message;
+use crate::persist::{self, value};
 use crate::router::topic;
 use crate::session::{Delivery, Stage, StoredSubscription, SubIds};
 
@@ -23,17 +26,23 @@ impl Conn {
                     if f.delivery.qos != QoS::AtLeastOnce {
                         return Err(ConnError::Protocol("PUBACK for a QoS 2 message"));
                     }
+                    self.forget_stored(f.delivery.seq);
                     self.queue_pending = true;
                 }
             }
             Packet::PubRec(r) => self.on_pubrec(r),
             Packet::PubComp(r) => {
-                if self.state.take_inflight(r.packet_id, Stage::Released).is_some() {
+                if let Some(f) = self.state.take_inflight(r.packet_id, Stage::Released) {
+                    self.forget_stored(f.delivery.seq);
                     self.queue_pending = true;
                 }
             }
             Packet::PubRel(r) => {
                 let rc = if self.state.inbound_qos2.remove(&r.packet_id.get()) {
+                    if self.session.is_persistent() {
+                        let key = keys::inbound_key(&self.client_id, r.packet_id.get());
+                        self.broker.store.append(|w| w.delete(Cf::Inbound, &key));
+                    }
                     ReasonCode::SUCCESS
                 } else {
                     ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
@@ -118,12 +127,17 @@ impl Conn {
         }
         let packet_id = p.packet_id;
         let qos = p.qos;
+        let inbound = match packet_id {
+            Some(id) if qos == QoS::ExactlyOnce && self.session.is_persistent() => Some((&*self.client_id, id.get())),
+            _ => None,
+        };
         let msg = Arc::new(Message::from_publish(p, self.session.id(), Instant::now()));
-        let n = self.broker.publish(msg, &mut self.matches);
+        let (n, ticket) = self.broker.publish(msg, &mut self.matches, inbound);
         if let Some(id) = packet_id {
             let rc = if n == 0 && self.v5() { ReasonCode::NO_MATCHING_SUBSCRIBERS } else { ReasonCode::SUCCESS };
             let resp = PubResp::new(id, rc);
-            self.send(&if qos == QoS::AtLeastOnce { Packet::PubAck(resp) } else { Packet::PubRec(resp) });
+            let ack = if qos == QoS::AtLeastOnce { Packet::PubAck(resp) } else { Packet::PubRec(resp) };
+            self.send_after(ticket, ack);
         }
         Ok(())
     }
@@ -140,11 +154,18 @@ impl Conn {
         };
         if r.reason_code.is_error() {
             // The receiver refused it: the exchange ends here.
-            self.state.inflight.remove(pos);
+            if let Some(f) = self.state.inflight.remove(pos) {
+                self.forget_stored(f.delivery.seq);
+            }
             self.queue_pending = true;
             return;
         }
-        self.state.inflight[pos].stage = Stage::Released;
+        let f = &mut self.state.inflight[pos];
+        f.stage = Stage::Released;
+        if f.delivery.seq != 0 {
+            let (client_id, f) = (&self.client_id, &*f);
+            self.broker.store.append(|w| persist::put_inflight(w, client_id, &f.delivery, f.packet_id.get(), Stage::Released));
+        }
         self.send(&Packet::PubRel(PubResp::new(r.packet_id, ReasonCode::SUCCESS)));
     }
 
@@ -168,6 +189,10 @@ impl Conn {
             options.qos = asked.qos.min(max_qos);
             let existed = self.broker.subscribe(&self.session, &parsed, options, sub_id);
             self.state.subscriptions.insert(raw.clone(), StoredSubscription { options, subscription_id: sub_id });
+            if self.session.is_persistent() {
+                let (key, value) = (keys::subscription_key(&self.client_id, raw), value::subscription(&options, sub_id));
+                self.broker.store.append(|w| w.put(Cf::Subscriptions, &key, &value));
+            }
             codes.push(ReasonCode(options.qos as u8));
             let send_retained = match options.retain_handling {
                 RetainHandling::SendAtSubscribe => true,
@@ -179,7 +204,7 @@ impl Conn {
                     let qos = msg.qos.min(options.qos);
                     let mut ids = SubIds::None;
                     ids.extend(sub_id);
-                    retained.push(Delivery { msg, qos, retain: true, subscription_ids: ids });
+                    retained.push(Delivery { msg, qos, retain: true, subscription_ids: ids, seq: 0 });
                 }
             }
         }
@@ -198,7 +223,10 @@ impl Conn {
         for raw in &u.filters {
             let rc = match topic::parse_filter(raw, max_levels) {
                 Ok(parsed) => {
-                    self.state.subscriptions.remove(raw);
+                    if self.state.subscriptions.remove(raw).is_some() && self.session.is_persistent() {
+                        let key = keys::subscription_key(&self.client_id, raw);
+                        self.broker.store.append(|w| w.delete(Cf::Subscriptions, &key));
+                    }
                     if self.broker.unsubscribe(self.session.id(), &parsed) {
                         ReasonCode::SUCCESS
                     } else {

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use super::conn::{Conn, HIGH_WATER};
 use crate::codec::{Packet, PubResp, PublishOut, QoS, ReasonCode};
+use crate::persist;
 use crate::session::{Delivery, Inflight, Stage};
 
 /// Deliveries taken off the session queue per lock.
@@ -36,6 +37,7 @@ impl Conn {
         let metrics = &self.broker.metrics;
         if d.msg.is_expired(now) {
             metrics.queue_dropped.with_label_values(&["expired"]).inc();
+            self.forget_stored(d.seq);
             return;
         }
         let packet_id = (d.qos != QoS::AtMostOnce).then(|| self.state.alloc_packet_id());
@@ -67,17 +69,21 @@ impl Conn {
             subscription_identifiers: d.subscription_ids.as_slice(),
             payload: &d.msg.payload,
         };
-        if out.encoded_len(self.protocol) > self.out_max_packet {
+        if out.encoded_len(self.protocol) > self.out_max_packet || out.encode(self.protocol, &mut self.out).is_err() {
             // The client could not accept it: discarded as if sent (MQTT 5, 3.1.2.25).
             metrics.queue_dropped.with_label_values(&["too_large"]).inc();
-            return;
-        }
-        if out.encode(self.protocol, &mut self.out).is_err() {
-            metrics.queue_dropped.with_label_values(&["too_large"]).inc();
+            self.forget_stored(d.seq);
             return;
         }
         metrics.messages_sent.inc();
         if let Some(packet_id) = packet_id {
+            if d.qos == QoS::ExactlyOnce && d.seq != 0 {
+                // The packet id must be durable before the client can see it, or a restart
+                // would resend the message under another id and break exactly-once.
+                let client_id = &self.client_id;
+                let t = self.broker.store.append(|w| persist::put_inflight(w, client_id, &d, packet_id.get(), Stage::Published));
+                self.write_barrier = self.write_barrier.max(t);
+            }
             self.state.inflight.push_back(Inflight { packet_id, delivery: d, stage: Stage::Published });
         }
     }
@@ -96,6 +102,10 @@ impl Conn {
                     true
                 } else {
                     self.broker.metrics.queue_dropped.with_label_values(&["too_large"]).inc();
+                    if f.delivery.seq != 0 {
+                        let client_id = &self.client_id;
+                        self.broker.store.append(|w| persist::delete_queued(w, client_id, f.delivery.seq));
+                    }
                     false
                 }
             }
@@ -121,5 +131,15 @@ fn redelivery(f: &Inflight, now: Instant) -> PublishOut<'_> {
         topic_alias: None,
         subscription_identifiers: d.subscription_ids.as_slice(),
         payload: &d.msg.payload,
+    }
+}
+
+impl Conn {
+    /// Deletes a stored delivery once it is acknowledged or dropped.
+    pub(super) fn forget_stored(&self, seq: u64) {
+        if seq != 0 && self.session.is_persistent() {
+            let client_id = &self.client_id;
+            self.broker.store.append(|w| persist::delete_queued(w, client_id, seq));
+        }
     }
 }

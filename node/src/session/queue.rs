@@ -52,6 +52,8 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub subscription_ids: SubIds,
+    /// Position in the session's stored queue; 0 when the delivery is not stored.
+    pub seq: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -77,20 +79,24 @@ pub enum Enqueued {
     Dropped(DropReason),
 }
 
-/// Pushes with the overflow policy applied. Returns what happened and whether a message was
-/// dropped to make room (drop-oldest).
-pub(super) fn push(queue: &mut VecDeque<Delivery>, d: Delivery, online: bool, limits: &QueueLimits) -> (Enqueued, bool) {
-    if !online && d.qos == QoS::AtMostOnce && !limits.qos0_offline {
-        return (Enqueued::Dropped(DropReason::OfflineQos0), false);
+/// What the overflow policy does with a new delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Plan {
+    Push,
+    /// Drop the oldest queued delivery, then push (drop-oldest on a full queue).
+    ReplaceOldest,
+    Reject(DropReason),
+}
+
+pub(super) fn plan(queue: &VecDeque<Delivery>, qos: QoS, online: bool, limits: &QueueLimits) -> Plan {
+    if !online && qos == QoS::AtMostOnce && !limits.qos0_offline {
+        return Plan::Reject(DropReason::OfflineQos0);
     }
     if queue.len() < limits.max_messages {
-        queue.push_back(d);
-        return (Enqueued::Queued, false);
+        return Plan::Push;
     }
-    if d.qos == QoS::AtMostOnce || limits.overflow == QueueOverflow::DropNewest {
-        return (Enqueued::Dropped(DropReason::QueueFull), false);
+    if qos == QoS::AtMostOnce || limits.overflow == QueueOverflow::DropNewest {
+        return Plan::Reject(DropReason::QueueFull);
     }
-    queue.pop_front();
-    queue.push_back(d);
-    (Enqueued::Queued, true)
+    Plan::ReplaceOldest
 }

@@ -34,6 +34,17 @@ impl SessionRegistry {
         (session, old)
     }
 
+    /// Inserts a session built by `make` from a fresh id (recovery at start).
+    pub fn restore<F>(&self, client_id: Arc<str>, make: F) -> Arc<Session>
+    where
+        F: FnOnce(SessionId, Arc<str>) -> Session,
+    {
+        let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let session = Arc::new(make(id, client_id.clone()));
+        self.lock().insert(client_id, session.clone());
+        session
+    }
+
     /// Removes the entry if it still is this session.
     pub fn remove(&self, session: &Session) -> bool {
         let mut map = self.lock();

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
-use super::queue::{self, Delivery, DropReason, Enqueued, QueueLimits};
+use petrel_storage::{keys, Cf, Txn};
+
+use super::queue::{self, Delivery, DropReason, Enqueued, Plan, QueueLimits};
 use super::state::SessionState;
 use crate::codec::QoS;
 
@@ -49,12 +51,16 @@ struct Inner {
     /// Set while offline: when the session expires.
     expires_at: Option<Instant>,
     ended: bool,
+    /// Next position in the stored queue (persistent sessions).
+    next_seq: u64,
 }
 
 pub struct Session {
     id: SessionId,
     client_id: Arc<str>,
     connected: AtomicBool,
+    /// Whether the session is stored (its expiry interval is above 0).
+    persistent: AtomicBool,
     /// Wakes the owning connection when the queue gains a message.
     notify: Notify,
     /// Wakes a taking-over connection when the old one has parked the state.
@@ -68,6 +74,7 @@ impl Session {
             id,
             client_id,
             connected: AtomicBool::new(false),
+            persistent: AtomicBool::new(false),
             notify: Notify::new(),
             released: Notify::new(),
             inner: Mutex::new(Inner {
@@ -77,8 +84,29 @@ impl Session {
                 expiry_secs,
                 expires_at: None,
                 ended: false,
+                next_seq: 1,
             }),
         }
+    }
+
+    /// A stored session brought back at start: offline, with its parked state and queue.
+    pub fn restore(
+        id: SessionId,
+        client_id: Arc<str>,
+        expiry_secs: u32,
+        state: Box<SessionState>,
+        queue: VecDeque<Delivery>,
+        next_seq: u64,
+    ) -> Session {
+        let s = Session::new(id, client_id, expiry_secs);
+        s.persistent.store(true, Ordering::Relaxed);
+        {
+            let mut inner = s.lock();
+            inner.state = Some(state);
+            inner.queue = queue;
+            inner.next_seq = next_seq;
+        }
+        s
     }
 
     #[cfg(test)]
@@ -109,20 +137,45 @@ impl Session {
         self.connected.store(v, Ordering::Release);
     }
 
-    /// Queues a delivery for the client, online or not. Returns the outcome and whether an
-    /// older message was dropped to make room.
-    pub fn enqueue(&self, d: Delivery, limits: &QueueLimits) -> (Enqueued, bool) {
+    pub fn is_persistent(&self) -> bool {
+        self.persistent.load(Ordering::Acquire)
+    }
+
+    pub fn set_persistent(&self, v: bool) {
+        self.persistent.store(v, Ordering::Release);
+    }
+
+    /// Queues a delivery for the client, online or not. With `stored` (an open store
+    /// transaction and the encoded message, for a persistent session) the delivery is
+    /// appended to the store before it becomes visible to the connection, so its delete after
+    /// the acknowledgement can never precede it. Also returns whether an older message was
+    /// dropped to make room.
+    pub fn enqueue(&self, mut d: Delivery, limits: &QueueLimits, stored: Option<(&mut Txn<'_>, Vec<u8>)>) -> (Enqueued, bool) {
         let mut inner = self.lock();
         if inner.ended {
             return (Enqueued::Dropped(DropReason::SessionGone), false);
         }
         let online = inner.link.is_some();
-        let out = queue::push(&mut inner.queue, d, online, limits);
+        let plan = queue::plan(&inner.queue, d.qos, online, limits);
+        if let Plan::Reject(why) = plan {
+            return (Enqueued::Dropped(why), false);
+        }
+        let dropped = if plan == Plan::ReplaceOldest { inner.queue.pop_front() } else { None };
+        if let Some((txn, value)) = stored {
+            d.seq = inner.next_seq;
+            inner.next_seq += 1;
+            let mut w = txn.writer();
+            w.put(Cf::Queue, &keys::queue_key(&self.client_id, d.seq), &value);
+            if let Some(old) = dropped.as_ref().filter(|old| old.seq != 0) {
+                crate::persist::delete_queued(&mut w, &self.client_id, old.seq);
+            }
+        }
+        inner.queue.push_back(d);
         drop(inner);
-        if online && out.0 == Enqueued::Queued {
+        if online {
             self.notify.notify_one();
         }
-        out
+        (Enqueued::Queued, dropped.is_some())
     }
 
     /// Takes deliveries off the front: any number of QoS 0, at most `window` of QoS 1/2, at
@@ -231,6 +284,11 @@ impl Session {
 
     pub fn set_expiry_secs(&self, secs: u32) {
         self.lock().expiry_secs = secs;
+    }
+
+    /// Sets when an offline (recovered) session expires.
+    pub fn set_offline_until(&self, at: Option<Instant>) {
+        self.lock().expires_at = at;
     }
 
     /// When an offline session expires; None while connected or if it never expires.

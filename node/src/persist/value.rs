@@ -1,0 +1,220 @@
+//! Encodings of stored values. Every value starts with a version byte.
+//!
+//! Instants become milliseconds since the Unix epoch on the way out and back on the way in,
+//! so message expiry and session expiry keep counting across a restart.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, BytesMut};
+
+use crate::codec::{decode_packet, Packet, PacketId, Protocol, PublishOut, QoS, SubscriptionOptions};
+use crate::message::Message;
+use crate::session::{Delivery, SessionId, Stage, SubIds};
+
+const VERSION: u8 = 1;
+
+/// A wall clock reading paired with the monotonic clock, to convert between the two.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    pub now: Instant,
+    pub unix_ms: u64,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Clock { now: Instant::now(), unix_ms }
+    }
+
+    pub fn to_unix_ms(&self, t: Instant) -> u64 {
+        match t.checked_duration_since(self.now) {
+            Some(ahead) => self.unix_ms + ahead.as_millis() as u64,
+            None => self.unix_ms.saturating_sub(self.now.duration_since(t).as_millis() as u64),
+        }
+    }
+
+    pub fn to_instant(&self, unix_ms: u64) -> Instant {
+        if unix_ms >= self.unix_ms {
+            self.now + Duration::from_millis(unix_ms - self.unix_ms)
+        } else {
+            let back = Duration::from_millis(self.unix_ms - unix_ms);
+            self.now.checked_sub(back).unwrap_or(self.now)
+        }
+    }
+}
+
+/// A message as delivered to one session: version, absolute expiry (0: none), then the
+/// v5 PUBLISH with the granted QoS, retain flag and subscription identifiers.
+pub fn message(msg: &Message, qos: QoS, retain: bool, sub_ids: &[u32], clock: &Clock) -> Vec<u8> {
+    let mut buf = BytesMut::with_capacity(32 + msg.topic.len() + msg.payload.len());
+    buf.put_u8(VERSION);
+    buf.put_u64(msg.expires_at.map(|t| clock.to_unix_ms(t).max(1)).unwrap_or(0));
+    let out = PublishOut {
+        dup: false,
+        qos,
+        retain,
+        topic: &msg.topic,
+        packet_id: (qos != QoS::AtMostOnce).then(|| PacketId::new(1).expect("1 is not 0")),
+        props: &msg.props,
+        // The original interval rides along (a will's expiry starts when it is published);
+        // deliveries use the absolute expiry in the header instead.
+        message_expiry_interval: msg.props.message_expiry_interval,
+        topic_alias: None,
+        subscription_identifiers: sub_ids,
+        payload: &msg.payload,
+    };
+    out.encode(Protocol::V5, &mut buf).expect("a decoded message re-encodes");
+    buf.to_vec()
+}
+
+/// Decodes [`message`] back into a delivery (seq 0; the caller sets it).
+pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
+    let mut b = bytes;
+    if b.len() < 9 || b.get_u8() != VERSION {
+        return None;
+    }
+    let expires_ms = b.get_u64();
+    let mut buf = BytesMut::from(b);
+    let Ok(Some(Packet::Publish(p))) = decode_packet(&mut buf, Protocol::V5, u32::MAX) else { return None };
+    let mut ids = SubIds::None;
+    for &id in &p.properties.subscription_identifiers {
+        ids.push(id);
+    }
+    let (qos, retain) = (p.qos, p.retain);
+    let mut msg = Message::from_publish(p, SessionId::BROKER, clock.now);
+    msg.expires_at = (expires_ms != 0).then(|| clock.to_instant(expires_ms));
+    Some(Delivery { msg: Arc::new(msg), qos, retain, subscription_ids: ids, seq: 0 })
+}
+
+/// Session record: version, expiry interval, when it went offline (0: it was connected).
+pub fn session(expiry: u32, disconnected_ms: u64) -> [u8; 13] {
+    let mut v = [0u8; 13];
+    v[0] = VERSION;
+    v[1..5].copy_from_slice(&expiry.to_be_bytes());
+    v[5..13].copy_from_slice(&disconnected_ms.to_be_bytes());
+    v
+}
+
+pub fn parse_session(mut b: &[u8]) -> Option<(u32, u64)> {
+    if b.len() != 13 || b.get_u8() != VERSION {
+        return None;
+    }
+    Some((b.get_u32(), b.get_u64()))
+}
+
+/// Subscription record: version, the v5 options byte, subscription identifier (0: none).
+pub fn subscription(o: &SubscriptionOptions, id: Option<u32>) -> [u8; 6] {
+    let opts = o.qos as u8 | (o.no_local as u8) << 2 | (o.retain_as_published as u8) << 3 | (o.retain_handling as u8) << 4;
+    let mut v = [0u8; 6];
+    v[0] = VERSION;
+    v[1] = opts;
+    v[2..6].copy_from_slice(&id.unwrap_or(0).to_be_bytes());
+    v
+}
+
+pub fn parse_subscription(mut b: &[u8]) -> Option<(SubscriptionOptions, Option<u32>)> {
+    use crate::codec::RetainHandling;
+    if b.len() != 6 || b.get_u8() != VERSION {
+        return None;
+    }
+    let o = b.get_u8();
+    let id = b.get_u32();
+    let options = SubscriptionOptions {
+        qos: QoS::from_u8(o & 3)?,
+        no_local: o & 4 != 0,
+        retain_as_published: o & 8 != 0,
+        retain_handling: match (o >> 4) & 3 {
+            0 => RetainHandling::SendAtSubscribe,
+            1 => RetainHandling::SendIfNew,
+            _ => RetainHandling::DoNotSend,
+        },
+    };
+    Some((options, (id != 0).then_some(id)))
+}
+
+/// In-flight record of an outbound QoS 2 message: version, packet id, stage.
+pub fn inflight(packet_id: u16, stage: Stage) -> [u8; 4] {
+    let p = packet_id.to_be_bytes();
+    [VERSION, p[0], p[1], matches!(stage, Stage::Released) as u8]
+}
+
+pub fn parse_inflight(mut b: &[u8]) -> Option<(PacketId, Stage)> {
+    if b.len() != 4 || b.get_u8() != VERSION {
+        return None;
+    }
+    let id = PacketId::new(b.get_u16())?;
+    let stage = if b.get_u8() == 1 { Stage::Released } else { Stage::Published };
+    Some((id, stage))
+}
+
+/// Pending will: version, when it is due, then the message.
+pub fn will(msg: &Message, due: Instant, clock: &Clock) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64 + msg.payload.len());
+    v.push(VERSION);
+    v.extend_from_slice(&clock.to_unix_ms(due).to_be_bytes());
+    v.extend_from_slice(&message(msg, msg.qos, msg.retain, &[], clock));
+    v
+}
+
+pub fn parse_will(mut b: &[u8], clock: &Clock) -> Option<(Message, Instant)> {
+    if b.len() < 9 || b.get_u8() != VERSION {
+        return None;
+    }
+    let due = clock.to_instant(b.get_u64());
+    let d = delivery(b, clock)?;
+    let msg = Arc::try_unwrap(d.msg).ok()?;
+    Some((msg, due))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{MqttStr, PublishProperties, RetainHandling};
+
+    #[test]
+    fn message_round_trip_keeps_properties_and_expiry() {
+        let clock = Clock::now();
+        let props = PublishProperties {
+            content_type: Some(MqttStr::from_static("text/plain")),
+            user_properties: vec![(MqttStr::from_static("k"), MqttStr::from_static("v"))],
+            ..Default::default()
+        };
+        let msg = Message {
+            topic: MqttStr::from_static("a/b"),
+            payload: bytes::Bytes::from_static(b"hello"),
+            qos: QoS::ExactlyOnce,
+            retain: true,
+            props,
+            expires_at: Some(clock.now + Duration::from_secs(30)),
+            origin: SessionId(7),
+        };
+        let bytes = message(&msg, QoS::AtLeastOnce, false, &[3, 9], &clock);
+        let d = delivery(&bytes, &clock).expect("decodes");
+        assert_eq!(d.qos, QoS::AtLeastOnce);
+        assert!(!d.retain);
+        assert_eq!(d.subscription_ids.as_slice(), &[3, 9]);
+        assert_eq!(&d.msg.payload[..], b"hello");
+        assert_eq!(d.msg.topic.as_str(), "a/b");
+        assert_eq!(d.msg.props.content_type, msg.props.content_type);
+        assert_eq!(d.msg.props.user_properties, msg.props.user_properties);
+        let left = d.msg.remaining_expiry(clock.now).expect("expiry kept");
+        assert!((29..=30).contains(&left), "{left}");
+    }
+
+    #[test]
+    fn small_records_round_trip() {
+        assert_eq!(parse_session(&session(3600, 42)), Some((3600, 42)));
+        let o = SubscriptionOptions {
+            qos: QoS::ExactlyOnce,
+            no_local: true,
+            retain_as_published: true,
+            retain_handling: RetainHandling::DoNotSend,
+        };
+        assert_eq!(parse_subscription(&subscription(&o, Some(5))), Some((o, Some(5))));
+        assert_eq!(parse_subscription(&subscription(&SubscriptionOptions::default(), None)), Some((Default::default(), None)));
+        let (id, stage) = parse_inflight(&inflight(513, Stage::Released)).expect("parses");
+        assert_eq!((id.get(), stage), (513, Stage::Released));
+        assert!(parse_session(&[9; 13]).is_none(), "unknown version refused");
+    }
+}
