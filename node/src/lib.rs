@@ -11,6 +11,7 @@
 //! - [`node`]: `Node::start` and `NodeHandle`.
 
 pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod node;
 pub mod router;
 pub mod session;
 pub mod sys;
+pub mod transport;
 
 use std::net::SocketAddr;
 
