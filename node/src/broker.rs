@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::AuthGate;
 use crate::codec::SubscriptionOptions;
 use crate::config::Config;
 use crate::message::Message;
@@ -32,6 +33,7 @@ pub struct Broker {
     pub sessions: SessionRegistry,
     pub limits: QueueLimits,
     pub started: Instant,
+    pub auth: AuthGate,
     router: RwLock<SubscriptionTrie>,
     retained: RwLock<RetainedStore>,
     timers: Timers,
@@ -62,7 +64,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Broker {
-    pub fn new(cfg: Config, metrics: Metrics) -> Broker {
+    pub fn new(cfg: Config, metrics: Metrics, auth: AuthGate) -> Broker {
         let limits = QueueLimits {
             max_messages: cfg.mqtt.max_queued_messages,
             overflow: cfg.mqtt.queue_overflow,
@@ -74,6 +76,7 @@ impl Broker {
             sessions: SessionRegistry::default(),
             limits,
             started: Instant::now(),
+            auth,
             router: RwLock::new(SubscriptionTrie::default()),
             retained: RwLock::new(RetainedStore::default()),
             timers: Timers::default(),
@@ -107,6 +110,7 @@ impl Broker {
             let first = &scratch[i];
             let mut qos = first.qos;
             let mut rap = first.retain_as_published;
+            let mut acl_check = first.acl_filtered;
             let mut ids = SubIds::None;
             ids.extend(first.subscription_id);
             let mut j = i + 1;
@@ -114,10 +118,11 @@ impl Broker {
             while !first.shared && j < scratch.len() && !scratch[j].shared && scratch[j].session.id() == first.session.id() {
                 qos = qos.max(scratch[j].qos);
                 rap |= scratch[j].retain_as_published;
+                acl_check &= scratch[j].acl_filtered;
                 ids.extend(scratch[j].subscription_id);
                 j += 1;
             }
-            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: msg.retain && rap, subscription_ids: ids };
+            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: msg.retain && rap, subscription_ids: ids, acl_check };
             if self.enqueue(&first.session, d) {
                 delivered += 1;
             }
@@ -144,8 +149,15 @@ impl Broker {
     }
 
     /// Adds or replaces a subscription; returns whether it existed.
-    pub fn subscribe(&self, session: &Arc<Session>, f: &ParsedFilter<'_>, options: SubscriptionOptions, id: Option<u32>) -> bool {
-        let sub = Subscriber { session: session.clone(), options, subscription_id: id };
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        f: &ParsedFilter<'_>,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+        acl_filtered: bool,
+    ) -> bool {
+        let sub = Subscriber { session: session.clone(), options, subscription_id: id, acl_filtered };
         let existed = self.router.write().unwrap_or_else(|e| e.into_inner()).subscribe(f.filter, f.group, sub);
         if !existed {
             self.metrics.subscriptions.inc();

@@ -46,6 +46,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[storage]`: where the node keeps its data.
     pub storage: StorageConfig,
+    /// `[auth]`: authentication and authorisation.
+    pub auth: AuthConfig,
     /// `[limits]`: process-wide resource limits.
     pub limits: LimitsConfig,
     /// `[log]`: log output.
@@ -126,6 +128,22 @@ pub struct AdminConfig {
 pub struct StorageConfig {
     /// Directory for the node's data. Default `./data`.
     pub data_dir: PathBuf,
+}
+
+/// `[auth]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accept clients that send no username. Default `true`.
+    pub allow_anonymous: bool,
+    /// Password file of `username:argon2id-hash` lines (manage it with `petrel passwd`);
+    /// empty: usernames are not checked. Reloaded when it changes. Default `""`.
+    pub password_file: PathBuf,
+    /// ACL file (see the README); empty: every client may publish and subscribe to
+    /// everything. Reloaded when it changes. Default `""`.
+    pub acl_file: PathBuf,
+    /// How often the password and ACL files are checked for changes. Default `5`.
+    pub reload_interval_secs: u64,
 }
 
 /// `[limits]` section.
@@ -238,6 +256,17 @@ impl Default for LimitsConfig {
     }
 }
 
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: true,
+            password_file: PathBuf::new(),
+            acl_file: PathBuf::new(),
+            reload_interval_secs: 5,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -340,6 +369,9 @@ impl Config {
             problems.push(format!(
                 "admin.addr {a} and mqtt.addr {m} use the same port"
             ));
+        }
+        if self.auth.reload_interval_secs == 0 {
+            problems.push("auth.reload_interval_secs must be at least 1".to_owned());
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             problems.push("storage.data_dir must not be empty".to_owned());

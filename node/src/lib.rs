@@ -42,4 +42,6 @@ pub enum Error {
     },
     #[error("read local address of a listener")]
     LocalAddr(#[source] std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }

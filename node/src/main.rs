@@ -45,6 +45,14 @@ struct Cli {
     /// Print the default configuration as commented TOML and exit
     #[arg(long)]
     print_default_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Add, change or delete users of a password file (like mosquitto_passwd)
+    Passwd(petrel_node::auth::PasswdArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +60,15 @@ fn main() -> ExitCode {
         let _ = e.print();
         std::process::exit(if e.use_stderr() { EXIT_USAGE.into() } else { 0 })
     });
+    if let Some(Command::Passwd(args)) = cli.command {
+        return match petrel_node::auth::passwd_cmd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("petrel passwd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if cli.print_default_config {
         print!("{}", Config::to_toml_string());
         return ExitCode::SUCCESS;

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
+use crate::auth::AuthGate;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::listener::{accept_loop, Listeners};
@@ -36,9 +37,11 @@ impl Node {
             None => None,
         };
         let sys_on = cfg.mqtt.sys_interval_secs > 0;
-        let broker = Arc::new(Broker::new(cfg, Metrics::new()));
+        let auth = AuthGate::from_config(&cfg.auth)?;
+        let broker = Arc::new(Broker::new(cfg, Metrics::new(), auth));
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        broker.auth.watch(&tracker, &cancel);
         tracker.spawn(accept_loop(listeners.mqtt, broker.clone(), cancel.clone(), tracker.clone()));
         tracker.spawn(broker.clone().run_timers(cancel.clone()));
         if sys_on {

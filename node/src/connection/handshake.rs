@@ -59,6 +59,13 @@ where
         Ok(a) => a,
         Err(rc) => return refuse(protocol, rc, &mut writer).await,
     };
+    let (username, password) = (connect.username.as_deref(), connect.password.as_deref());
+    if let Err(rc) = broker.auth.authenticate(peer.ip(), username, password).await {
+        let reason = if rc == ReasonCode::NOT_AUTHORIZED { "not_authorized" } else { "bad_credentials" };
+        broker.metrics.auth_failures.with_label_values(&[reason]).inc();
+        tracing::info!(%peer, client_id = %accepted.client_id, ?username, reason, "authentication failed");
+        return refuse(protocol, rc, &mut writer).await;
+    }
     let conn_id = broker.next_conn_id();
     let (kick_tx, kick_rx) = oneshot::channel();
     let claim = claim(broker, &accepted.client_id, connect.clean_start, accepted.expiry, conn_id, kick_tx).await;

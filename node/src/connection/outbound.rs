@@ -38,6 +38,10 @@ impl Conn {
             metrics.queue_dropped.with_label_values(&["expired"]).inc();
             return;
         }
+        if d.acl_check && !self.broker.auth.may_receive(&self.acl_ctx(), &d.msg.topic) {
+            metrics.acl_denied.with_label_values(&["receive"]).inc();
+            return;
+        }
         let packet_id = (d.qos != QoS::AtMostOnce).then(|| self.state.alloc_packet_id());
         let mut topic: &str = &d.msg.topic;
         let mut alias = None;

@@ -52,6 +52,8 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub subscription_ids: SubIds,
+    /// The ACL must allow this topic for the receiving client before it is sent.
+    pub acl_check: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
