@@ -46,6 +46,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[storage]`: where the node keeps its data.
     pub storage: StorageConfig,
+    /// `[tls]`: certificates for the TLS listeners (mqtts, wss).
+    pub tls: TlsConfig,
     /// `[auth]`: authentication and authorisation.
     pub auth: AuthConfig,
     /// `[limits]`: process-wide resource limits.
@@ -99,6 +101,16 @@ pub struct MqttConfig {
     /// Prefix of server-assigned client ids: 1 to 64 characters of `A-Z a-z 0-9 - _ .`.
     /// Default `petrel-`.
     pub client_id_prefix: String,
+    /// Address of the MQTT-over-TLS listener (usually port 8883); empty disables it. Needs
+    /// `tls.cert_file` and `tls.key_file`. Default `""`.
+    pub mqtts_addr: String,
+    /// Address of the MQTT-over-WebSocket listener; empty disables it. Default `""`.
+    pub ws_addr: String,
+    /// Address of the MQTT-over-secure-WebSocket listener; empty disables it. Needs
+    /// `tls.cert_file` and `tls.key_file`. Default `""`.
+    pub wss_addr: String,
+    /// HTTP path the WebSocket listeners accept upgrades on. Default `/mqtt`.
+    pub ws_path: String,
 }
 
 /// What a full session queue drops.
@@ -128,6 +140,40 @@ pub struct AdminConfig {
 pub struct StorageConfig {
     /// Directory for the node's data. Default `./data`.
     pub data_dir: PathBuf,
+}
+
+/// `[tls]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server. Default `""`.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server. Default `""`.
+    pub key_file: PathBuf,
+    /// PEM CA certificates that client certificates are verified against; empty: clients
+    /// are not asked for certificates. Default `""`.
+    pub client_ca_file: PathBuf,
+    /// Refuse TLS clients without a valid certificate (needs `client_ca_file`).
+    /// Default `false`.
+    pub require_client_cert: bool,
+    /// Use the client certificate's common name as the username; such a client needs no
+    /// password. Default `false`.
+    pub cn_as_username: bool,
+    /// How often the certificate files are checked for changes. Default `60`.
+    pub reload_interval_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            client_ca_file: PathBuf::new(),
+            require_client_cert: false,
+            cn_as_username: false,
+            reload_interval_secs: 60,
+        }
+    }
 }
 
 /// `[auth]` section.
@@ -226,6 +272,10 @@ impl Default for MqttConfig {
             persistent_session_expiry_secs: u32::MAX,
             sys_interval_secs: 10,
             client_id_prefix: "petrel-".to_owned(),
+            mqtts_addr: String::new(),
+            ws_addr: String::new(),
+            wss_addr: String::new(),
+            ws_path: "/mqtt".to_owned(),
         }
     }
 }
@@ -369,6 +419,25 @@ impl Config {
             problems.push(format!(
                 "admin.addr {a} and mqtt.addr {m} use the same port"
             ));
+        }
+        for (key, addr) in [("mqtt.mqtts_addr", &mqtt.mqtts_addr), ("mqtt.ws_addr", &mqtt.ws_addr), ("mqtt.wss_addr", &mqtt.wss_addr)] {
+            if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
+                problems.push(format!("{key} must be HOST:PORT (an IP address and a port) or empty, got {addr:?}"));
+            }
+        }
+        if !mqtt.ws_path.starts_with('/') {
+            problems.push(format!("mqtt.ws_path must start with '/', got {:?}", mqtt.ws_path));
+        }
+        let tls_needed = !mqtt.mqtts_addr.is_empty() || !mqtt.wss_addr.is_empty();
+        let tls = &self.tls;
+        if tls_needed && (tls.cert_file.as_os_str().is_empty() || tls.key_file.as_os_str().is_empty()) {
+            problems.push("mqtt.mqtts_addr and mqtt.wss_addr need tls.cert_file and tls.key_file".to_owned());
+        }
+        if tls.require_client_cert && tls.client_ca_file.as_os_str().is_empty() {
+            problems.push("tls.require_client_cert needs tls.client_ca_file".to_owned());
+        }
+        if tls.reload_interval_secs == 0 {
+            problems.push("tls.reload_interval_secs must be at least 1".to_owned());
         }
         if self.auth.reload_interval_secs == 0 {
             problems.push("auth.reload_interval_secs must be at least 1".to_owned());

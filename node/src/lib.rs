@@ -40,6 +40,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what} listener address {addr:?} is not HOST:PORT")]
+    BadAddr { what: &'static str, addr: String },
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
     #[error("read local address of a listener")]
     LocalAddr(#[source] std::io::Error),
     #[error(transparent)]

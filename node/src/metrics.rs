@@ -21,6 +21,8 @@ pub struct Metrics {
     pub takeovers: IntCounter,
     pub wills_published: IntCounter,
     pub auth_failures: IntCounterVec,
+    pub handshake_failures: IntCounterVec,
+    pub limit_hits: IntCounterVec,
     pub acl_denied: IntCounterVec,
 }
 
@@ -84,6 +86,18 @@ impl Metrics {
                 "petrel_auth_failures_total",
                 "CONNECTs refused by authentication, by reason (bad_credentials, not_authorized)",
                 "reason",
+            ),
+            handshake_failures: counter_vec(
+                &r,
+                "petrel_listener_handshake_failures_total",
+                "TLS handshakes and WebSocket upgrades that failed or timed out, by listener",
+                "listener",
+            ),
+            limit_hits: counter_vec(
+                &r,
+                "petrel_limit_hits_total",
+                "Connections, packets or messages refused because a configured limit was reached, by limit",
+                "limit",
             ),
             acl_denied: counter_vec(
                 &r,
