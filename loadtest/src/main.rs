@@ -1,5 +1,15 @@
-//! petrel-bench: the MQTT load generator (issue 4 fills in the scenarios).
+//! petrel-bench: see the crate docs of `petrel_loadtest` and `petrel-bench --help`.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("petrel-bench has no scenarios yet; see the README's roadmap")
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = petrel_loadtest::Cli::parse();
+    match petrel_loadtest::main_with(cli) {
+        Ok(0) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("petrel-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

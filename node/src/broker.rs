@@ -20,6 +20,7 @@ use petrel_storage::{keys, Cf, Store, Ticket, Txn};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::AuthGate;
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::config::Config;
 use crate::message::Message;
@@ -35,6 +36,7 @@ pub struct Broker {
     pub limits: QueueLimits,
     pub started: Instant,
     pub store: Store,
+    pub auth: AuthGate,
     router: RwLock<SubscriptionTrie>,
     retained: RwLock<RetainedStore>,
     timers: Timers,
@@ -65,7 +67,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Broker {
-    pub fn new(cfg: Config, metrics: Metrics, store: Store) -> Broker {
+    pub fn new(cfg: Config, metrics: Metrics, auth: AuthGate, store: Store) -> Broker {
         let limits = QueueLimits {
             max_messages: cfg.mqtt.max_queued_messages,
             overflow: cfg.mqtt.queue_overflow,
@@ -78,6 +80,7 @@ impl Broker {
             limits,
             started: Instant::now(),
             store,
+            auth,
             router: RwLock::new(SubscriptionTrie::default()),
             retained: RwLock::new(RetainedStore::default()),
             timers: Timers::default(),
@@ -119,6 +122,7 @@ impl Broker {
             let first = &scratch[i];
             let mut qos = first.qos;
             let mut rap = first.retain_as_published;
+            let mut acl_check = first.acl_filtered;
             let mut ids = SubIds::None;
             ids.extend(first.subscription_id);
             let mut j = i + 1;
@@ -126,10 +130,18 @@ impl Broker {
             while !first.shared && j < scratch.len() && !scratch[j].shared && scratch[j].session.id() == first.session.id() {
                 qos = qos.max(scratch[j].qos);
                 rap |= scratch[j].retain_as_published;
+                acl_check &= scratch[j].acl_filtered;
                 ids.extend(scratch[j].subscription_id);
                 j += 1;
             }
-            let d = Delivery { msg: msg.clone(), qos: qos.min(msg.qos), retain: msg.retain && rap, subscription_ids: ids, seq: 0 };
+            let d = Delivery {
+                msg: msg.clone(),
+                qos: qos.min(msg.qos),
+                retain: msg.retain && rap,
+                subscription_ids: ids,
+                seq: 0,
+                acl_check,
+            };
             delivered += self.enqueue_in(&first.session, d, txn.as_mut(), &clock) as usize;
             i = j;
         }
@@ -181,8 +193,15 @@ impl Broker {
     }
 
     /// Adds or replaces a subscription; returns whether it existed.
-    pub fn subscribe(&self, session: &Arc<Session>, f: &ParsedFilter<'_>, options: SubscriptionOptions, id: Option<u32>) -> bool {
-        let sub = Subscriber { session: session.clone(), options, subscription_id: id };
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        f: &ParsedFilter<'_>,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+        acl_filtered: bool,
+    ) -> bool {
+        let sub = Subscriber { session: session.clone(), options, subscription_id: id, acl_filtered };
         let existed = self.router.write().unwrap_or_else(|e| e.into_inner()).subscribe(f.filter, f.group, sub);
         if !existed {
             self.metrics.subscriptions.inc();

@@ -46,6 +46,10 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[storage]`: where the node keeps its data.
     pub storage: StorageConfig,
+    /// `[tls]`: certificates for the TLS listeners (mqtts, wss).
+    pub tls: TlsConfig,
+    /// `[auth]`: authentication and authorisation.
+    pub auth: AuthConfig,
     /// `[limits]`: process-wide resource limits.
     pub limits: LimitsConfig,
     /// `[log]`: log output.
@@ -97,6 +101,16 @@ pub struct MqttConfig {
     /// Prefix of server-assigned client ids: 1 to 64 characters of `A-Z a-z 0-9 - _ .`.
     /// Default `petrel-`.
     pub client_id_prefix: String,
+    /// Address of the MQTT-over-TLS listener (usually port 8883); empty disables it. Needs
+    /// `tls.cert_file` and `tls.key_file`. Default `""`.
+    pub mqtts_addr: String,
+    /// Address of the MQTT-over-WebSocket listener; empty disables it. Default `""`.
+    pub ws_addr: String,
+    /// Address of the MQTT-over-secure-WebSocket listener; empty disables it. Needs
+    /// `tls.cert_file` and `tls.key_file`. Default `""`.
+    pub wss_addr: String,
+    /// HTTP path the WebSocket listeners accept upgrades on. Default `/mqtt`.
+    pub ws_path: String,
 }
 
 /// What a full session queue drops.
@@ -134,6 +148,56 @@ pub struct StorageConfig {
     /// Also fsync each group commit, so acknowledged messages survive power loss, not only
     /// a process crash. Default `false`.
     pub fsync: bool,
+}
+
+/// `[tls]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the server. Default `""`.
+    pub cert_file: PathBuf,
+    /// PEM private key of the server. Default `""`.
+    pub key_file: PathBuf,
+    /// PEM CA certificates that client certificates are verified against; empty: clients
+    /// are not asked for certificates. Default `""`.
+    pub client_ca_file: PathBuf,
+    /// Refuse TLS clients without a valid certificate (needs `client_ca_file`).
+    /// Default `false`.
+    pub require_client_cert: bool,
+    /// Use the client certificate's common name as the username; such a client needs no
+    /// password. Default `false`.
+    pub cn_as_username: bool,
+    /// How often the certificate files are checked for changes. Default `60`.
+    pub reload_interval_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            client_ca_file: PathBuf::new(),
+            require_client_cert: false,
+            cn_as_username: false,
+            reload_interval_secs: 60,
+        }
+    }
+}
+
+/// `[auth]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Accept clients that send no username. Default `true`.
+    pub allow_anonymous: bool,
+    /// Password file of `username:argon2id-hash` lines (manage it with `petrel passwd`);
+    /// empty: usernames are not checked. Reloaded when it changes. Default `""`.
+    pub password_file: PathBuf,
+    /// ACL file (see the README); empty: every client may publish and subscribe to
+    /// everything. Reloaded when it changes. Default `""`.
+    pub acl_file: PathBuf,
+    /// How often the password and ACL files are checked for changes. Default `5`.
+    pub reload_interval_secs: u64,
 }
 
 /// `[limits]` section.
@@ -216,6 +280,10 @@ impl Default for MqttConfig {
             persistent_session_expiry_secs: u32::MAX,
             sys_interval_secs: 10,
             client_id_prefix: "petrel-".to_owned(),
+            mqtts_addr: String::new(),
+            ws_addr: String::new(),
+            wss_addr: String::new(),
+            ws_path: "/mqtt".to_owned(),
         }
     }
 }
@@ -244,6 +312,17 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_connections: 100_000,
             max_topic_levels: 128,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: true,
+            password_file: PathBuf::new(),
+            acl_file: PathBuf::new(),
+            reload_interval_secs: 5,
         }
     }
 }
@@ -350,6 +429,28 @@ impl Config {
             problems.push(format!(
                 "admin.addr {a} and mqtt.addr {m} use the same port"
             ));
+        }
+        for (key, addr) in [("mqtt.mqtts_addr", &mqtt.mqtts_addr), ("mqtt.ws_addr", &mqtt.ws_addr), ("mqtt.wss_addr", &mqtt.wss_addr)] {
+            if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
+                problems.push(format!("{key} must be HOST:PORT (an IP address and a port) or empty, got {addr:?}"));
+            }
+        }
+        if !mqtt.ws_path.starts_with('/') {
+            problems.push(format!("mqtt.ws_path must start with '/', got {:?}", mqtt.ws_path));
+        }
+        let tls_needed = !mqtt.mqtts_addr.is_empty() || !mqtt.wss_addr.is_empty();
+        let tls = &self.tls;
+        if tls_needed && (tls.cert_file.as_os_str().is_empty() || tls.key_file.as_os_str().is_empty()) {
+            problems.push("mqtt.mqtts_addr and mqtt.wss_addr need tls.cert_file and tls.key_file".to_owned());
+        }
+        if tls.require_client_cert && tls.client_ca_file.as_os_str().is_empty() {
+            problems.push("tls.require_client_cert needs tls.client_ca_file".to_owned());
+        }
+        if tls.reload_interval_secs == 0 {
+            problems.push("tls.reload_interval_secs must be at least 1".to_owned());
+        }
+        if self.auth.reload_interval_secs == 0 {
+            problems.push("auth.reload_interval_secs must be at least 1".to_owned());
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             problems.push("storage.data_dir must not be empty".to_owned());

@@ -12,6 +12,7 @@
 //! - [`node`]: `Node::start` and `NodeHandle`.
 
 pub mod admin;
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod persist;
 pub mod router;
 pub mod session;
 pub mod sys;
+pub mod transport;
 
 use std::net::SocketAddr;
 
@@ -40,8 +42,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what} listener address {addr:?} is not HOST:PORT")]
+    BadAddr { what: &'static str, addr: String },
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
     #[error("read local address of a listener")]
     LocalAddr(#[source] std::io::Error),
     #[error(transparent)]
     Storage(#[from] petrel_storage::Error),
+    Auth(#[from] auth::AuthError),
 }

@@ -1,14 +1,17 @@
-//! Listening sockets and the accept loop.
+//! Listening sockets and the accept loops.
 //!
 //! Sockets are bound before the node starts (`Listeners::bind`), so tests and the binary
-//! can bind port 0 and learn the real address. The accept loop only accepts and spawns:
-//! CONNECT handling runs in the connection's own task under the connect timeout.
+//! can bind port 0 and learn the real addresses. An accept loop only accepts and spawns: the
+//! TLS handshake, the WebSocket upgrade and CONNECT run in the connection's own task, each
+//! under the connect timeout.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,20 +19,68 @@ use tracing::Instrument;
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::connection;
+use crate::connection::{self, ConnInfo};
+use crate::transport::{accept_ws_with_limit, peer_common_name, TlsAcceptorHandle};
 use crate::Error;
+
+/// The kinds of client listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Mqtt,
+    Mqtts,
+    Ws,
+    Wss,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Mqtt => "mqtt",
+            Kind::Mqtts => "mqtts",
+            Kind::Ws => "ws",
+            Kind::Wss => "wss",
+        }
+    }
+
+    fn uses_tls(self) -> bool {
+        matches!(self, Kind::Mqtts | Kind::Wss)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The node's bound sockets.
 pub struct Listeners {
     pub mqtt: TcpListener,
+    pub mqtts: Option<TcpListener>,
+    pub ws: Option<TcpListener>,
+    pub wss: Option<TcpListener>,
     pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
     pub async fn bind(cfg: &Config) -> Result<Listeners, Error> {
-        let mqtt = bind("mqtt", cfg.mqtt.addr).await?;
-        let admin = if cfg.admin.enabled { Some(bind("admin", cfg.admin.addr).await?) } else { None };
-        Ok(Listeners { mqtt, admin })
+        let m = &cfg.mqtt;
+        Ok(Listeners {
+            mqtt: bind("mqtt", m.addr).await?,
+            mqtts: bind_opt("mqtts", &m.mqtts_addr).await?,
+            ws: bind_opt("ws", &m.ws_addr).await?,
+            wss: bind_opt("wss", &m.wss_addr).await?,
+            admin: if cfg.admin.enabled { Some(bind("admin", cfg.admin.addr).await?) } else { None },
+        })
+    }
+
+    /// The client listeners that are enabled, with their kinds.
+    pub fn clients(self) -> (Vec<(Kind, TcpListener)>, Option<TcpListener>) {
+        let mut out = vec![(Kind::Mqtt, self.mqtt)];
+        out.extend(self.mqtts.map(|l| (Kind::Mqtts, l)));
+        out.extend(self.ws.map(|l| (Kind::Ws, l)));
+        out.extend(self.wss.map(|l| (Kind::Wss, l)));
+        (out, self.admin)
     }
 }
 
@@ -37,37 +88,103 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error
     TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
 }
 
-/// Accepts MQTT connections until cancelled, at most `max_connections` at once.
-pub async fn accept_loop(listener: TcpListener, broker: Arc<Broker>, cancel: CancellationToken, tracker: TaskTracker) {
-    let limit = Arc::new(Semaphore::new(broker.cfg.limits.max_connections));
+async fn bind_opt(what: &'static str, addr: &str) -> Result<Option<TcpListener>, Error> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let parsed: SocketAddr = addr.parse().map_err(|_| Error::BadAddr { what, addr: addr.to_owned() })?;
+    bind(what, parsed).await.map(Some)
+}
+
+/// What an accept loop needs besides its socket.
+#[derive(Clone)]
+pub struct AcceptCtx {
+    pub broker: Arc<Broker>,
+    pub tls: Option<TlsAcceptorHandle>,
+    pub limit: Arc<Semaphore>,
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Accepts connections on one listener until cancelled.
+pub async fn accept_loop(kind: Kind, listener: TcpListener, ctx: AcceptCtx) {
     loop {
         let accepted = tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = ctx.cancel.cancelled() => return,
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                tracing::warn!(listener = %kind, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
+            ctx.broker.metrics.limit_hits.with_label_values(&["max_connections"]).inc();
             tracing::debug!(%peer, "connection limit reached, closing");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let span = tracing::debug_span!("conn", listener = "mqtt", %peer, client_id = tracing::field::Empty);
-        let broker = broker.clone();
-        let cancel = cancel.clone();
-        tracker.spawn(
+        let span = tracing::debug_span!("conn", listener = %kind, %peer, client_id = tracing::field::Empty);
+        let ctx2 = ctx.clone();
+        ctx.tracker.spawn(
             async move {
-                connection::serve(stream, peer, broker, cancel).await;
+                open(kind, stream, peer, &ctx2).await;
                 drop(permit);
             }
             .instrument(span),
         );
     }
+}
+
+/// Runs the transport handshakes, then serves MQTT on the resulting stream.
+async fn open(kind: Kind, stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
+    let broker = &ctx.broker;
+    let limit = Duration::from_millis(broker.cfg.mqtt.connect_timeout_ms);
+    let (path, max) = (&broker.cfg.mqtt.ws_path, broker.cfg.mqtt.max_packet_size_bytes as usize + 16);
+    let mut info = ConnInfo { listener: kind, cert_cn: None };
+    if !kind.uses_tls() {
+        match kind {
+            Kind::Ws => match tokio::time::timeout(limit, accept_ws_with_limit(stream, path, max)).await {
+                Ok(Ok(ws)) => serve(ws, peer, info, ctx).await,
+                Ok(Err(e)) => failed(broker, kind, peer, &e.to_string()),
+                Err(_) => failed(broker, kind, peer, "websocket upgrade timed out"),
+            },
+            _ => serve(stream, peer, info, ctx).await,
+        }
+        return;
+    }
+    let acceptor = ctx.tls.as_ref().expect("TLS listeners have an acceptor").acceptor();
+    let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return failed(broker, kind, peer, &e.to_string()),
+        Err(_) => return failed(broker, kind, peer, "TLS handshake timed out"),
+    };
+    if broker.cfg.tls.cn_as_username {
+        info.cert_cn = peer_common_name(tls.get_ref().1);
+    }
+    if kind == Kind::Wss {
+        match tokio::time::timeout(limit, accept_ws_with_limit(tls, path, max)).await {
+            Ok(Ok(ws)) => serve(ws, peer, info, ctx).await,
+            Ok(Err(e)) => failed(broker, kind, peer, &e.to_string()),
+            Err(_) => failed(broker, kind, peer, "websocket upgrade timed out"),
+        }
+    } else {
+        serve(tls, peer, info, ctx).await;
+    }
+}
+
+async fn serve<S>(stream: S, peer: SocketAddr, info: ConnInfo, ctx: &AcceptCtx)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    connection::serve(stream, peer, info, ctx.broker.clone(), ctx.cancel.clone()).await;
+}
+
+fn failed(broker: &Broker, kind: Kind, peer: SocketAddr, why: &str) {
+    broker.metrics.handshake_failures.with_label_values(&[kind.name()]).inc();
+    tracing::debug!(%peer, listener = %kind, reason = why, "transport handshake failed");
 }

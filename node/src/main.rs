@@ -30,6 +30,21 @@ struct Cli {
     /// MQTT listen address (overrides mqtt.addr)
     #[arg(long, env = "PETREL_MQTT_ADDR", value_name = "HOST:PORT")]
     mqtt_addr: Option<SocketAddr>,
+    /// MQTT over TLS listen address (overrides mqtt.mqtts_addr)
+    #[arg(long, env = "PETREL_MQTTS_ADDR", value_name = "HOST:PORT")]
+    mqtts_addr: Option<SocketAddr>,
+    /// MQTT over WebSocket listen address (overrides mqtt.ws_addr)
+    #[arg(long, env = "PETREL_WS_ADDR", value_name = "HOST:PORT")]
+    ws_addr: Option<SocketAddr>,
+    /// MQTT over secure WebSocket listen address (overrides mqtt.wss_addr)
+    #[arg(long, env = "PETREL_WSS_ADDR", value_name = "HOST:PORT")]
+    wss_addr: Option<SocketAddr>,
+    /// PEM server certificate chain (overrides tls.cert_file)
+    #[arg(long, env = "PETREL_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM server private key (overrides tls.key_file)
+    #[arg(long, env = "PETREL_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// Admin HTTP listen address (overrides admin.addr)
     #[arg(long, env = "PETREL_ADMIN_ADDR", value_name = "HOST:PORT")]
     admin_addr: Option<SocketAddr>,
@@ -45,6 +60,14 @@ struct Cli {
     /// Print the default configuration as commented TOML and exit
     #[arg(long)]
     print_default_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Add, change or delete users of a password file (like mosquitto_passwd)
+    Passwd(petrel_node::auth::PasswdArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +75,15 @@ fn main() -> ExitCode {
         let _ = e.print();
         std::process::exit(if e.use_stderr() { EXIT_USAGE.into() } else { 0 })
     });
+    if let Some(Command::Passwd(args)) = cli.command {
+        return match petrel_node::auth::passwd_cmd::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("petrel passwd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if cli.print_default_config {
         print!("{}", Config::to_toml_string());
         return ExitCode::SUCCESS;
@@ -89,6 +121,13 @@ fn load_config(cli: &Cli) -> Result<Config, Vec<String>> {
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())));
     let mut cfg = Config::load(cli.config.as_deref(), env).map_err(|e| e.problems())?;
     cfg.mqtt.addr = cli.mqtt_addr.unwrap_or(cfg.mqtt.addr);
+    for (flag, slot) in [(cli.mqtts_addr, &mut cfg.mqtt.mqtts_addr), (cli.ws_addr, &mut cfg.mqtt.ws_addr), (cli.wss_addr, &mut cfg.mqtt.wss_addr)] {
+        if let Some(addr) = flag {
+            *slot = addr.to_string();
+        }
+    }
+    cfg.tls.cert_file = cli.tls_cert.clone().unwrap_or(cfg.tls.cert_file);
+    cfg.tls.key_file = cli.tls_key.clone().unwrap_or(cfg.tls.key_file);
     cfg.admin.addr = cli.admin_addr.unwrap_or(cfg.admin.addr);
     cfg.storage.data_dir = cli.data_dir.clone().unwrap_or(cfg.storage.data_dir);
     cfg.log.format = cli.log_format.unwrap_or(cfg.log.format);
@@ -102,9 +141,11 @@ async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let listeners = Listeners::bind(&cfg).await.context("bind listeners")?;
     let handle = Node::start(cfg, listeners).await.context("start node")?;
-    let (mqtt, admin) = (handle.mqtt_addr(), handle.admin_addr());
-    info!(mqtt = %mqtt, admin = ?admin, "listening");
-    let ready = serde_json::json!({ "mqtt": mqtt, "admin": admin, "pid": std::process::id() });
+    let a = handle.addrs();
+    info!(mqtt = %a.mqtt, mqtts = ?a.mqtts, ws = ?a.ws, wss = ?a.wss, admin = ?a.admin, "listening");
+    let ready = serde_json::json!({
+        "mqtt": a.mqtt, "mqtts": a.mqtts, "ws": a.ws, "wss": a.wss, "admin": a.admin, "pid": std::process::id()
+    });
     if let Some(Err(e)) = ready_file.map(|path| write_atomically(&path, &ready.to_string())) {
         handle.shutdown(SHUTDOWN_GRACE).await;
         return Err(e);

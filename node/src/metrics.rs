@@ -20,6 +20,10 @@ pub struct Metrics {
     pub retained: IntGauge,
     pub takeovers: IntCounter,
     pub wills_published: IntCounter,
+    pub auth_failures: IntCounterVec,
+    pub handshake_failures: IntCounterVec,
+    pub limit_hits: IntCounterVec,
+    pub acl_denied: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -77,6 +81,30 @@ impl Metrics {
             retained: gauge(&r, "petrel_retained_messages", "Retained messages held"),
             takeovers: counter(&r, "petrel_session_takeovers_total", "Connections closed by a newer connection with the same client id"),
             wills_published: counter(&r, "petrel_wills_published_total", "Will messages published"),
+            auth_failures: counter_vec(
+                &r,
+                "petrel_auth_failures_total",
+                "CONNECTs refused by authentication, by reason (bad_credentials, not_authorized)",
+                "reason",
+            ),
+            handshake_failures: counter_vec(
+                &r,
+                "petrel_listener_handshake_failures_total",
+                "TLS handshakes and WebSocket upgrades that failed or timed out, by listener",
+                "listener",
+            ),
+            limit_hits: counter_vec(
+                &r,
+                "petrel_limit_hits_total",
+                "Connections, packets or messages refused because a configured limit was reached, by limit",
+                "limit",
+            ),
+            acl_denied: counter_vec(
+                &r,
+                "petrel_acl_denied_total",
+                "Publishes, subscriptions and deliveries the ACL refused, by action",
+                "action",
+            ),
             registry: r,
         };
         for reason in ["queue_full", "expired", "too_large"] {

@@ -6,25 +6,41 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use petrel_storage::{Store, StoreOptions};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
+use crate::auth::AuthGate;
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::listener::{accept_loop, Listeners};
+use crate::listener::{accept_loop, AcceptCtx, Listeners};
+use crate::transport::{TlsAcceptorHandle, TlsSettings};
 use crate::metrics::Metrics;
 use crate::persist::recover::recover;
 use crate::{sys, Error};
 
 pub struct Node;
 
+/// The addresses the node listens on.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct BoundAddrs {
+    pub mqtt: SocketAddr,
+    pub mqtts: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+fn local(l: Option<&tokio::net::TcpListener>) -> Result<Option<SocketAddr>, Error> {
+    l.map(|l| l.local_addr().map_err(Error::LocalAddr)).transpose()
+}
+
 /// A running node.
 pub struct NodeHandle {
     broker: Arc<Broker>,
     admin: Arc<Admin>,
-    mqtt_addr: SocketAddr,
-    admin_addr: Option<SocketAddr>,
+    addrs: BoundAddrs,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -32,14 +48,30 @@ pub struct NodeHandle {
 impl Node {
     /// Starts serving on already-bound listeners.
     pub async fn start(cfg: Config, listeners: Listeners) -> Result<NodeHandle, Error> {
-        let mqtt_addr = listeners.mqtt.local_addr().map_err(Error::LocalAddr)?;
-        let admin_addr = match &listeners.admin {
-            Some(l) => Some(l.local_addr().map_err(Error::LocalAddr)?),
-            None => None,
+        let addrs = BoundAddrs {
+            mqtt: listeners.mqtt.local_addr().map_err(Error::LocalAddr)?,
+            mqtts: local(listeners.mqtts.as_ref())?,
+            ws: local(listeners.ws.as_ref())?,
+            wss: local(listeners.wss.as_ref())?,
+            admin: local(listeners.admin.as_ref())?,
+        };
+        let tls = if addrs.mqtts.is_some() || addrs.wss.is_some() {
+            let t = &cfg.tls;
+            let client_ca = (!t.client_ca_file.as_os_str().is_empty()).then(|| t.client_ca_file.clone());
+            let settings = TlsSettings {
+                cert_file: t.cert_file.clone(),
+                key_file: t.key_file.clone(),
+                client_ca_file: client_ca,
+                require_client_cert: t.require_client_cert,
+            };
+            Some(TlsAcceptorHandle::load(settings)?)
+        } else {
+            None
         };
         let sys_on = cfg.mqtt.sys_interval_secs > 0;
         let store = Store::open(StoreOptions { path: cfg.storage.data_dir.join("db"), fsync: cfg.storage.fsync })?;
-        let broker = Arc::new(Broker::new(cfg, Metrics::new(), store.clone()));
+        let auth = AuthGate::from_config(&cfg.auth)?;
+        let broker = Arc::new(Broker::new(cfg, Metrics::new(), auth, store.clone()));
         let recovered = recover(&broker, &store)?;
         tracing::info!(
             sessions = recovered.sessions,
@@ -54,13 +86,28 @@ impl Node {
         );
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(accept_loop(listeners.mqtt, broker.clone(), cancel.clone(), tracker.clone()));
+        broker.auth.watch(&tracker, &cancel);
+        if let Some(tls) = &tls {
+            let every = Duration::from_secs(broker.cfg.tls.reload_interval_secs);
+            tracker.spawn(tls.clone().watch(every, cancel.clone()));
+        }
+        let (clients, admin_listener) = listeners.clients();
+        let ctx = AcceptCtx {
+            broker: broker.clone(),
+            tls,
+            limit: Arc::new(Semaphore::new(broker.cfg.limits.max_connections)),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        };
+        for (kind, listener) in clients {
+            tracker.spawn(accept_loop(kind, listener, ctx.clone()));
+        }
         tracker.spawn(broker.clone().run_timers(cancel.clone()));
         if sys_on {
             tracker.spawn(sys::run(broker.clone(), cancel.clone()));
         }
         let admin = Arc::new(Admin { broker: broker.clone(), ready: Default::default() });
-        if let Some(listener) = listeners.admin {
+        if let Some(listener) = admin_listener {
             let app = petrel_admin_api::router(admin.clone());
             let stop = cancel.clone();
             tracker.spawn(async move {
@@ -71,17 +118,21 @@ impl Node {
             });
         }
         admin.ready.store(true, Ordering::Release);
-        Ok(NodeHandle { broker, admin, mqtt_addr, admin_addr, cancel, tracker })
+        Ok(NodeHandle { broker, admin, addrs, cancel, tracker })
     }
 }
 
 impl NodeHandle {
     pub fn mqtt_addr(&self) -> SocketAddr {
-        self.mqtt_addr
+        self.addrs.mqtt
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
+        self.addrs.admin
+    }
+
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
     }
 
     pub fn broker(&self) -> &Arc<Broker> {

@@ -210,7 +210,7 @@ impl Spawned {
     pub async fn ready(mut self) -> Broker {
         let deadline = Instant::now() + START_DEADLINE;
         let mut tick = interval(Duration::from_millis(20));
-        let mut last = String::from("no ready file yet");
+        let mut last;
         loop {
             tick.tick().await;
             let child = self.child.as_mut().expect("child present");
@@ -249,7 +249,11 @@ impl Spawned {
 impl Drop for Spawned {
     fn drop(&mut self) {
         if std::thread::panicking() && self.child.is_some() {
-            eprintln!("===== petrel log ({}) =====\n{}", self.log_path.display(), self.log());
+            eprintln!(
+                "===== petrel log ({}) =====\n{}",
+                self.log_path.display(),
+                self.log()
+            );
         }
     }
 }
@@ -280,7 +284,10 @@ fn parse_ready(text: &str) -> Result<Ready, String> {
                 .map_err(|e| format!("admin address: {e}"))?,
         ),
     };
-    let pid = v.get("pid").and_then(|p| p.as_u64()).ok_or("no numeric field pid")?;
+    let pid = v
+        .get("pid")
+        .and_then(|p| p.as_u64())
+        .ok_or("no numeric field pid")?;
     Ok(Ready { mqtt, admin, pid })
 }
 
@@ -440,7 +447,11 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("===== petrel log ({}) =====\n{}", self.log_path.display(), self.log());
+            eprintln!(
+                "===== petrel log ({}) =====\n{}",
+                self.log_path.display(),
+                self.log()
+            );
         }
         if let Some(child) = self.child.as_mut() {
             let _ = child.start_kill();
@@ -476,7 +487,10 @@ async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)>
     if chunked {
         body = dechunk(&body).context("decode chunked body")?;
     }
-    Ok((status, String::from_utf8(body).context("body is not UTF-8")?))
+    Ok((
+        status,
+        String::from_utf8(body).context("body is not UTF-8")?,
+    ))
 }
 
 fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
@@ -502,8 +516,11 @@ fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
 #[derive(Debug, Clone)]
 pub struct Metrics(pub String);
 
+/// Sorted (name, value) label pairs.
+type Labels = Vec<(String, String)>;
+
 /// (name, sorted labels, value)
-type Series = (String, Vec<(String, String)>, f64);
+type Series = (String, Labels, f64);
 
 impl Metrics {
     fn series(&self) -> Vec<Series> {
@@ -532,7 +549,10 @@ impl Metrics {
     pub fn find(&self, series: &str) -> Option<f64> {
         let (name, labels, rest) =
             parse_series_key(series).unwrap_or_else(|| panic!("bad series {series:?}"));
-        assert!(rest.trim().is_empty(), "series {series:?} has trailing text");
+        assert!(
+            rest.trim().is_empty(),
+            "series {series:?} has trailing text"
+        );
         self.series()
             .into_iter()
             .find(|(n, l, _)| *n == name && *l == labels)
@@ -559,7 +579,7 @@ impl Metrics {
 }
 
 /// Splits `name{a="x",b="y"} rest` into name, sorted labels and rest.
-fn parse_series_key(line: &str) -> Option<(String, Vec<(String, String)>, &str)> {
+fn parse_series_key(line: &str) -> Option<(String, Labels, &str)> {
     let line = line.trim_start();
     let name_end = line
         .find(|c: char| c == '{' || c.is_whitespace())
@@ -569,7 +589,7 @@ fn parse_series_key(line: &str) -> Option<(String, Vec<(String, String)>, &str)>
     let mut labels = Vec::new();
     if let Some(after) = rest.strip_prefix('{') {
         let mut chars = after.char_indices().peekable();
-        let mut end = None;
+        let end;
         loop {
             // skip separators
             while let Some(&(_, c)) = chars.peek() {
@@ -581,7 +601,7 @@ fn parse_series_key(line: &str) -> Option<(String, Vec<(String, String)>, &str)>
             }
             let (i, c) = chars.next()?;
             if c == '}' {
-                end = Some(i + 1);
+                end = i + 1;
                 break;
             }
             let mut key = String::from(c);
@@ -608,7 +628,7 @@ fn parse_series_key(line: &str) -> Option<(String, Vec<(String, String)>, &str)>
             }
             labels.push((key.trim().to_owned(), value));
         }
-        rest = &after[end?..];
+        rest = &after[end..];
     }
     labels.sort();
     Some((name, labels, rest))
@@ -636,6 +656,9 @@ mod tests {
 
     #[test]
     fn dechunks() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n").unwrap(), b"abcde");
+        assert_eq!(
+            dechunk(b"3\r\nabc\r\n2;x\r\nde\r\n0\r\n\r\n").unwrap(),
+            b"abcde"
+        );
     }
 }

@@ -225,7 +225,11 @@ impl V3Client {
     }
 
     /// Subscribes to one filter and returns the granted code from the SUBACK.
-    pub async fn subscribe(&mut self, filter: &str, qos: rumqttc::QoS) -> rumqttc::SubscribeReasonCode {
+    pub async fn subscribe(
+        &mut self,
+        filter: &str,
+        qos: rumqttc::QoS,
+    ) -> rumqttc::SubscribeReasonCode {
         self.subscribe_many(&[(filter, qos)]).await.remove(0)
     }
 
@@ -258,7 +262,11 @@ impl V3Client {
                 _ => None,
             })
             .await;
-        assert_eq!(ack.return_codes.len(), filters.len(), "{who}: SUBACK code count");
+        assert_eq!(
+            ack.return_codes.len(),
+            filters.len(),
+            "{who}: SUBACK code count"
+        );
         ack.return_codes
     }
 
@@ -442,6 +450,7 @@ impl V3Client {
 
 /// What a 5.0 client's event loop reported.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // test events, moved a few at a time
 pub enum V5Event {
     In(p5::Packet),
     Out(rumqttc::Outgoing),
@@ -555,7 +564,28 @@ impl V5Client {
 
     /// Properties of the CONNACK (default if none were sent).
     pub fn connack_props(&self) -> p5::ConnAckProperties {
-        self.connack.properties.clone().unwrap_or_default()
+        self.connack
+            .properties
+            .clone()
+            .unwrap_or(p5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: None,
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: None,
+                assigned_client_identifier: None,
+                topic_alias_max: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: None,
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            })
     }
 
     /// Subscribes to one filter with default options.
@@ -577,7 +607,11 @@ impl V5Client {
         use rumqttc::Outgoing;
         let n = filters.len();
         match props {
-            Some(props) => self.client.subscribe_many_with_properties(filters, props).await,
+            Some(props) => {
+                self.client
+                    .subscribe_many_with_properties(filters, props)
+                    .await
+            }
             None => self.client.subscribe_many(filters).await,
         }
         .expect("queue SUBSCRIBE");
@@ -631,8 +665,14 @@ impl V5Client {
         retain: bool,
         payload: impl Into<bytes::Bytes>,
     ) -> u16 {
-        self.publish_with(topic, qos, retain, payload, p5::PublishProperties::default())
-            .await
+        self.publish_with(
+            topic,
+            qos,
+            retain,
+            payload,
+            p5::PublishProperties::default(),
+        )
+        .await
     }
 
     /// Publishes and waits for the flow to complete: written (QoS 0), PUBACK (QoS 1) or

@@ -342,7 +342,16 @@ pub fn publish(
     dup: bool,
     properties: &[Vec<u8>],
 ) -> Vec<u8> {
-    publish_raw_topic(v5, topic.as_bytes(), payload, qos, pkid, retain, dup, properties)
+    publish_raw_topic(
+        v5,
+        topic.as_bytes(),
+        payload,
+        qos,
+        pkid,
+        retain,
+        dup,
+        properties,
+    )
 }
 
 /// A PUBLISH whose topic bytes are given as-is (for invalid UTF-8).
@@ -424,7 +433,17 @@ mod tests {
 
     #[test]
     fn varint_round_trips() {
-        for n in [0usize, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455] {
+        for n in [
+            0usize,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            268_435_455,
+        ] {
             let b = varint(n);
             assert_eq!(read_varint(&b), Some((n, b.len())), "{n}");
         }
@@ -442,7 +461,12 @@ mod tests {
 
     #[test]
     fn parses_props() {
-        let block = [prop::u32(0x11, 5), prop::user("k", "v"), prop::var(0x0B, 300)].concat();
+        let block = [
+            prop::u32(0x11, 5),
+            prop::user("k", "v"),
+            prop::var(0x0B, 300),
+        ]
+        .concat();
         let parsed = parse_props(&block).unwrap();
         assert_eq!(
             parsed,

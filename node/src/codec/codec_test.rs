@@ -1162,7 +1162,12 @@ fn publish_topic_names() {
     // Empty topics: only with a v5 topic alias.
     check(&frame(0x30, &field(b"")), V3_1, Err(InvalidTopicName));
     check(&frame(0x30, &field(b"")), V3_1_1, Err(InvalidTopicName));
-    check(&frame(0x30, &[0, 0, 0]), V5, Err(InvalidTopicName));
+    // MQTT 5.0 3.3.2.3.4: an empty topic without an alias is a protocol error (0x82).
+    check(
+        &frame(0x30, &[0, 0, 0]),
+        V5,
+        Err(DecodeError::Protocol("empty topic name without a topic alias")),
+    );
     let mut p = publish("", QoS::AtMostOnce, None, b"x");
     p.properties.topic_alias = Some(1);
     check(

@@ -400,7 +400,12 @@ fn publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, DecodeError> 
         })?;
     }
     if topic.is_empty() && properties.topic_alias.is_none() {
-        return Err(DecodeError::InvalidTopicName);
+        // MQTT 5 calls this a protocol error; 3.x has no aliases, so it is a bad topic name.
+        return Err(if v5 {
+            DecodeError::Protocol("empty topic name without a topic alias")
+        } else {
+            DecodeError::InvalidTopicName
+        });
     }
     let payload = r.rest();
     Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload })

@@ -11,6 +11,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ConnError;
+use crate::auth::ClientCtx;
 use crate::broker::Broker;
 use crate::codec::{decode_packet, encode_packet, Connect, Disconnect, LastWill, MqttStr, Packet, Protocol};
 use crate::message::Message;
@@ -43,6 +44,8 @@ pub(super) struct Conn {
     pub state: Box<SessionState>,
     pub protocol: Protocol,
     pub client_id: Arc<str>,
+    /// The CONNECT's username, for ACL decisions.
+    pub username: Option<Arc<str>>,
     pub conn_id: u64,
     pub keep_alive: Duration,
     /// Session expiry interval in seconds; DISCONNECT may change it.
@@ -82,6 +85,7 @@ impl Conn {
         Conn {
             protocol: p.connect.protocol,
             client_id: p.client_id,
+            username: p.connect.username.as_deref().map(Arc::from),
             conn_id: p.conn_id,
             keep_alive: Duration::from_secs(p.keep_alive as u64),
             expiry: p.expiry,
@@ -104,6 +108,11 @@ impl Conn {
             state,
             broker,
         }
+    }
+
+    /// Who the ACL sees.
+    pub fn acl_ctx(&self) -> ClientCtx<'_> {
+        ClientCtx { username: self.username.as_deref(), client_id: &self.client_id }
     }
 
     pub fn v5(&self) -> bool {

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, ConnParams};
 use crate::broker::Broker;
+use crate::listener::Kind;
 use crate::codec::{
     decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect, DecodeError, MqttStr, Packet,
     Protocol, QoS, ReasonCode,
@@ -21,14 +22,22 @@ use crate::session::{Kick, Session, SessionState};
 /// How long a CONNECT waits for the previous connection of its client id to let go.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the transport learned before MQTT started.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub listener: Kind,
+    /// Common name of a verified client certificate, when `tls.cn_as_username` is set.
+    pub cert_cn: Option<String>,
+}
+
 /// Serves one client connection to its end.
-pub async fn serve<S>(stream: S, peer: SocketAddr, broker: Arc<Broker>, cancel: CancellationToken)
+pub async fn serve<S>(stream: S, peer: SocketAddr, info: ConnInfo, broker: Arc<Broker>, cancel: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     broker.metrics.connections.inc();
     broker.metrics.connections_total.inc();
-    run(stream, peer, &broker, cancel).await;
+    run(stream, peer, info, &broker, cancel).await;
     broker.metrics.connections.dec();
 }
 
@@ -40,7 +49,7 @@ enum ConnectFailure {
     Io(std::io::Error),
 }
 
-async fn run<S>(stream: S, peer: SocketAddr, broker: &Arc<Broker>, cancel: CancellationToken)
+async fn run<S>(stream: S, peer: SocketAddr, info: ConnInfo, broker: &Arc<Broker>, cancel: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -49,7 +58,7 @@ where
     let cfg = &broker.cfg.mqtt;
     let limit = Duration::from_millis(cfg.connect_timeout_ms);
     let read = read_connect(&mut reader, &mut rbuf, cfg.max_packet_size_bytes);
-    let connect = match tokio::time::timeout(limit, read).await.unwrap_or(Err(ConnectFailure::Timeout)) {
+    let mut connect = match tokio::time::timeout(limit, read).await.unwrap_or(Err(ConnectFailure::Timeout)) {
         Ok(c) => c,
         Err(f) => return refuse_early(f, &mut writer, broker, peer).await,
     };
@@ -59,6 +68,22 @@ where
         Ok(a) => a,
         Err(rc) => return refuse(protocol, rc, &mut writer).await,
     };
+    if let Some(cn) = info.cert_cn.as_deref().and_then(|cn| MqttStr::new(cn).ok()) {
+        // A verified certificate is the credential: its CN is the username.
+        connect.username = Some(cn);
+        connect.password = None;
+    }
+    let (username, password) = (connect.username.as_deref(), connect.password.as_deref());
+    let verdict = match info.cert_cn {
+        Some(_) => Ok(()),
+        None => broker.auth.authenticate(peer.ip(), username, password).await,
+    };
+    if let Err(rc) = verdict {
+        let reason = if rc == ReasonCode::NOT_AUTHORIZED { "not_authorized" } else { "bad_credentials" };
+        broker.metrics.auth_failures.with_label_values(&[reason]).inc();
+        tracing::info!(%peer, client_id = %accepted.client_id, ?username, reason, "authentication failed");
+        return refuse(protocol, rc, &mut writer).await;
+    }
     let conn_id = broker.next_conn_id();
     let (kick_tx, kick_rx) = oneshot::channel();
     let claim = claim(broker, &accepted.client_id, connect.clean_start, accepted.expiry, conn_id, kick_tx).await;

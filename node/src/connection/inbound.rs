@@ -11,6 +11,7 @@ use crate::codec::{
     AckProperties, Disconnect, MqttStr, Packet, PubResp, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
     UnsubAck, Unsubscribe,
 };
+use crate::auth::SubscribeDecision;
 use crate::message::Message;
 use crate::persist::{self, value};
 use crate::router::topic;
@@ -113,6 +114,14 @@ impl Conn {
             self.ack(&p, rc, Some("$SYS topics are published by the broker only"));
             return Ok(());
         }
+        if !self.broker.auth.may_publish(&self.acl_ctx(), &p.topic) {
+            self.broker.metrics.acl_denied.with_label_values(&["publish"]).inc();
+            tracing::debug!(client_id = %self.client_id, topic = %p.topic, "publish denied by the ACL");
+            // v5 says why; 3.x has no negative acknowledgement, so the message is dropped.
+            let rc = if self.v5() { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::SUCCESS };
+            self.ack(&p, rc, Some("not authorized"));
+            return Ok(());
+        }
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.expect("qos 2 has a packet id").get();
             if self.state.inbound_qos2.contains(&id) {
@@ -185,9 +194,18 @@ impl Conn {
             if v5 && parsed.group.is_some() && asked.no_local {
                 return Err(ConnError::Protocol("no local on a shared subscription"));
             }
+            let acl_filtered = match self.broker.auth.may_subscribe(&self.acl_ctx(), parsed.filter) {
+                SubscribeDecision::Allow => false,
+                SubscribeDecision::AllowFiltered => true,
+                SubscribeDecision::Deny => {
+                    self.broker.metrics.acl_denied.with_label_values(&["subscribe"]).inc();
+                    codes.push(if v5 { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::UNSPECIFIED_ERROR });
+                    continue;
+                }
+            };
             let mut options = *asked;
             options.qos = asked.qos.min(max_qos);
-            let existed = self.broker.subscribe(&self.session, &parsed, options, sub_id);
+            let existed = self.broker.subscribe(&self.session, &parsed, options, sub_id, acl_filtered);
             self.state.subscriptions.insert(raw.clone(), StoredSubscription { options, subscription_id: sub_id });
             if self.session.is_persistent() {
                 let (key, value) = (keys::subscription_key(&self.client_id, raw), value::subscription(&options, sub_id));
@@ -204,7 +222,7 @@ impl Conn {
                     let qos = msg.qos.min(options.qos);
                     let mut ids = SubIds::None;
                     ids.extend(sub_id);
-                    retained.push(Delivery { msg, qos, retain: true, subscription_ids: ids, seq: 0 });
+                    retained.push(Delivery { msg, qos, retain: true, subscription_ids: ids, seq: 0, acl_check: acl_filtered });
                 }
             }
         }

@@ -14,4 +14,4 @@ mod inbound;
 mod outbound;
 
 pub use error::ConnError;
-pub use handshake::serve;
+pub use handshake::{serve, ConnInfo};

@@ -40,6 +40,10 @@ impl Conn {
             self.forget_stored(d.seq);
             return;
         }
+        if d.acl_check && !self.broker.auth.may_receive(&self.acl_ctx(), &d.msg.topic) {
+            metrics.acl_denied.with_label_values(&["receive"]).inc();
+            return;
+        }
         let packet_id = (d.qos != QoS::AtMostOnce).then(|| self.state.alloc_packet_id());
         let mut topic: &str = &d.msg.topic;
         let mut alias = None;

@@ -129,7 +129,7 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
         broker.metrics.sessions.inc();
         for (filter, sub) in filters {
             if let Ok(parsed) = topic::parse_filter(&filter, max_levels) {
-                broker.subscribe(&session, &parsed, sub.options, sub.subscription_id);
+                broker.subscribe(&session, &parsed, sub.options, sub.subscription_id, false);
             }
         }
         session.set_offline_until(expires_at);

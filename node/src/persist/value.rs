@@ -84,7 +84,7 @@ pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
     let (qos, retain) = (p.qos, p.retain);
     let mut msg = Message::from_publish(p, SessionId::BROKER, clock.now);
     msg.expires_at = (expires_ms != 0).then(|| clock.to_instant(expires_ms));
-    Some(Delivery { msg: Arc::new(msg), qos, retain, subscription_ids: ids, seq: 0 })
+    Some(Delivery { msg: Arc::new(msg), qos, retain, subscription_ids: ids, seq: 0, acl_check: false })
 }
 
 /// Session record: version, expiry interval, when it went offline (0: it was connected).

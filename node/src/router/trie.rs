@@ -17,6 +17,8 @@ pub struct Subscriber {
     pub session: Arc<Session>,
     pub options: SubscriptionOptions,
     pub subscription_id: Option<u32>,
+    /// The ACL allows part of what the filter matches: check each message before delivery.
+    pub acl_filtered: bool,
 }
 
 /// A subscriber selected for one publish.
@@ -28,6 +30,7 @@ pub struct Match {
     pub retain_as_published: bool,
     pub subscription_id: Option<u32>,
     pub shared: bool,
+    pub acl_filtered: bool,
 }
 
 #[derive(Default)]
@@ -57,6 +60,7 @@ impl Node {
                 retain_as_published: s.options.retain_as_published,
                 subscription_id: s.subscription_id,
                 shared: false,
+                acl_filtered: s.acl_filtered,
             });
         }
         for g in &self.shared {
@@ -68,6 +72,7 @@ impl Node {
                     retain_as_published: s.options.retain_as_published,
                     subscription_id: s.subscription_id,
                     shared: true,
+                    acl_filtered: s.acl_filtered,
                 });
             }
         }
@@ -211,6 +216,7 @@ mod tests {
             session: s.clone(),
             options: SubscriptionOptions { qos, ..Default::default() },
             subscription_id: None,
+            acl_filtered: false,
         }
     }
 

@@ -54,6 +54,8 @@ pub struct Delivery {
     pub subscription_ids: SubIds,
     /// Position in the session's stored queue; 0 when the delivery is not stored.
     pub seq: u64,
+    /// The ACL must allow this topic for the receiving client before it is sent.
+    pub acl_check: bool,
 }
 
 #[derive(Clone, Copy, Debug)]

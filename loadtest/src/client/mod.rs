@@ -1,0 +1,7 @@
+//! The load generator's own MQTT client: codec, connection, and the publisher and
+//! subscriber loops.
+
+pub mod codec;
+pub mod conn;
+pub mod publisher;
+pub mod subscriber;
