@@ -9,6 +9,7 @@
 mod bad_input;
 mod binary;
 mod connect;
+mod durability;
 mod qos;
 mod retained;
 mod router;
