@@ -28,6 +28,8 @@ pub enum ConnError {
     TakenOver,
     #[error("server shutting down")]
     ShuttingDown,
+    #[error("connection closed in the middle of a packet")]
+    Truncated,
     #[error("connection closed by peer")]
     PeerClosed,
     #[error("i/o: {0}")]
@@ -49,7 +51,7 @@ impl ConnError {
             ConnError::KeepAliveTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,
             ConnError::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
             ConnError::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,
-            ConnError::PeerClosed | ConnError::Io(_) => return None,
+            ConnError::PeerClosed | ConnError::Truncated | ConnError::Io(_) => return None,
         })
     }
 
@@ -65,6 +67,7 @@ impl ConnError {
             ConnError::RetainNotSupported => "retain",
             ConnError::TopicNameInvalid => "topic_name",
             ConnError::PayloadFormatInvalid => "payload_format",
+            ConnError::Truncated => "truncated",
             _ => return None,
         })
     }
