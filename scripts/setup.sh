@@ -59,8 +59,9 @@ have_libclang() {
     # bindgen loads libclang (from LIBCLANG_PATH, or the one a libclang-NN-dev package brings
     # along with clang's own headers such as stddef.h).
     [ -n "${LIBCLANG_PATH:-}" ] && return 0
-    dpkg-query -W -f='${Package} ${Status}\n' 'libclang-*-dev' 2>/dev/null |
-        grep -q '^libclang-[0-9][0-9.]*-dev install ok installed$'
+    local installed
+    installed="$(dpkg-query -W -f='${Package} ${Status}\n' 'libclang-*-dev' 2>/dev/null || true)"
+    grep -q '^libclang-[0-9][0-9.]*-dev install ok installed$' <<<"$installed"
 }
 
 need_deb build-essential command -v c++

@@ -63,7 +63,7 @@ fi
 
 # --- 2. cargo test ------------------------------------------------------------------------------------
 banner "cargo test --workspace"
-timeout --signal=INT --kill-after=60 50m cargo test --workspace --no-fail-fast 2>&1 | tee "$logs/cargo.log"
+timeout --signal=INT --kill-after=60 60m cargo test --workspace --no-fail-fast 2>&1 | tee "$logs/cargo.log"
 rc=${PIPESTATUS[0]}
 read -r p f < <(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed;.*/\1 \2/p' "$logs/cargo.log" |
     awk '{p += $1; f += $2} END {print p + 0, f + 0}')

@@ -196,11 +196,26 @@ class Client:
             self.paho.disconnect()
         if not self.disconnected.wait(timeout):
             raise AssertionError(f"{self.client_id}: disconnect did not complete in {timeout}s")
-        self.paho.loop_stop()
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        """Stop paho's network thread now. loop_stop() alone lets the thread finish its current
+        select() (up to a second); waking it through paho's internal socket pair is immediate."""
+        p = self.paho
+        if p._thread is None:
+            return
+        p._thread_terminate = True
+        wake = p._sockpairW
+        if wake is not None:
+            try:
+                wake.send(b"0")
+            except OSError:
+                pass
+        p.loop_stop()
 
     def drop(self) -> None:
         """Lose the connection without DISCONNECT: stop paho's loop, then close the socket."""
-        self.paho.loop_stop()
+        self._stop_loop()
         sock = self.paho.socket()
         if sock is not None:
             sock.close()
@@ -208,10 +223,7 @@ class Client:
     def close(self) -> None:
         """Best-effort cleanup at the end of a test."""
         try:
-            self.paho.loop_stop()
-            sock = self.paho.socket()
-            if sock is not None:
-                sock.close()
+            self.drop()
         except Exception:
             pass
 

@@ -197,7 +197,8 @@ impl Conn {
                 },
                 r = reader.read_buf(&mut rbuf) => {
                     match r {
-                        Ok(0) => return Exit::Error(ConnError::PeerClosed),
+                        Ok(0) if rbuf.is_empty() => return Exit::Error(ConnError::PeerClosed),
+                        Ok(0) => return Exit::Error(ConnError::Truncated),
                         Ok(n) => self.broker.metrics.bytes_received.inc_by(n as u64),
                         Err(e) => return Exit::Error(e.into()),
                     }

@@ -30,6 +30,8 @@ pub enum ConnError {
     ShuttingDown,
     #[error("the message store failed")]
     StoreFailed,
+    #[error("connection closed in the middle of a packet")]
+    Truncated,
     #[error("connection closed by peer")]
     PeerClosed,
     #[error("i/o: {0}")]
@@ -52,7 +54,7 @@ impl ConnError {
             ConnError::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
             ConnError::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,
             ConnError::StoreFailed => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
-            ConnError::PeerClosed | ConnError::Io(_) => return None,
+            ConnError::PeerClosed | ConnError::Truncated | ConnError::Io(_) => return None,
         })
     }
 
@@ -68,6 +70,7 @@ impl ConnError {
             ConnError::RetainNotSupported => "retain",
             ConnError::TopicNameInvalid => "topic_name",
             ConnError::PayloadFormatInvalid => "payload_format",
+            ConnError::Truncated => "truncated",
             _ => return None,
         })
     }

@@ -44,6 +44,8 @@ where
 enum ConnectFailure {
     Timeout,
     Closed,
+    /// Closed with part of a CONNECT buffered.
+    Truncated,
     NotConnect,
     Decode(DecodeError, Option<u8>),
     Io(std::io::Error),
@@ -116,7 +118,8 @@ where
             Err(e) => return Err(ConnectFailure::Decode(e, peek_level(rbuf))),
         }
         match reader.read_buf(rbuf).await {
-            Ok(0) => return Err(ConnectFailure::Closed),
+            Ok(0) if rbuf.is_empty() => return Err(ConnectFailure::Closed),
+            Ok(0) => return Err(ConnectFailure::Truncated),
             Ok(_) => {}
             Err(e) => return Err(ConnectFailure::Io(e)),
         }
@@ -141,6 +144,10 @@ where
             tracing::debug!(%peer, "no CONNECT within the connect timeout");
         }
         ConnectFailure::Closed => tracing::debug!(%peer, "closed before CONNECT"),
+        ConnectFailure::Truncated => {
+            broker.metrics.bad_packet("truncated");
+            tracing::debug!(%peer, "closed in the middle of CONNECT");
+        }
         ConnectFailure::Io(e) => tracing::debug!(%peer, error = %e, "read error before CONNECT"),
         ConnectFailure::NotConnect => {
             broker.metrics.bad_packet("first_packet_not_connect");
