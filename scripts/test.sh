@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every Petrel test on this machine, installing what is missing first (scripts/setup.sh):
 #
-#   1. build the debug `petrel` binary
+#   1. build every target (the debug `petrel` binary among them)
 #   2. cargo test --workspace       unit, property and Rust end-to-end tests
 #   3. pytest tests/python          paho-mqtt (3.1.1 and 5.0) against the binary, raw bad input
 #   4. tests/interop/*.sh           mosquitto_pub / mosquitto_sub against the binary
@@ -52,8 +52,10 @@ else
 fi
 
 # --- 1. build ---------------------------------------------------------------------------------------
-banner "cargo build -p petrel-node --bin petrel"
-if cargo build -p petrel-node --bin petrel && [ -x "$PETREL_BIN" ]; then
+# Every target of the workspace in one go: `cargo test --workspace` then reuses these builds
+# (same feature set), so RocksDB is compiled once, not once per package selection.
+banner "cargo build --workspace --all-targets"
+if cargo build --workspace --all-targets && [ -x "$PETREL_BIN" ]; then
     record build ok
     have_bin=1
 else

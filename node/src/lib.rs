@@ -50,5 +50,6 @@ pub enum Error {
     LocalAddr(#[source] std::io::Error),
     #[error(transparent)]
     Storage(#[from] petrel_storage::Error),
+    #[error(transparent)]
     Auth(#[from] auth::AuthError),
 }
