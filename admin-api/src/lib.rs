@@ -45,7 +45,11 @@ where
     let mut out = String::with_capacity(8192);
     match prometheus::TextEncoder::new().encode_utf8(&families, &mut out) {
         Ok(()) => ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], out).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encode metrics: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encode metrics: {e}\n"),
+        )
+            .into_response(),
     }
 }
 

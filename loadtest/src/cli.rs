@@ -55,7 +55,11 @@ pub enum Placement {
 #[derive(Debug, Clone, Args)]
 pub struct Common {
     /// Broker address; repeat for a list (see --placement).
-    #[arg(long = "broker", value_name = "HOST:PORT", default_value = "127.0.0.1:1883")]
+    #[arg(
+        long = "broker",
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:1883"
+    )]
     pub brokers: Vec<String>,
     #[arg(long, value_enum, default_value_t = Placement::Same)]
     pub placement: Placement,
@@ -273,7 +277,9 @@ pub fn parse_version(s: &str) -> Result<Version, String> {
 fn parse_size(s: &str) -> Result<usize, String> {
     let n: usize = s.parse().map_err(|e| format!("{e}"))?;
     if n < STAMP_LEN {
-        return Err(format!("at least {STAMP_LEN} bytes: the payload carries publisher, sequence and send time"));
+        return Err(format!(
+            "at least {STAMP_LEN} bytes: the payload carries publisher, sequence and send time"
+        ));
     }
     Ok(n)
 }
@@ -281,7 +287,9 @@ fn parse_size(s: &str) -> Result<usize, String> {
 /// `10s`, `500ms`, `2m`, `1h` or a bare number of seconds (fractions allowed).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
     let secs = match unit {
@@ -332,13 +340,18 @@ mod tests {
             "--json",
         ])
         .expect("parses");
-        let Command::Fanin(a) = cli.command else { panic!("fanin expected") };
+        let Command::Fanin(a) = cli.command else {
+            panic!("fanin expected")
+        };
         assert_eq!(a.traffic.qos, [0, 1]);
         assert_eq!(a.common.brokers, ["a:1", "b:2"]);
         assert_eq!(a.common.version, Version::V5);
         assert_eq!(a.common.placement, Placement::Spread);
         assert!(a.common.output.json);
-        assert!(Cli::try_parse_from(["petrel-bench", "pub", "--size", "8"]).is_err(), "payload too small");
+        assert!(
+            Cli::try_parse_from(["petrel-bench", "pub", "--size", "8"]).is_err(),
+            "payload too small"
+        );
         assert!(Cli::try_parse_from(["petrel-bench", "pub", "--qos", "3"]).is_err());
     }
 }

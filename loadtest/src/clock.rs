@@ -26,7 +26,11 @@ impl CpuTime {
         let t = clock_gettime(ClockId::ProcessCPUTime);
         let total_s = Duration::new(t.tv_sec as u64, t.tv_nsec as u32).as_secs_f64();
         let (user_s, system_s) = proc_stat_times().unwrap_or((0.0, 0.0));
-        CpuTime { user_s, system_s, total_s }
+        CpuTime {
+            user_s,
+            system_s,
+            total_s,
+        }
     }
 
     pub fn since(self, start: CpuTime) -> CpuTime {

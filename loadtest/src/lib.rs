@@ -61,9 +61,14 @@ pub fn main_with(cli: Cli) -> anyhow::Result<i32> {
         Command::Sink(a) => a.output.clone(),
     };
     let runtime = if output.threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(output.threads)).enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(output.threads))
+            .enable_all()
+            .build()
     }?;
     let mut out = std::io::stdout().lock();
     if let Command::Sink(a) = &cli.command {

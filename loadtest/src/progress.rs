@@ -37,7 +37,10 @@ pub struct Totals {
 impl Progress {
     pub fn new(publishers: usize) -> Arc<Progress> {
         let sent_by = (0..publishers).map(|_| AtomicU64::new(0)).collect();
-        Arc::new(Progress { sent_by, ..Progress::default() })
+        Arc::new(Progress {
+            sent_by,
+            ..Progress::default()
+        })
     }
 
     pub fn add_sent(&self, publisher: u32, n: u64) {
@@ -47,7 +50,9 @@ impl Progress {
     }
 
     pub fn sent_of(&self, publisher: u32) -> u64 {
-        self.sent_by.get(publisher as usize).map_or(0, |c| c.load(Relaxed))
+        self.sent_by
+            .get(publisher as usize)
+            .map_or(0, |c| c.load(Relaxed))
     }
 
     pub fn totals(&self) -> Totals {
@@ -69,11 +74,17 @@ pub enum Show {
 }
 
 /// Prints one line a second on stderr until `done` is cancelled.
-pub fn spawn_ticker(progress: Arc<Progress>, show: Show, done: CancellationToken) -> JoinHandle<()> {
+pub fn spawn_ticker(
+    progress: Arc<Progress>,
+    show: Show,
+    done: CancellationToken,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let start = Instant::now();
-        let mut tick =
-            tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
         let mut last = progress.totals();
         loop {
             tokio::select! {

@@ -126,9 +126,21 @@ pub struct CpuReport {
 
 impl CpuReport {
     pub fn new(time: CpuTime, wall_s: f64, messages: u64) -> CpuReport {
-        let utilisation = if wall_s > 0.0 { time.total_s / wall_s } else { 0.0 };
-        let per_million_messages = if messages > 0 { time.total_s * 1e6 / messages as f64 } else { 0.0 };
-        CpuReport { time, utilisation, per_million_messages }
+        let utilisation = if wall_s > 0.0 {
+            time.total_s / wall_s
+        } else {
+            0.0
+        };
+        let per_million_messages = if messages > 0 {
+            time.total_s * 1e6 / messages as f64
+        } else {
+            0.0
+        };
+        CpuReport {
+            time,
+            utilisation,
+            per_million_messages,
+        }
     }
 }
 
@@ -152,8 +164,18 @@ pub fn account(
         report.sent += p.sent;
         report.acked += p.completed;
         report.rejected += p.rejected;
-        let broker = topo.publishers.get(p.id as usize).map(|pl| brokers[pl.broker].clone()).unwrap_or_default();
-        report.publisher_results.push(PublisherRow { id: p.id, qos: p.qos, broker, sent: p.sent, acked: p.completed });
+        let broker = topo
+            .publishers
+            .get(p.id as usize)
+            .map(|pl| brokers[pl.broker].clone())
+            .unwrap_or_default();
+        report.publisher_results.push(PublisherRow {
+            id: p.id,
+            qos: p.qos,
+            broker,
+            sent: p.sent,
+            acked: p.completed,
+        });
         report.errors.extend(p.error.clone());
     }
     let sent_of = |id: u32| pubs.iter().find(|p| p.id == id).map_or(0, |p| p.sent);
@@ -168,11 +190,23 @@ pub fn account(
         }
     }
     for (ri, receiver) in topo.receivers.iter().enumerate() {
-        let members: Vec<&SubscriberResult> =
-            subs.iter().filter(|s| topo.subscribers.get(s.id as usize).is_some_and(|p| p.receiver == ri)).collect();
+        let members: Vec<&SubscriberResult> = subs
+            .iter()
+            .filter(|s| {
+                topo.subscribers
+                    .get(s.id as usize)
+                    .is_some_and(|p| p.receiver == ri)
+            })
+            .collect();
         let seen = members.iter().map(|m| m.streams.len()).max().unwrap_or(0);
         let expected_ids = receiver.publishers.clone().unwrap_or_default();
-        let top = seen.max(expected_ids.iter().map(|&p| p as usize + 1).max().unwrap_or(0));
+        let top = seen.max(
+            expected_ids
+                .iter()
+                .map(|&p| p as usize + 1)
+                .max()
+                .unwrap_or(0),
+        );
         for pid in 0..top as u32 {
             let mut merged: Option<(SeqTracker, u8)> = None;
             for m in &members {
@@ -197,8 +231,16 @@ pub fn account(
             if expected == Some(0) {
                 report.misrouted += counts.distinct;
             }
-            let qos = topo.publishers.get(pid as usize).map_or(seen_qos, |p| p.qos);
-            report.streams.push(StreamRow { publisher: pid, receiver: receiver.label.clone(), qos, counts });
+            let qos = topo
+                .publishers
+                .get(pid as usize)
+                .map_or(seen_qos, |p| p.qos);
+            report.streams.push(StreamRow {
+                publisher: pid,
+                receiver: receiver.label.clone(),
+                qos,
+                counts,
+            });
         }
     }
     for q in 0..3u8 {
@@ -208,8 +250,16 @@ pub fn account(
         }
         let mut counts = StreamCounts::default();
         rows.iter().for_each(|r| counts.add(&r.counts));
-        let summary = latency[usize::from(q)].as_ref().map(Latency::summary).unwrap_or_default();
-        report.by_qos.push(QosRow { qos: q, streams: rows.len(), counts, latency: summary });
+        let summary = latency[usize::from(q)]
+            .as_ref()
+            .map(Latency::summary)
+            .unwrap_or_default();
+        report.by_qos.push(QosRow {
+            qos: q,
+            streams: rows.len(),
+            counts,
+            latency: summary,
+        });
         report.totals.add(&counts);
     }
     let mut all = Latency::new();
@@ -259,10 +309,20 @@ impl Report {
             None => writeln!(
                 out,
                 "petrel-bench {}: {} publishers, {} subscribers, QoS {:?}, {} B payloads, MQTT {}",
-                self.scenario, self.publishers, self.subscribers, self.qos, self.payload_bytes, self.mqtt_version
+                self.scenario,
+                self.publishers,
+                self.subscribers,
+                self.qos,
+                self.payload_bytes,
+                self.mqtt_version
             )?,
         }
-        writeln!(out, "  brokers ({}): {}", self.placement, brokers.join(", "))?;
+        writeln!(
+            out,
+            "  brokers ({}): {}",
+            self.placement,
+            brokers.join(", ")
+        )?;
         if let Some(c) = &self.connects {
             writeln!(
                 out,
@@ -294,7 +354,11 @@ impl Report {
                 t.out_of_order,
                 self.foreign,
                 self.misrouted,
-                if self.drain_timed_out { "  (drain timed out)" } else { "" }
+                if self.drain_timed_out {
+                    "  (drain timed out)"
+                } else {
+                    ""
+                }
             )?;
             write_latency(out, "  latency", &self.latency)?;
             if self.by_qos.len() > 1 {
@@ -331,7 +395,10 @@ impl Report {
             0 => Ok(()),
             n => {
                 writeln!(out, "  errors ({n}):")?;
-                self.errors.iter().take(10).try_for_each(|e| writeln!(out, "    {e}"))
+                self.errors
+                    .iter()
+                    .take(10)
+                    .try_for_each(|e| writeln!(out, "    {e}"))
             }
         }
     }

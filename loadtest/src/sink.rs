@@ -51,8 +51,13 @@ pub struct Sink {
 
 impl Sink {
     pub async fn bind(addr: &str) -> anyhow::Result<Sink> {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("bind sink to {addr}"))?;
-        Ok(Sink { listener, counters: Arc::default() })
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind sink to {addr}"))?;
+        Ok(Sink {
+            listener,
+            counters: Arc::default(),
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -116,7 +121,9 @@ async fn serve_one(mut stream: TcpStream, counters: &SinkCounters) -> anyhow::Re
                         _ => {}
                     }
                 }
-                kind::PUBREL => codec::encode_ack(&mut wbuf, kind::PUBCOMP, codec::parse_ack(body)?.0),
+                kind::PUBREL => {
+                    codec::encode_ack(&mut wbuf, kind::PUBCOMP, codec::parse_ack(body)?.0)
+                }
                 kind::SUBSCRIBE => {
                     let pid = codec::parse_subscribe(version, body, &mut qos)?;
                     codec::encode_suback(&mut wbuf, version, pid, &qos);
@@ -151,7 +158,10 @@ pub async fn run_cli(a: &SinkArgs) -> anyhow::Result<SinkReport> {
     let addr = sink.local_addr()?;
     eprintln!("sink listening on {addr}");
     if let Some(path) = &a.output.ready_file {
-        write_atomically(path, &serde_json::json!({ "mqtt": addr.to_string() }).to_string())?;
+        write_atomically(
+            path,
+            &serde_json::json!({ "mqtt": addr.to_string() }).to_string(),
+        )?;
     }
     let counters = sink.counters();
     let stop = CancellationToken::new();
@@ -159,8 +169,10 @@ pub async fn run_cli(a: &SinkArgs) -> anyhow::Result<SinkReport> {
     let cpu0 = CpuTime::now();
     let start = Instant::now();
     let mut last_change = (0u64, start);
-    let mut tick =
-        tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     let deadline = a.duration.map(|d| tokio::time::Instant::now() + d);
     let mut prev = 0;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -204,14 +216,22 @@ pub async fn run_cli(a: &SinkArgs) -> anyhow::Result<SinkReport> {
         publishes,
         bytes: counters.bytes.load(Relaxed),
         elapsed_s,
-        publish_rate: if busy_s > 0.0 { publishes as f64 / busy_s } else { 0.0 },
+        publish_rate: if busy_s > 0.0 {
+            publishes as f64 / busy_s
+        } else {
+            0.0
+        },
         cpu: CpuReport::new(cpu, elapsed_s, publishes),
     })
 }
 
 impl SinkReport {
     pub fn write_human(&self, out: &mut impl Write) -> std::io::Result<()> {
-        writeln!(out, "petrel-bench sink on {}: {} connections", self.listen, self.connections)?;
+        writeln!(
+            out,
+            "petrel-bench sink on {}: {} connections",
+            self.listen, self.connections
+        )?;
         writeln!(
             out,
             "  received {} publishes, {} bytes, ~{:.0} publishes/s while busy",

@@ -119,7 +119,10 @@ impl SeqTracker {
         if w < self.base {
             return u64::MAX;
         }
-        self.words.get((w - self.base) as usize).copied().unwrap_or(0)
+        self.words
+            .get((w - self.base) as usize)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Adds what another receiver of the same stream saw (a shared-subscription group):
@@ -184,7 +187,8 @@ impl Default for Latency {
 
 impl Latency {
     pub fn new() -> Self {
-        let h = Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static histogram bounds");
+        let h =
+            Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("static histogram bounds");
         Latency(h)
     }
 

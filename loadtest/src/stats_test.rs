@@ -12,7 +12,10 @@ fn track(seqs: &[u64]) -> (SeqTracker, Vec<Arrival>) {
 fn naive(seqs: &[u64], expected: u64) -> StreamCounts {
     let mut seen = HashSet::new();
     let mut end = 0;
-    let mut c = StreamCounts { expected: Some(expected), ..StreamCounts::default() };
+    let mut c = StreamCounts {
+        expected: Some(expected),
+        ..StreamCounts::default()
+    };
     for &s in seqs {
         c.received += 1;
         if !seen.insert(s) {
@@ -48,8 +51,8 @@ fn a_stream_with_known_gaps_duplicates_and_reordering_gives_exactly_those_counts
     assert_eq!(
         arrivals,
         [
-            InOrder, InOrder, InOrder, InOrder, OutOfOrder, InOrder, Duplicate, InOrder, InOrder, OutOfOrder,
-            Duplicate, Duplicate
+            InOrder, InOrder, InOrder, InOrder, OutOfOrder, InOrder, Duplicate, InOrder, InOrder,
+            OutOfOrder, Duplicate, Duplicate
         ]
     );
     let c = t.counts(Some(12));
@@ -64,7 +67,11 @@ fn a_stream_with_known_gaps_duplicates_and_reordering_gives_exactly_those_counts
         out_of_range: 0,
     };
     assert_eq!(c, want);
-    assert_eq!(t.counts(None).lost, 1, "without an expected count only the inner gap is lost");
+    assert_eq!(
+        t.counts(None).lost,
+        1,
+        "without an expected count only the inner gap is lost"
+    );
 }
 
 #[test]
@@ -73,7 +80,11 @@ fn an_in_order_stream_is_complete_and_compacts_to_one_word() {
     let (t, _) = track(&seqs);
     assert_eq!(t.counts(Some(100_000)), naive(&seqs, 100_000));
     assert_eq!(t.counts(Some(100_000)).lost, 0);
-    assert!(t.words.len() <= 1, "full prefix forgotten, {} words kept", t.words.len());
+    assert!(
+        t.words.len() <= 1,
+        "full prefix forgotten, {} words kept",
+        t.words.len()
+    );
 }
 
 #[test]
@@ -108,7 +119,11 @@ fn random_streams_match_the_naive_model() {
         }
         let expected = n + rng.next() % 3; // sometimes a lost tail
         let (t, _) = track(&seqs);
-        assert_eq!(t.counts(Some(expected)), naive(&seqs, expected), "round {round}, n {n}");
+        assert_eq!(
+            t.counts(Some(expected)),
+            naive(&seqs, expected),
+            "round {round}, n {n}"
+        );
     }
 }
 
@@ -116,13 +131,22 @@ fn random_streams_match_the_naive_model() {
 fn merged_members_of_a_shared_group_count_the_union() {
     // Two members share 0..10_000 round-robin; both were given 10 and 5000 (duplicates
     // across the group), and nobody got 7777.
-    let a: Vec<u64> = (0..10_000).filter(|s| s % 2 == 0 && *s != 7777).chain([5001]).collect();
-    let b: Vec<u64> = (0..10_000).filter(|s| s % 2 == 1 && *s != 7777).chain([10]).collect();
+    let a: Vec<u64> = (0..10_000)
+        .filter(|s| s % 2 == 0 && *s != 7777)
+        .chain([5001])
+        .collect();
+    let b: Vec<u64> = (0..10_000)
+        .filter(|s| s % 2 == 1 && *s != 7777)
+        .chain([10])
+        .collect();
     let (mut ta, _) = track(&a);
     let (tb, _) = track(&b);
     ta.merge(&tb);
     let c = ta.counts(Some(10_000));
-    assert_eq!((c.received, c.distinct, c.lost, c.duplicates), (10_001, 9_999, 1, 2));
+    assert_eq!(
+        (c.received, c.distinct, c.lost, c.duplicates),
+        (10_001, 9_999, 1, 2)
+    );
 
     // A member that saw everything (fully compacted) merged with one that saw a little.
     let (mut full, _) = track(&(0..4096).collect::<Vec<_>>());
@@ -146,9 +170,16 @@ fn counts_add_up() {
     let (t, _) = track(&[0, 2, 2]);
     total.add(&t.counts(Some(3)));
     total.add(&t.counts(Some(3)));
-    assert_eq!((total.expected, total.received, total.lost, total.duplicates), (Some(6), 6, 2, 2));
+    assert_eq!(
+        (total.expected, total.received, total.lost, total.duplicates),
+        (Some(6), 6, 2, 2)
+    );
     total.add(&t.counts(None));
-    assert_eq!(total.expected, Some(6), "an unknown expectation adds nothing");
+    assert_eq!(
+        total.expected,
+        Some(6),
+        "an unknown expectation adds nothing"
+    );
 }
 
 #[test]

@@ -24,16 +24,35 @@ async fn bench(args: &[&str]) -> Report {
 fn assert_complete(r: &Report, expected: u64) {
     assert!(r.errors.is_empty(), "errors: {:?}", r.errors);
     assert_eq!(r.totals.expected, Some(expected), "{r:#?}");
-    assert_eq!((r.totals.distinct, r.totals.lost, r.totals.duplicates), (expected, 0, 0), "{r:#?}");
+    assert_eq!(
+        (r.totals.distinct, r.totals.lost, r.totals.duplicates),
+        (expected, 0, 0),
+        "{r:#?}"
+    );
     assert_eq!((r.foreign, r.misrouted), (0, 0));
     assert!(!r.drain_timed_out);
-    assert!(r.latency.count == expected && r.latency.max_us > 0.0, "{:?}", r.latency);
+    assert!(
+        r.latency.count == expected && r.latency.max_us > 0.0,
+        "{:?}",
+        r.latency
+    );
 }
 
 #[tokio::test]
 async fn fanin_qos1_one_publisher_every_message_arrives_once() {
     let node = Node::start();
-    let r = bench(&["fanin", "--broker", &node.mqtt, "--publishers", "1", "--qos", "1", "--count", "500"]).await;
+    let r = bench(&[
+        "fanin",
+        "--broker",
+        &node.mqtt,
+        "--publishers",
+        "1",
+        "--qos",
+        "1",
+        "--count",
+        "500",
+    ])
+    .await;
     assert_eq!((r.sent, r.acked), (500, 500));
     assert_complete(&r, 500);
     assert_eq!(r.streams.len(), 1);
@@ -62,7 +81,12 @@ async fn fanin_mixed_qos_v5_counts_each_qos() {
     let qos: Vec<u8> = r.by_qos.iter().map(|q| q.qos).collect();
     assert_eq!(qos, [0, 1, 2]);
     for q in &r.by_qos[1..] {
-        assert_eq!((q.counts.distinct, q.counts.lost, q.counts.duplicates), (300, 0, 0), "QoS {}", q.qos);
+        assert_eq!(
+            (q.counts.distinct, q.counts.lost, q.counts.duplicates),
+            (300, 0, 0),
+            "QoS {}",
+            q.qos
+        );
     }
     assert!(r.by_qos[0].counts.distinct <= 300);
 }
@@ -70,7 +94,18 @@ async fn fanin_mixed_qos_v5_counts_each_qos() {
 #[tokio::test]
 async fn fanout_qos1_every_subscriber_gets_every_message() {
     let node = Node::start();
-    let r = bench(&["fanout", "--broker", &node.mqtt, "--subscribers", "4", "--qos", "1", "--count", "200"]).await;
+    let r = bench(&[
+        "fanout",
+        "--broker",
+        &node.mqtt,
+        "--subscribers",
+        "4",
+        "--qos",
+        "1",
+        "--count",
+        "200",
+    ])
+    .await;
     assert_eq!(r.sent, 200);
     assert_complete(&r, 800);
     assert_eq!(r.streams.len(), 4);
@@ -80,8 +115,20 @@ async fn fanout_qos1_every_subscriber_gets_every_message() {
 #[tokio::test]
 async fn p2p_qos2_v5_pairs_hear_only_their_publisher() {
     let node = Node::start();
-    let r =
-        bench(&["p2p", "--broker", &node.mqtt, "--mqtt-version", "5", "-c", "4", "--qos", "2", "--count", "200"]).await;
+    let r = bench(&[
+        "p2p",
+        "--broker",
+        &node.mqtt,
+        "--mqtt-version",
+        "5",
+        "-c",
+        "4",
+        "--qos",
+        "2",
+        "--count",
+        "200",
+    ])
+    .await;
     assert_eq!((r.sent, r.acked), (800, 800));
     assert_complete(&r, 800);
     for s in &r.streams {
@@ -92,11 +139,26 @@ async fn p2p_qos2_v5_pairs_hear_only_their_publisher() {
 #[tokio::test]
 async fn shared_group_receives_each_message_once() {
     let node = Node::start();
-    let args =
-        ["shared", "--broker", &node.mqtt, "--publishers", "3", "--subscribers", "3", "--qos", "1", "--count", "200"];
+    let args = [
+        "shared",
+        "--broker",
+        &node.mqtt,
+        "--publishers",
+        "3",
+        "--subscribers",
+        "3",
+        "--qos",
+        "1",
+        "--count",
+        "200",
+    ];
     let r = bench(&args).await;
     assert_complete(&r, 600);
-    assert_eq!(r.streams.len(), 3, "one stream per publisher into the group");
+    assert_eq!(
+        r.streams.len(),
+        3,
+        "one stream per publisher into the group"
+    );
 }
 
 #[tokio::test]
@@ -119,16 +181,40 @@ async fn offline_sessions_drain_what_was_queued() {
         let r = bench(&args).await;
         assert_complete(&r, 600);
         let o = r.offline.expect("offline stats");
-        assert_eq!((o.published_while_offline, o.sessions_resumed, o.sessions_not_present), (300, 2, 0), "v{version}");
+        assert_eq!(
+            (
+                o.published_while_offline,
+                o.sessions_resumed,
+                o.sessions_not_present
+            ),
+            (300, 2, 0),
+            "v{version}"
+        );
     }
 }
 
 #[tokio::test]
 async fn conn_holds_every_connection() {
     let node = Node::start();
-    let r = bench(&["conn", "--broker", &node.mqtt, "-c", "50", "--concurrency", "8", "--duration", "100ms"]).await;
+    let r = bench(&[
+        "conn",
+        "--broker",
+        &node.mqtt,
+        "-c",
+        "50",
+        "--concurrency",
+        "8",
+        "--duration",
+        "100ms",
+    ])
+    .await;
     let c = r.connects.expect("connect stats");
-    assert_eq!((c.attempted, c.succeeded, c.failed, c.dropped), (50, 50, 0, 0), "{:?}", r.errors);
+    assert_eq!(
+        (c.attempted, c.succeeded, c.failed, c.dropped),
+        (50, 50, 0, 0),
+        "{:?}",
+        r.errors
+    );
     assert_eq!(c.latency.count, 50);
 }
 
@@ -139,20 +225,48 @@ async fn sub_counts_what_a_separate_pub_sends() {
     let ready = dir.path().join("sub-ready.json");
     let ready_arg = ready.to_str().unwrap().to_owned();
     let prefix = format!("it-sub-{}", std::process::id());
-    let sub_args: Vec<String> =
-        ["sub", "--broker", &node.mqtt, "--topic-prefix", &prefix, "--count", "400", "--ready-file", &ready_arg]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    let sub = tokio::spawn(async move { bench(&sub_args.iter().map(String::as_str).collect::<Vec<_>>()).await });
+    let sub_args: Vec<String> = [
+        "sub",
+        "--broker",
+        &node.mqtt,
+        "--topic-prefix",
+        &prefix,
+        "--count",
+        "400",
+        "--ready-file",
+        &ready_arg,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let sub = tokio::spawn(async move {
+        bench(&sub_args.iter().map(String::as_str).collect::<Vec<_>>()).await
+    });
     wait_for_file(&ready).await;
-    let p =
-        bench(&["pub", "--broker", &node.mqtt, "--topic-prefix", &prefix, "-c", "2", "--qos", "1", "--count", "200"])
-            .await;
+    let p = bench(&[
+        "pub",
+        "--broker",
+        &node.mqtt,
+        "--topic-prefix",
+        &prefix,
+        "-c",
+        "2",
+        "--qos",
+        "1",
+        "--count",
+        "200",
+    ])
+    .await;
     assert_eq!((p.sent, p.acked), (400, 400));
     let r = sub.await.expect("sub task");
-    assert_eq!(r.totals.expected, None, "publishers are outside the sub run");
-    assert_eq!((r.totals.distinct, r.totals.lost, r.totals.duplicates), (400, 0, 0));
+    assert_eq!(
+        r.totals.expected, None,
+        "publishers are outside the sub run"
+    );
+    assert_eq!(
+        (r.totals.distinct, r.totals.lost, r.totals.duplicates),
+        (400, 0, 0)
+    );
     assert_eq!(r.streams.len(), 2);
 }
 
@@ -201,17 +315,30 @@ async fn the_binary_prints_json_and_passes_its_check() {
             "--quiet",
         ])
         .output();
-    let out = tokio::time::timeout(TEST_DEADLINE, out).await.expect("in time").expect("run petrel-bench");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::time::timeout(TEST_DEADLINE, out)
+        .await
+        .expect("in time")
+        .expect("run petrel-bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
     assert_eq!(v["totals"]["distinct"], 200);
     assert_eq!(v["totals"]["lost"], 0);
     assert_eq!(v["by_qos"][0]["qos"], 1);
 
-    let tls =
-        std::process::Command::new(env!("CARGO_BIN_EXE_petrel-bench")).args(["pub", "--tls"]).output().expect("run");
+    let tls = std::process::Command::new(env!("CARGO_BIN_EXE_petrel-bench"))
+        .args(["pub", "--tls"])
+        .output()
+        .expect("run");
     assert!(!tls.status.success());
-    assert!(String::from_utf8_lossy(&tls.stderr).contains("TLS"), "{}", String::from_utf8_lossy(&tls.stderr));
+    assert!(
+        String::from_utf8_lossy(&tls.stderr).contains("TLS"),
+        "{}",
+        String::from_utf8_lossy(&tls.stderr)
+    );
 }
 
 /// Polls for a file the other task writes once it is subscribed.
@@ -219,7 +346,11 @@ async fn wait_for_file(path: &Path) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     while !path.exists() {
-        assert!(tokio::time::Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         tick.tick().await;
     }
 }

@@ -30,12 +30,22 @@ async fn pub_against_the_sink_gets_every_qos_acknowledged() {
             "1000",
             "--quiet",
         ];
-        let run = tokio::time::timeout(Duration::from_secs(60), run_args(args)).await.expect("in time");
+        let run = tokio::time::timeout(Duration::from_secs(60), run_args(args))
+            .await
+            .expect("in time");
         let r = run.unwrap_or_else(|e| panic!("pub {args:?}: {e:#}"));
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_eq!(r.sent, 3000);
-        let acked: u64 = r.publisher_results.iter().filter(|p| p.qos > 0).map(|p| p.sent).sum();
-        assert_eq!(r.acked, acked, "every QoS 1/2 message handshaken, qos {qos}");
+        let acked: u64 = r
+            .publisher_results
+            .iter()
+            .filter(|p| p.qos > 0)
+            .map(|p| p.sent)
+            .sum();
+        assert_eq!(
+            r.acked, acked,
+            "every QoS 1/2 message handshaken, qos {qos}"
+        );
         total += 3000;
     }
     // The publishers' DISCONNECTs were answered by closes, so the sink has read everything.

@@ -24,10 +24,13 @@ use crate::auth::AuthGate;
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::config::Config;
 use crate::message::Message;
-use crate::persist::value::{self, Clock};
 use crate::metrics::Metrics;
+use crate::persist::value::{self, Clock};
 use crate::router::{Match, ParsedFilter, RetainedStore, Subscriber, SubscriptionTrie};
-use crate::session::{Delivery, DropReason, Enqueued, QueueLimits, Session, SessionId, SessionRegistry, SessionState, SubIds};
+use crate::session::{
+    Delivery, DropReason, Enqueued, QueueLimits, Session, SessionId, SessionRegistry, SessionState,
+    SubIds,
+};
 
 pub struct Broker {
     pub cfg: Config,
@@ -98,19 +101,31 @@ impl Broker {
     /// packet id to record in the same atomic write as the stored copies (exactly once across
     /// a crash). Returns the number of sessions that got it and the ticket after which every
     /// stored copy is durable.
-    pub fn publish(&self, msg: Arc<Message>, scratch: &mut Vec<Match>, inbound: Option<(&str, u16)>) -> (usize, Option<Ticket>) {
+    pub fn publish(
+        &self,
+        msg: Arc<Message>,
+        scratch: &mut Vec<Match>,
+        inbound: Option<(&str, u16)>,
+    ) -> (usize, Option<Ticket>) {
         scratch.clear();
-        self.router.read().unwrap_or_else(|e| e.into_inner()).collect(&msg.topic, scratch);
+        self.router
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .collect(&msg.topic, scratch);
         scratch.retain(|m| !(m.no_local && m.session.id() == msg.origin));
         if scratch.len() > 1 {
             scratch.sort_unstable_by_key(|m| (m.session.id(), m.shared));
         }
-        let stored = msg.qos != QoS::AtMostOnce && scratch.iter().any(|m| m.qos != QoS::AtMostOnce && m.session.is_persistent());
+        let stored = msg.qos != QoS::AtMostOnce
+            && scratch
+                .iter()
+                .any(|m| m.qos != QoS::AtMostOnce && m.session.is_persistent());
         // One atomic write for everything this publish stores; nothing is taken when the
         // message goes only to clean sessions.
         let mut txn = (stored || msg.retain || inbound.is_some()).then(|| self.store.begin());
         if let (Some(txn), Some((client_id, packet_id))) = (txn.as_mut(), inbound) {
-            txn.writer().put(Cf::Inbound, &keys::inbound_key(client_id, packet_id), &[]);
+            txn.writer()
+                .put(Cf::Inbound, &keys::inbound_key(client_id, packet_id), &[]);
         }
         if msg.retain {
             self.set_retained(&msg, txn.as_mut().expect("taken for retained messages"));
@@ -127,7 +142,11 @@ impl Broker {
             ids.extend(first.subscription_id);
             let mut j = i + 1;
             // Overlapping subscriptions of one session: one copy, highest QoS, every id.
-            while !first.shared && j < scratch.len() && !scratch[j].shared && scratch[j].session.id() == first.session.id() {
+            while !first.shared
+                && j < scratch.len()
+                && !scratch[j].shared
+                && scratch[j].session.id() == first.session.id()
+            {
                 qos = qos.max(scratch[j].qos);
                 rap |= scratch[j].retain_as_published;
                 acl_check &= scratch[j].acl_filtered;
@@ -150,7 +169,8 @@ impl Broker {
     }
 
     fn set_retained(&self, msg: &Arc<Message>, txn: &mut Txn<'_>) {
-        let encoded = (!msg.payload.is_empty()).then(|| value::message(msg, msg.qos, true, &[], &Clock::now()));
+        let encoded = (!msg.payload.is_empty())
+            .then(|| value::message(msg, msg.qos, true, &[], &Clock::now()));
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
         retained.set(msg.clone());
         self.metrics.retained.set(retained.len() as i64);
@@ -171,21 +191,40 @@ impl Broker {
     }
 
     /// Queues one delivery, counting what the overflow policy drops.
-    fn enqueue_in(&self, session: &Session, d: Delivery, txn: Option<&mut Txn<'_>>, clock: &Clock) -> bool {
+    fn enqueue_in(
+        &self,
+        session: &Session,
+        d: Delivery,
+        txn: Option<&mut Txn<'_>>,
+        clock: &Clock,
+    ) -> bool {
         let stored = match txn {
-            Some(txn) if session.is_persistent() && d.qos != QoS::AtMostOnce => {
-                Some((txn, value::message(&d.msg, d.qos, d.retain, d.subscription_ids.as_slice(), clock)))
-            }
+            Some(txn) if session.is_persistent() && d.qos != QoS::AtMostOnce => Some((
+                txn,
+                value::message(
+                    &d.msg,
+                    d.qos,
+                    d.retain,
+                    d.subscription_ids.as_slice(),
+                    clock,
+                ),
+            )),
             _ => None,
         };
         let (outcome, dropped_oldest) = session.enqueue(d, &self.limits, stored);
         if dropped_oldest {
-            self.metrics.queue_dropped.with_label_values(&["queue_full"]).inc();
+            self.metrics
+                .queue_dropped
+                .with_label_values(&["queue_full"])
+                .inc();
         }
         match outcome {
             Enqueued::Queued => true,
             Enqueued::Dropped(DropReason::QueueFull) => {
-                self.metrics.queue_dropped.with_label_values(&["queue_full"]).inc();
+                self.metrics
+                    .queue_dropped
+                    .with_label_values(&["queue_full"])
+                    .inc();
                 false
             }
             Enqueued::Dropped(_) => false,
@@ -201,8 +240,17 @@ impl Broker {
         id: Option<u32>,
         acl_filtered: bool,
     ) -> bool {
-        let sub = Subscriber { session: session.clone(), options, subscription_id: id, acl_filtered };
-        let existed = self.router.write().unwrap_or_else(|e| e.into_inner()).subscribe(f.filter, f.group, sub);
+        let sub = Subscriber {
+            session: session.clone(),
+            options,
+            subscription_id: id,
+            acl_filtered,
+        };
+        let existed = self
+            .router
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .subscribe(f.filter, f.group, sub);
         if !existed {
             self.metrics.subscriptions.inc();
         }
@@ -210,7 +258,11 @@ impl Broker {
     }
 
     pub fn unsubscribe(&self, session: SessionId, f: &ParsedFilter<'_>) -> bool {
-        let found = self.router.write().unwrap_or_else(|e| e.into_inner()).unsubscribe(f.filter, f.group, session);
+        let found = self
+            .router
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .unsubscribe(f.filter, f.group, session);
         if found {
             self.metrics.subscriptions.dec();
         }
@@ -220,13 +272,19 @@ impl Broker {
     /// Retained messages matching a (non-shared) filter, expired ones left out.
     pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
-        self.retained.read().unwrap_or_else(|e| e.into_inner()).collect(filter, &mut out);
+        self.retained
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .collect(filter, &mut out);
         out.retain(|m| !m.is_expired(now));
         out
     }
 
     pub fn retained_count(&self) -> usize {
-        self.retained.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.retained
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Removes an ended session's subscriptions and registry entry and fires its pending will.
@@ -250,7 +308,13 @@ impl Broker {
     }
 
     /// Publishes a will now, or after `delay` unless the client comes back first.
-    pub fn schedule_will(&self, client_id: &Arc<str>, session: SessionId, msg: Message, delay: Duration) {
+    pub fn schedule_will(
+        &self,
+        client_id: &Arc<str>,
+        session: SessionId,
+        msg: Message,
+        delay: Duration,
+    ) {
         if delay.is_zero() {
             self.publish_will(msg);
             return;
@@ -259,13 +323,21 @@ impl Broker {
         let stored = value::will(&msg, due, &Clock::now());
         let mut wills = lock(&self.pending_wills);
         wills.insert(client_id.clone(), PendingWill { session, msg });
-        self.store.append(|w| w.put(Cf::Wills, client_id.as_bytes(), &stored));
+        self.store
+            .append(|w| w.put(Cf::Wills, client_id.as_bytes(), &stored));
         drop(wills);
-        self.timers.add(due, TimerEvent::Will(client_id.clone(), session));
+        self.timers
+            .add(due, TimerEvent::Will(client_id.clone(), session));
     }
 
     /// Re-arms a will recovered from the store.
-    pub fn restore_will(&self, client_id: Arc<str>, session: SessionId, msg: Message, due: Instant) {
+    pub fn restore_will(
+        &self,
+        client_id: Arc<str>,
+        session: SessionId,
+        msg: Message,
+        due: Instant,
+    ) {
         lock(&self.pending_wills).insert(client_id.clone(), PendingWill { session, msg });
         self.timers.add(due, TimerEvent::Will(client_id, session));
     }
@@ -275,7 +347,8 @@ impl Broker {
         let mut wills = lock(&self.pending_wills);
         if wills.get(client_id).is_some_and(|w| w.session == session) {
             wills.remove(client_id);
-            self.store.append(|w| w.delete(Cf::Wills, client_id.as_bytes()));
+            self.store
+                .append(|w| w.delete(Cf::Wills, client_id.as_bytes()));
         }
     }
 
@@ -284,7 +357,8 @@ impl Broker {
             let mut wills = lock(&self.pending_wills);
             match wills.get(client_id) {
                 Some(w) if w.session == session => {
-                    self.store.append(|w| w.delete(Cf::Wills, client_id.as_bytes()));
+                    self.store
+                        .append(|w| w.delete(Cf::Wills, client_id.as_bytes()));
                     wills.remove(client_id)
                 }
                 _ => None,
@@ -298,7 +372,10 @@ impl Broker {
     fn publish_will(&self, mut msg: Message) {
         // The expiry interval counts from publication, not from CONNECT.
         let now = Instant::now();
-        msg.expires_at = msg.props.message_expiry_interval.map(|s| now + Duration::from_secs(s as u64));
+        msg.expires_at = msg
+            .props
+            .message_expiry_interval
+            .map(|s| now + Duration::from_secs(s as u64));
         self.metrics.wills_published.inc();
         tracing::debug!(topic = %msg.topic, "publishing will");
         self.publish(Arc::new(msg), &mut Vec::new(), None);
@@ -312,15 +389,23 @@ impl Broker {
     }
 
     pub fn schedule_session_expiry(&self, session: &Session, at: Instant) {
-        self.timers.add(at, TimerEvent::SessionExpiry(session.client_id().clone(), session.id()));
+        self.timers.add(
+            at,
+            TimerEvent::SessionExpiry(session.client_id().clone(), session.id()),
+        );
     }
 
     fn on_timer(&self, ev: TimerEvent, now: Instant) {
         match ev {
             TimerEvent::Will(client_id, session) => self.fire_will(&client_id, session),
             TimerEvent::SessionExpiry(client_id, id) => {
-                let Some(session) = self.sessions.get(&client_id) else { return };
-                if session.id() != id || session.is_connected() || session.expires_at().is_none_or(|t| t > now) {
+                let Some(session) = self.sessions.get(&client_id) else {
+                    return;
+                };
+                if session.id() != id
+                    || session.is_connected()
+                    || session.expires_at().is_none_or(|t| t > now)
+                {
                     return;
                 }
                 tracing::debug!(%client_id, "session expired");

@@ -430,18 +430,31 @@ impl Config {
                 "admin.addr {a} and mqtt.addr {m} use the same port"
             ));
         }
-        for (key, addr) in [("mqtt.mqtts_addr", &mqtt.mqtts_addr), ("mqtt.ws_addr", &mqtt.ws_addr), ("mqtt.wss_addr", &mqtt.wss_addr)] {
+        for (key, addr) in [
+            ("mqtt.mqtts_addr", &mqtt.mqtts_addr),
+            ("mqtt.ws_addr", &mqtt.ws_addr),
+            ("mqtt.wss_addr", &mqtt.wss_addr),
+        ] {
             if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
-                problems.push(format!("{key} must be HOST:PORT (an IP address and a port) or empty, got {addr:?}"));
+                problems.push(format!(
+                    "{key} must be HOST:PORT (an IP address and a port) or empty, got {addr:?}"
+                ));
             }
         }
         if !mqtt.ws_path.starts_with('/') {
-            problems.push(format!("mqtt.ws_path must start with '/', got {:?}", mqtt.ws_path));
+            problems.push(format!(
+                "mqtt.ws_path must start with '/', got {:?}",
+                mqtt.ws_path
+            ));
         }
         let tls_needed = !mqtt.mqtts_addr.is_empty() || !mqtt.wss_addr.is_empty();
         let tls = &self.tls;
-        if tls_needed && (tls.cert_file.as_os_str().is_empty() || tls.key_file.as_os_str().is_empty()) {
-            problems.push("mqtt.mqtts_addr and mqtt.wss_addr need tls.cert_file and tls.key_file".to_owned());
+        if tls_needed
+            && (tls.cert_file.as_os_str().is_empty() || tls.key_file.as_os_str().is_empty())
+        {
+            problems.push(
+                "mqtt.mqtts_addr and mqtt.wss_addr need tls.cert_file and tls.key_file".to_owned(),
+            );
         }
         if tls.require_client_cert && tls.client_ca_file.as_os_str().is_empty() {
             problems.push("tls.require_client_cert needs tls.client_ca_file".to_owned());

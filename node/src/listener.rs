@@ -70,7 +70,11 @@ impl Listeners {
             mqtts: bind_opt("mqtts", &m.mqtts_addr).await?,
             ws: bind_opt("ws", &m.ws_addr).await?,
             wss: bind_opt("wss", &m.wss_addr).await?,
-            admin: if cfg.admin.enabled { Some(bind("admin", cfg.admin.addr).await?) } else { None },
+            admin: if cfg.admin.enabled {
+                Some(bind("admin", cfg.admin.addr).await?)
+            } else {
+                None
+            },
         })
     }
 
@@ -85,14 +89,19 @@ impl Listeners {
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
 }
 
 async fn bind_opt(what: &'static str, addr: &str) -> Result<Option<TcpListener>, Error> {
     if addr.is_empty() {
         return Ok(None);
     }
-    let parsed: SocketAddr = addr.parse().map_err(|_| Error::BadAddr { what, addr: addr.to_owned() })?;
+    let parsed: SocketAddr = addr.parse().map_err(|_| Error::BadAddr {
+        what,
+        addr: addr.to_owned(),
+    })?;
     bind(what, parsed).await.map(Some)
 }
 
@@ -123,7 +132,11 @@ pub async fn accept_loop(kind: Kind, listener: TcpListener, ctx: AcceptCtx) {
             }
         };
         let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
-            ctx.broker.metrics.limit_hits.with_label_values(&["max_connections"]).inc();
+            ctx.broker
+                .metrics
+                .limit_hits
+                .with_label_values(&["max_connections"])
+                .inc();
             tracing::debug!(%peer, "connection limit reached, closing");
             continue;
         };
@@ -144,20 +157,32 @@ pub async fn accept_loop(kind: Kind, listener: TcpListener, ctx: AcceptCtx) {
 async fn open(kind: Kind, stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
     let broker = &ctx.broker;
     let limit = Duration::from_millis(broker.cfg.mqtt.connect_timeout_ms);
-    let (path, max) = (&broker.cfg.mqtt.ws_path, broker.cfg.mqtt.max_packet_size_bytes as usize + 16);
-    let mut info = ConnInfo { listener: kind, cert_cn: None };
+    let (path, max) = (
+        &broker.cfg.mqtt.ws_path,
+        broker.cfg.mqtt.max_packet_size_bytes as usize + 16,
+    );
+    let mut info = ConnInfo {
+        listener: kind,
+        cert_cn: None,
+    };
     if !kind.uses_tls() {
         match kind {
-            Kind::Ws => match tokio::time::timeout(limit, accept_ws_with_limit(stream, path, max)).await {
-                Ok(Ok(ws)) => serve(ws, peer, info, ctx).await,
-                Ok(Err(e)) => failed(broker, kind, peer, &e.to_string()),
-                Err(_) => failed(broker, kind, peer, "websocket upgrade timed out"),
-            },
+            Kind::Ws => {
+                match tokio::time::timeout(limit, accept_ws_with_limit(stream, path, max)).await {
+                    Ok(Ok(ws)) => serve(ws, peer, info, ctx).await,
+                    Ok(Err(e)) => failed(broker, kind, peer, &e.to_string()),
+                    Err(_) => failed(broker, kind, peer, "websocket upgrade timed out"),
+                }
+            }
             _ => serve(stream, peer, info, ctx).await,
         }
         return;
     }
-    let acceptor = ctx.tls.as_ref().expect("TLS listeners have an acceptor").acceptor();
+    let acceptor = ctx
+        .tls
+        .as_ref()
+        .expect("TLS listeners have an acceptor")
+        .acceptor();
     let tls = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return failed(broker, kind, peer, &e.to_string()),
@@ -185,6 +210,10 @@ where
 }
 
 fn failed(broker: &Broker, kind: Kind, peer: SocketAddr, why: &str) {
-    broker.metrics.handshake_failures.with_label_values(&[kind.name()]).inc();
+    broker
+        .metrics
+        .handshake_failures
+        .with_label_values(&[kind.name()])
+        .inc();
     tracing::debug!(%peer, listener = %kind, reason = why, "transport handshake failed");
 }

@@ -121,7 +121,11 @@ fn load_config(cli: &Cli) -> Result<Config, Vec<String>> {
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())));
     let mut cfg = Config::load(cli.config.as_deref(), env).map_err(|e| e.problems())?;
     cfg.mqtt.addr = cli.mqtt_addr.unwrap_or(cfg.mqtt.addr);
-    for (flag, slot) in [(cli.mqtts_addr, &mut cfg.mqtt.mqtts_addr), (cli.ws_addr, &mut cfg.mqtt.ws_addr), (cli.wss_addr, &mut cfg.mqtt.wss_addr)] {
+    for (flag, slot) in [
+        (cli.mqtts_addr, &mut cfg.mqtt.mqtts_addr),
+        (cli.ws_addr, &mut cfg.mqtt.ws_addr),
+        (cli.wss_addr, &mut cfg.mqtt.wss_addr),
+    ] {
         if let Some(addr) = flag {
             *slot = addr.to_string();
         }

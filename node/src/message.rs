@@ -29,8 +29,18 @@ impl Message {
         let mut props = p.properties;
         props.topic_alias = None;
         props.subscription_identifiers = Vec::new();
-        let expires_at = props.message_expiry_interval.map(|s| now + Duration::from_secs(s as u64));
-        Message { topic: p.topic, payload: p.payload, qos: p.qos, retain: p.retain, props, expires_at, origin }
+        let expires_at = props
+            .message_expiry_interval
+            .map(|s| now + Duration::from_secs(s as u64));
+        Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            props,
+            expires_at,
+            origin,
+        }
     }
 
     /// Builds the message a will turns into when it is published.
@@ -45,7 +55,9 @@ impl Message {
             content_type: wp.content_type.clone(),
             ..Default::default()
         };
-        let expires_at = wp.message_expiry_interval.map(|s| now + Duration::from_secs(s as u64));
+        let expires_at = wp
+            .message_expiry_interval
+            .map(|s| now + Duration::from_secs(s as u64));
         Message {
             topic: w.topic.clone(),
             payload: w.payload.clone(),
@@ -85,6 +97,10 @@ impl Message {
 
     #[cfg(test)]
     pub fn for_test(topic: &str, payload: &'static [u8]) -> std::sync::Arc<Message> {
-        std::sync::Arc::new(Message::broker(MqttStr::new(topic).expect("test topic"), Bytes::from_static(payload), true))
+        std::sync::Arc::new(Message::broker(
+            MqttStr::new(topic).expect("test topic"),
+            Bytes::from_static(payload),
+            true,
+        ))
     }
 }

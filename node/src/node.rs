@@ -15,9 +15,9 @@ use crate::auth::AuthGate;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::listener::{accept_loop, AcceptCtx, Listeners};
-use crate::transport::{TlsAcceptorHandle, TlsSettings};
 use crate::metrics::Metrics;
 use crate::persist::recover::recover;
+use crate::transport::{TlsAcceptorHandle, TlsSettings};
 use crate::{sys, Error};
 
 pub struct Node;
@@ -33,7 +33,8 @@ pub struct BoundAddrs {
 }
 
 fn local(l: Option<&tokio::net::TcpListener>) -> Result<Option<SocketAddr>, Error> {
-    l.map(|l| l.local_addr().map_err(Error::LocalAddr)).transpose()
+    l.map(|l| l.local_addr().map_err(Error::LocalAddr))
+        .transpose()
 }
 
 /// A running node.
@@ -57,7 +58,8 @@ impl Node {
         };
         let tls = if addrs.mqtts.is_some() || addrs.wss.is_some() {
             let t = &cfg.tls;
-            let client_ca = (!t.client_ca_file.as_os_str().is_empty()).then(|| t.client_ca_file.clone());
+            let client_ca =
+                (!t.client_ca_file.as_os_str().is_empty()).then(|| t.client_ca_file.clone());
             let settings = TlsSettings {
                 cert_file: t.cert_file.clone(),
                 key_file: t.key_file.clone(),
@@ -69,7 +71,10 @@ impl Node {
             None
         };
         let sys_on = cfg.mqtt.sys_interval_secs > 0;
-        let store = Store::open(StoreOptions { path: cfg.storage.data_dir.join("db"), fsync: cfg.storage.fsync })?;
+        let store = Store::open(StoreOptions {
+            path: cfg.storage.data_dir.join("db"),
+            fsync: cfg.storage.fsync,
+        })?;
         let auth = AuthGate::from_config(&cfg.auth)?;
         let broker = Arc::new(Broker::new(cfg, Metrics::new(), auth, store.clone()));
         let recovered = recover(&broker, &store)?;
@@ -106,19 +111,29 @@ impl Node {
         if sys_on {
             tracker.spawn(sys::run(broker.clone(), cancel.clone()));
         }
-        let admin = Arc::new(Admin { broker: broker.clone(), ready: Default::default() });
+        let admin = Arc::new(Admin {
+            broker: broker.clone(),
+            ready: Default::default(),
+        });
         if let Some(listener) = admin_listener {
             let app = petrel_admin_api::router(admin.clone());
             let stop = cancel.clone();
             tracker.spawn(async move {
-                let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await });
                 if let Err(e) = serve.await {
                     tracing::error!(error = %e, "admin server failed");
                 }
             });
         }
         admin.ready.store(true, Ordering::Release);
-        Ok(NodeHandle { broker, admin, addrs, cancel, tracker })
+        Ok(NodeHandle {
+            broker,
+            admin,
+            addrs,
+            cancel,
+            tracker,
+        })
     }
 }
 
@@ -145,7 +160,10 @@ impl NodeHandle {
         self.admin.ready.store(false, Ordering::Release);
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("shutdown grace period ran out with tasks still running");
         }
         // Writes what the connections appended while closing, then stops the writer.

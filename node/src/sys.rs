@@ -32,19 +32,52 @@ fn publish_all(b: &Broker, scratch: &mut Vec<crate::router::Match>) {
     let connected = m.connections.get().max(0) as usize;
     let values: [(&str, String); 11] = [
         ("$SYS/broker/version", format!("petrel version {VERSION}")),
-        ("$SYS/broker/uptime", format!("{} seconds", b.started.elapsed().as_secs())),
+        (
+            "$SYS/broker/uptime",
+            format!("{} seconds", b.started.elapsed().as_secs()),
+        ),
         ("$SYS/broker/clients/connected", connected.to_string()),
-        ("$SYS/broker/clients/total", sessions.max(connected).to_string()),
-        ("$SYS/broker/clients/disconnected", sessions.saturating_sub(b.sessions.connected_count()).to_string()),
-        ("$SYS/broker/messages/received", m.messages_received.get().to_string()),
-        ("$SYS/broker/messages/sent", m.messages_sent.get().to_string()),
-        ("$SYS/broker/subscriptions/count", m.subscriptions.get().to_string()),
-        ("$SYS/broker/retained messages/count", b.retained_count().to_string()),
-        ("$SYS/broker/messages/stored", (b.retained_count() + b.sessions.queued_count()).to_string()),
-        ("$SYS/broker/messages/queued", b.sessions.queued_count().to_string()),
+        (
+            "$SYS/broker/clients/total",
+            sessions.max(connected).to_string(),
+        ),
+        (
+            "$SYS/broker/clients/disconnected",
+            sessions
+                .saturating_sub(b.sessions.connected_count())
+                .to_string(),
+        ),
+        (
+            "$SYS/broker/messages/received",
+            m.messages_received.get().to_string(),
+        ),
+        (
+            "$SYS/broker/messages/sent",
+            m.messages_sent.get().to_string(),
+        ),
+        (
+            "$SYS/broker/subscriptions/count",
+            m.subscriptions.get().to_string(),
+        ),
+        (
+            "$SYS/broker/retained messages/count",
+            b.retained_count().to_string(),
+        ),
+        (
+            "$SYS/broker/messages/stored",
+            (b.retained_count() + b.sessions.queued_count()).to_string(),
+        ),
+        (
+            "$SYS/broker/messages/queued",
+            b.sessions.queued_count().to_string(),
+        ),
     ];
     for (topic, value) in values {
         let topic = MqttStr::from_static(topic);
-        b.publish(Arc::new(Message::broker(topic, Bytes::from(value), true)), scratch, None);
+        b.publish(
+            Arc::new(Message::broker(topic, Bytes::from(value), true)),
+            scratch,
+            None,
+        );
     }
 }

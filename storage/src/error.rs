@@ -14,7 +14,11 @@ pub enum Error {
         "data directory {path} has format version {found}, this build of petrel reads version {expected}; \
          use a matching petrel version or move the directory away"
     )]
-    FormatVersion { path: PathBuf, found: u32, expected: u32 },
+    FormatVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
     #[error("data directory {path} is not a petrel data directory (it holds files but no petrel database)")]
     NotPetrel { path: PathBuf },
     #[error("create data directory {path}")]

@@ -25,8 +25,16 @@ pub enum Cf {
 }
 
 impl Cf {
-    pub const ALL: [Cf; 8] =
-        [Cf::Meta, Cf::Sessions, Cf::Subscriptions, Cf::Queue, Cf::Inflight, Cf::Inbound, Cf::Retained, Cf::Wills];
+    pub const ALL: [Cf; 8] = [
+        Cf::Meta,
+        Cf::Sessions,
+        Cf::Subscriptions,
+        Cf::Queue,
+        Cf::Inflight,
+        Cf::Inbound,
+        Cf::Retained,
+        Cf::Wills,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -100,6 +108,9 @@ mod tests {
         // "dev2" sorts outside the range of "dev".
         assert!(queue_key("dev2", 0).as_slice() > client_prefix_end("dev").as_slice());
         assert_eq!(split_client_key(&a), Some(("dev", &7u64.to_be_bytes()[..])));
-        assert!(queue_key("dev", 1) < queue_key("dev", 256), "sequence order is key order");
+        assert!(
+            queue_key("dev", 1) < queue_key("dev", 256),
+            "sequence order is key order"
+        );
     }
 }

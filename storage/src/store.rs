@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB,
+};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
@@ -71,7 +73,8 @@ pub struct BatchWriter<'a> {
 }
 
 fn handle(db: &DB, cf: Cf) -> &ColumnFamily {
-    db.cf_handle(cf.name()).expect("every column family is created at open")
+    db.cf_handle(cf.name())
+        .expect("every column family is created at open")
 }
 
 impl BatchWriter<'_> {
@@ -85,7 +88,10 @@ impl BatchWriter<'_> {
 
     /// Deletes the session record and every per-client key of `client_id`.
     pub fn delete_client(&mut self, client_id: &str) {
-        let (from, to) = (keys::client_prefix(client_id), keys::client_prefix_end(client_id));
+        let (from, to) = (
+            keys::client_prefix(client_id),
+            keys::client_prefix_end(client_id),
+        );
         for cf in Cf::PER_CLIENT {
             self.batch.delete_range_cf(handle(self.db, cf), &from, &to);
         }
@@ -104,7 +110,10 @@ pub struct Txn<'a> {
 impl Txn<'_> {
     pub fn writer(&mut self) -> BatchWriter<'_> {
         let p = self.guard.as_mut().expect("guard held until commit");
-        BatchWriter { db: &self.shared.db, batch: &mut p.batch }
+        BatchWriter {
+            db: &self.shared.db,
+            batch: &mut p.batch,
+        }
     }
 
     /// Ends the transaction; the ticket says when its operations are durable.
@@ -113,7 +122,9 @@ impl Txn<'_> {
     }
 
     fn finish(&mut self) -> Ticket {
-        let Some(mut p) = self.guard.take() else { return Ticket(0) };
+        let Some(mut p) = self.guard.take() else {
+            return Ticket(0);
+        };
         if p.batch.is_empty() {
             return Ticket(p.last);
         }
@@ -144,24 +155,46 @@ impl Store {
     pub fn open(opts: StoreOptions) -> Result<Store> {
         let path = opts.path.clone();
         let exists = path.join("CURRENT").exists();
-        if !exists && path.exists() && std::fs::read_dir(&path).map(|mut d| d.next().is_some()).unwrap_or(false) {
+        if !exists
+            && path.exists()
+            && std::fs::read_dir(&path)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(false)
+        {
             return Err(Error::NotPetrel { path });
         }
-        std::fs::create_dir_all(&path).map_err(|source| Error::CreateDir { path: path.clone(), source })?;
+        std::fs::create_dir_all(&path).map_err(|source| Error::CreateDir {
+            path: path.clone(),
+            source,
+        })?;
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
         db_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         db_opts.set_keep_log_file_num(4);
-        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
-        let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|source| Error::Open { path: path.clone(), source })?;
+        let cfs = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
+        let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|source| Error::Open {
+            path: path.clone(),
+            source,
+        })?;
         let meta = db.cf_handle(Cf::Meta.name()).expect("meta family exists");
-        match db.get_cf(meta, FORMAT_VERSION_KEY).map_err(|source| Error::Rocks { action: "read format version", source })? {
+        match db
+            .get_cf(meta, FORMAT_VERSION_KEY)
+            .map_err(|source| Error::Rocks {
+                action: "read format version",
+                source,
+            })? {
             Some(v) => {
                 let found = v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0);
                 if found != FORMAT_VERSION {
-                    return Err(Error::FormatVersion { path, found, expected: FORMAT_VERSION });
+                    return Err(Error::FormatVersion {
+                        path,
+                        found,
+                        expected: FORMAT_VERSION,
+                    });
                 }
             }
             None if exists => return Err(Error::NotPetrel { path }),
@@ -169,13 +202,20 @@ impl Store {
                 let mut w = WriteOptions::default();
                 w.set_sync(true);
                 db.put_cf_opt(meta, FORMAT_VERSION_KEY, FORMAT_VERSION.to_be_bytes(), &w)
-                    .map_err(|source| Error::Rocks { action: "write format version", source })?;
+                    .map_err(|source| Error::Rocks {
+                        action: "write format version",
+                        source,
+                    })?;
             }
         }
         let (committed, _) = watch::channel(Committed::default());
         let shared = Arc::new(Shared {
             db,
-            pending: Mutex::new(Pending { batch: WriteBatch::default(), last: 0, stop: false }),
+            pending: Mutex::new(Pending {
+                batch: WriteBatch::default(),
+                last: 0,
+                stop: false,
+            }),
             work: Condvar::new(),
             committed,
             fsync: opts.fsync,
@@ -184,8 +224,14 @@ impl Store {
         let writer = std::thread::Builder::new()
             .name("petrel-store".into())
             .spawn(move || write_loop(&for_thread))
-            .map_err(|source| Error::CreateDir { path: opts.path, source })?;
-        Ok(Store { shared, writer: Arc::new(Mutex::new(Some(writer))) })
+            .map_err(|source| Error::CreateDir {
+                path: opts.path,
+                source,
+            })?;
+        Ok(Store {
+            shared,
+            writer: Arc::new(Mutex::new(Some(writer))),
+        })
     }
 
     /// Appends operations to the next group commit and returns its ticket.
@@ -203,7 +249,11 @@ impl Store {
     pub fn begin(&self) -> Txn<'_> {
         let guard = lock(&self.shared.pending);
         let was_empty = guard.batch.is_empty();
-        Txn { shared: &self.shared, guard: Some(guard), was_empty }
+        Txn {
+            shared: &self.shared,
+            guard: Some(guard),
+            was_empty,
+        }
     }
 
     /// A receiver of the committed watermark.
@@ -214,7 +264,10 @@ impl Store {
     /// Waits until `ticket` is durable. Errors if the writer failed.
     pub async fn wait(&self, ticket: Ticket) -> Result<()> {
         let mut rx = self.committed();
-        let c = rx.wait_for(|c| c.failed || c.ticket >= ticket).await.map_err(|_| Error::WriterFailed)?;
+        let c = rx
+            .wait_for(|c| c.failed || c.ticket >= ticket)
+            .await
+            .map_err(|_| Error::WriterFailed)?;
         if c.failed {
             return Err(Error::WriterFailed);
         }
@@ -223,11 +276,17 @@ impl Store {
 
     /// Every key and value of a column family, in key order.
     pub fn scan(&self, cf: Cf) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_ {
-        let h = self.shared.db.cf_handle(cf.name()).expect("every column family is created at open");
-        self.shared
+        let h = self
+            .shared
             .db
-            .iterator_cf(h, IteratorMode::Start)
-            .map(|r| r.map_err(|source| Error::Rocks { action: "scan", source }))
+            .cf_handle(cf.name())
+            .expect("every column family is created at open");
+        self.shared.db.iterator_cf(h, IteratorMode::Start).map(|r| {
+            r.map_err(|source| Error::Rocks {
+                action: "scan",
+                source,
+            })
+        })
     }
 
     /// Flushes what is pending and stops the writer; later appends are never written.

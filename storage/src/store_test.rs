@@ -4,11 +4,18 @@ use crate::keys::{self, Cf};
 use crate::{Error, Store, StoreOptions, FORMAT_VERSION};
 
 fn open(dir: &std::path::Path) -> Store {
-    Store::open(StoreOptions { path: dir.join("db"), fsync: false }).expect("open store")
+    Store::open(StoreOptions {
+        path: dir.join("db"),
+        fsync: false,
+    })
+    .expect("open store")
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 #[test]
@@ -29,7 +36,10 @@ fn group_commit_and_reopen() {
     let store = open(dir.path());
     let rows: Vec<_> = store.scan(Cf::Queue).map(|r| r.expect("row")).collect();
     assert_eq!(rows.len(), 1, "c1 deleted as a range, c2 kept");
-    assert_eq!(keys::split_client_key(&rows[0].0).map(|(c, _)| c), Some("c2"));
+    assert_eq!(
+        keys::split_client_key(&rows[0].0).map(|(c, _)| c),
+        Some("c2")
+    );
 }
 
 #[test]
@@ -40,15 +50,27 @@ fn refuses_other_format_and_foreign_dirs() {
         store.append(|w| w.put(Cf::Meta, keys::FORMAT_VERSION_KEY, &99u32.to_be_bytes()));
         store.close();
     }
-    match Store::open(StoreOptions { path: dir.path().join("db"), fsync: false }) {
-        Err(Error::FormatVersion { found: 99, expected, .. }) => assert_eq!(expected, FORMAT_VERSION),
+    match Store::open(StoreOptions {
+        path: dir.path().join("db"),
+        fsync: false,
+    }) {
+        Err(Error::FormatVersion {
+            found: 99,
+            expected,
+            ..
+        }) => assert_eq!(expected, FORMAT_VERSION),
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("opened a directory of another format"),
     }
     let foreign = dir.path().join("foreign");
     std::fs::create_dir_all(&foreign).expect("mkdir");
     std::fs::write(foreign.join("notes.txt"), b"hello").expect("write");
-    let err = Store::open(StoreOptions { path: foreign, fsync: false }).err().expect("refused");
+    let err = Store::open(StoreOptions {
+        path: foreign,
+        fsync: false,
+    })
+    .err()
+    .expect("refused");
     assert!(matches!(err, Error::NotPetrel { .. }), "{err}");
     assert!(err.to_string().contains("not a petrel data directory"));
 }

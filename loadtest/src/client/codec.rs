@@ -80,16 +80,25 @@ impl Frame {
 
 /// The complete packet at the start of `buf`, or `None` while more bytes are needed.
 pub fn frame(buf: &[u8], max_len: usize) -> Result<Option<Frame>, DecodeError> {
-    let Some(&first) = buf.first() else { return Ok(None) };
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
     let mut len = 0usize;
     for i in 0..4 {
-        let Some(&b) = buf.get(1 + i) else { return Ok(None) };
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
         len |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
             if len > max_len {
                 return Err(DecodeError::TooLarge(len));
             }
-            let f = Frame { kind: first >> 4, flags: first & 0x0f, header_len: 2 + i, body_len: len };
+            let f = Frame {
+                kind: first >> 4,
+                flags: first & 0x0f,
+                header_len: 2 + i,
+                body_len: len,
+            };
             return Ok((buf.len() >= f.packet_len()).then_some(f));
         }
     }

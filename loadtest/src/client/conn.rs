@@ -55,15 +55,30 @@ pub struct Conn {
 impl Conn {
     /// TCP connect, CONNECT, and wait for a successful CONNACK, within the connect timeout.
     /// `buf_capacity` sizes both buffers (small for idle connections).
-    pub async fn connect(addr: &str, opts: &ClientOptions, buf_capacity: usize) -> anyhow::Result<Conn> {
+    pub async fn connect(
+        addr: &str,
+        opts: &ClientOptions,
+        buf_capacity: usize,
+    ) -> anyhow::Result<Conn> {
         let attempt = Self::connect_inner(addr, opts, buf_capacity);
         tokio::time::timeout(opts.connect_timeout, attempt)
             .await
-            .map_err(|_| anyhow!("connect to {addr}: no CONNACK within {:?}", opts.connect_timeout))?
+            .map_err(|_| {
+                anyhow!(
+                    "connect to {addr}: no CONNACK within {:?}",
+                    opts.connect_timeout
+                )
+            })?
     }
 
-    async fn connect_inner(addr: &str, opts: &ClientOptions, buf_capacity: usize) -> anyhow::Result<Conn> {
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
+    async fn connect_inner(
+        addr: &str,
+        opts: &ClientOptions,
+        buf_capacity: usize,
+    ) -> anyhow::Result<Conn> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect to {addr}"))?;
         stream.set_nodelay(true).context("set TCP_NODELAY")?;
         let mut conn = Conn {
             stream,
@@ -84,16 +99,26 @@ impl Conn {
             password: opts.password.as_deref(),
         };
         codec::encode_connect(&mut conn.wbuf, &connect);
-        conn.flush().await.with_context(|| format!("send CONNECT to {addr}"))?;
-        let f = conn.read_frame().await.with_context(|| format!("wait for CONNACK from {addr}"))?;
+        conn.flush()
+            .await
+            .with_context(|| format!("send CONNECT to {addr}"))?;
+        let f = conn
+            .read_frame()
+            .await
+            .with_context(|| format!("wait for CONNACK from {addr}"))?;
         if f.kind != kind::CONNACK {
             bail!("expected CONNACK from {addr}, got packet type {}", f.kind);
         }
-        let ack = codec::parse_connack(opts.version, f.body(&conn.rbuf)).context("decode CONNACK")?;
+        let ack =
+            codec::parse_connack(opts.version, f.body(&conn.rbuf)).context("decode CONNACK")?;
         conn.rbuf.advance(f.packet_len());
         if ack.code != 0 {
             let why = ack.reason_string.as_deref().unwrap_or("");
-            bail!("{addr} refused client {}: CONNACK code 0x{:02x} {why}", opts.client_id, ack.code);
+            bail!(
+                "{addr} refused client {}: CONNACK code 0x{:02x} {why}",
+                opts.client_id,
+                ack.code
+            );
         }
         conn.connack = ack;
         Ok(conn)

@@ -61,8 +61,17 @@ struct Window {
 
 impl Window {
     fn new(qos: u8, limit: usize) -> Window {
-        let state = if qos == 0 { Vec::new() } else { vec![FREE; 65536] };
-        Window { state, next: 0, inflight: 0, limit: if qos == 0 { usize::MAX } else { limit } }
+        let state = if qos == 0 {
+            Vec::new()
+        } else {
+            vec![FREE; 65536]
+        };
+        Window {
+            state,
+            next: 0,
+            inflight: 0,
+            limit: if qos == 0 { usize::MAX } else { limit },
+        }
     }
 
     fn open(&self) -> bool {
@@ -106,7 +115,11 @@ pub async fn run(
     stop: &CancellationToken,
     abort: &CancellationToken,
 ) -> PublisherResult {
-    let mut r = PublisherResult { id: spec.id, qos: spec.qos, ..PublisherResult::default() };
+    let mut r = PublisherResult {
+        id: spec.id,
+        qos: spec.qos,
+        ..PublisherResult::default()
+    };
     let mut done_sending = false;
     if let Err(e) = drive(conn, spec, progress, stop, abort, &mut r, &mut done_sending).await {
         r.error = Some(format!("publisher {}: {e:#}", spec.id));
@@ -160,7 +173,11 @@ async fn drive(
                     1 => window.take(AWAIT_PUBACK),
                     _ => window.take(AWAIT_PUBREC),
                 };
-                let stamp = Stamp { publisher: spec.id, seq: r.sent, sent_ns: now_ns() };
+                let stamp = Stamp {
+                    publisher: spec.id,
+                    seq: r.sent,
+                    sent_ns: now_ns(),
+                };
                 codec::encode_publish(
                     &mut conn.wbuf,
                     conn.version,
@@ -192,7 +209,11 @@ async fn drive(
         // A full batch means we could go on without ever waiting: after writing it, let the
         // other clients, the timers and the coordinator run (one batch per poll).
         let full_batch = conn.wbuf.len() >= BATCH_BYTES;
-        let interest = if conn.wbuf.is_empty() { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
+        let interest = if conn.wbuf.is_empty() {
+            Interest::READABLE
+        } else {
+            Interest::READABLE | Interest::WRITABLE
+        };
         tokio::select! {
             biased;
             _ = abort.cancelled() => return Ok(()),
@@ -231,7 +252,11 @@ async fn drive(
 }
 
 /// Handles every complete packet in the read buffer; returns handshakes completed.
-fn handle_packets(conn: &mut Conn, window: &mut Window, r: &mut PublisherResult) -> anyhow::Result<u64> {
+fn handle_packets(
+    conn: &mut Conn,
+    window: &mut Window,
+    r: &mut PublisherResult,
+) -> anyhow::Result<u64> {
     let mut pos = 0;
     let mut completed = 0;
     while let Some(f) = codec::frame(&conn.rbuf[pos..], MAX_INBOUND)? {
@@ -280,7 +305,10 @@ fn handle_packets(conn: &mut Conn, window: &mut Window, r: &mut PublisherResult)
             }
             kind::DISCONNECT => {
                 let (code, why) = codec::parse_disconnect(conn.version, body)?;
-                bail!("broker sent DISCONNECT 0x{code:02x} {}", why.unwrap_or_default());
+                bail!(
+                    "broker sent DISCONNECT 0x{code:02x} {}",
+                    why.unwrap_or_default()
+                );
             }
             _ => {}
         }
@@ -298,10 +326,20 @@ mod tests {
     #[test]
     fn the_window_hands_out_free_ids_and_wraps() {
         let mut w = Window::new(1, 3);
-        assert_eq!([w.take(AWAIT_PUBACK), w.take(AWAIT_PUBACK), w.take(AWAIT_PUBACK)], [1, 2, 3]);
+        assert_eq!(
+            [
+                w.take(AWAIT_PUBACK),
+                w.take(AWAIT_PUBACK),
+                w.take(AWAIT_PUBACK)
+            ],
+            [1, 2, 3]
+        );
         assert!(!w.open());
         assert!(w.advance(2, AWAIT_PUBACK, FREE));
-        assert!(!w.advance(2, AWAIT_PUBACK, FREE), "an ack for a free id is ignored");
+        assert!(
+            !w.advance(2, AWAIT_PUBACK, FREE),
+            "an ack for a free id is ignored"
+        );
         assert!(w.open());
         w.next = u16::MAX - 1;
         assert_eq!(w.take(AWAIT_PUBACK), u16::MAX);

@@ -63,7 +63,10 @@ pub async fn run(
     setup: mpsc::Sender<Result<(), String>>,
     stop: &CancellationToken,
 ) -> SubscriberResult {
-    let mut r = SubscriberResult { id: spec.id, ..SubscriberResult::default() };
+    let mut r = SubscriberResult {
+        id: spec.id,
+        ..SubscriberResult::default()
+    };
     let mut setup = Some(setup);
     if let Err(e) = drive(conn, spec, progress, &mut setup, stop, &mut r).await {
         let msg = format!("subscriber {}: {e:#}", spec.id);
@@ -98,11 +101,26 @@ async fn drive(
     let mut distinct = 0u64;
 
     // Packets that came in with the CONNACK (a resumed session's queue) are already buffered.
-    if !conn.rbuf.is_empty() && absorb(conn, spec, progress, setup, &mut qos2_pending, &mut distinct, r).await? {
+    if !conn.rbuf.is_empty()
+        && absorb(
+            conn,
+            spec,
+            progress,
+            setup,
+            &mut qos2_pending,
+            &mut distinct,
+            r,
+        )
+        .await?
+    {
         return Ok(());
     }
     loop {
-        let interest = if conn.wbuf.is_empty() { Interest::READABLE } else { Interest::READABLE | Interest::WRITABLE };
+        let interest = if conn.wbuf.is_empty() {
+            Interest::READABLE
+        } else {
+            Interest::READABLE | Interest::WRITABLE
+        };
         tokio::select! {
             biased;
             _ = stop.cancelled() => return Ok(()),
@@ -176,7 +194,11 @@ struct Batch {
 }
 
 /// Handles every complete packet in the read buffer; acks go to the write buffer.
-fn handle_packets(conn: &mut Conn, qos2_pending: &mut [bool], r: &mut SubscriberResult) -> anyhow::Result<Batch> {
+fn handle_packets(
+    conn: &mut Conn,
+    qos2_pending: &mut [bool],
+    r: &mut SubscriberResult,
+) -> anyhow::Result<Batch> {
     let mut pos = 0;
     let mut batch = Batch::default();
     while let Some(f) = codec::frame(&conn.rbuf[pos..], MAX_INBOUND)? {
@@ -217,7 +239,10 @@ fn handle_packets(conn: &mut Conn, qos2_pending: &mut [bool], r: &mut Subscriber
             }
             kind::DISCONNECT => {
                 let (code, why) = codec::parse_disconnect(conn.version, body)?;
-                bail!("broker sent DISCONNECT 0x{code:02x} {}", why.unwrap_or_default());
+                bail!(
+                    "broker sent DISCONNECT 0x{code:02x} {}",
+                    why.unwrap_or_default()
+                );
             }
             _ => {}
         }
@@ -247,7 +272,8 @@ fn account(r: &mut SubscriberResult, qos: u8, payload: &[u8]) -> bool {
         Arrival::InOrder | Arrival::OutOfOrder => {
             let now = now_ns();
             r.last_receive_ns = now;
-            let h = r.latency[usize::from(qos.min(2))].get_or_insert_with(|| Box::new(Latency::new()));
+            let h =
+                r.latency[usize::from(qos.min(2))].get_or_insert_with(|| Box::new(Latency::new()));
             h.record(now.saturating_sub(stamp.sent_ns));
             true
         }

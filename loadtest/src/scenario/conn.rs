@@ -36,7 +36,10 @@ enum Outcome {
 pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
     let fd_limit = clock::raise_fd_limit();
     if let Some(limit) = fd_limit.filter(|l| *l < u64::from(a.clients) + 64) {
-        eprintln!("warning: open-files limit {limit} is below {} connections", a.clients);
+        eprintln!(
+            "warning: open-files limit {limit} is below {} connections",
+            a.clients
+        );
     }
     let settings = Arc::new(settings);
     let progress = Progress::new(0);
@@ -54,7 +57,11 @@ pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
         if let Some(rate) = a.rate.filter(|r| *r > 0.0) {
             tokio::time::sleep_until(t0_tokio + Duration::from_secs_f64(f64::from(i) / rate)).await;
         }
-        let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let permit = permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
         let broker = settings.layout().broker(Role::Publisher, i);
         let addr = settings.brokers[broker].clone();
         let opts = settings.client_options('c', i, None);
@@ -68,7 +75,10 @@ pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
                     let latency_ns = now_ns() - start;
                     progress.connected.fetch_add(1, Relaxed);
                     let dropped = hold_idle(conn, opts.keepalive_secs, &hold).await;
-                    Outcome::Held { latency_ns, dropped }
+                    Outcome::Held {
+                        latency_ns,
+                        dropped,
+                    }
                 }
                 Err(e) => {
                     progress.failed.fetch_add(1, Relaxed);
@@ -78,11 +88,15 @@ pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
         }));
     }
     // Every attempt has ended once all permits are back.
-    let all = permits.acquire_many(a.concurrency).await.expect("the semaphore is never closed");
+    let all = permits
+        .acquire_many(a.concurrency)
+        .await
+        .expect("the semaphore is never closed");
     drop(all);
     let connect_phase_s = t0.elapsed().as_secs_f64();
     let succeeded = progress.connected.load(Relaxed);
-    settings.write_ready_file(&serde_json::json!({ "scenario": "conn", "connections": succeeded }))?;
+    settings
+        .write_ready_file(&serde_json::json!({ "scenario": "conn", "connections": succeeded }))?;
     tokio::select! {
         _ = tokio::time::sleep(a.duration) => {}
         _ = tokio::signal::ctrl_c() => eprintln!("interrupted: closing"),
@@ -94,11 +108,18 @@ pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
     ticker_done.cancel();
 
     let mut latency = Latency::new();
-    let mut stats = ConnectStats { attempted: u64::from(a.clients), connect_phase_s, ..ConnectStats::default() };
+    let mut stats = ConnectStats {
+        attempted: u64::from(a.clients),
+        connect_phase_s,
+        ..ConnectStats::default()
+    };
     let mut errors = Vec::new();
     for o in outcomes {
         match o {
-            Outcome::Held { latency_ns, dropped } => {
+            Outcome::Held {
+                latency_ns,
+                dropped,
+            } => {
                 stats.succeeded += 1;
                 stats.dropped += u64::from(dropped);
                 latency.record(latency_ns);
@@ -117,7 +138,9 @@ pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
         .enumerate()
         .map(|(b, addr)| BrokerUse {
             addr: addr.clone(),
-            connections: (0..a.clients).filter(|&i| settings.layout().broker(Role::Publisher, i) == b).count(),
+            connections: (0..a.clients)
+                .filter(|&i| settings.layout().broker(Role::Publisher, i) == b)
+                .count(),
             ..BrokerUse::default()
         })
         .collect();
@@ -137,7 +160,9 @@ pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
 /// Keeps a connection open until `hold` fires, sending PINGREQ when it is due; returns true
 /// if the broker closed it first.
 async fn hold_idle(mut conn: Conn, keepalive_secs: u16, hold: &CancellationToken) -> bool {
-    let every = conn.keepalive(keepalive_secs).unwrap_or(Duration::from_secs(86_400 * 365));
+    let every = conn
+        .keepalive(keepalive_secs)
+        .unwrap_or(Duration::from_secs(86_400 * 365));
     let mut next_ping = tokio::time::Instant::now() + every;
     loop {
         tokio::select! {

@@ -47,12 +47,25 @@ pub async fn run(command: Command) -> anyhow::Result<Report> {
         }
         Command::Shared(a) => {
             let s = Settings::new("shared", &a.common)?;
-            let topo = Topology::shared(a.publishers, a.subscribers, &a.group, &a.traffic.qos, &s.prefix, s.layout());
+            let topo = Topology::shared(
+                a.publishers,
+                a.subscribers,
+                &a.group,
+                &a.traffic.qos,
+                &s.prefix,
+                s.layout(),
+            );
             traffic::run(s, Load::new(&a.traffic), topo).await
         }
         Command::Offline(a) => {
             let s = Settings::new("offline", &a.common)?;
-            let topo = Topology::many_to_each(a.publishers, a.subscribers, &a.traffic.qos, &s.prefix, s.layout());
+            let topo = Topology::many_to_each(
+                a.publishers,
+                a.subscribers,
+                &a.traffic.qos,
+                &s.prefix,
+                s.layout(),
+            );
             offline::run(s, Load::new(&a.traffic), topo).await
         }
         Command::Sink(_) => anyhow::bail!("sink is not a client scenario"),
@@ -61,6 +74,9 @@ pub async fn run(command: Command) -> anyhow::Result<Report> {
 
 impl Settings {
     pub fn layout(&self) -> Layout {
-        Layout { brokers: self.brokers.len(), placement: self.placement }
+        Layout {
+            brokers: self.brokers.len(),
+            placement: self.placement,
+        }
     }
 }

@@ -31,12 +31,21 @@ pub async fn run(settings: Settings, mut load: Load, topo: Topology) -> anyhow::
     }
     let progress = Progress::new(topo.publishers.len());
     let setup_deadline = settings.connect_timeout + Duration::from_secs(5);
-    let persistent = Settings { persistent: true, ..settings.clone() };
+    let persistent = Settings {
+        persistent: true,
+        ..settings.clone()
+    };
 
     // 1. Create the sessions and take them offline.
     let first_stop = CancellationToken::new();
-    let (subs, mut rx) =
-        traffic::spawn_subscribers(&persistent, &load, &topo, &progress, &first_stop, Leave::Disconnect);
+    let (subs, mut rx) = traffic::spawn_subscribers(
+        &persistent,
+        &load,
+        &topo,
+        &progress,
+        &first_stop,
+        Leave::Disconnect,
+    );
     let setup = role::await_setup(&mut rx, subs.len(), setup_deadline).await;
     first_stop.cancel();
     let first: Vec<SubscriberResult> = join_all(subs).await.into_iter().map(|(r, _)| r).collect();
@@ -67,12 +76,14 @@ pub async fn run(settings: Settings, mut load: Load, topo: Topology) -> anyhow::
     let pub_results = join_all(pubs).await;
 
     // 3. Come back and drain.
-    settings.write_ready_file(&serde_json::json!({ "scenario": "offline", "phase": "reconnect" }))?;
+    settings
+        .write_ready_file(&serde_json::json!({ "scenario": "offline", "phase": "reconnect" }))?;
     let stop = CancellationToken::new();
     let reconnect_ns = now_ns();
     let (subs, mut rx) = spawn_resumers(&persistent, &topo, &progress, &stop);
     let setup = role::await_setup(&mut rx, subs.len(), setup_deadline).await;
-    let drain_timed_out = setup.is_err() || traffic::drain_phase(&load, &topo, &progress, 0, true).await;
+    let drain_timed_out =
+        setup.is_err() || traffic::drain_phase(&load, &topo, &progress, 0, true).await;
     stop.cancel();
     let elapsed_s = t0.elapsed().as_secs_f64();
     let cpu = CpuTime::now().since(cpu0);
@@ -83,15 +94,27 @@ pub async fn run(settings: Settings, mut load: Load, topo: Topology) -> anyhow::
     }
 
     let mut report = base_report(&settings, &load, &topo);
-    let sessions_resumed = resumed.iter().filter(|(_, present)| *present == Some(true)).count() as u64;
+    let sessions_resumed = resumed
+        .iter()
+        .filter(|(_, present)| *present == Some(true))
+        .count() as u64;
     let sub_results: Vec<SubscriberResult> = resumed.into_iter().map(|(r, _)| r).collect();
     report.elapsed_s = elapsed_s;
     report.drain_timed_out = acks_timed_out || drain_timed_out;
-    report::account(&mut report, &topo, &settings.brokers, &pub_results, &sub_results);
+    report::account(
+        &mut report,
+        &topo,
+        &settings.brokers,
+        &pub_results,
+        &sub_results,
+    );
     report.errors.extend(setup.err().map(|e| format!("{e:#}")));
     report.send_s = secs_since(t0_ns, pub_results.iter().map(|p| p.last_send_ns).max());
     report.send_rate = report::rate(report.sent, report.send_s);
-    report.receive_s = secs_since(reconnect_ns, sub_results.iter().map(|s| s.last_receive_ns).max());
+    report.receive_s = secs_since(
+        reconnect_ns,
+        sub_results.iter().map(|s| s.last_receive_ns).max(),
+    );
     report.receive_rate = report::rate(report.totals.distinct, report.receive_s);
     report.offline = Some(OfflineStats {
         published_while_offline: report.sent,
@@ -118,10 +141,23 @@ fn spawn_resumers(
         .enumerate()
         .map(|(i, plan)| {
             let id = i as u32;
-            let spec = SubscriberSpec { id, subscribe: None, count: None, keepalive_secs: settings.keepalive };
+            let spec = SubscriberSpec {
+                id,
+                subscribe: None,
+                count: None,
+                keepalive_secs: settings.keepalive,
+            };
             let opts = settings.client_options('s', id, Some(true));
             let addr = settings.brokers[plan.broker].clone();
-            role::spawn_subscriber(addr, opts, spec, progress.clone(), tx.clone(), stop.clone(), Leave::EndSession)
+            role::spawn_subscriber(
+                addr,
+                opts,
+                spec,
+                progress.clone(),
+                tx.clone(),
+                stop.clone(),
+                Leave::EndSession,
+            )
         })
         .collect();
     (handles, rx)
@@ -131,7 +167,9 @@ fn spawn_resumers(
 async fn end_311_sessions(settings: &Settings, n: usize) {
     for i in 0..n as u32 {
         let opts = settings.client_options('s', i, Some(false));
-        let addr = &settings.brokers[settings.layout().broker(super::topology::Role::Subscriber, i)];
+        let addr = &settings.brokers[settings
+            .layout()
+            .broker(super::topology::Role::Subscriber, i)];
         if let Ok(conn) = Conn::connect(addr, &opts, 256).await {
             let _ = conn.disconnect(false, Duration::from_secs(2)).await;
         }

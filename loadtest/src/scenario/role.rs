@@ -52,7 +52,12 @@ pub fn spawn_publisher(
                 progress.failed.fetch_add(1, Relaxed);
                 progress.publishers_done.fetch_add(1, Relaxed);
                 let _ = setup.send(Err(msg.clone())).await;
-                return PublisherResult { id: spec.id, qos: spec.qos, error: Some(msg), ..PublisherResult::default() };
+                return PublisherResult {
+                    id: spec.id,
+                    qos: spec.qos,
+                    error: Some(msg),
+                    ..PublisherResult::default()
+                };
             }
         };
         progress.connected.fetch_add(1, Relaxed);
@@ -100,14 +105,24 @@ pub fn spawn_subscriber(
                 progress.failed.fetch_add(1, Relaxed);
                 progress.subscribers_done.fetch_add(1, Relaxed);
                 let _ = setup.send(Err(msg.clone())).await;
-                return (SubscriberResult { id: spec.id, error: Some(msg), ..SubscriberResult::default() }, None);
+                return (
+                    SubscriberResult {
+                        id: spec.id,
+                        error: Some(msg),
+                        ..SubscriberResult::default()
+                    },
+                    None,
+                );
             }
         };
         let session_present = conn.connack.session_present;
         progress.connected.fetch_add(1, Relaxed);
         let mut r = subscriber::run(&mut conn, &spec, &progress, setup, &stop).await;
         if r.error.is_none() {
-            if let Err(e) = conn.disconnect(leave == Leave::EndSession, CLOSE_WAIT).await {
+            if let Err(e) = conn
+                .disconnect(leave == Leave::EndSession, CLOSE_WAIT)
+                .await
+            {
                 r.error = Some(format!("subscriber {}: {e:#}", spec.id));
             }
         }

@@ -41,8 +41,14 @@ impl Settings {
         if c.brokers.is_empty() {
             bail!("no --broker given");
         }
-        let run_id = format!("{:06x}", (now_ns() ^ u64::from(std::process::id()).rotate_left(24)) & 0xff_ffff);
-        let prefix = c.topic_prefix.clone().unwrap_or_else(|| format!("petrel-bench/{run_id}"));
+        let run_id = format!(
+            "{:06x}",
+            (now_ns() ^ u64::from(std::process::id()).rotate_left(24)) & 0xff_ffff
+        );
+        let prefix = c
+            .topic_prefix
+            .clone()
+            .unwrap_or_else(|| format!("petrel-bench/{run_id}"));
         Ok(Settings {
             scenario,
             brokers: c.brokers.clone(),
@@ -87,7 +93,9 @@ impl Settings {
 
     /// Writes `json` to the --ready-file, if any, atomically (temp file + rename).
     pub fn write_ready_file(&self, json: &serde_json::Value) -> anyhow::Result<()> {
-        let Some(path) = &self.output.ready_file else { return Ok(()) };
+        let Some(path) = &self.output.ready_file else {
+            return Ok(());
+        };
         write_atomically(path, &json.to_string())
     }
 }
@@ -95,7 +103,8 @@ impl Settings {
 pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))
 }
 
 #[derive(Debug, Clone)]

@@ -75,13 +75,22 @@ impl Topology {
     fn add_publishers(&mut self, n: u32, qos: &[u8], prefix: &str, layout: Layout) {
         for id in 0..n {
             let broker = layout.broker(Role::Publisher, id);
-            self.publishers.push(PubPlan { topic: pub_topic(prefix, id), qos: qos_of(qos, id), broker });
+            self.publishers.push(PubPlan {
+                topic: pub_topic(prefix, id),
+                qos: qos_of(qos, id),
+                broker,
+            });
         }
     }
 
     fn add_subscriber(&mut self, filter: String, qos: u8, receiver: usize, layout: Layout) {
         let broker = layout.broker(Role::Subscriber, self.subscribers.len() as u32);
-        self.subscribers.push(SubPlan { filter, qos, broker, receiver });
+        self.subscribers.push(SubPlan {
+            filter,
+            qos,
+            broker,
+            receiver,
+        });
     }
 
     fn all_publishers(&self) -> Option<Vec<u32>> {
@@ -99,7 +108,10 @@ impl Topology {
     pub fn subscribers_only(n: u32, filter: &str, qos: u8, layout: Layout) -> Topology {
         let mut t = Topology::default();
         for i in 0..n {
-            t.receivers.push(ReceiverPlan { label: format!("s{i}"), publishers: None });
+            t.receivers.push(ReceiverPlan {
+                label: format!("s{i}"),
+                publishers: None,
+            });
             t.add_subscriber(filter.to_owned(), qos, i as usize, layout);
         }
         t
@@ -117,7 +129,10 @@ impl Topology {
         t.add_publishers(p, qos, prefix, layout);
         let max_qos = qos.iter().copied().max().unwrap_or(0);
         for i in 0..s {
-            t.receivers.push(ReceiverPlan { label: format!("s{i}"), publishers: t.all_publishers() });
+            t.receivers.push(ReceiverPlan {
+                label: format!("s{i}"),
+                publishers: t.all_publishers(),
+            });
             t.add_subscriber(format!("{prefix}/+"), max_qos, i as usize, layout);
         }
         t
@@ -128,7 +143,10 @@ impl Topology {
         let mut t = Topology::default();
         t.add_publishers(1, qos, prefix, layout);
         for i in 0..s {
-            t.receivers.push(ReceiverPlan { label: format!("s{i}"), publishers: Some(vec![0]) });
+            t.receivers.push(ReceiverPlan {
+                label: format!("s{i}"),
+                publishers: Some(vec![0]),
+            });
             t.add_subscriber(pub_topic(prefix, 0), qos_of(qos, 0), i as usize, layout);
         }
         t
@@ -139,7 +157,10 @@ impl Topology {
         let mut t = Topology::default();
         t.add_publishers(n, qos, prefix, layout);
         for i in 0..n {
-            t.receivers.push(ReceiverPlan { label: format!("s{i}"), publishers: Some(vec![i]) });
+            t.receivers.push(ReceiverPlan {
+                label: format!("s{i}"),
+                publishers: Some(vec![i]),
+            });
             t.add_subscriber(pub_topic(prefix, i), qos_of(qos, i), i as usize, layout);
         }
         t
@@ -147,11 +168,20 @@ impl Topology {
 
     /// `p` publishers, `k` subscribers in the shared group `group` on `<prefix>/+`: each
     /// message must reach the group once.
-    pub fn shared(p: u32, k: u32, group: &str, qos: &[u8], prefix: &str, layout: Layout) -> Topology {
+    pub fn shared(
+        p: u32,
+        k: u32,
+        group: &str,
+        qos: &[u8],
+        prefix: &str,
+        layout: Layout,
+    ) -> Topology {
         let mut t = Topology::default();
         t.add_publishers(p, qos, prefix, layout);
-        t.receivers
-            .push(ReceiverPlan { label: format!("$share/{group} ({k} members)"), publishers: t.all_publishers() });
+        t.receivers.push(ReceiverPlan {
+            label: format!("$share/{group} ({k} members)"),
+            publishers: t.all_publishers(),
+        });
         let max_qos = qos.iter().copied().max().unwrap_or(0);
         for _ in 0..k {
             t.add_subscriber(format!("$share/{group}/{prefix}/+"), max_qos, 0, layout);
@@ -182,12 +212,25 @@ mod tests {
             let l = layout(n, Placement::Spread);
             for i in 0..10 {
                 let (p, s) = (l.broker(Role::Publisher, i), l.broker(Role::Subscriber, i));
-                assert!(p < n && s < n && p % 2 == 0 && s % 2 == 1, "n {n} i {i}: {p} {s}");
+                assert!(
+                    p < n && s < n && p % 2 == 0 && s % 2 == 1,
+                    "n {n} i {i}: {p} {s}"
+                );
             }
         }
         let l = layout(4, Placement::Spread);
-        assert_eq!((0..3).map(|i| l.broker(Role::Publisher, i)).collect::<Vec<_>>(), [0, 2, 0]);
-        assert_eq!((0..3).map(|i| l.broker(Role::Subscriber, i)).collect::<Vec<_>>(), [1, 3, 1]);
+        assert_eq!(
+            (0..3)
+                .map(|i| l.broker(Role::Publisher, i))
+                .collect::<Vec<_>>(),
+            [0, 2, 0]
+        );
+        assert_eq!(
+            (0..3)
+                .map(|i| l.broker(Role::Subscriber, i))
+                .collect::<Vec<_>>(),
+            [1, 3, 1]
+        );
         assert_eq!(layout(1, Placement::Spread).broker(Role::Subscriber, 5), 0);
     }
 
@@ -195,8 +238,18 @@ mod tests {
     fn scenario_shapes() {
         let l = layout(1, Placement::Same);
         let t = Topology::fanin(3, &[0, 1], "x", l);
-        assert_eq!(t.publishers.iter().map(|p| p.qos).collect::<Vec<_>>(), [0, 1, 0]);
-        assert_eq!((t.subscribers.len(), t.subscribers[0].filter.as_str(), t.subscribers[0].qos), (1, "x/+", 1));
+        assert_eq!(
+            t.publishers.iter().map(|p| p.qos).collect::<Vec<_>>(),
+            [0, 1, 0]
+        );
+        assert_eq!(
+            (
+                t.subscribers.len(),
+                t.subscribers[0].filter.as_str(),
+                t.subscribers[0].qos
+            ),
+            (1, "x/+", 1)
+        );
         assert_eq!(t.receivers[0].publishers, Some(vec![0, 1, 2]));
 
         let t = Topology::p2p(2, &[1], "x", l);
@@ -205,10 +258,16 @@ mod tests {
 
         let t = Topology::shared(2, 3, "g", &[2], "x", l);
         assert_eq!(t.receivers.len(), 1);
-        assert!(t.subscribers.iter().all(|s| s.receiver == 0 && s.filter == "$share/g/x/+"));
+        assert!(t
+            .subscribers
+            .iter()
+            .all(|s| s.receiver == 0 && s.filter == "$share/g/x/+"));
 
         let t = Topology::fanout(4, &[1], "x", l);
         assert_eq!((t.publishers.len(), t.receivers.len()), (1, 4));
-        assert!(Topology::subscribers_only(2, "a/#", 1, l).receivers.iter().all(|r| r.publishers.is_none()));
+        assert!(Topology::subscribers_only(2, "a/#", 1, l)
+            .receivers
+            .iter()
+            .all(|r| r.publishers.is_none()));
     }
 }

@@ -33,7 +33,14 @@ pub async fn run(settings: Settings, load: Load, topo: Topology) -> anyhow::Resu
     let sub_stop = CancellationToken::new();
     let setup_deadline = settings.connect_timeout + Duration::from_secs(5);
 
-    let subs = spawn_subscribers(&settings, &load, &topo, &progress, &sub_stop, Leave::EndSession);
+    let subs = spawn_subscribers(
+        &settings,
+        &load,
+        &topo,
+        &progress,
+        &sub_stop,
+        Leave::EndSession,
+    );
     let (subs, mut setup_rx) = subs;
     let pubs = spawn_publishers(&settings, &load, &topo, &progress, &signals);
     let (pubs, mut pub_setup_rx) = pubs;
@@ -70,11 +77,18 @@ pub async fn run(settings: Settings, load: Load, topo: Topology) -> anyhow::Resu
     ticker_done.cancel();
 
     let pub_results = join_all(pubs).await;
-    let sub_results: Vec<SubscriberResult> = join_all(subs).await.into_iter().map(|(r, _)| r).collect();
+    let sub_results: Vec<SubscriberResult> =
+        join_all(subs).await.into_iter().map(|(r, _)| r).collect();
     let mut report = base_report(&settings, &load, &topo);
     report.elapsed_s = elapsed_s;
     report.drain_timed_out = drain_timed_out;
-    report::account(&mut report, &topo, &settings.brokers, &pub_results, &sub_results);
+    report::account(
+        &mut report,
+        &topo,
+        &settings.brokers,
+        &pub_results,
+        &sub_results,
+    );
     report.send_s = secs_since(t0_ns, pub_results.iter().map(|p| p.last_send_ns).max());
     report.receive_s = secs_since(t0_ns, sub_results.iter().map(|s| s.last_receive_ns).max());
     report.send_rate = report::rate(report.sent, report.send_s);
@@ -85,7 +99,9 @@ pub async fn run(settings: Settings, load: Load, topo: Topology) -> anyhow::Resu
 
 /// Seconds from `t0_ns` to `end_ns` (0 when nothing happened).
 pub fn secs_since(t0_ns: u64, end_ns: Option<u64>) -> f64 {
-    end_ns.filter(|&e| e > t0_ns).map_or(0.0, |e| (e - t0_ns) as f64 / 1e9)
+    end_ns
+        .filter(|&e| e > t0_ns)
+        .map_or(0.0, |e| (e - t0_ns) as f64 / 1e9)
 }
 
 /// Everything about the run that is known before it starts.
@@ -133,12 +149,24 @@ pub fn spawn_subscribers(
             let spec = SubscriberSpec {
                 id,
                 subscribe: Some((plan.filter.clone(), plan.qos)),
-                count: if topo.publishers.is_empty() { load.count } else { None },
+                count: if topo.publishers.is_empty() {
+                    load.count
+                } else {
+                    None
+                },
                 keepalive_secs: settings.keepalive,
             };
             let opts = settings.client_options('s', id, None);
             let addr = settings.brokers[plan.broker].clone();
-            role::spawn_subscriber(addr, opts, spec, progress.clone(), tx.clone(), stop.clone(), leave)
+            role::spawn_subscriber(
+                addr,
+                opts,
+                spec,
+                progress.clone(),
+                tx.clone(),
+                stop.clone(),
+                leave,
+            )
         })
         .collect();
     (handles, rx)
@@ -170,7 +198,14 @@ pub fn spawn_publishers(
             };
             let opts = settings.client_options('p', id, None);
             let addr = settings.brokers[plan.broker].clone();
-            role::spawn_publisher(addr, opts, spec, progress.clone(), tx.clone(), signals.clone())
+            role::spawn_publisher(
+                addr,
+                opts,
+                spec,
+                progress.clone(),
+                tx.clone(),
+                signals.clone(),
+            )
         })
         .collect();
     (handles, rx)
@@ -178,7 +213,13 @@ pub fn spawn_publishers(
 
 /// Until every publisher (or, with none, every subscriber) is done, or the duration ends,
 /// or Ctrl-C.
-pub async fn send_phase(load: &Load, progress: &Progress, pubs: usize, subs: usize, stop: &CancellationToken) {
+pub async fn send_phase(
+    load: &Load,
+    progress: &Progress,
+    pubs: usize,
+    subs: usize,
+    stop: &CancellationToken,
+) {
     let deadline = load.duration.map(|d| tokio::time::Instant::now() + d);
     let all_done = async {
         let mut tick = tokio::time::interval(POLL);
@@ -210,15 +251,25 @@ pub async fn send_phase(load: &Load, progress: &Progress, pubs: usize, subs: usi
 
 /// Until every publisher finished its window and (with `receipt`) every expected message
 /// arrived, or nothing moved for `load.drain`. Returns true on the idle deadline.
-pub async fn drain_phase(load: &Load, topo: &Topology, progress: &Progress, pubs: usize, receipt: bool) -> bool {
+pub async fn drain_phase(
+    load: &Load,
+    topo: &Topology,
+    progress: &Progress,
+    pubs: usize,
+    receipt: bool,
+) -> bool {
     let mut tick = tokio::time::interval(POLL);
     let mut last = (progress.totals(), Instant::now());
     loop {
         tick.tick().await;
         let now = progress.totals();
-        let expected = if receipt { expected_deliveries(topo, progress) } else { 0 };
-        let windows_done =
-            progress.publishers_done.load(Relaxed) as usize >= pubs && now.acked >= acked_target(topo, progress);
+        let expected = if receipt {
+            expected_deliveries(topo, progress)
+        } else {
+            0
+        };
+        let windows_done = progress.publishers_done.load(Relaxed) as usize >= pubs
+            && now.acked >= acked_target(topo, progress);
         if windows_done && now.received >= expected {
             return false;
         }
@@ -241,7 +292,12 @@ pub fn expected_deliveries(topo: &Topology, progress: &Progress) -> u64 {
 
 /// Messages of the QoS 1/2 publishers, all of which should be acknowledged.
 fn acked_target(topo: &Topology, progress: &Progress) -> u64 {
-    topo.publishers.iter().enumerate().filter(|(_, p)| p.qos > 0).map(|(i, _)| progress.sent_of(i as u32)).sum()
+    topo.publishers
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.qos > 0)
+        .map(|(i, _)| progress.sent_of(i as u32))
+        .sum()
 }
 
 pub async fn join_all<T>(handles: Vec<JoinHandle<T>>) -> Vec<T> {

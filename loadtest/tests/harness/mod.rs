@@ -30,7 +30,9 @@ fn petrel_bin() -> PathBuf {
     tried.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/petrel"));
     match tried.iter().find(|p| p.is_file()) {
         Some(p) => p.clone(),
-        None => panic!("no petrel binary at {tried:?}: run `cargo build -p petrel-node` or set PETREL_BIN"),
+        None => panic!(
+            "no petrel binary at {tried:?}: run `cargo build -p petrel-node` or set PETREL_BIN"
+        ),
     }
 }
 
@@ -38,22 +40,33 @@ impl Node {
     pub fn start() -> Node {
         let dir = tempfile::tempdir().expect("create a temp dir");
         let ready = dir.path().join("ready.json");
-        let log = std::fs::File::create(dir.path().join("petrel.log")).expect("create the log file");
+        let log =
+            std::fs::File::create(dir.path().join("petrel.log")).expect("create the log file");
         let mut cmd = Command::new(petrel_bin());
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("PETREL_") {
                 cmd.env_remove(&k);
             }
         }
-        cmd.args(["--mqtt-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone the log handle"))
-            .stderr(log);
+        cmd.args([
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone the log handle"))
+        .stderr(log);
         let child = cmd.spawn().expect("spawn petrel");
-        let mut node = Node { child, dir, mqtt: String::new() };
+        let mut node = Node {
+            child,
+            dir,
+            mqtt: String::new(),
+        };
         node.mqtt = node.wait_ready(&ready);
         node
     }
@@ -64,12 +77,22 @@ impl Node {
         loop {
             if let Ok(text) = std::fs::read_to_string(ready) {
                 let v: serde_json::Value = serde_json::from_str(&text).expect("ready file is JSON");
-                return v["mqtt"].as_str().expect("ready file has \"mqtt\"").to_owned();
+                return v["mqtt"]
+                    .as_str()
+                    .expect("ready file has \"mqtt\"")
+                    .to_owned();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("petrel exited with {status} before it was ready:\n{}", self.log());
+                panic!(
+                    "petrel exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
             }
-            assert!(Instant::now() < deadline, "petrel not ready within {START_DEADLINE:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "petrel not ready within {START_DEADLINE:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

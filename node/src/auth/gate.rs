@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Acl, AuthError, ClientCtx, FailureTracker, PasswordFile, Reloadable, SlowdownPolicy, SubscribeDecision};
+use super::{
+    Acl, AuthError, ClientCtx, FailureTracker, PasswordFile, Reloadable, SlowdownPolicy,
+    SubscribeDecision,
+};
 use crate::codec::ReasonCode;
 use crate::config::AuthConfig;
 
@@ -56,7 +59,12 @@ impl AuthGate {
 
     /// Decides a CONNECT's credentials. Repeated failures from one address are answered
     /// ever more slowly; the password hash runs off the async workers.
-    pub async fn authenticate(&self, ip: IpAddr, username: Option<&str>, password: Option<&[u8]>) -> Result<(), ReasonCode> {
+    pub async fn authenticate(
+        &self,
+        ip: IpAddr,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<(), ReasonCode> {
         let delay = self.failures.delay_for(ip, Instant::now());
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -66,8 +74,14 @@ impl AuthGate {
             (None, _) => Err(ReasonCode::NOT_AUTHORIZED),
             (Some(_), None) => Ok(()),
             (Some(user), Some(file)) => {
-                let (file, user, pass) = (file.current(), user.to_owned(), password.unwrap_or_default().to_vec());
-                let ok = tokio::task::spawn_blocking(move || file.verify(&user, &pass)).await.unwrap_or(false);
+                let (file, user, pass) = (
+                    file.current(),
+                    user.to_owned(),
+                    password.unwrap_or_default().to_vec(),
+                );
+                let ok = tokio::task::spawn_blocking(move || file.verify(&user, &pass))
+                    .await
+                    .unwrap_or(false);
                 if ok {
                     Ok(())
                 } else {
@@ -83,14 +97,20 @@ impl AuthGate {
     }
 
     pub fn may_publish(&self, ctx: &ClientCtx<'_>, topic: &str) -> bool {
-        self.acl.as_ref().is_none_or(|a| a.current().check_publish(ctx, topic))
+        self.acl
+            .as_ref()
+            .is_none_or(|a| a.current().check_publish(ctx, topic))
     }
 
     pub fn may_subscribe(&self, ctx: &ClientCtx<'_>, filter: &str) -> SubscribeDecision {
-        self.acl.as_ref().map_or(SubscribeDecision::Allow, |a| a.current().check_subscribe(ctx, filter))
+        self.acl.as_ref().map_or(SubscribeDecision::Allow, |a| {
+            a.current().check_subscribe(ctx, filter)
+        })
     }
 
     pub fn may_receive(&self, ctx: &ClientCtx<'_>, topic: &str) -> bool {
-        self.acl.as_ref().is_none_or(|a| a.current().check_receive(ctx, topic))
+        self.acl
+            .as_ref()
+            .is_none_or(|a| a.current().check_receive(ctx, topic))
     }
 }

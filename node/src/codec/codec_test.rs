@@ -1166,7 +1166,9 @@ fn publish_topic_names() {
     check(
         &frame(0x30, &[0, 0, 0]),
         V5,
-        Err(DecodeError::Protocol("empty topic name without a topic alias")),
+        Err(DecodeError::Protocol(
+            "empty topic name without a topic alias",
+        )),
     );
     let mut p = publish("", QoS::AtMostOnce, None, b"x");
     p.properties.topic_alias = Some(1);

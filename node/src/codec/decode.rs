@@ -15,7 +15,9 @@ use super::types::{MqttStr, PacketId, Protocol, QoS, ReasonCode};
 pub fn read_remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
     let mut value: usize = 0;
     for i in 0..4 {
-        let Some(&b) = buf.get(i) else { return Ok(None) };
+        let Some(&b) = buf.get(i) else {
+            return Ok(None);
+        };
         value |= ((b & 0x7F) as usize) << (7 * i);
         if b & 0x80 == 0 {
             if i > 0 && b == 0 {
@@ -32,15 +34,24 @@ pub fn read_remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>, Decod
 ///
 /// `max_packet_size` bounds the whole packet (fixed header included); a larger one is
 /// rejected as soon as its header is read, before its body is buffered.
-pub fn decode_packet(buf: &mut BytesMut, protocol: Protocol, max_packet_size: u32) -> Result<Option<Packet>, DecodeError> {
+pub fn decode_packet(
+    buf: &mut BytesMut,
+    protocol: Protocol,
+    max_packet_size: u32,
+) -> Result<Option<Packet>, DecodeError> {
     if buf.len() < 2 {
         return Ok(None);
     }
     let first = buf[0];
-    let Some((len, n)) = read_remaining_length(&buf[1..])? else { return Ok(None) };
+    let Some((len, n)) = read_remaining_length(&buf[1..])? else {
+        return Ok(None);
+    };
     let total = 1 + n + len;
     if total > max_packet_size as usize {
-        return Err(DecodeError::PacketTooLarge { size: total, max: max_packet_size });
+        return Err(DecodeError::PacketTooLarge {
+            size: total,
+            max: max_packet_size,
+        });
     }
     if buf.len() < total {
         // Grow towards the announced size a bounded step at a time, so that a few header
@@ -173,7 +184,9 @@ impl Reader {
                 Ok(v as u32)
             }
             Ok(None) => Err(DecodeError::Malformed("truncated variable byte integer")),
-            Err(_) => Err(DecodeError::Malformed("variable byte integer longer than 4 bytes")),
+            Err(_) => Err(DecodeError::Malformed(
+                "variable byte integer longer than 4 bytes",
+            )),
         }
     }
 
@@ -231,7 +244,9 @@ fn connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     let password_flag = flags & 0x40 != 0;
     let username_flag = flags & 0x80 != 0;
     if !will_flag && (will_qos != 0 || will_retain) {
-        return Err(DecodeError::Malformed("will qos or retain set without a will"));
+        return Err(DecodeError::Malformed(
+            "will qos or retain set without a will",
+        ));
     }
     let will_qos = QoS::from_u8(will_qos).ok_or(DecodeError::Malformed("will qos 3"))?;
     if !v5 && password_flag && !username_flag {
@@ -252,8 +267,12 @@ fn connect(r: &mut Reader) -> Result<Connect, DecodeError> {
                 n => set_once(&mut p.maximum_packet_size, n),
             },
             prop::TOPIC_ALIAS_MAXIMUM => set_once(&mut p.topic_alias_maximum, v.u16()),
-            prop::REQUEST_RESPONSE_INFORMATION => set_once(&mut p.request_response_information, v.bool()?),
-            prop::REQUEST_PROBLEM_INFORMATION => set_once(&mut p.request_problem_information, v.bool()?),
+            prop::REQUEST_RESPONSE_INFORMATION => {
+                set_once(&mut p.request_response_information, v.bool()?)
+            }
+            prop::REQUEST_PROBLEM_INFORMATION => {
+                set_once(&mut p.request_problem_information, v.bool()?)
+            }
             prop::USER_PROPERTY => {
                 p.user_properties.push(v.pair());
                 Ok(true)
@@ -263,7 +282,9 @@ fn connect(r: &mut Reader) -> Result<Connect, DecodeError> {
             _ => Ok(false),
         })?;
         if properties.authentication_data.is_some() && properties.authentication_method.is_none() {
-            return Err(DecodeError::Protocol("authentication data without a method"));
+            return Err(DecodeError::Protocol(
+                "authentication data without a method",
+            ));
         }
     }
     let client_id = r.str()?;
@@ -299,13 +320,28 @@ fn connect(r: &mut Reader) -> Result<Connect, DecodeError> {
             return Err(DecodeError::InvalidTopicName);
         }
         let payload = r.bin()?;
-        Some(LastWill { topic, payload, qos: will_qos, retain: will_retain, properties: wp })
+        Some(LastWill {
+            topic,
+            payload,
+            qos: will_qos,
+            retain: will_retain,
+            properties: wp,
+        })
     } else {
         None
     };
     let username = if username_flag { Some(r.str()?) } else { None };
     let password = if password_flag { Some(r.bin()?) } else { None };
-    Ok(Connect { protocol, clean_start, keep_alive, client_id, will, username, password, properties })
+    Ok(Connect {
+        protocol,
+        clean_start,
+        keep_alive,
+        client_id,
+        will,
+        username,
+        password,
+        properties,
+    })
 }
 
 fn connack(r: &mut Reader, v5: bool) -> Result<ConnAck, DecodeError> {
@@ -331,18 +367,24 @@ fn connack(r: &mut Reader, v5: bool) -> Result<ConnAck, DecodeError> {
             },
             prop::RETAIN_AVAILABLE => set_once(&mut p.retain_available, v.bool()?),
             prop::MAXIMUM_PACKET_SIZE => set_once(&mut p.maximum_packet_size, v.u32()),
-            prop::ASSIGNED_CLIENT_IDENTIFIER => set_once(&mut p.assigned_client_identifier, v.str()),
+            prop::ASSIGNED_CLIENT_IDENTIFIER => {
+                set_once(&mut p.assigned_client_identifier, v.str())
+            }
             prop::TOPIC_ALIAS_MAXIMUM => set_once(&mut p.topic_alias_maximum, v.u16()),
             prop::REASON_STRING => set_once(&mut p.reason_string, v.str()),
             prop::USER_PROPERTY => {
                 p.user_properties.push(v.pair());
                 Ok(true)
             }
-            prop::WILDCARD_SUBSCRIPTION_AVAILABLE => set_once(&mut p.wildcard_subscription_available, v.bool()?),
+            prop::WILDCARD_SUBSCRIPTION_AVAILABLE => {
+                set_once(&mut p.wildcard_subscription_available, v.bool()?)
+            }
             prop::SUBSCRIPTION_IDENTIFIER_AVAILABLE => {
                 set_once(&mut p.subscription_identifiers_available, v.bool()?)
             }
-            prop::SHARED_SUBSCRIPTION_AVAILABLE => set_once(&mut p.shared_subscription_available, v.bool()?),
+            prop::SHARED_SUBSCRIPTION_AVAILABLE => {
+                set_once(&mut p.shared_subscription_available, v.bool()?)
+            }
             prop::SERVER_KEEP_ALIVE => set_once(&mut p.server_keep_alive, v.u16()),
             prop::RESPONSE_INFORMATION => set_once(&mut p.response_information, v.str()),
             prop::SERVER_REFERENCE => set_once(&mut p.server_reference, v.str()),
@@ -351,7 +393,11 @@ fn connack(r: &mut Reader, v5: bool) -> Result<ConnAck, DecodeError> {
             _ => Ok(false),
         })?;
     }
-    Ok(ConnAck { session_present: flags & 1 != 0, reason_code, properties })
+    Ok(ConnAck {
+        session_present: flags & 1 != 0,
+        reason_code,
+        properties,
+    })
 }
 
 fn publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, DecodeError> {
@@ -365,7 +411,11 @@ fn publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, DecodeError> 
     if !is_valid_topic_name(&topic) {
         return Err(DecodeError::InvalidTopicName);
     }
-    let packet_id = if qos == QoS::AtMostOnce { None } else { Some(r.packet_id()?) };
+    let packet_id = if qos == QoS::AtMostOnce {
+        None
+    } else {
+        Some(r.packet_id()?)
+    };
     let mut properties = PublishProperties::default();
     if v5 {
         let p = &mut properties;
@@ -408,7 +458,15 @@ fn publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, DecodeError> 
         });
     }
     let payload = r.rest();
-    Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload })
+    Ok(Publish {
+        dup,
+        qos,
+        retain,
+        topic,
+        packet_id,
+        properties,
+        payload,
+    })
 }
 
 fn ack_properties(r: &mut Reader) -> Result<AckProperties, DecodeError> {
@@ -462,7 +520,9 @@ fn subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> {
         let o = r.u8()?;
         let reserved = if v5 { 0xC0 } else { 0xFC };
         if o & reserved != 0 {
-            return Err(DecodeError::Malformed("reserved subscription option bits set"));
+            return Err(DecodeError::Malformed(
+                "reserved subscription option bits set",
+            ));
         }
         let qos = QoS::from_u8(o & 0b11).ok_or(DecodeError::Malformed("subscription qos 3"))?;
         let retain_handling = match (o >> 4) & 0b11 {
@@ -482,14 +542,26 @@ fn subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> {
     if filters.is_empty() {
         return Err(DecodeError::Protocol("subscribe without topic filters"));
     }
-    Ok(Subscribe { packet_id, properties, filters })
+    Ok(Subscribe {
+        packet_id,
+        properties,
+        filters,
+    })
 }
 
 fn suback(r: &mut Reader, v5: bool) -> Result<SubAck, DecodeError> {
     let packet_id = r.packet_id()?;
-    let properties = if v5 { ack_properties(r)? } else { AckProperties::default() };
+    let properties = if v5 {
+        ack_properties(r)?
+    } else {
+        AckProperties::default()
+    };
     let reason_codes = r.rest().iter().map(|&b| ReasonCode(b)).collect();
-    Ok(SubAck { packet_id, properties, reason_codes })
+    Ok(SubAck {
+        packet_id,
+        properties,
+        reason_codes,
+    })
 }
 
 fn unsubscribe(r: &mut Reader, v5: bool) -> Result<Unsubscribe, DecodeError> {
@@ -511,17 +583,29 @@ fn unsubscribe(r: &mut Reader, v5: bool) -> Result<Unsubscribe, DecodeError> {
     if filters.is_empty() {
         return Err(DecodeError::Protocol("unsubscribe without topic filters"));
     }
-    Ok(Unsubscribe { packet_id, user_properties, filters })
+    Ok(Unsubscribe {
+        packet_id,
+        user_properties,
+        filters,
+    })
 }
 
 fn unsuback(r: &mut Reader, v5: bool) -> Result<UnsubAck, DecodeError> {
     let packet_id = r.packet_id()?;
     if !v5 {
-        return Ok(UnsubAck { packet_id, properties: AckProperties::default(), reason_codes: Vec::new() });
+        return Ok(UnsubAck {
+            packet_id,
+            properties: AckProperties::default(),
+            reason_codes: Vec::new(),
+        });
     }
     let properties = ack_properties(r)?;
     let reason_codes = r.rest().iter().map(|&b| ReasonCode(b)).collect();
-    Ok(UnsubAck { packet_id, properties, reason_codes })
+    Ok(UnsubAck {
+        packet_id,
+        properties,
+        reason_codes,
+    })
 }
 
 fn disconnect(r: &mut Reader, v5: bool) -> Result<Disconnect, DecodeError> {

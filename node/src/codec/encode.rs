@@ -280,7 +280,11 @@ pub fn encoded_len(packet: &Packet, protocol: Protocol) -> usize {
 }
 
 /// Appends one packet to `buf`.
-pub fn encode_packet(packet: &Packet, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {
+pub fn encode_packet(
+    packet: &Packet,
+    protocol: Protocol,
+    buf: &mut BytesMut,
+) -> Result<(), EncodeError> {
     if let Packet::Publish(p) = packet {
         return PublishOut::of(p).encode(protocol, buf);
     }
@@ -309,7 +313,9 @@ fn body<S: Sink>(packet: &Packet, protocol: Protocol, s: &mut S) {
         Packet::Connect(c) => connect(c, s),
         Packet::ConnAck(c) => connack(c, v5, s),
         Packet::Publish(p) => PublishOut::of(p).body(protocol, s),
-        Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => pub_resp(r, v5, s),
+        Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
+            pub_resp(r, v5, s)
+        }
         Packet::Subscribe(sub) => subscribe(sub, v5, s),
         Packet::SubAck(a) => {
             s.put_u16(a.packet_id.get());
@@ -397,8 +403,16 @@ fn connect<S: Sink>(c: &Connect, s: &mut S) {
             if let Some(v) = p.topic_alias_maximum {
                 s.u16(prop::TOPIC_ALIAS_MAXIMUM, v);
             }
-            opt_bool(s, prop::REQUEST_RESPONSE_INFORMATION, p.request_response_information);
-            opt_bool(s, prop::REQUEST_PROBLEM_INFORMATION, p.request_problem_information);
+            opt_bool(
+                s,
+                prop::REQUEST_RESPONSE_INFORMATION,
+                p.request_response_information,
+            );
+            opt_bool(
+                s,
+                prop::REQUEST_PROBLEM_INFORMATION,
+                p.request_problem_information,
+            );
             user_props(s, &p.user_properties);
             opt_str(s, prop::AUTHENTICATION_METHOD, &p.authentication_method);
             opt_bin(s, prop::AUTHENTICATION_DATA, &p.authentication_data);
@@ -438,7 +452,11 @@ fn connect<S: Sink>(c: &Connect, s: &mut S) {
 fn connack<S: Sink>(c: &ConnAck, v5: bool, s: &mut S) {
     s.put_u8(c.session_present as u8);
     if !v5 {
-        let rc = if c.reason_code.0 <= 5 { c.reason_code.0 } else { c.reason_code.connack_v3() };
+        let rc = if c.reason_code.0 <= 5 {
+            c.reason_code.0
+        } else {
+            c.reason_code.connack_v3()
+        };
         s.put_u8(rc);
         return;
     }
@@ -458,15 +476,31 @@ fn connack<S: Sink>(c: &ConnAck, v5: bool, s: &mut S) {
         if let Some(v) = p.maximum_packet_size {
             s.u32(prop::MAXIMUM_PACKET_SIZE, v);
         }
-        opt_str(s, prop::ASSIGNED_CLIENT_IDENTIFIER, &p.assigned_client_identifier);
+        opt_str(
+            s,
+            prop::ASSIGNED_CLIENT_IDENTIFIER,
+            &p.assigned_client_identifier,
+        );
         if let Some(v) = p.topic_alias_maximum {
             s.u16(prop::TOPIC_ALIAS_MAXIMUM, v);
         }
         opt_str(s, prop::REASON_STRING, &p.reason_string);
         user_props(s, &p.user_properties);
-        opt_bool(s, prop::WILDCARD_SUBSCRIPTION_AVAILABLE, p.wildcard_subscription_available);
-        opt_bool(s, prop::SUBSCRIPTION_IDENTIFIER_AVAILABLE, p.subscription_identifiers_available);
-        opt_bool(s, prop::SHARED_SUBSCRIPTION_AVAILABLE, p.shared_subscription_available);
+        opt_bool(
+            s,
+            prop::WILDCARD_SUBSCRIPTION_AVAILABLE,
+            p.wildcard_subscription_available,
+        );
+        opt_bool(
+            s,
+            prop::SUBSCRIPTION_IDENTIFIER_AVAILABLE,
+            p.subscription_identifiers_available,
+        );
+        opt_bool(
+            s,
+            prop::SHARED_SUBSCRIPTION_AVAILABLE,
+            p.shared_subscription_available,
+        );
         if let Some(v) = p.server_keep_alive {
             s.u16(prop::SERVER_KEEP_ALIVE, v);
         }
@@ -514,7 +548,9 @@ fn subscribe<S: Sink>(sub: &Subscribe, v5: bool, s: &mut S) {
         s.put_bin(f.as_bytes());
         let mut b = o.qos as u8;
         if v5 {
-            b |= (o.no_local as u8) << 2 | (o.retain_as_published as u8) << 3 | (o.retain_handling as u8) << 4;
+            b |= (o.no_local as u8) << 2
+                | (o.retain_as_published as u8) << 3
+                | (o.retain_handling as u8) << 4;
         }
         s.put_u8(b);
     }

@@ -208,7 +208,11 @@ pub struct PubResp {
 
 impl PubResp {
     pub fn new(packet_id: PacketId, reason_code: ReasonCode) -> PubResp {
-        PubResp { packet_id, reason_code, properties: AckProperties::default() }
+        PubResp {
+            packet_id,
+            reason_code,
+            properties: AckProperties::default(),
+        }
     }
 }
 
@@ -287,7 +291,10 @@ pub struct Disconnect {
 
 impl Disconnect {
     pub fn new(reason_code: ReasonCode) -> Disconnect {
-        Disconnect { reason_code, properties: DisconnectProperties::default() }
+        Disconnect {
+            reason_code,
+            properties: DisconnectProperties::default(),
+        }
     }
 }
 

@@ -105,10 +105,13 @@ fn read_value(id: u8, r: &mut Reader) -> Result<Value, DecodeError> {
         | WILDCARD_SUBSCRIPTION_AVAILABLE
         | SUBSCRIPTION_IDENTIFIER_AVAILABLE
         | SHARED_SUBSCRIPTION_AVAILABLE => Value::Byte(r.u8()?),
-        SERVER_KEEP_ALIVE | RECEIVE_MAXIMUM | TOPIC_ALIAS_MAXIMUM | TOPIC_ALIAS => Value::U16(r.u16()?),
-        MESSAGE_EXPIRY_INTERVAL | SESSION_EXPIRY_INTERVAL | WILL_DELAY_INTERVAL | MAXIMUM_PACKET_SIZE => {
-            Value::U32(r.u32()?)
+        SERVER_KEEP_ALIVE | RECEIVE_MAXIMUM | TOPIC_ALIAS_MAXIMUM | TOPIC_ALIAS => {
+            Value::U16(r.u16()?)
         }
+        MESSAGE_EXPIRY_INTERVAL
+        | SESSION_EXPIRY_INTERVAL
+        | WILL_DELAY_INTERVAL
+        | MAXIMUM_PACKET_SIZE => Value::U32(r.u32()?),
         SUBSCRIPTION_IDENTIFIER => Value::VarInt(r.varint()?),
         CONTENT_TYPE
         | RESPONSE_TOPIC
@@ -137,10 +140,13 @@ where
     let mut block = r.sub(len)?;
     while !block.is_empty() {
         let id = block.varint()?;
-        let id = u8::try_from(id).map_err(|_| DecodeError::Malformed("unknown property identifier"))?;
+        let id =
+            u8::try_from(id).map_err(|_| DecodeError::Malformed("unknown property identifier"))?;
         let value = read_value(id, &mut block)?;
         if !f(id, value)? {
-            return Err(DecodeError::Malformed("property not allowed in this packet"));
+            return Err(DecodeError::Malformed(
+                "property not allowed in this packet",
+            ));
         }
     }
     Ok(())

@@ -5,15 +5,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use petrel_storage::{Committed, Ticket};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::error::ConnError;
 use crate::auth::ClientCtx;
 use crate::broker::Broker;
-use crate::codec::{decode_packet, encode_packet, Connect, Disconnect, LastWill, MqttStr, Packet, Protocol};
+use crate::codec::{
+    decode_packet, encode_packet, Connect, Disconnect, LastWill, MqttStr, Packet, Protocol,
+};
 use crate::message::Message;
 use crate::router::Match;
 use crate::session::{Delivery, Kick, Session, SessionState};
@@ -34,7 +36,9 @@ pub(super) struct ConnParams {
 /// How the event loop ended.
 pub(super) enum Exit {
     /// The client sent DISCONNECT (v5 0x04 asks for the will anyway).
-    Disconnect { with_will: bool },
+    Disconnect {
+        with_will: bool,
+    },
     Error(ConnError),
 }
 
@@ -77,7 +81,13 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    pub fn new(broker: Arc<Broker>, session: Arc<Session>, state: Box<SessionState>, p: ConnParams, out: BytesMut) -> Conn {
+    pub fn new(
+        broker: Arc<Broker>,
+        session: Arc<Session>,
+        state: Box<SessionState>,
+        p: ConnParams,
+        out: BytesMut,
+    ) -> Conn {
         let cfg = &broker.cfg.mqtt;
         let props = &p.connect.properties;
         let v5 = p.connect.protocol.is_v5();
@@ -92,8 +102,17 @@ impl Conn {
             will: p.connect.will,
             out,
             out_max_packet: props.maximum_packet_size.unwrap_or(u32::MAX) as usize,
-            out_window: client_receive_max.min(cfg.max_inflight_messages as usize).max(1),
-            out_alias_max: if v5 { props.topic_alias_maximum.unwrap_or(0).min(cfg.topic_alias_maximum) } else { 0 },
+            out_window: client_receive_max
+                .min(cfg.max_inflight_messages as usize)
+                .max(1),
+            out_alias_max: if v5 {
+                props
+                    .topic_alias_maximum
+                    .unwrap_or(0)
+                    .min(cfg.topic_alias_maximum)
+            } else {
+                0
+            },
             out_aliases: HashMap::new(),
             in_aliases: HashMap::new(),
             problem_info: props.request_problem_information.unwrap_or(true),
@@ -112,7 +131,10 @@ impl Conn {
 
     /// Who the ACL sees.
     pub fn acl_ctx(&self) -> ClientCtx<'_> {
-        ClientCtx { username: self.username.as_deref(), client_id: &self.client_id }
+        ClientCtx {
+            username: self.username.as_deref(),
+            client_id: &self.client_id,
+        }
     }
 
     pub fn v5(&self) -> bool {
@@ -132,7 +154,8 @@ impl Conn {
         let durable = self.committed.borrow().ticket;
         let wait = self.durable_acks && ticket.is_some_and(|t| t > durable);
         if wait || !self.pending_acks.is_empty() {
-            self.pending_acks.push_back((ticket.unwrap_or_default(), ack));
+            self.pending_acks
+                .push_back((ticket.unwrap_or_default(), ack));
         } else {
             self.send(&ack);
         }
@@ -144,7 +167,11 @@ impl Conn {
         if c.failed {
             return Err(ConnError::StoreFailed);
         }
-        while self.pending_acks.front().is_some_and(|(t, _)| *t <= c.ticket) {
+        while self
+            .pending_acks
+            .front()
+            .is_some_and(|(t, _)| *t <= c.ticket)
+        {
             let (_, ack) = self.pending_acks.pop_front().expect("front exists");
             self.send(&ack);
         }
@@ -168,7 +195,11 @@ impl Conn {
         let ka_limit = self.keep_alive * 3 / 2;
         let ka_on = !ka_limit.is_zero();
         let mut last_seen = Instant::now();
-        let sleep = tokio::time::sleep(if ka_on { ka_limit } else { Duration::from_secs(86_400) });
+        let sleep = tokio::time::sleep(if ka_on {
+            ka_limit
+        } else {
+            Duration::from_secs(86_400)
+        });
         tokio::pin!(sleep);
         let mut kick_live = true;
         let session = self.session.clone();
@@ -258,7 +289,8 @@ impl Conn {
             if self.v5() {
                 let mut d = Disconnect::new(rc);
                 if self.problem_info || rc.is_error() {
-                    d.properties.reason_string = reason.and_then(|e| MqttStr::new(&e.reason_string()).ok());
+                    d.properties.reason_string =
+                        reason.and_then(|e| MqttStr::new(&e.reason_string()).ok());
                 }
                 self.send(&Packet::Disconnect(d));
             }
@@ -272,18 +304,33 @@ impl Conn {
         let now = Instant::now();
         if publish_will {
             if let Some(w) = self.will.take() {
-                let delay = if self.v5() { w.properties.will_delay_interval.unwrap_or(0).min(self.expiry) } else { 0 };
+                let delay = if self.v5() {
+                    w.properties
+                        .will_delay_interval
+                        .unwrap_or(0)
+                        .min(self.expiry)
+                } else {
+                    0
+                };
                 let msg = Message::from_will(&w, self.session.id(), now);
-                self.broker.schedule_will(&self.client_id, self.session.id(), msg, Duration::from_secs(delay as u64));
+                self.broker.schedule_will(
+                    &self.client_id,
+                    self.session.id(),
+                    msg,
+                    Duration::from_secs(delay as u64),
+                );
             }
         }
         let end = self.expiry == 0;
-        let expires_at = (!end && self.expiry != u32::MAX).then(|| now + Duration::from_secs(self.expiry as u64));
+        let expires_at = (!end && self.expiry != u32::MAX)
+            .then(|| now + Duration::from_secs(self.expiry as u64));
         let broker = self.broker.clone();
         let session = self.session.clone();
         if session.is_persistent() && !end {
             let since = crate::persist::value::Clock::now().unix_ms;
-            broker.store.append(|w| crate::persist::put_session(w, &self.client_id, self.expiry, since));
+            broker
+                .store
+                .append(|w| crate::persist::put_session(w, &self.client_id, self.expiry, since));
         }
         if let Some(state) = session.release(self.conn_id, self.state, expires_at, end) {
             broker.end_session(&session, Some(state));

@@ -11,11 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::{Conn, ConnParams};
 use crate::broker::Broker;
-use crate::listener::Kind;
 use crate::codec::{
-    decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect, DecodeError, MqttStr, Packet,
-    Protocol, QoS, ReasonCode,
+    decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect,
+    DecodeError, MqttStr, Packet, Protocol, QoS, ReasonCode,
 };
+use crate::listener::Kind;
 use crate::router::topic;
 use crate::session::{Kick, Session, SessionState};
 
@@ -31,8 +31,13 @@ pub struct ConnInfo {
 }
 
 /// Serves one client connection to its end.
-pub async fn serve<S>(stream: S, peer: SocketAddr, info: ConnInfo, broker: Arc<Broker>, cancel: CancellationToken)
-where
+pub async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    info: ConnInfo,
+    broker: Arc<Broker>,
+    cancel: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     broker.metrics.connections.inc();
@@ -51,8 +56,13 @@ enum ConnectFailure {
     Io(std::io::Error),
 }
 
-async fn run<S>(stream: S, peer: SocketAddr, info: ConnInfo, broker: &Arc<Broker>, cancel: CancellationToken)
-where
+async fn run<S>(
+    stream: S,
+    peer: SocketAddr,
+    info: ConnInfo,
+    broker: &Arc<Broker>,
+    cancel: CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
@@ -60,7 +70,10 @@ where
     let cfg = &broker.cfg.mqtt;
     let limit = Duration::from_millis(cfg.connect_timeout_ms);
     let read = read_connect(&mut reader, &mut rbuf, cfg.max_packet_size_bytes);
-    let mut connect = match tokio::time::timeout(limit, read).await.unwrap_or(Err(ConnectFailure::Timeout)) {
+    let mut connect = match tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or(Err(ConnectFailure::Timeout))
+    {
         Ok(c) => c,
         Err(f) => return refuse_early(f, &mut writer, broker, peer).await,
     };
@@ -78,17 +91,38 @@ where
     let (username, password) = (connect.username.as_deref(), connect.password.as_deref());
     let verdict = match info.cert_cn {
         Some(_) => Ok(()),
-        None => broker.auth.authenticate(peer.ip(), username, password).await,
+        None => {
+            broker
+                .auth
+                .authenticate(peer.ip(), username, password)
+                .await
+        }
     };
     if let Err(rc) = verdict {
-        let reason = if rc == ReasonCode::NOT_AUTHORIZED { "not_authorized" } else { "bad_credentials" };
-        broker.metrics.auth_failures.with_label_values(&[reason]).inc();
+        let reason = if rc == ReasonCode::NOT_AUTHORIZED {
+            "not_authorized"
+        } else {
+            "bad_credentials"
+        };
+        broker
+            .metrics
+            .auth_failures
+            .with_label_values(&[reason])
+            .inc();
         tracing::info!(%peer, client_id = %accepted.client_id, ?username, reason, "authentication failed");
         return refuse(protocol, rc, &mut writer).await;
     }
     let conn_id = broker.next_conn_id();
     let (kick_tx, kick_rx) = oneshot::channel();
-    let claim = claim(broker, &accepted.client_id, connect.clean_start, accepted.expiry, conn_id, kick_tx).await;
+    let claim = claim(
+        broker,
+        &accepted.client_id,
+        connect.clean_start,
+        accepted.expiry,
+        conn_id,
+        kick_tx,
+    )
+    .await;
     let (session, state, present) = match claim {
         Ok(c) => c,
         Err(rc) => return refuse(protocol, rc, &mut writer).await,
@@ -97,13 +131,25 @@ where
     let connack = connack(&connect, broker, &accepted, present);
     let mut out = BytesMut::with_capacity(8192);
     encode_packet(&Packet::ConnAck(connack), protocol, &mut out).expect("connack encodes");
-    let params = ConnParams { connect, client_id: accepted.client_id, keep_alive: accepted.keep_alive, expiry: accepted.expiry, conn_id };
+    let params = ConnParams {
+        connect,
+        client_id: accepted.client_id,
+        keep_alive: accepted.keep_alive,
+        expiry: accepted.expiry,
+        conn_id,
+    };
     let mut conn = Conn::new(broker.clone(), session, state, params, out);
-    let exit = conn.run(&mut reader, &mut writer, rbuf, kick_rx, cancel).await;
+    let exit = conn
+        .run(&mut reader, &mut writer, rbuf, kick_rx, cancel)
+        .await;
     conn.finish(exit, &mut writer).await;
 }
 
-async fn read_connect<R>(reader: &mut R, rbuf: &mut BytesMut, max: u32) -> Result<Box<Connect>, ConnectFailure>
+async fn read_connect<R>(
+    reader: &mut R,
+    rbuf: &mut BytesMut,
+    max: u32,
+) -> Result<Box<Connect>, ConnectFailure>
 where
     R: AsyncRead + Unpin,
 {
@@ -172,7 +218,11 @@ where
     W: AsyncWrite + Unpin,
 {
     tracing::debug!(reason = %rc, "connection refused");
-    let connack = ConnAck { session_present: false, reason_code: rc, properties: ConnAckProperties::default() };
+    let connack = ConnAck {
+        session_present: false,
+        reason_code: rc,
+        properties: ConnAckProperties::default(),
+    };
     let mut out = BytesMut::new();
     if encode_packet(&Packet::ConnAck(connack), protocol, &mut out).is_ok() {
         let _ = writer.write_all(&out).await;
@@ -201,10 +251,19 @@ fn accept(c: &Connect, broker: &Broker) -> Result<Accepted, ReasonCode> {
         if !v5 && (!c.clean_start || c.protocol == Protocol::V3_1) {
             return Err(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
         }
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let id = format!("{}{:x}{:04x}", cfg.client_id_prefix, nanos, broker.next_conn_id() & 0xffff);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let id = format!(
+            "{}{:x}{:04x}",
+            cfg.client_id_prefix,
+            nanos,
+            broker.next_conn_id() & 0xffff
+        );
         if v5 {
-            assigned = Some(MqttStr::new(&id).map_err(|_| ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR)?);
+            assigned =
+                Some(MqttStr::new(&id).map_err(|_| ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR)?);
         }
         id.into()
     } else {
@@ -217,12 +276,17 @@ fn accept(c: &Connect, broker: &Broker) -> Result<Accepted, ReasonCode> {
         if w.retain && !cfg.retain_available {
             return Err(ReasonCode::RETAIN_NOT_SUPPORTED);
         }
-        if w.topic.starts_with("$SYS") || topic::depth(&w.topic) > broker.cfg.limits.max_topic_levels {
+        if w.topic.starts_with("$SYS")
+            || topic::depth(&w.topic) > broker.cfg.limits.max_topic_levels
+        {
             return Err(ReasonCode::TOPIC_NAME_INVALID);
         }
     }
     let expiry = if v5 {
-        c.properties.session_expiry_interval.unwrap_or(0).min(cfg.session_expiry_max_secs)
+        c.properties
+            .session_expiry_interval
+            .unwrap_or(0)
+            .min(cfg.session_expiry_max_secs)
     } else if c.clean_start {
         0
     } else {
@@ -234,7 +298,13 @@ fn accept(c: &Connect, broker: &Broker) -> Result<Accepted, ReasonCode> {
         keep_alive = cap;
         server_keep_alive = Some(cap);
     }
-    Ok(Accepted { client_id, assigned, expiry, keep_alive, server_keep_alive })
+    Ok(Accepted {
+        client_id,
+        assigned,
+        expiry,
+        keep_alive,
+        server_keep_alive,
+    })
 }
 
 /// Claims the client id: takes over a connected session, resumes or replaces it.
@@ -294,7 +364,9 @@ fn persist_claim(broker: &Broker, session: &Session, expiry: u32) {
     let client_id = session.client_id();
     if expiry > 0 {
         session.set_persistent(true);
-        broker.store.append(|w| crate::persist::put_session(w, client_id, expiry, 0));
+        broker
+            .store
+            .append(|w| crate::persist::put_session(w, client_id, expiry, 0));
     } else if session.is_persistent() {
         session.set_persistent(false);
         broker.store.append(|w| w.delete_client(client_id));
@@ -305,7 +377,10 @@ fn connack(c: &Connect, broker: &Broker, a: &Accepted, present: bool) -> ConnAck
     let cfg = &broker.cfg.mqtt;
     let mut p = ConnAckProperties::default();
     if c.protocol.is_v5() {
-        if c.properties.session_expiry_interval.is_some_and(|asked| asked != a.expiry) {
+        if c.properties
+            .session_expiry_interval
+            .is_some_and(|asked| asked != a.expiry)
+        {
             p.session_expiry_interval = Some(a.expiry);
         }
         p.receive_maximum = Some(cfg.receive_maximum);
@@ -326,5 +401,9 @@ fn connack(c: &Connect, broker: &Broker, a: &Accepted, present: bool) -> ConnAck
         }
     }
     let present = present && c.protocol != Protocol::V3_1;
-    ConnAck { session_present: present, reason_code: ReasonCode::SUCCESS, properties: p }
+    ConnAck {
+        session_present: present,
+        reason_code: ReasonCode::SUCCESS,
+        properties: p,
+    }
 }

@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use super::conn::{Conn, Exit};
 use super::error::ConnError;
-use crate::codec::{
-    AckProperties, Disconnect, MqttStr, Packet, PubResp, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe,
-    UnsubAck, Unsubscribe,
-};
 use crate::auth::SubscribeDecision;
+use crate::codec::{
+    AckProperties, Disconnect, MqttStr, Packet, PubResp, Publish, QoS, ReasonCode, RetainHandling,
+    SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
 use crate::message::Message;
 use crate::persist::{self, value};
 use crate::router::topic;
@@ -55,9 +55,13 @@ impl Conn {
             Packet::PingReq => self.send(&Packet::PingResp),
             Packet::Disconnect(d) => return self.on_disconnect(d).map(Some),
             Packet::Connect(_) => return Err(ConnError::SecondConnect),
-            Packet::Auth(_) => return Err(ConnError::Protocol("AUTH without an authentication method")),
+            Packet::Auth(_) => {
+                return Err(ConnError::Protocol("AUTH without an authentication method"))
+            }
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-                return Err(ConnError::Protocol("server-to-client packet sent by a client"));
+                return Err(ConnError::Protocol(
+                    "server-to-client packet sent by a client",
+                ));
             }
         }
         Ok(None)
@@ -84,13 +88,19 @@ impl Conn {
                 return Err(ConnError::TopicAliasInvalid);
             }
             if p.topic.is_empty() {
-                p.topic = self.in_aliases.get(&alias).cloned().ok_or(ConnError::Protocol("unknown topic alias"))?;
+                p.topic = self
+                    .in_aliases
+                    .get(&alias)
+                    .cloned()
+                    .ok_or(ConnError::Protocol("unknown topic alias"))?;
             } else {
                 self.in_aliases.insert(alias, p.topic.clone());
             }
         }
         if !p.properties.subscription_identifiers.is_empty() {
-            return Err(ConnError::Protocol("subscription identifier in a client's PUBLISH"));
+            return Err(ConnError::Protocol(
+                "subscription identifier in a client's PUBLISH",
+            ));
         }
         if p.qos as u8 > cfg.mqtt.max_qos {
             return Err(ConnError::QosNotSupported);
@@ -101,24 +111,42 @@ impl Conn {
         if topic::depth(&p.topic) > cfg.limits.max_topic_levels {
             return Err(ConnError::TopicNameInvalid);
         }
-        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+        if p.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&p.payload).is_err()
+        {
             if p.qos == QoS::AtMostOnce {
                 return Err(ConnError::PayloadFormatInvalid);
             }
-            self.ack(&p, ReasonCode::PAYLOAD_FORMAT_INVALID, Some("payload is not valid UTF-8"));
+            self.ack(
+                &p,
+                ReasonCode::PAYLOAD_FORMAT_INVALID,
+                Some("payload is not valid UTF-8"),
+            );
             return Ok(());
         }
         if p.topic.starts_with("$SYS") {
             // Clients may not write the broker's own topics; v3 has no way to say so.
-            let rc = if self.v5() { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::SUCCESS };
+            let rc = if self.v5() {
+                ReasonCode::NOT_AUTHORIZED
+            } else {
+                ReasonCode::SUCCESS
+            };
             self.ack(&p, rc, Some("$SYS topics are published by the broker only"));
             return Ok(());
         }
         if !self.broker.auth.may_publish(&self.acl_ctx(), &p.topic) {
-            self.broker.metrics.acl_denied.with_label_values(&["publish"]).inc();
+            self.broker
+                .metrics
+                .acl_denied
+                .with_label_values(&["publish"])
+                .inc();
             tracing::debug!(client_id = %self.client_id, topic = %p.topic, "publish denied by the ACL");
             // v5 says why; 3.x has no negative acknowledgement, so the message is dropped.
-            let rc = if self.v5() { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::SUCCESS };
+            let rc = if self.v5() {
+                ReasonCode::NOT_AUTHORIZED
+            } else {
+                ReasonCode::SUCCESS
+            };
             self.ack(&p, rc, Some("not authorized"));
             return Ok(());
         }
@@ -137,28 +165,41 @@ impl Conn {
         let packet_id = p.packet_id;
         let qos = p.qos;
         let inbound = match packet_id {
-            Some(id) if qos == QoS::ExactlyOnce && self.session.is_persistent() => Some((&*self.client_id, id.get())),
+            Some(id) if qos == QoS::ExactlyOnce && self.session.is_persistent() => {
+                Some((&*self.client_id, id.get()))
+            }
             _ => None,
         };
         let msg = Arc::new(Message::from_publish(p, self.session.id(), Instant::now()));
         let (n, ticket) = self.broker.publish(msg, &mut self.matches, inbound);
         if let Some(id) = packet_id {
-            let rc = if n == 0 && self.v5() { ReasonCode::NO_MATCHING_SUBSCRIBERS } else { ReasonCode::SUCCESS };
+            let rc = if n == 0 && self.v5() {
+                ReasonCode::NO_MATCHING_SUBSCRIBERS
+            } else {
+                ReasonCode::SUCCESS
+            };
             let resp = PubResp::new(id, rc);
-            let ack = if qos == QoS::AtLeastOnce { Packet::PubAck(resp) } else { Packet::PubRec(resp) };
+            let ack = if qos == QoS::AtLeastOnce {
+                Packet::PubAck(resp)
+            } else {
+                Packet::PubRec(resp)
+            };
             self.send_after(ticket, ack);
         }
         Ok(())
     }
 
     fn on_pubrec(&mut self, r: PubResp) {
-        let pos = self
-            .state
-            .inflight
-            .iter()
-            .position(|f| f.packet_id == r.packet_id && f.stage == Stage::Published && f.delivery.qos == QoS::ExactlyOnce);
+        let pos = self.state.inflight.iter().position(|f| {
+            f.packet_id == r.packet_id
+                && f.stage == Stage::Published
+                && f.delivery.qos == QoS::ExactlyOnce
+        });
         let Some(pos) = pos else {
-            self.send(&Packet::PubRel(PubResp::new(r.packet_id, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)));
+            self.send(&Packet::PubRel(PubResp::new(
+                r.packet_id,
+                ReasonCode::PACKET_IDENTIFIER_NOT_FOUND,
+            )));
             return;
         };
         if r.reason_code.is_error() {
@@ -173,9 +214,20 @@ impl Conn {
         f.stage = Stage::Released;
         if f.delivery.seq != 0 {
             let (client_id, f) = (&self.client_id, &*f);
-            self.broker.store.append(|w| persist::put_inflight(w, client_id, &f.delivery, f.packet_id.get(), Stage::Released));
+            self.broker.store.append(|w| {
+                persist::put_inflight(
+                    w,
+                    client_id,
+                    &f.delivery,
+                    f.packet_id.get(),
+                    Stage::Released,
+                )
+            });
         }
-        self.send(&Packet::PubRel(PubResp::new(r.packet_id, ReasonCode::SUCCESS)));
+        self.send(&Packet::PubRel(PubResp::new(
+            r.packet_id,
+            ReasonCode::SUCCESS,
+        )));
     }
 
     fn on_subscribe(&mut self, s: Subscribe) -> Result<(), ConnError> {
@@ -188,28 +240,57 @@ impl Conn {
         let mut retained = Vec::new();
         for (raw, asked) in &s.filters {
             let Ok(parsed) = topic::parse_filter(raw, max_levels) else {
-                codes.push(if v5 { ReasonCode::TOPIC_FILTER_INVALID } else { ReasonCode::UNSPECIFIED_ERROR });
+                codes.push(if v5 {
+                    ReasonCode::TOPIC_FILTER_INVALID
+                } else {
+                    ReasonCode::UNSPECIFIED_ERROR
+                });
                 continue;
             };
             if v5 && parsed.group.is_some() && asked.no_local {
                 return Err(ConnError::Protocol("no local on a shared subscription"));
             }
-            let acl_filtered = match self.broker.auth.may_subscribe(&self.acl_ctx(), parsed.filter) {
+            let acl_filtered = match self
+                .broker
+                .auth
+                .may_subscribe(&self.acl_ctx(), parsed.filter)
+            {
                 SubscribeDecision::Allow => false,
                 SubscribeDecision::AllowFiltered => true,
                 SubscribeDecision::Deny => {
-                    self.broker.metrics.acl_denied.with_label_values(&["subscribe"]).inc();
-                    codes.push(if v5 { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::UNSPECIFIED_ERROR });
+                    self.broker
+                        .metrics
+                        .acl_denied
+                        .with_label_values(&["subscribe"])
+                        .inc();
+                    codes.push(if v5 {
+                        ReasonCode::NOT_AUTHORIZED
+                    } else {
+                        ReasonCode::UNSPECIFIED_ERROR
+                    });
                     continue;
                 }
             };
             let mut options = *asked;
             options.qos = asked.qos.min(max_qos);
-            let existed = self.broker.subscribe(&self.session, &parsed, options, sub_id, acl_filtered);
-            self.state.subscriptions.insert(raw.clone(), StoredSubscription { options, subscription_id: sub_id });
+            let existed =
+                self.broker
+                    .subscribe(&self.session, &parsed, options, sub_id, acl_filtered);
+            self.state.subscriptions.insert(
+                raw.clone(),
+                StoredSubscription {
+                    options,
+                    subscription_id: sub_id,
+                },
+            );
             if self.session.is_persistent() {
-                let (key, value) = (keys::subscription_key(&self.client_id, raw), value::subscription(&options, sub_id));
-                self.broker.store.append(|w| w.put(Cf::Subscriptions, &key, &value));
+                let (key, value) = (
+                    keys::subscription_key(&self.client_id, raw),
+                    value::subscription(&options, sub_id),
+                );
+                self.broker
+                    .store
+                    .append(|w| w.put(Cf::Subscriptions, &key, &value));
             }
             codes.push(ReasonCode(options.qos as u8));
             let send_retained = match options.retain_handling {
@@ -222,12 +303,23 @@ impl Conn {
                     let qos = msg.qos.min(options.qos);
                     let mut ids = SubIds::None;
                     ids.extend(sub_id);
-                    retained.push(Delivery { msg, qos, retain: true, subscription_ids: ids, seq: 0, acl_check: acl_filtered });
+                    retained.push(Delivery {
+                        msg,
+                        qos,
+                        retain: true,
+                        subscription_ids: ids,
+                        seq: 0,
+                        acl_check: acl_filtered,
+                    });
                 }
             }
         }
         let properties = AckProperties::default();
-        self.send(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties, reason_codes: codes }));
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            properties,
+            reason_codes: codes,
+        }));
         for d in retained {
             self.broker.enqueue(&self.session, d);
         }
@@ -241,9 +333,13 @@ impl Conn {
         for raw in &u.filters {
             let rc = match topic::parse_filter(raw, max_levels) {
                 Ok(parsed) => {
-                    if self.state.subscriptions.remove(raw).is_some() && self.session.is_persistent() {
+                    if self.state.subscriptions.remove(raw).is_some()
+                        && self.session.is_persistent()
+                    {
                         let key = keys::subscription_key(&self.client_id, raw);
-                        self.broker.store.append(|w| w.delete(Cf::Subscriptions, &key));
+                        self.broker
+                            .store
+                            .append(|w| w.delete(Cf::Subscriptions, &key));
                     }
                     if self.broker.unsubscribe(self.session.id(), &parsed) {
                         ReasonCode::SUCCESS
@@ -256,16 +352,24 @@ impl Conn {
             codes.push(rc);
         }
         let properties = AckProperties::default();
-        self.send(&Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties, reason_codes: codes }));
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties,
+            reason_codes: codes,
+        }));
     }
 
     fn on_disconnect(&mut self, d: Disconnect) -> Result<Exit, ConnError> {
         if let Some(secs) = d.properties.session_expiry_interval {
             if self.expiry == 0 && secs != 0 {
-                return Err(ConnError::Protocol("session expiry set on DISCONNECT after 0 on CONNECT"));
+                return Err(ConnError::Protocol(
+                    "session expiry set on DISCONNECT after 0 on CONNECT",
+                ));
             }
             self.expiry = secs.min(self.broker.cfg.mqtt.session_expiry_max_secs);
         }
-        Ok(Exit::Disconnect { with_will: d.reason_code == ReasonCode::DISCONNECT_WITH_WILL })
+        Ok(Exit::Disconnect {
+            with_will: d.reason_code == ReasonCode::DISCONNECT_WITH_WILL,
+        })
     }
 }

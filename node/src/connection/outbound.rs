@@ -73,9 +73,14 @@ impl Conn {
             subscription_identifiers: d.subscription_ids.as_slice(),
             payload: &d.msg.payload,
         };
-        if out.encoded_len(self.protocol) > self.out_max_packet || out.encode(self.protocol, &mut self.out).is_err() {
+        if out.encoded_len(self.protocol) > self.out_max_packet
+            || out.encode(self.protocol, &mut self.out).is_err()
+        {
             // The client could not accept it: discarded as if sent (MQTT 5, 3.1.2.25).
-            metrics.queue_dropped.with_label_values(&["too_large"]).inc();
+            metrics
+                .queue_dropped
+                .with_label_values(&["too_large"])
+                .inc();
             self.forget_stored(d.seq);
             return;
         }
@@ -85,10 +90,16 @@ impl Conn {
                 // The packet id must be durable before the client can see it, or a restart
                 // would resend the message under another id and break exactly-once.
                 let client_id = &self.client_id;
-                let t = self.broker.store.append(|w| persist::put_inflight(w, client_id, &d, packet_id.get(), Stage::Published));
+                let t = self.broker.store.append(|w| {
+                    persist::put_inflight(w, client_id, &d, packet_id.get(), Stage::Published)
+                });
                 self.write_barrier = self.write_barrier.max(t);
             }
-            self.state.inflight.push_back(Inflight { packet_id, delivery: d, stage: Stage::Published });
+            self.state.inflight.push_back(Inflight {
+                packet_id,
+                delivery: d,
+                stage: Stage::Published,
+            });
         }
     }
 
@@ -105,10 +116,16 @@ impl Conn {
                     self.broker.metrics.messages_sent.inc();
                     true
                 } else {
-                    self.broker.metrics.queue_dropped.with_label_values(&["too_large"]).inc();
+                    self.broker
+                        .metrics
+                        .queue_dropped
+                        .with_label_values(&["too_large"])
+                        .inc();
                     if f.delivery.seq != 0 {
                         let client_id = &self.client_id;
-                        self.broker.store.append(|w| persist::delete_queued(w, client_id, f.delivery.seq));
+                        self.broker
+                            .store
+                            .append(|w| persist::delete_queued(w, client_id, f.delivery.seq));
                     }
                     false
                 }
@@ -143,7 +160,9 @@ impl Conn {
     pub(super) fn forget_stored(&self, seq: u64) {
         if seq != 0 && self.session.is_persistent() {
             let client_id = &self.client_id;
-            self.broker.store.append(|w| persist::delete_queued(w, client_id, seq));
+            self.broker
+                .store
+                .append(|w| persist::delete_queued(w, client_id, seq));
         }
     }
 }

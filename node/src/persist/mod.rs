@@ -27,7 +27,11 @@ use crate::session::{Delivery, Stage};
 
 /// Writes the record of a persistent session.
 pub fn put_session(w: &mut BatchWriter<'_>, client_id: &str, expiry: u32, disconnected_ms: u64) {
-    w.put(Cf::Sessions, client_id.as_bytes(), &value::session(expiry, disconnected_ms));
+    w.put(
+        Cf::Sessions,
+        client_id.as_bytes(),
+        &value::session(expiry, disconnected_ms),
+    );
 }
 
 /// Deletes a delivered (or dropped) queued message and its in-flight record.
@@ -38,6 +42,16 @@ pub fn delete_queued(w: &mut BatchWriter<'_>, client_id: &str, seq: u64) {
 }
 
 /// Records the packet id and stage of an outbound QoS 2 message.
-pub fn put_inflight(w: &mut BatchWriter<'_>, client_id: &str, d: &Delivery, packet_id: u16, stage: Stage) {
-    w.put(Cf::Inflight, &keys::queue_key(client_id, d.seq), &value::inflight(packet_id, stage));
+pub fn put_inflight(
+    w: &mut BatchWriter<'_>,
+    client_id: &str,
+    d: &Delivery,
+    packet_id: u16,
+    stage: Stage,
+) {
+    w.put(
+        Cf::Inflight,
+        &keys::queue_key(client_id, d.seq),
+        &value::inflight(packet_id, stage),
+    );
 }

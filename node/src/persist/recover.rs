@@ -43,38 +43,62 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
     let mut sessions: HashMap<String, Pending> = HashMap::new();
     for row in store.scan(Cf::Sessions) {
         let (k, v) = row?;
-        let (Ok(client_id), Some((expiry, disconnected_ms))) = (std::str::from_utf8(&k), value::parse_session(&v)) else {
+        let (Ok(client_id), Some((expiry, disconnected_ms))) =
+            (std::str::from_utf8(&k), value::parse_session(&v))
+        else {
             r.orphans += 1;
             continue;
         };
-        let pending = Pending { expiry, disconnected_ms, state: Box::default(), queue: Vec::new() };
+        let pending = Pending {
+            expiry,
+            disconnected_ms,
+            state: Box::default(),
+            queue: Vec::new(),
+        };
         sessions.insert(client_id.to_owned(), pending);
     }
     let mut orphans: Vec<String> = Vec::new();
     for row in store.scan(Cf::Subscriptions) {
         let (k, v) = row?;
-        let Some((client, rest)) = keys::split_client_key(&k) else { continue };
-        let (Some(p), Ok(filter), Some((options, id))) =
-            (sessions.get_mut(client), MqttStr::from_bytes(bytes::Bytes::copy_from_slice(rest)), value::parse_subscription(&v))
-        else {
+        let Some((client, rest)) = keys::split_client_key(&k) else {
+            continue;
+        };
+        let (Some(p), Ok(filter), Some((options, id))) = (
+            sessions.get_mut(client),
+            MqttStr::from_bytes(bytes::Bytes::copy_from_slice(rest)),
+            value::parse_subscription(&v),
+        ) else {
             orphans.push(client.to_owned());
             continue;
         };
-        p.state.subscriptions.insert(filter, StoredSubscription { options, subscription_id: id });
+        p.state.subscriptions.insert(
+            filter,
+            StoredSubscription {
+                options,
+                subscription_id: id,
+            },
+        );
     }
     let mut inflight: HashMap<(String, u64), (crate::codec::PacketId, Stage)> = HashMap::new();
     for row in store.scan(Cf::Inflight) {
         let (k, v) = row?;
-        let Some((client, rest)) = keys::split_client_key(&k) else { continue };
+        let Some((client, rest)) = keys::split_client_key(&k) else {
+            continue;
+        };
         if let (Ok(seq), Some(f)) = (<[u8; 8]>::try_from(rest), value::parse_inflight(&v)) {
             inflight.insert((client.to_owned(), u64::from_be_bytes(seq)), f);
         }
     }
     for row in store.scan(Cf::Queue) {
         let (k, v) = row?;
-        let Some((client, rest)) = keys::split_client_key(&k) else { continue };
-        let (Some(p), Ok(seq), Some(mut d)) = (sessions.get_mut(client), <[u8; 8]>::try_from(rest), value::delivery(&v, &clock))
-        else {
+        let Some((client, rest)) = keys::split_client_key(&k) else {
+            continue;
+        };
+        let (Some(p), Ok(seq), Some(mut d)) = (
+            sessions.get_mut(client),
+            <[u8; 8]>::try_from(rest),
+            value::delivery(&v, &clock),
+        ) else {
             orphans.push(client.to_owned());
             continue;
         };
@@ -83,7 +107,9 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
     }
     for row in store.scan(Cf::Inbound) {
         let (k, _) = row?;
-        let Some((client, rest)) = keys::split_client_key(&k) else { continue };
+        let Some((client, rest)) = keys::split_client_key(&k) else {
+            continue;
+        };
         match (sessions.get_mut(client), <[u8; 2]>::try_from(rest)) {
             (Some(p), Ok(id)) => {
                 p.state.inbound_qos2.insert(u16::from_be_bytes(id));
@@ -103,15 +129,24 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
     // Stored filters were valid when stored; a lowered depth limit does not drop them.
     let max_levels = usize::MAX;
     for (client_id, mut p) in sessions {
-        let offline_since = if p.disconnected_ms == 0 { clock.now } else { clock.to_instant(p.disconnected_ms) };
-        let expires_at = (p.expiry != u32::MAX).then(|| offline_since + Duration::from_secs(p.expiry as u64));
+        let offline_since = if p.disconnected_ms == 0 {
+            clock.now
+        } else {
+            clock.to_instant(p.disconnected_ms)
+        };
+        let expires_at =
+            (p.expiry != u32::MAX).then(|| offline_since + Duration::from_secs(p.expiry as u64));
         let client_id: Arc<str> = client_id.into();
         p.queue.sort_by_key(|(seq, _)| *seq);
         let next_seq = p.queue.last().map_or(1, |(seq, _)| seq + 1);
         let mut queue = VecDeque::with_capacity(p.queue.len());
         for (seq, d) in p.queue {
             match inflight.get(&(client_id.to_string(), seq)) {
-                Some(&(packet_id, stage)) => p.state.inflight.push_back(Inflight { packet_id, delivery: d, stage }),
+                Some(&(packet_id, stage)) => p.state.inflight.push_back(Inflight {
+                    packet_id,
+                    delivery: d,
+                    stage,
+                }),
                 None => queue.push_back(d),
             }
         }
@@ -122,7 +157,12 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
         r.sessions += 1;
         r.subscriptions += p.state.subscriptions.len();
         r.queued += queue.len() + p.state.inflight.len();
-        let filters: Vec<_> = p.state.subscriptions.iter().map(|(f, s)| (f.clone(), *s)).collect();
+        let filters: Vec<_> = p
+            .state
+            .subscriptions
+            .iter()
+            .map(|(f, s)| (f.clone(), *s))
+            .collect();
         let session = broker.sessions.restore(client_id, |id, client_id| {
             Session::restore(id, client_id, p.expiry, p.state, queue, next_seq)
         });
@@ -155,8 +195,16 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
     }
     for row in store.scan(Cf::Wills) {
         let (k, v) = row?;
-        let (Ok(client_id), Some((msg, due))) = (std::str::from_utf8(&k), value::parse_will(&v, &clock)) else { continue };
-        let session_id = broker.sessions.get(client_id).map(|s| s.id()).unwrap_or(crate::session::SessionId::BROKER);
+        let (Ok(client_id), Some((msg, due))) =
+            (std::str::from_utf8(&k), value::parse_will(&v, &clock))
+        else {
+            continue;
+        };
+        let session_id = broker
+            .sessions
+            .get(client_id)
+            .map(|s| s.id())
+            .unwrap_or(crate::session::SessionId::BROKER);
         broker.restore_will(client_id.into(), session_id, msg, due);
         r.wills += 1;
     }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, BytesMut};
 
-use crate::codec::{decode_packet, Packet, PacketId, Protocol, PublishOut, QoS, SubscriptionOptions};
+use crate::codec::{
+    decode_packet, Packet, PacketId, Protocol, PublishOut, QoS, SubscriptionOptions,
+};
 use crate::message::Message;
 use crate::session::{Delivery, SessionId, Stage, SubIds};
 
@@ -23,14 +25,22 @@ pub struct Clock {
 
 impl Clock {
     pub fn now() -> Clock {
-        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        Clock { now: Instant::now(), unix_ms }
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Clock {
+            now: Instant::now(),
+            unix_ms,
+        }
     }
 
     pub fn to_unix_ms(&self, t: Instant) -> u64 {
         match t.checked_duration_since(self.now) {
             Some(ahead) => self.unix_ms + ahead.as_millis() as u64,
-            None => self.unix_ms.saturating_sub(self.now.duration_since(t).as_millis() as u64),
+            None => self
+                .unix_ms
+                .saturating_sub(self.now.duration_since(t).as_millis() as u64),
         }
     }
 
@@ -49,7 +59,11 @@ impl Clock {
 pub fn message(msg: &Message, qos: QoS, retain: bool, sub_ids: &[u32], clock: &Clock) -> Vec<u8> {
     let mut buf = BytesMut::with_capacity(32 + msg.topic.len() + msg.payload.len());
     buf.put_u8(VERSION);
-    buf.put_u64(msg.expires_at.map(|t| clock.to_unix_ms(t).max(1)).unwrap_or(0));
+    buf.put_u64(
+        msg.expires_at
+            .map(|t| clock.to_unix_ms(t).max(1))
+            .unwrap_or(0),
+    );
     let out = PublishOut {
         dup: false,
         qos,
@@ -64,7 +78,8 @@ pub fn message(msg: &Message, qos: QoS, retain: bool, sub_ids: &[u32], clock: &C
         subscription_identifiers: sub_ids,
         payload: &msg.payload,
     };
-    out.encode(Protocol::V5, &mut buf).expect("a decoded message re-encodes");
+    out.encode(Protocol::V5, &mut buf)
+        .expect("a decoded message re-encodes");
     buf.to_vec()
 }
 
@@ -76,7 +91,9 @@ pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
     }
     let expires_ms = b.get_u64();
     let mut buf = BytesMut::from(b);
-    let Ok(Some(Packet::Publish(p))) = decode_packet(&mut buf, Protocol::V5, u32::MAX) else { return None };
+    let Ok(Some(Packet::Publish(p))) = decode_packet(&mut buf, Protocol::V5, u32::MAX) else {
+        return None;
+    };
     let mut ids = SubIds::None;
     for &id in &p.properties.subscription_identifiers {
         ids.push(id);
@@ -84,7 +101,14 @@ pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
     let (qos, retain) = (p.qos, p.retain);
     let mut msg = Message::from_publish(p, SessionId::BROKER, clock.now);
     msg.expires_at = (expires_ms != 0).then(|| clock.to_instant(expires_ms));
-    Some(Delivery { msg: Arc::new(msg), qos, retain, subscription_ids: ids, seq: 0, acl_check: false })
+    Some(Delivery {
+        msg: Arc::new(msg),
+        qos,
+        retain,
+        subscription_ids: ids,
+        seq: 0,
+        acl_check: false,
+    })
 }
 
 /// Session record: version, expiry interval, when it went offline (0: it was connected).
@@ -105,7 +129,10 @@ pub fn parse_session(mut b: &[u8]) -> Option<(u32, u64)> {
 
 /// Subscription record: version, the v5 options byte, subscription identifier (0: none).
 pub fn subscription(o: &SubscriptionOptions, id: Option<u32>) -> [u8; 6] {
-    let opts = o.qos as u8 | (o.no_local as u8) << 2 | (o.retain_as_published as u8) << 3 | (o.retain_handling as u8) << 4;
+    let opts = o.qos as u8
+        | (o.no_local as u8) << 2
+        | (o.retain_as_published as u8) << 3
+        | (o.retain_handling as u8) << 4;
     let mut v = [0u8; 6];
     v[0] = VERSION;
     v[1] = opts;
@@ -144,7 +171,11 @@ pub fn parse_inflight(mut b: &[u8]) -> Option<(PacketId, Stage)> {
         return None;
     }
     let id = PacketId::new(b.get_u16())?;
-    let stage = if b.get_u8() == 1 { Stage::Released } else { Stage::Published };
+    let stage = if b.get_u8() == 1 {
+        Stage::Released
+    } else {
+        Stage::Published
+    };
     Some((id, stage))
 }
 
@@ -211,8 +242,14 @@ mod tests {
             retain_as_published: true,
             retain_handling: RetainHandling::DoNotSend,
         };
-        assert_eq!(parse_subscription(&subscription(&o, Some(5))), Some((o, Some(5))));
-        assert_eq!(parse_subscription(&subscription(&SubscriptionOptions::default(), None)), Some((Default::default(), None)));
+        assert_eq!(
+            parse_subscription(&subscription(&o, Some(5))),
+            Some((o, Some(5)))
+        );
+        assert_eq!(
+            parse_subscription(&subscription(&SubscriptionOptions::default(), None)),
+            Some((Default::default(), None))
+        );
         let (id, stage) = parse_inflight(&inflight(513, Stage::Released)).expect("parses");
         assert_eq!((id.get(), stage), (513, Stage::Released));
         assert!(parse_session(&[9; 13]).is_none(), "unknown version refused");

@@ -11,4 +11,4 @@ pub mod trie;
 
 pub use retained::RetainedStore;
 pub use topic::{FilterError, ParsedFilter};
-pub use trie::{Match, SubscriptionTrie, Subscriber};
+pub use trie::{Match, Subscriber, SubscriptionTrie};

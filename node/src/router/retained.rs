@@ -46,7 +46,9 @@ impl RetainedStore {
             match levels.next() {
                 None => node.message.take().is_some(),
                 Some(l) => {
-                    let Some(child) = node.children.get_mut(l) else { return false };
+                    let Some(child) = node.children.get_mut(l) else {
+                        return false;
+                    };
                     let found = rm(child, levels);
                     if child.is_empty() {
                         node.children.remove(l);
@@ -84,7 +86,12 @@ impl RetainedStore {
     }
 }
 
-fn walk<'a>(node: &Node, mut levels: std::str::Split<'a, char>, root: bool, out: &mut Vec<Arc<Message>>) {
+fn walk<'a>(
+    node: &Node,
+    mut levels: std::str::Split<'a, char>,
+    root: bool,
+    out: &mut Vec<Arc<Message>>,
+) {
     match levels.next() {
         None => out.extend(node.message.iter().cloned()),
         Some("#") => {

@@ -92,7 +92,9 @@ mod tests {
 
     #[test]
     fn filter_syntax() {
-        let ok = ["a", "a/b", "#", "+", "a/#", "a/+/c", "+/+", "/", "a//b", "$SYS/#", "a/+"];
+        let ok = [
+            "a", "a/b", "#", "+", "a/#", "a/+/c", "+/+", "/", "a//b", "$SYS/#", "a/+",
+        ];
         for f in ok {
             assert_eq!(validate_filter(f, 128), Ok(()), "{f}");
         }
@@ -112,13 +114,31 @@ mod tests {
 
     #[test]
     fn shared_filters() {
-        assert_eq!(parse_filter("$share/g/a/+", 8), Ok(ParsedFilter { group: Some("g"), filter: "a/+" }));
-        assert_eq!(parse_filter("$share/g/#", 8), Ok(ParsedFilter { group: Some("g"), filter: "#" }));
+        assert_eq!(
+            parse_filter("$share/g/a/+", 8),
+            Ok(ParsedFilter {
+                group: Some("g"),
+                filter: "a/+"
+            })
+        );
+        assert_eq!(
+            parse_filter("$share/g/#", 8),
+            Ok(ParsedFilter {
+                group: Some("g"),
+                filter: "#"
+            })
+        );
         assert_eq!(parse_filter("$share//a", 8), Err(FilterError::BadShare));
         assert_eq!(parse_filter("$share/g", 8), Err(FilterError::BadShare));
         assert_eq!(parse_filter("$share/g/", 8), Err(FilterError::BadShare));
         assert_eq!(parse_filter("$share/g+/a", 8), Err(FilterError::BadShare));
-        assert_eq!(parse_filter("$shared/g/a", 8), Ok(ParsedFilter { group: None, filter: "$shared/g/a" }));
+        assert_eq!(
+            parse_filter("$shared/g/a", 8),
+            Ok(ParsedFilter {
+                group: None,
+                filter: "$shared/g/a"
+            })
+        );
     }
 
     #[test]

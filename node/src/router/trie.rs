@@ -115,7 +115,11 @@ impl SubscriptionTrie {
                 let g = match node.shared.iter().position(|g| &*g.name == name) {
                     Some(i) => &mut node.shared[i],
                     None => {
-                        node.shared.push(SharedGroup { name: name.into(), members: Vec::new(), next: AtomicUsize::new(0) });
+                        node.shared.push(SharedGroup {
+                            name: name.into(),
+                            members: Vec::new(),
+                            next: AtomicUsize::new(0),
+                        });
                         node.shared.last_mut().expect("just pushed")
                     }
                 };
@@ -143,7 +147,9 @@ impl SubscriptionTrie {
         ) -> bool {
             match levels.next() {
                 Some(level) => {
-                    let Some(child) = node.children.get_mut(level) else { return false };
+                    let Some(child) = node.children.get_mut(level) else {
+                        return false;
+                    };
                     let found = remove(child, levels, group, session);
                     if child.is_empty() {
                         node.children.remove(level);
@@ -153,7 +159,9 @@ impl SubscriptionTrie {
                 None => match group {
                     None => node.subs.remove(&session).is_some(),
                     Some(name) => {
-                        let Some(gi) = node.shared.iter().position(|g| &*g.name == name) else { return false };
+                        let Some(gi) = node.shared.iter().position(|g| &*g.name == name) else {
+                            return false;
+                        };
                         let g = &mut node.shared[gi];
                         let before = g.members.len();
                         g.members.retain(|m| m.session.id() != session);
@@ -181,7 +189,12 @@ impl SubscriptionTrie {
     }
 }
 
-fn walk<'a>(node: &Node, mut levels: std::str::Split<'a, char>, wildcards: bool, out: &mut Vec<Match>) {
+fn walk<'a>(
+    node: &Node,
+    mut levels: std::str::Split<'a, char>,
+    wildcards: bool,
+    out: &mut Vec<Match>,
+) {
     match levels.next() {
         None => {
             node.add_to(out);
@@ -214,7 +227,10 @@ mod tests {
     fn sub(s: &Arc<Session>, qos: QoS) -> Subscriber {
         Subscriber {
             session: s.clone(),
-            options: SubscriptionOptions { qos, ..Default::default() },
+            options: SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
             subscription_id: None,
             acl_filtered: false,
         }

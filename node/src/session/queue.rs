@@ -90,7 +90,12 @@ pub(super) enum Plan {
     Reject(DropReason),
 }
 
-pub(super) fn plan(queue: &VecDeque<Delivery>, qos: QoS, online: bool, limits: &QueueLimits) -> Plan {
+pub(super) fn plan(
+    queue: &VecDeque<Delivery>,
+    qos: QoS,
+    online: bool,
+    limits: &QueueLimits,
+) -> Plan {
     if !online && qos == QoS::AtMostOnce && !limits.qos0_offline {
         return Plan::Reject(DropReason::OfflineQos0);
     }

@@ -13,7 +13,10 @@ pub struct SessionRegistry {
 
 impl Default for SessionRegistry {
     fn default() -> Self {
-        SessionRegistry { sessions: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1) }
+        SessionRegistry {
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
     }
 }
 
@@ -27,7 +30,11 @@ impl SessionRegistry {
     }
 
     /// Creates a fresh session for the client id, returning it and the one it replaced.
-    pub fn create(&self, client_id: Arc<str>, expiry_secs: u32) -> (Arc<Session>, Option<Arc<Session>>) {
+    pub fn create(
+        &self,
+        client_id: Arc<str>,
+        expiry_secs: u32,
+    ) -> (Arc<Session>, Option<Arc<Session>>) {
         let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let session = Arc::new(Session::new(id, client_id.clone(), expiry_secs));
         let old = self.lock().insert(client_id, session.clone());

@@ -113,7 +113,11 @@ impl Session {
     pub fn new_for_test(client_id: &str) -> Arc<Session> {
         use std::sync::atomic::AtomicU64;
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        Arc::new(Session::new(SessionId(NEXT.fetch_add(1, Ordering::Relaxed)), client_id.into(), 0))
+        Arc::new(Session::new(
+            SessionId(NEXT.fetch_add(1, Ordering::Relaxed)),
+            client_id.into(),
+            0,
+        ))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -150,7 +154,12 @@ impl Session {
     /// appended to the store before it becomes visible to the connection, so its delete after
     /// the acknowledgement can never precede it. Also returns whether an older message was
     /// dropped to make room.
-    pub fn enqueue(&self, mut d: Delivery, limits: &QueueLimits, stored: Option<(&mut Txn<'_>, Vec<u8>)>) -> (Enqueued, bool) {
+    pub fn enqueue(
+        &self,
+        mut d: Delivery,
+        limits: &QueueLimits,
+        stored: Option<(&mut Txn<'_>, Vec<u8>)>,
+    ) -> (Enqueued, bool) {
         let mut inner = self.lock();
         if inner.ended {
             return (Enqueued::Dropped(DropReason::SessionGone), false);
@@ -160,7 +169,11 @@ impl Session {
         if let Plan::Reject(why) = plan {
             return (Enqueued::Dropped(why), false);
         }
-        let dropped = if plan == Plan::ReplaceOldest { inner.queue.pop_front() } else { None };
+        let dropped = if plan == Plan::ReplaceOldest {
+            inner.queue.pop_front()
+        } else {
+            None
+        };
         if let Some((txn, value)) = stored {
             d.seq = inner.next_seq;
             inner.next_seq += 1;
@@ -183,7 +196,9 @@ impl Session {
     pub fn drain(&self, mut window: usize, max: usize, out: &mut Vec<Delivery>) {
         let mut inner = self.lock();
         while out.len() < max {
-            let Some(front) = inner.queue.front() else { break };
+            let Some(front) = inner.queue.front() else {
+                break;
+            };
             if front.qos != QoS::AtMostOnce {
                 if window == 0 {
                     break;
@@ -214,8 +229,13 @@ impl Session {
         if inner.link.is_some() || inner.ended {
             return Err(kick);
         }
-        let Some(state) = inner.state.take() else { return Err(kick) };
-        inner.link = Some(Link { conn_id, kick: Some(kick) });
+        let Some(state) = inner.state.take() else {
+            return Err(kick);
+        };
+        inner.link = Some(Link {
+            conn_id,
+            kick: Some(kick),
+        });
         inner.expires_at = None;
         self.connected.store(true, Ordering::Release);
         Ok(state)

@@ -63,7 +63,10 @@ impl SessionState {
 
     /// Removes and returns the in-flight entry with this id, if it is at `stage`.
     pub fn take_inflight(&mut self, id: PacketId, stage: Stage) -> Option<Inflight> {
-        let pos = self.inflight.iter().position(|f| f.packet_id == id && f.stage == stage)?;
+        let pos = self
+            .inflight
+            .iter()
+            .position(|f| f.packet_id == id && f.stage == stage)?;
         self.inflight.remove(pos)
     }
 }

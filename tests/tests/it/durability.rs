@@ -11,7 +11,10 @@ use tokio::sync::mpsc;
 use super::*;
 
 async fn start_on(dir: &Path, env: &[(&str, &str)]) -> Broker {
-    let mut b = Broker::builder().without_data_dir_flag().arg("--data-dir").arg(dir.to_str().expect("utf-8 path"));
+    let mut b = Broker::builder()
+        .without_data_dir_flag()
+        .arg("--data-dir")
+        .arg(dir.to_str().expect("utf-8 path"));
     for (k, v) in env {
         b = b.env(k, v);
     }
@@ -29,12 +32,22 @@ fn opts(id: &str, broker: &Broker, clean: bool) -> MqttOptions {
 
 /// Publishes `0..n` as payloads at `qos` as fast as the flow allows, reporting each
 /// sequence number whose flow completed (PUBACK for QoS 1, PUBCOMP for QoS 2).
-fn spawn_publisher(broker: &Broker, id: &str, topic: &'static str, qos: rumqttc::QoS, n: u32) -> mpsc::UnboundedReceiver<u32> {
+fn spawn_publisher(
+    broker: &Broker,
+    id: &str,
+    topic: &'static str,
+    qos: rumqttc::QoS,
+    n: u32,
+) -> mpsc::UnboundedReceiver<u32> {
     let (client, mut eventloop) = AsyncClient::new(opts(id, broker, false), 256);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         for seq in 0..n {
-            if client.publish(topic, qos, false, seq.to_be_bytes().to_vec()).await.is_err() {
+            if client
+                .publish(topic, qos, false, seq.to_be_bytes().to_vec())
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -68,7 +81,12 @@ fn spawn_publisher(broker: &Broker, id: &str, topic: &'static str, qos: rumqttc:
 
 /// Receives publishes on a persistent session until `want` are all seen or `within` passes;
 /// returns every payload in arrival order (duplicates included).
-async fn drain(eventloop: &mut EventLoop, client: &AsyncClient, want: &BTreeSet<u32>, within: Duration) -> Vec<u32> {
+async fn drain(
+    eventloop: &mut EventLoop,
+    client: &AsyncClient,
+    want: &BTreeSet<u32>,
+    within: Duration,
+) -> Vec<u32> {
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + within;
     loop {
@@ -93,9 +111,17 @@ async fn drain(eventloop: &mut EventLoop, client: &AsyncClient, want: &BTreeSet<
     }
 }
 
-async fn persistent_subscriber(broker: &Broker, id: &str, filter: &str, qos: rumqttc::QoS) -> (AsyncClient, EventLoop) {
+async fn persistent_subscriber(
+    broker: &Broker,
+    id: &str,
+    filter: &str,
+    qos: rumqttc::QoS,
+) -> (AsyncClient, EventLoop) {
     let (client, mut eventloop) = AsyncClient::new(opts(id, broker, false), 256);
-    client.subscribe(filter, qos).await.expect("queue SUBSCRIBE");
+    client
+        .subscribe(filter, qos)
+        .await
+        .expect("queue SUBSCRIBE");
     loop {
         match eventloop.poll().await.expect("subscriber connects") {
             Event::Incoming(Packet::SubAck(_)) => return (client, eventloop),
@@ -108,27 +134,52 @@ async fn persistent_subscriber(broker: &Broker, id: &str, filter: &str, qos: rum
 async fn t3_kill9_loses_no_acknowledged_qos1_message() {
     test_timeout(async {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut broker = start_on(dir.path(), &[("PETREL_MQTT__MAX_QUEUED_MESSAGES", "100000")]).await;
+        let mut broker = start_on(
+            dir.path(),
+            &[("PETREL_MQTT__MAX_QUEUED_MESSAGES", "100000")],
+        )
+        .await;
         eprintln!("--- a persistent QoS 1 subscriber goes offline");
-        let (sub, sub_loop) = persistent_subscriber(&broker, "dur-sub-1", "dur1/#", rumqttc::QoS::AtLeastOnce).await;
+        let (sub, sub_loop) =
+            persistent_subscriber(&broker, "dur-sub-1", "dur1/#", rumqttc::QoS::AtLeastOnce).await;
         drop(sub);
         drop(sub_loop);
         eprintln!("--- publish a QoS 1 stream, kill -9 the broker in the middle");
-        let mut acked = spawn_publisher(&broker, "dur-pub-1", "dur1/x", rumqttc::QoS::AtLeastOnce, 100_000);
+        let mut acked = spawn_publisher(
+            &broker,
+            "dur-pub-1",
+            "dur1/x",
+            rumqttc::QoS::AtLeastOnce,
+            100_000,
+        );
         let mut acks = BTreeSet::new();
         while acks.len() < 2_000 {
-            acks.insert(acked.recv().await.expect("publisher acknowledged 2000 messages"));
+            acks.insert(
+                acked
+                    .recv()
+                    .await
+                    .expect("publisher acknowledged 2000 messages"),
+            );
         }
         broker.kill9().await;
         while let Ok(seq) = acked.try_recv() {
             acks.insert(seq);
         }
-        eprintln!("--- {} acknowledged before the kill; restart on the same data directory", acks.len());
-        let broker = start_on(dir.path(), &[("PETREL_MQTT__MAX_QUEUED_MESSAGES", "100000")]).await;
+        eprintln!(
+            "--- {} acknowledged before the kill; restart on the same data directory",
+            acks.len()
+        );
+        let broker = start_on(
+            dir.path(),
+            &[("PETREL_MQTT__MAX_QUEUED_MESSAGES", "100000")],
+        )
+        .await;
         let (sub, mut sub_loop) = {
             let (client, mut eventloop) = AsyncClient::new(opts("dur-sub-1", &broker, false), 256);
             match eventloop.poll().await.expect("resubscribe") {
-                Event::Incoming(Packet::ConnAck(c)) => assert!(c.session_present, "the session survived the kill"),
+                Event::Incoming(Packet::ConnAck(c)) => {
+                    assert!(c.session_present, "the session survived the kill")
+                }
                 other => panic!("expected CONNACK, got {other:?}"),
             }
             (client, eventloop)
@@ -136,8 +187,16 @@ async fn t3_kill9_loses_no_acknowledged_qos1_message() {
         let got = drain(&mut sub_loop, &sub, &acks, Duration::from_secs(30)).await;
         let seen: BTreeSet<u32> = got.iter().copied().collect();
         let missing: Vec<u32> = acks.difference(&seen).copied().take(10).collect();
-        assert!(missing.is_empty(), "{} acknowledged messages lost, first: {missing:?}", acks.difference(&seen).count());
-        eprintln!("--- all {} acknowledged messages delivered ({} deliveries)", acks.len(), got.len());
+        assert!(
+            missing.is_empty(),
+            "{} acknowledged messages lost, first: {missing:?}",
+            acks.difference(&seen).count()
+        );
+        eprintln!(
+            "--- all {} acknowledged messages delivered ({} deliveries)",
+            acks.len(),
+            got.len()
+        );
     })
     .await;
 }
@@ -148,13 +207,24 @@ async fn t3_kill9_keeps_qos2_exactly_once() {
         let dir = tempfile::tempdir().expect("tempdir");
         let env = [("PETREL_MQTT__MAX_QUEUED_MESSAGES", "100000")];
         let mut broker = start_on(dir.path(), &env).await;
-        let (sub, sub_loop) = persistent_subscriber(&broker, "dur-sub-2", "dur2/#", rumqttc::QoS::ExactlyOnce).await;
+        let (sub, sub_loop) =
+            persistent_subscriber(&broker, "dur-sub-2", "dur2/#", rumqttc::QoS::ExactlyOnce).await;
         drop(sub);
         drop(sub_loop);
-        let mut done = spawn_publisher(&broker, "dur-pub-2", "dur2/x", rumqttc::QoS::ExactlyOnce, 100_000);
+        let mut done = spawn_publisher(
+            &broker,
+            "dur-pub-2",
+            "dur2/x",
+            rumqttc::QoS::ExactlyOnce,
+            100_000,
+        );
         let mut completed = BTreeSet::new();
         while completed.len() < 1_000 {
-            completed.insert(done.recv().await.expect("publisher completed 1000 messages"));
+            completed.insert(
+                done.recv()
+                    .await
+                    .expect("publisher completed 1000 messages"),
+            );
         }
         broker.kill9().await;
         while let Ok(seq) = done.try_recv() {
@@ -164,10 +234,21 @@ async fn t3_kill9_keeps_qos2_exactly_once() {
         let (client, mut eventloop) = AsyncClient::new(opts("dur-sub-2", &broker, false), 256);
         let got = drain(&mut eventloop, &client, &completed, Duration::from_secs(30)).await;
         let mut seen = BTreeSet::new();
-        let dups: Vec<u32> = got.iter().copied().filter(|s| !seen.insert(*s)).take(10).collect();
-        assert!(dups.is_empty(), "QoS 2 messages delivered twice across the restart: {dups:?}");
+        let dups: Vec<u32> = got
+            .iter()
+            .copied()
+            .filter(|s| !seen.insert(*s))
+            .take(10)
+            .collect();
+        assert!(
+            dups.is_empty(),
+            "QoS 2 messages delivered twice across the restart: {dups:?}"
+        );
         let missing: Vec<u32> = completed.difference(&seen).copied().take(10).collect();
-        assert!(missing.is_empty(), "completed QoS 2 messages lost: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "completed QoS 2 messages lost: {missing:?}"
+        );
     })
     .await;
 }
@@ -178,13 +259,26 @@ async fn t3_kill9_keeps_retained_and_delayed_wills() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut broker = start_on(dir.path(), &[]).await;
         let mut p = V5Client::connect(broker.mqtt_addr(), "dur-ret").await;
-        p.publish_with("dur3/state", Q5::AtLeastOnce, true, "kept", p5::PublishProperties::default()).await;
+        p.publish_with(
+            "dur3/state",
+            Q5::AtLeastOnce,
+            true,
+            "kept",
+            p5::PublishProperties::default(),
+        )
+        .await;
         p.disconnect().await;
         eprintln!("--- a client with a will delayed 2 s dies, then the broker is killed");
         let w = V5Client::connect_with(broker.mqtt_addr(), "dur-will", |o| {
             let mut props = will_props();
             props.delay_interval = Some(2);
-            o.set_last_will(p5::LastWill::new("dur3/will", "gone", Q5::AtLeastOnce, false, Some(props)));
+            o.set_last_will(p5::LastWill::new(
+                "dur3/will",
+                "gone",
+                Q5::AtLeastOnce,
+                false,
+                Some(props),
+            ));
             let mut cp = p5::ConnectProperties::new();
             cp.session_expiry_interval = Some(600);
             o.set_connect_properties(cp);
@@ -195,7 +289,11 @@ async fn t3_kill9_keeps_retained_and_delayed_wills() {
             let broker = &broker;
             async move {
                 let v = broker.metric("petrel_mqtt_connections").await;
-                if v == 0.0 { Ok(()) } else { Err(v) }
+                if v == 0.0 {
+                    Ok(())
+                } else {
+                    Err(v)
+                }
             }
         })
         .await;
@@ -208,8 +306,14 @@ async fn t3_kill9_keeps_retained_and_delayed_wills() {
             let m = s.recv_publish_within(Duration::from_secs(15)).await;
             topics.insert(String::from_utf8_lossy(&m.topic).into_owned());
         }
-        assert!(topics.contains("dur3/state"), "retained message survived: {topics:?}");
-        assert!(topics.contains("dur3/will"), "delayed will fired after the restart: {topics:?}");
+        assert!(
+            topics.contains("dur3/state"),
+            "retained message survived: {topics:?}"
+        );
+        assert!(
+            topics.contains("dur3/will"),
+            "delayed will fired after the restart: {topics:?}"
+        );
     })
     .await;
 }

@@ -113,7 +113,11 @@ pub struct ConnAck {
 
 pub fn parse_connack(version: Version, body: &[u8]) -> Result<ConnAck, DecodeError> {
     let mut r = Reader::new(body, "connack");
-    let mut ack = ConnAck { session_present: r.u8()? & 1 == 1, code: r.u8()?, ..ConnAck::default() };
+    let mut ack = ConnAck {
+        session_present: r.u8()? & 1 == 1,
+        code: r.u8()?,
+        ..ConnAck::default()
+    };
     if version == Version::V5 && !r.buf.is_empty() {
         each_property(r.properties()?, |id, p| {
             match id {
@@ -149,7 +153,14 @@ pub fn parse_publish(version: Version, flags: u8, body: &[u8]) -> Result<Publish
     if version == Version::V5 {
         r.properties()?;
     }
-    Ok(Publish { qos, dup: flags & 0x08 != 0, retain: flags & 1 != 0, topic, pid, payload: r.buf })
+    Ok(Publish {
+        qos,
+        dup: flags & 0x08 != 0,
+        retain: flags & 1 != 0,
+        topic,
+        pid,
+        payload: r.buf,
+    })
 }
 
 /// The send stamp of a benchmark payload; `None` for a payload this tool did not write.
@@ -161,7 +172,11 @@ pub fn parse_stamp(payload: &[u8]) -> Option<Stamp> {
     let publisher = r.u32().ok()?;
     let seq = u64::from_be_bytes(r.take(8).ok()?.try_into().ok()?);
     let sent_ns = u64::from_be_bytes(r.take(8).ok()?.try_into().ok()?);
-    Some(Stamp { publisher, seq, sent_ns })
+    Some(Stamp {
+        publisher,
+        seq,
+        sent_ns,
+    })
 }
 
 /// PUBACK / PUBREC / PUBREL / PUBCOMP: packet id and reason code (0 when omitted).
@@ -183,7 +198,10 @@ pub fn parse_suback(version: Version, body: &[u8]) -> Result<(u16, &[u8]), Decod
 }
 
 /// DISCONNECT from the server: its reason code (v5; 0 when omitted) and reason string.
-pub fn parse_disconnect(version: Version, body: &[u8]) -> Result<(u8, Option<String>), DecodeError> {
+pub fn parse_disconnect(
+    version: Version,
+    body: &[u8],
+) -> Result<(u8, Option<String>), DecodeError> {
     let mut r = Reader::new(body, "disconnect");
     if version == Version::V311 || r.buf.is_empty() {
         return Ok((0, None));
@@ -214,7 +232,11 @@ pub fn parse_connect_version(body: &[u8]) -> Result<Version, DecodeError> {
 }
 
 /// Server side (the sink): packet id and the requested QoS of each filter, into `qos`.
-pub fn parse_subscribe(version: Version, body: &[u8], qos: &mut Vec<u8>) -> Result<u16, DecodeError> {
+pub fn parse_subscribe(
+    version: Version,
+    body: &[u8],
+    qos: &mut Vec<u8>,
+) -> Result<u16, DecodeError> {
     let mut r = Reader::new(body, "subscribe");
     let pid = r.u16()?;
     if version == Version::V5 {
