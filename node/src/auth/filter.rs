@@ -5,39 +5,11 @@
 //! matches a topic whose first level starts with `$`. Filters passed in must be valid
 //! ([`check`]); shared-subscription prefixes must already be stripped.
 
-/// Checks wildcard placement: `#` only as the whole last level, `+` only as a whole level.
-pub(crate) fn check(filter: &str) -> Result<(), &'static str> {
-    if filter.is_empty() {
-        return Err("empty topic filter");
-    }
-    let mut levels = filter.split('/').peekable();
-    while let Some(level) = levels.next() {
-        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
-            return Err("'#' must be the last level and alone in it");
-        }
-        if level.contains('+') && level != "+" {
-            return Err("'+' must be alone in its level");
-        }
-    }
-    Ok(())
-}
+pub(crate) use crate::router::topic::matches;
 
-/// Whether `filter` matches the topic name `topic`.
-pub(crate) fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && wild_first(filter) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
+/// Checks wildcard placement (the router's rule; ACL filters have no depth limit).
+pub(crate) fn check(filter: &str) -> Result<(), crate::router::FilterError> {
+    crate::router::topic::validate_filter(filter, usize::MAX)
 }
 
 /// Whether `a` covers `b`: every topic name `b` matches is matched by `a`.
