@@ -130,7 +130,8 @@ impl Broker {
         if msg.retain {
             self.set_retained(&msg, txn.as_mut().expect("taken for retained messages"));
         }
-        let clock = Clock::now();
+        // Read the wall clock only if something is stored.
+        let mut clock = None;
         let mut delivered = 0;
         let mut i = 0;
         while i < scratch.len() {
@@ -161,7 +162,7 @@ impl Broker {
                 seq: 0,
                 acl_check,
             };
-            delivered += self.enqueue_in(&first.session, d, txn.as_mut(), &clock) as usize;
+            delivered += self.enqueue_in(&first.session, d, txn.as_mut(), &mut clock) as usize;
             i = j;
         }
         scratch.clear();
@@ -186,7 +187,7 @@ impl Broker {
     pub fn enqueue(&self, session: &Session, d: Delivery) -> (bool, Option<Ticket>) {
         let stored = session.is_persistent() && d.qos != QoS::AtMostOnce;
         let mut txn = stored.then(|| self.store.begin());
-        let queued = self.enqueue_in(session, d, txn.as_mut(), &Clock::now());
+        let queued = self.enqueue_in(session, d, txn.as_mut(), &mut None);
         (queued, txn.map(Txn::commit))
     }
 
@@ -196,7 +197,7 @@ impl Broker {
         session: &Session,
         d: Delivery,
         txn: Option<&mut Txn<'_>>,
-        clock: &Clock,
+        clock: &mut Option<Clock>,
     ) -> bool {
         let stored = match txn {
             Some(txn) if session.is_persistent() && d.qos != QoS::AtMostOnce => Some((
@@ -206,7 +207,7 @@ impl Broker {
                     d.qos,
                     d.retain,
                     d.subscription_ids.as_slice(),
-                    clock,
+                    clock.get_or_insert_with(Clock::now),
                 ),
             )),
             _ => None,
