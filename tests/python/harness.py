@@ -94,6 +94,7 @@ class Broker:
         self.admin_port: int | None = None
         self.pid = 0
         self.exit_code: int | None = None
+        self.ready: dict = {}  # the ready file's JSON (listener addresses by name, pid)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class Broker:
         except AssertionError:
             self.kill()
             raise
+        self.ready = info
         host, port = info["mqtt"].rsplit(":", 1)
         self.host = host.strip("[]")
         self.port = int(port)
@@ -175,6 +177,11 @@ class Broker:
     @property
     def addr(self) -> tuple[str, int]:
         return (self.host, self.port)
+
+    def listener_port(self, name: str) -> int:
+        """The port of the listener the ready file names `name` ("mqtts", "ws", ...)."""
+        assert self.ready.get(name), f"no {name!r} listener in the ready file: {self.ready}"
+        return int(self.ready[name].rsplit(":", 1)[1])
 
     def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         assert self.admin_port is not None, "admin API disabled"

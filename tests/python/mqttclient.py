@@ -81,7 +81,7 @@ class Client:
     """
 
     def __init__(self, broker: Broker, version: int = 5, client_id: str | None = None,
-                 clean: bool = True, manual_ack: bool = False) -> None:
+                 clean: bool = True, manual_ack: bool = False, transport: str = "tcp") -> None:
         self.broker = broker
         self.version = version
         self.client_id = unique_id() if client_id is None else client_id
@@ -91,7 +91,7 @@ class Client:
         self.clean = clean
         self.paho = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                 protocol=PROTOCOLS[version], reconnect_on_failure=False,
-                                manual_ack=manual_ack, **kwargs)
+                                manual_ack=manual_ack, transport=transport, **kwargs)
         self.messages: queue.Queue[Received] = queue.Queue()
         self.connacks: queue.Queue[Connack] = queue.Queue()
         self.disconnects: queue.Queue[Disconnect] = queue.Queue()
