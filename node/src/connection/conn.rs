@@ -151,8 +151,8 @@ impl Conn {
     /// Sends an acknowledgement once `ticket` is durable (at once if nothing waits). Keeps
     /// acknowledgements in the order of the packets they answer.
     pub fn send_after(&mut self, ticket: Option<Ticket>, ack: Packet) {
-        let durable = self.committed.borrow().ticket;
-        let wait = self.durable_acks && ticket.is_some_and(|t| t > durable);
+        // Only an ack that depends on a store write looks at the watermark (a lock read).
+        let wait = self.durable_acks && ticket.is_some_and(|t| t > self.committed.borrow().ticket);
         if wait || !self.pending_acks.is_empty() {
             self.pending_acks
                 .push_back((ticket.unwrap_or_default(), ack));
@@ -210,7 +210,9 @@ impl Conn {
             if rbuf.capacity() - rbuf.len() < 1024 {
                 rbuf.reserve(8192);
             }
-            let barrier_open = self.write_barrier <= self.committed.borrow().ticket;
+            // Connections that never stored an outbound QoS 2 packet id skip the watermark.
+            let barrier_open = self.write_barrier == Ticket::default()
+                || self.write_barrier <= self.committed.borrow().ticket;
             let can_write = !self.out.is_empty() && barrier_open;
             let can_take = self.out.len() < HIGH_WATER;
             let wait_store = !self.pending_acks.is_empty() || !barrier_open;
