@@ -73,6 +73,7 @@ impl Broker {
     pub fn new(cfg: Config, metrics: Metrics, auth: AuthGate, store: Store) -> Broker {
         let limits = QueueLimits {
             max_messages: cfg.mqtt.max_queued_messages,
+            max_bytes: cfg.mqtt.max_queued_bytes,
             overflow: cfg.mqtt.queue_overflow,
             qos0_offline: cfg.mqtt.queue_qos0_offline,
         };
@@ -212,23 +213,28 @@ impl Broker {
             )),
             _ => None,
         };
-        let (outcome, dropped_oldest) = session.enqueue(d, &self.limits, stored);
-        if dropped_oldest {
+        match session.enqueue(d, &self.limits, stored) {
+            Enqueued::Queued { dropped, why } => {
+                if dropped > 0 {
+                    self.count_overflow(why, dropped as u64);
+                }
+                true
+            }
+            Enqueued::Dropped(why) => {
+                self.count_overflow(why, 1);
+                false
+            }
+        }
+    }
+
+    /// Counts messages a session queue's overflow policy dropped.
+    fn count_overflow(&self, why: DropReason, n: u64) {
+        if let Some(limit) = why.limit_label() {
             self.metrics
                 .queue_dropped
                 .with_label_values(&["queue_full"])
-                .inc();
-        }
-        match outcome {
-            Enqueued::Queued => true,
-            Enqueued::Dropped(DropReason::QueueFull) => {
-                self.metrics
-                    .queue_dropped
-                    .with_label_values(&["queue_full"])
-                    .inc();
-                false
-            }
-            Enqueued::Dropped(_) => false,
+                .inc_by(n);
+            self.metrics.limit_hits.with_label_values(&[limit]).inc_by(n);
         }
     }
 

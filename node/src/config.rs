@@ -79,6 +79,9 @@ pub struct MqttConfig {
     /// Messages queued per session while it is offline or its window is full; at least 1.
     /// Default `1000`.
     pub max_queued_messages: usize,
+    /// Payload and topic bytes queued per session; past it the overflow policy applies as for
+    /// `max_queued_messages`; 0 means no byte limit. Default `0`.
+    pub max_queued_bytes: usize,
     /// Which message a full session queue drops: `drop-newest` or `drop-oldest`.
     /// Default `drop-newest`.
     pub queue_overflow: QueueOverflow,
@@ -204,10 +207,47 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Most concurrent client connections; at least 1. Default `100000`.
+    /// Most concurrent client connections over all listeners; at least 1. Default `100000`.
     pub max_connections: usize,
+    /// Most concurrent connections on the plain MQTT listener; 0: only `max_connections`
+    /// applies. Default `0`.
+    pub max_connections_mqtt: usize,
+    /// Same for the MQTT-over-TLS listener. Default `0`.
+    pub max_connections_mqtts: usize,
+    /// Same for the WebSocket listener. Default `0`.
+    pub max_connections_ws: usize,
+    /// Same for the secure WebSocket listener. Default `0`.
+    pub max_connections_wss: usize,
+    /// New connections per second accepted from one source IP address (a token bucket that
+    /// holds one second's worth); 0 means no limit. Default `0`.
+    pub max_connection_rate_per_ip: u32,
     /// Most levels (`/`-separated parts) in a topic name or filter; at least 1. Default `128`.
     pub max_topic_levels: usize,
+    /// Longest topic name or filter in bytes, 1 to 65535. Default `65535`.
+    pub max_topic_length_bytes: usize,
+    /// Most subscriptions one session may hold; 0 means no limit. Default `0`.
+    pub max_subscriptions_per_client: usize,
+    /// PUBLISH packets per second one connection may send (a token bucket); 0 means no
+    /// limit. Default `0`.
+    pub max_publish_rate_per_client: u32,
+    /// Size of that bucket: publishes allowed in a burst; 0 means one second's worth.
+    /// Default `0`.
+    pub publish_rate_burst: u32,
+    /// What happens past the publish rate: `throttle` (stop reading from the client until
+    /// the bucket refills; nothing is lost) or `disconnect` (DISCONNECT 0x96 Message rate
+    /// too high in v5, the socket closed in 3.x). Default `throttle`.
+    pub publish_rate_policy: PublishRatePolicy,
+}
+
+/// What a client publishing faster than `limits.max_publish_rate_per_client` gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishRatePolicy {
+    /// Its packets are read more slowly: TCP flow control pushes back.
+    #[default]
+    Throttle,
+    /// It is disconnected (v5 reason code 0x96).
+    Disconnect,
 }
 
 /// `[log]` section.
@@ -271,6 +311,7 @@ impl Default for MqttConfig {
             receive_maximum: 128,
             max_inflight_messages: 32,
             max_queued_messages: 1000,
+            max_queued_bytes: 0,
             queue_overflow: QueueOverflow::DropNewest,
             queue_qos0_offline: false,
             topic_alias_maximum: 64,
@@ -311,7 +352,17 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_connections: 100_000,
+            max_connections_mqtt: 0,
+            max_connections_mqtts: 0,
+            max_connections_ws: 0,
+            max_connections_wss: 0,
+            max_connection_rate_per_ip: 0,
             max_topic_levels: 128,
+            max_topic_length_bytes: 65_535,
+            max_subscriptions_per_client: 0,
+            max_publish_rate_per_client: 0,
+            publish_rate_burst: 0,
+            publish_rate_policy: PublishRatePolicy::Throttle,
         }
     }
 }
@@ -398,12 +449,19 @@ impl Config {
             ("mqtt.max_queued_messages", mqtt.max_queued_messages > 0),
             ("limits.max_connections", limits.max_connections > 0),
             ("limits.max_topic_levels", limits.max_topic_levels > 0),
+            ("limits.max_topic_length_bytes", limits.max_topic_length_bytes > 0),
         ];
         let mut problems: Vec<String> = at_least_one
             .iter()
             .filter(|(_, ok)| !ok)
             .map(|(key, _)| format!("{key} must be at least 1"))
             .collect();
+        if limits.max_topic_length_bytes > 65_535 {
+            problems.push(format!(
+                "limits.max_topic_length_bytes must be at most 65535, got {}",
+                limits.max_topic_length_bytes
+            ));
+        }
         let (min, max) = (MIN_PACKET_SIZE_BYTES, MAX_PACKET_SIZE_BYTES);
         if !(min..=max).contains(&mqtt.max_packet_size_bytes) {
             let got = mqtt.max_packet_size_bytes;

@@ -4,6 +4,7 @@
 //! - [`config`]: the settings tree (defaults < TOML < `PETREL_*` env < flags).
 //! - [`listener`]: bound sockets and the accept loop.
 //! - [`connection`]: one task per connection: CONNECT, the event loop, will and session on close.
+//! - [`limit`]: connection admission (caps per node and listener, rate per address), token buckets.
 //! - [`session`]: what outlives a connection: queue, in-flight window, subscriptions.
 //! - [`router`]: topic filters, the subscription trie, retained messages.
 //! - [`broker`]: shared state and the publish path; delayed wills and session expiry.
@@ -17,6 +18,7 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod limit;
 pub mod listener;
 pub mod message;
 pub mod metrics;

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -20,6 +19,7 @@ use tracing::Instrument;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection::{self, ConnInfo};
+use crate::limit::{Admission, Admit, Refusal, REFUSAL_TIMEOUT};
 use crate::transport::{accept_ws_with_limit, peer_common_name, TlsAcceptorHandle};
 use crate::Error;
 
@@ -110,7 +110,7 @@ async fn bind_opt(what: &'static str, addr: &str) -> Result<Option<TcpListener>,
 pub struct AcceptCtx {
     pub broker: Arc<Broker>,
     pub tls: Option<TlsAcceptorHandle>,
-    pub limit: Arc<Semaphore>,
+    pub admission: Arc<Admission>,
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
 }
@@ -131,32 +131,53 @@ pub async fn accept_loop(kind: Kind, listener: TcpListener, ctx: AcceptCtx) {
                 continue;
             }
         };
-        let Ok(permit) = ctx.limit.clone().try_acquire_owned() else {
-            ctx.broker
-                .metrics
-                .limit_hits
-                .with_label_values(&["max_connections"])
-                .inc();
-            tracing::debug!(%peer, "connection limit reached, closing");
-            continue;
+        let (permits, refused) = match ctx.admission.admit(kind, peer.ip()) {
+            Admit::Accepted(permits) => (permits, None),
+            Admit::Refused(why, slot) => {
+                count_refusal(&ctx.broker, why, peer, kind);
+                (vec![slot], Some(why))
+            }
+            Admit::Dropped(why) => {
+                count_refusal(&ctx.broker, why, peer, kind);
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let span = tracing::debug_span!("conn", listener = %kind, %peer, client_id = tracing::field::Empty);
         let ctx2 = ctx.clone();
         ctx.tracker.spawn(
             async move {
-                open(kind, stream, peer, &ctx2).await;
-                drop(permit);
+                open(kind, stream, peer, refused, &ctx2).await;
+                drop(permits);
             }
             .instrument(span),
         );
     }
 }
 
-/// Runs the transport handshakes, then serves MQTT on the resulting stream.
-async fn open(kind: Kind, stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) {
+fn count_refusal(broker: &Broker, why: Refusal, peer: SocketAddr, kind: Kind) {
+    broker
+        .metrics
+        .limit_hits
+        .with_label_values(&[why.label()])
+        .inc();
+    tracing::debug!(%peer, listener = %kind, limit = why.label(), "connection refused by a limit");
+}
+
+/// Runs the transport handshakes, then serves MQTT on the resulting stream (or, for a
+/// refused connection, answers its CONNECT with the refusal).
+async fn open(
+    kind: Kind,
+    stream: TcpStream,
+    peer: SocketAddr,
+    refused: Option<Refusal>,
+    ctx: &AcceptCtx,
+) {
     let broker = &ctx.broker;
-    let limit = Duration::from_millis(broker.cfg.mqtt.connect_timeout_ms);
+    let mut limit = Duration::from_millis(broker.cfg.mqtt.connect_timeout_ms);
+    if refused.is_some() {
+        limit = limit.min(REFUSAL_TIMEOUT);
+    }
     let (path, max) = (
         &broker.cfg.mqtt.ws_path,
         broker.cfg.mqtt.max_packet_size_bytes as usize + 16,
@@ -164,6 +185,7 @@ async fn open(kind: Kind, stream: TcpStream, peer: SocketAddr, ctx: &AcceptCtx) 
     let mut info = ConnInfo {
         listener: kind,
         cert_cn: None,
+        refused,
     };
     if !kind.uses_tls() {
         match kind {

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use petrel_storage::{Store, StoreOptions};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -14,6 +13,7 @@ use crate::admin::Admin;
 use crate::auth::AuthGate;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::limit::Admission;
 use crate::listener::{accept_loop, AcceptCtx, Listeners};
 use crate::metrics::Metrics;
 use crate::persist::recover::recover;
@@ -100,7 +100,7 @@ impl Node {
         let ctx = AcceptCtx {
             broker: broker.clone(),
             tls,
-            limit: Arc::new(Semaphore::new(broker.cfg.limits.max_connections)),
+            admission: Arc::new(Admission::new(&broker.cfg.limits)),
             cancel: cancel.clone(),
             tracker: tracker.clone(),
         };

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::error::ConnError;
 use crate::auth::ClientCtx;
 use crate::broker::Broker;
+use crate::config::PublishRatePolicy;
+use crate::limit::TokenBucket;
 use crate::codec::{
     decode_packet, encode_packet, Connect, Disconnect, LastWill, MqttStr, Packet, Protocol,
 };
@@ -78,6 +80,10 @@ pub(super) struct Conn {
     pub write_barrier: Ticket,
     /// `storage.durable_acks`: hold QoS 1/2 acknowledgements until the WAL has the message.
     pub durable_acks: bool,
+    /// `limits.max_publish_rate_per_client`, when set.
+    pub publish_bucket: Option<TokenBucket>,
+    /// Throttle policy: the next PUBLISH waits for a token; reading stops until then.
+    pub throttled_until: Option<Instant>,
 }
 
 impl Conn {
@@ -123,6 +129,17 @@ impl Conn {
             pending_acks: VecDeque::new(),
             write_barrier: Ticket::default(),
             durable_acks: broker.cfg.storage.durable_acks,
+            publish_bucket: {
+                let l = &broker.cfg.limits;
+                (l.max_publish_rate_per_client > 0).then(|| {
+                    TokenBucket::new(
+                        l.max_publish_rate_per_client,
+                        l.publish_rate_burst,
+                        Instant::now(),
+                    )
+                })
+            },
+            throttled_until: None,
             session,
             state,
             broker,
@@ -228,7 +245,7 @@ impl Conn {
                     Ok(n) => self.broker.metrics.bytes_sent.inc_by(n as u64),
                     Err(e) => return Exit::Error(e.into()),
                 },
-                r = reader.read_buf(&mut rbuf) => {
+                r = reader.read_buf(&mut rbuf), if self.throttled_until.is_none() => {
                     match r {
                         Ok(0) if rbuf.is_empty() => return Exit::Error(ConnError::PeerClosed),
                         Ok(0) => return Exit::Error(ConnError::Truncated),
@@ -236,16 +253,17 @@ impl Conn {
                         Err(e) => return Exit::Error(e.into()),
                     }
                     last_seen = Instant::now();
-                    loop {
-                        match decode_packet(&mut rbuf, self.protocol, max_in) {
-                            Ok(Some(p)) => match self.handle(p) {
-                                Ok(None) => {}
-                                Ok(Some(exit)) => return exit,
-                                Err(e) => return Exit::Error(e),
-                            },
-                            Ok(None) => break,
-                            Err(e) => return Exit::Error(e.into()),
-                        }
+                    if let Some(exit) = self.decode_all(&mut rbuf, max_in) {
+                        return exit;
+                    }
+                }
+                _ = tokio::time::sleep_until(self.throttled_until.unwrap_or(last_seen).into()),
+                    if self.throttled_until.is_some() =>
+                {
+                    self.throttled_until = None;
+                    last_seen = Instant::now();
+                    if let Some(exit) = self.decode_all(&mut rbuf, max_in) {
+                        return exit;
                     }
                 }
                 _ = session.notified(), if can_take => self.queue_pending = true,
@@ -266,6 +284,50 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Handles every complete packet in `rbuf`; `Some` ends the connection. Under the
+    /// throttle policy it stops before a PUBLISH that has no token yet and sets
+    /// `throttled_until`, leaving the rest in the buffer.
+    fn decode_all(&mut self, rbuf: &mut BytesMut, max_in: u32) -> Option<Exit> {
+        loop {
+            if self.must_wait_for_token(rbuf) {
+                return None;
+            }
+            match decode_packet(rbuf, self.protocol, max_in) {
+                Ok(Some(p)) => match self.handle(p) {
+                    Ok(None) => {}
+                    Ok(Some(exit)) => return Some(exit),
+                    Err(e) => return Some(Exit::Error(e)),
+                },
+                Ok(None) => return None,
+                Err(e) => return Some(Exit::Error(e.into())),
+            }
+        }
+    }
+
+    fn must_wait_for_token(&mut self, rbuf: &[u8]) -> bool {
+        const PUBLISH: u8 = 3;
+        let Some(bucket) = &mut self.publish_bucket else {
+            return false;
+        };
+        if self.broker.cfg.limits.publish_rate_policy != PublishRatePolicy::Throttle
+            || rbuf.first().is_none_or(|b| b >> 4 != PUBLISH)
+        {
+            return false;
+        }
+        let now = Instant::now();
+        let wait = bucket.wait(now);
+        if wait.is_zero() {
+            return false;
+        }
+        self.broker
+            .metrics
+            .limit_hits
+            .with_label_values(&["publish_rate"])
+            .inc();
+        self.throttled_until = Some(now + wait);
+        true
     }
 
     /// Says goodbye, then fires or schedules the will and parks or ends the session.

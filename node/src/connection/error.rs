@@ -22,6 +22,8 @@ pub enum ConnError {
     TopicNameInvalid,
     #[error("payload format invalid")]
     PayloadFormatInvalid,
+    #[error("publish rate limit exceeded")]
+    MessageRateTooHigh,
     #[error("keep alive timeout")]
     KeepAliveTimeout,
     #[error("session taken over")]
@@ -50,6 +52,7 @@ impl ConnError {
             ConnError::RetainNotSupported => ReasonCode::RETAIN_NOT_SUPPORTED,
             ConnError::TopicNameInvalid => ReasonCode::TOPIC_NAME_INVALID,
             ConnError::PayloadFormatInvalid => ReasonCode::PAYLOAD_FORMAT_INVALID,
+            ConnError::MessageRateTooHigh => ReasonCode::MESSAGE_RATE_TOO_HIGH,
             ConnError::KeepAliveTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,
             ConnError::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
             ConnError::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,

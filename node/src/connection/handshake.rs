@@ -15,8 +15,8 @@ use crate::codec::{
     decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect,
     DecodeError, MqttStr, Packet, Protocol, QoS, ReasonCode,
 };
+use crate::limit::{Refusal, REFUSAL_TIMEOUT};
 use crate::listener::Kind;
-use crate::router::topic;
 use crate::session::{Kick, Session, SessionState};
 
 /// How long a CONNECT waits for the previous connection of its client id to let go.
@@ -28,6 +28,8 @@ pub struct ConnInfo {
     pub listener: Kind,
     /// Common name of a verified client certificate, when `tls.cn_as_username` is set.
     pub cert_cn: Option<String>,
+    /// A limit refused the connection: its CONNECT only gets a CONNACK saying why.
+    pub refused: Option<Refusal>,
 }
 
 /// Serves one client connection to its end.
@@ -40,6 +42,9 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    if info.refused.is_some() {
+        return run(stream, peer, info, &broker, cancel).await;
+    }
     broker.metrics.connections.inc();
     broker.metrics.connections_total.inc();
     run(stream, peer, info, &broker, cancel).await;
@@ -68,7 +73,10 @@ async fn run<S>(
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut rbuf = BytesMut::with_capacity(4096);
     let cfg = &broker.cfg.mqtt;
-    let limit = Duration::from_millis(cfg.connect_timeout_ms);
+    let mut limit = Duration::from_millis(cfg.connect_timeout_ms);
+    if info.refused.is_some() {
+        limit = limit.min(REFUSAL_TIMEOUT);
+    }
     let read = read_connect(&mut reader, &mut rbuf, cfg.max_packet_size_bytes);
     let mut connect = match tokio::time::timeout(limit, read)
         .await
@@ -79,6 +87,9 @@ async fn run<S>(
     };
     tracing::Span::current().record("client_id", connect.client_id.as_str());
     let protocol = connect.protocol;
+    if let Some(why) = info.refused {
+        return refuse(protocol, why.reason_code(protocol), &mut writer).await;
+    }
     let accepted = match accept(&connect, broker) {
         Ok(a) => a,
         Err(rc) => return refuse(protocol, rc, &mut writer).await,
@@ -276,9 +287,11 @@ fn accept(c: &Connect, broker: &Broker) -> Result<Accepted, ReasonCode> {
         if w.retain && !cfg.retain_available {
             return Err(ReasonCode::RETAIN_NOT_SUPPORTED);
         }
-        if w.topic.starts_with("$SYS")
-            || topic::depth(&w.topic) > broker.cfg.limits.max_topic_levels
-        {
+        if w.topic.starts_with("$SYS") {
+            return Err(ReasonCode::TOPIC_NAME_INVALID);
+        }
+        if let Some(limit) = crate::limit::topic_over_limit(&w.topic, &broker.cfg.limits) {
+            broker.metrics.limit_hits.with_label_values(&[limit]).inc();
             return Err(ReasonCode::TOPIC_NAME_INVALID);
         }
     }

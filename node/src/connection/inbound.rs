@@ -8,6 +8,8 @@ use std::time::Instant;
 use super::conn::{Conn, Exit};
 use super::error::ConnError;
 use crate::auth::SubscribeDecision;
+use crate::config::PublishRatePolicy;
+use crate::limit;
 use crate::codec::{
     AckProperties, Disconnect, MqttStr, Packet, PubResp, Publish, QoS, ReasonCode, RetainHandling,
     SubAck, Subscribe, UnsubAck, Unsubscribe,
@@ -83,6 +85,19 @@ impl Conn {
     fn on_publish(&mut self, mut p: Publish) -> Result<(), ConnError> {
         let cfg = &self.broker.cfg;
         self.broker.metrics.messages_received.inc();
+        if let Some(bucket) = &mut self.publish_bucket {
+            // Under the throttle policy the read loop waited for this token already.
+            if !bucket.try_take(Instant::now())
+                && cfg.limits.publish_rate_policy == PublishRatePolicy::Disconnect
+            {
+                self.broker
+                    .metrics
+                    .limit_hits
+                    .with_label_values(&["publish_rate"])
+                    .inc();
+                return Err(ConnError::MessageRateTooHigh);
+            }
+        }
         if let Some(alias) = p.properties.topic_alias {
             if alias == 0 || alias > cfg.mqtt.topic_alias_maximum {
                 return Err(ConnError::TopicAliasInvalid);
@@ -108,7 +123,13 @@ impl Conn {
         if p.retain && !cfg.mqtt.retain_available {
             return Err(ConnError::RetainNotSupported);
         }
-        if topic::depth(&p.topic) > cfg.limits.max_topic_levels {
+        if let Some(limit) = limit::topic_over_limit(&p.topic, &cfg.limits) {
+            self.broker.metrics.limit_hits.with_label_values(&[limit]).inc();
+            if self.v5() && p.qos != QoS::AtMostOnce {
+                // v5 can refuse one message and keep the connection.
+                self.ack(&p, ReasonCode::TOPIC_NAME_INVALID, Some(limit));
+                return Ok(());
+            }
             return Err(ConnError::TopicNameInvalid);
         }
         if p.properties.payload_format_indicator == Some(1)
@@ -233,20 +254,49 @@ impl Conn {
     fn on_subscribe(&mut self, s: Subscribe) -> Result<(), ConnError> {
         let v5 = self.v5();
         let max_qos = QoS::from_u8(self.broker.cfg.mqtt.max_qos).unwrap_or(QoS::ExactlyOnce);
-        let max_levels = self.broker.cfg.limits.max_topic_levels;
+        let limits = &self.broker.cfg.limits;
+        let max_levels = limits.max_topic_levels;
+        let max_subs = limits.max_subscriptions_per_client;
         let sub_id = s.properties.subscription_identifier;
         let now = Instant::now();
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         for (raw, asked) in &s.filters {
-            let Ok(parsed) = topic::parse_filter(raw, max_levels) else {
+            let parsed = match topic::parse_filter(raw, max_levels) {
+                Ok(parsed) if raw.len() <= limits.max_topic_length_bytes => parsed,
+                too_big => {
+                    if too_big.is_ok() || topic::depth(raw) > max_levels {
+                        let limit = if too_big.is_ok() {
+                            "max_topic_length_bytes"
+                        } else {
+                            "max_topic_levels"
+                        };
+                        self.broker.metrics.limit_hits.with_label_values(&[limit]).inc();
+                    }
+                    codes.push(if v5 {
+                        ReasonCode::TOPIC_FILTER_INVALID
+                    } else {
+                        ReasonCode::UNSPECIFIED_ERROR
+                    });
+                    continue;
+                }
+            };
+            if max_subs > 0
+                && self.state.subscriptions.len() >= max_subs
+                && !self.state.subscriptions.contains_key(raw)
+            {
+                self.broker
+                    .metrics
+                    .limit_hits
+                    .with_label_values(&["max_subscriptions_per_client"])
+                    .inc();
                 codes.push(if v5 {
-                    ReasonCode::TOPIC_FILTER_INVALID
+                    ReasonCode::QUOTA_EXCEEDED
                 } else {
                     ReasonCode::UNSPECIFIED_ERROR
                 });
                 continue;
-            };
+            }
             if v5 && parsed.group.is_some() && asked.no_local {
                 return Err(ConnError::Protocol("no local on a shared subscription"));
             }
@@ -373,3 +423,4 @@ impl Conn {
         })
     }
 }
+

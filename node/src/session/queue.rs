@@ -58,17 +58,29 @@ pub struct Delivery {
     pub acl_check: bool,
 }
 
+impl Delivery {
+    /// What the message weighs against `max_queued_bytes`: its topic and payload.
+    pub fn size(&self) -> usize {
+        self.msg.topic.len() + self.msg.payload.len()
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct QueueLimits {
     pub max_messages: usize,
+    /// 0: no byte limit.
+    pub max_bytes: usize,
     pub overflow: QueueOverflow,
     pub qos0_offline: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// The queue was full (the new message, or the oldest under drop-oldest).
+    /// The queue held `max_queued_messages` (the new message, or the oldest under
+    /// drop-oldest, is dropped).
     QueueFull,
+    /// The queue held too many bytes for the new message (`max_queued_bytes`).
+    QueueBytes,
     /// The session is offline and the message is QoS 0.
     OfflineQos0,
     /// The session has ended.
@@ -77,33 +89,134 @@ pub enum DropReason {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Enqueued {
-    Queued,
+    /// Queued; under drop-oldest, `dropped` older messages made room for it.
+    Queued { dropped: usize, why: DropReason },
     Dropped(DropReason),
+}
+
+impl DropReason {
+    /// Label for `petrel_limit_hits_total`, when a configured limit caused the drop.
+    pub fn limit_label(self) -> Option<&'static str> {
+        match self {
+            DropReason::QueueFull => Some("max_queued_messages"),
+            DropReason::QueueBytes => Some("max_queued_bytes"),
+            _ => None,
+        }
+    }
 }
 
 /// What the overflow policy does with a new delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Plan {
     Push,
-    /// Drop the oldest queued delivery, then push (drop-oldest on a full queue).
-    ReplaceOldest,
+    /// Drop the oldest queued deliveries until the new one fits, then push (drop-oldest on a
+    /// full queue).
+    ReplaceOldest(DropReason),
     Reject(DropReason),
 }
 
 pub(super) fn plan(
     queue: &VecDeque<Delivery>,
-    qos: QoS,
+    queued_bytes: usize,
+    d: &Delivery,
     online: bool,
     limits: &QueueLimits,
 ) -> Plan {
-    if !online && qos == QoS::AtMostOnce && !limits.qos0_offline {
+    if !online && d.qos == QoS::AtMostOnce && !limits.qos0_offline {
         return Plan::Reject(DropReason::OfflineQos0);
     }
-    if queue.len() < limits.max_messages {
+    let why = if queue.len() >= limits.max_messages {
+        DropReason::QueueFull
+    } else if !fits_bytes(queue.len(), queued_bytes, d.size(), limits) {
+        DropReason::QueueBytes
+    } else {
         return Plan::Push;
+    };
+    if d.qos == QoS::AtMostOnce || limits.overflow == QueueOverflow::DropNewest {
+        return Plan::Reject(why);
     }
-    if qos == QoS::AtMostOnce || limits.overflow == QueueOverflow::DropNewest {
-        return Plan::Reject(DropReason::QueueFull);
+    Plan::ReplaceOldest(why)
+}
+
+/// Whether `size` more bytes fit; an empty queue takes any one message, so a message larger
+/// than the limit still reaches an online client.
+pub(super) fn fits_bytes(len: usize, queued_bytes: usize, size: usize, limits: &QueueLimits) -> bool {
+    limits.max_bytes == 0 || len == 0 || queued_bytes + size <= limits.max_bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::MqttStr;
+    use crate::session::{Session, SessionId};
+
+    fn delivery(payload_len: usize) -> Delivery {
+        let msg = Message {
+            topic: MqttStr::from_static("t/x"),
+            payload: vec![0u8; payload_len].into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            props: Default::default(),
+            expires_at: None,
+            origin: SessionId::BROKER,
+        };
+        Delivery {
+            msg: Arc::new(msg),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: SubIds::None,
+            seq: 0,
+            acl_check: false,
+        }
     }
-    Plan::ReplaceOldest
+
+    fn limits(max_bytes: usize, overflow: QueueOverflow) -> QueueLimits {
+        QueueLimits {
+            max_messages: 100,
+            max_bytes,
+            overflow,
+            qos0_offline: false,
+        }
+    }
+
+    fn queued(s: &Session) -> Vec<usize> {
+        let mut out = Vec::new();
+        s.drain(usize::MAX, usize::MAX, &mut out);
+        out.iter().map(|d| d.msg.payload.len()).collect()
+    }
+
+    #[test]
+    fn byte_limit_drop_newest() {
+        let s = Session::new_for_test("bytes");
+        let l = limits(100, QueueOverflow::DropNewest);
+        // Each delivery weighs 3 topic bytes plus its payload.
+        assert!(matches!(s.enqueue(delivery(47), &l, None), Enqueued::Queued { dropped: 0, .. }));
+        assert!(matches!(s.enqueue(delivery(47), &l, None), Enqueued::Queued { dropped: 0, .. }));
+        assert_eq!(
+            s.enqueue(delivery(1), &l, None),
+            Enqueued::Dropped(DropReason::QueueBytes)
+        );
+        assert_eq!(queued(&s), vec![47, 47]);
+        // Drained: the bytes are free again, and an empty queue takes even an oversized one.
+        assert!(matches!(s.enqueue(delivery(500), &l, None), Enqueued::Queued { .. }));
+        assert_eq!(queued(&s), vec![500]);
+    }
+
+    #[test]
+    fn byte_limit_drop_oldest_drops_enough() {
+        let s = Session::new_for_test("bytes-oldest");
+        let l = limits(100, QueueOverflow::DropOldest);
+        for n in [17, 17, 17, 17] {
+            s.enqueue(delivery(n), &l, None);
+        }
+        // 80 bytes queued; 60 more need three of them gone.
+        assert_eq!(
+            s.enqueue(delivery(57), &l, None),
+            Enqueued::Queued {
+                dropped: 3,
+                why: DropReason::QueueBytes
+            }
+        );
+        assert_eq!(queued(&s), vec![17, 57]);
+    }
 }

@@ -43,6 +43,8 @@ struct Link {
 
 struct Inner {
     queue: VecDeque<Delivery>,
+    /// Sum of [`Delivery::size`] over `queue`.
+    queued_bytes: usize,
     /// Parked while no connection owns it.
     state: Option<Box<SessionState>>,
     link: Option<Link>,
@@ -79,6 +81,7 @@ impl Session {
             released: Notify::new(),
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
+                queued_bytes: 0,
                 state: Some(Box::default()),
                 link: None,
                 expiry_secs,
@@ -103,6 +106,7 @@ impl Session {
         {
             let mut inner = s.lock();
             inner.state = Some(state);
+            inner.queued_bytes = queue.iter().map(Delivery::size).sum();
             inner.queue = queue;
             inner.next_seq = next_seq;
         }
@@ -152,43 +156,52 @@ impl Session {
     /// Queues a delivery for the client, online or not. With `stored` (an open store
     /// transaction and the encoded message, for a persistent session) the delivery is
     /// appended to the store before it becomes visible to the connection, so its delete after
-    /// the acknowledgement can never precede it. Also returns whether an older message was
-    /// dropped to make room.
+    /// the acknowledgement can never precede it. Under drop-oldest, older messages make room.
     pub fn enqueue(
         &self,
         mut d: Delivery,
         limits: &QueueLimits,
-        stored: Option<(&mut Txn<'_>, Vec<u8>)>,
-    ) -> (Enqueued, bool) {
+        mut stored: Option<(&mut Txn<'_>, Vec<u8>)>,
+    ) -> Enqueued {
         let mut inner = self.lock();
         if inner.ended {
-            return (Enqueued::Dropped(DropReason::SessionGone), false);
+            return Enqueued::Dropped(DropReason::SessionGone);
         }
         let online = inner.link.is_some();
-        let plan = queue::plan(&inner.queue, d.qos, online, limits);
-        if let Plan::Reject(why) = plan {
-            return (Enqueued::Dropped(why), false);
-        }
-        let dropped = if plan == Plan::ReplaceOldest {
-            inner.queue.pop_front()
-        } else {
-            None
+        let (dropped, why) = match queue::plan(&inner.queue, inner.queued_bytes, &d, online, limits) {
+            Plan::Reject(why) => return Enqueued::Dropped(why),
+            Plan::Push => (0, DropReason::QueueFull),
+            Plan::ReplaceOldest(why) => {
+                let size = d.size();
+                let mut dropped = 0;
+                while inner.queue.len() >= limits.max_messages
+                    || !queue::fits_bytes(inner.queue.len(), inner.queued_bytes, size, limits)
+                {
+                    let Some(old) = inner.queue.pop_front() else {
+                        break;
+                    };
+                    inner.queued_bytes -= old.size();
+                    dropped += 1;
+                    if let Some((txn, _)) = stored.as_mut().filter(|_| old.seq != 0) {
+                        crate::persist::delete_queued(&mut txn.writer(), &self.client_id, old.seq);
+                    }
+                }
+                (dropped, why)
+            }
         };
         if let Some((txn, value)) = stored {
             d.seq = inner.next_seq;
             inner.next_seq += 1;
-            let mut w = txn.writer();
-            w.put(Cf::Queue, &keys::queue_key(&self.client_id, d.seq), &value);
-            if let Some(old) = dropped.as_ref().filter(|old| old.seq != 0) {
-                crate::persist::delete_queued(&mut w, &self.client_id, old.seq);
-            }
+            txn.writer()
+                .put(Cf::Queue, &keys::queue_key(&self.client_id, d.seq), &value);
         }
+        inner.queued_bytes += d.size();
         inner.queue.push_back(d);
         drop(inner);
         if online {
             self.notify.notify_one();
         }
-        (Enqueued::Queued, dropped.is_some())
+        Enqueued::Queued { dropped, why }
     }
 
     /// Takes deliveries off the front: any number of QoS 0, at most `window` of QoS 1/2, at
@@ -205,7 +218,10 @@ impl Session {
                 }
                 window -= 1;
             }
-            out.extend(inner.queue.pop_front());
+            if let Some(d) = inner.queue.pop_front() {
+                inner.queued_bytes -= d.size();
+                out.push(d);
+            }
         }
     }
 
@@ -259,6 +275,7 @@ impl Session {
             if end {
                 inner.ended = true;
                 inner.queue.clear();
+                inner.queued_bytes = 0;
                 back = Some(state);
             } else {
                 inner.state = Some(state);
@@ -323,6 +340,7 @@ impl Session {
         inner.ended = true;
         let dropped = inner.queue.len();
         inner.queue.clear();
+        inner.queued_bytes = 0;
         (inner.state.take(), dropped)
     }
 
