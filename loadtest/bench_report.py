@@ -2,10 +2,12 @@
 """Helper of loadtest/bench.sh (Python 3 standard library only).
 
     bench_report.py free-port                  print a free TCP port on 127.0.0.1
-    bench_report.py ready-addr READY_FILE      print the "mqtt" address of a petrel ready file
+    bench_report.py ready-addr READY_FILE [KEY]  print an address ("mqtt", "admin") of a petrel
+                                               ready file
     bench_report.py snap PID LABEL             print one /proc sample of PID as a JSON line
     bench_report.py sample PID OUT INTERVAL_S  append a /proc sample of PID to OUT every
                                                INTERVAL_S until PID is gone or SIGTERM
+    bench_report.py metrics ADDR               print Petrel's /metrics text (admin address)
     bench_report.py report RESULTS_DIR OUT_MD  medians, ratios and targets as Markdown
 
 A sample is wall time, utime+stime in clock ticks (/proc/PID/stat, which sums every thread of
@@ -77,10 +79,34 @@ def cmd_free_port():
     return 0
 
 
-def cmd_ready_addr(path):
+def cmd_ready_addr(path, key="mqtt"):
     with open(path) as f:
-        print(json.load(f)["mqtt"])
+        print(json.load(f)[key])
     return 0
+
+
+def cmd_metrics(addr):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+        sys.stdout.write(r.read().decode())
+    return 0
+
+
+def metric_sums(path):
+    """{name{labels}: value} of a Prometheus text file (empty if there is none)."""
+    out = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line and not line.startswith("#"):
+                    parts = line.rsplit(None, 1)
+                    if len(parts) == 2:
+                        try:
+                            out[parts[0]] = float(parts[1])
+                        except ValueError:
+                            pass
+    return out
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -160,6 +186,7 @@ class Run:
         self.bench = read_json(os.path.join(path, "bench.json"))
         self.snaps = read_snaps(os.path.join(path, "snaps.jsonl"))
         self.samples = read_samples(os.path.join(path, "samples.tsv"))
+        self.metrics = metric_sums(os.path.join(path, "metrics.txt"))
         self.clk_tck = clk_tck
         self.values = {}
         self.problems = []
@@ -179,9 +206,9 @@ class Run:
             self.problems.append(f"error: {e}")
         if len(b.get("errors", [])) > 3:
             self.problems.append(f"... {len(b['errors'])} errors in all")
-        before, after, end = (self.snaps.get(k) for k in ("before", "after", "end"))
-        if end and "hwm_kb" in end:
-            self.values["hwm_mb"] = end["hwm_kb"] / KB
+        before, after = self.snaps.get("before"), self.snaps.get("after")
+        if after and "hwm_kb" in after:
+            self.values["hwm_mb"] = after["hwm_kb"] / KB
         cpu_s = None
         if before and after and "cpu_ticks" in before and "cpu_ticks" in after:
             cpu_s = (after["cpu_ticks"] - before["cpu_ticks"]) / self.clk_tck
@@ -221,8 +248,12 @@ class Run:
             self.values["cpu_per_m"] = cpu_s * 1e6 / delivered
         if t.get("lost"):
             qos = b.get("qos") or []
-            kind = "dropped by the broker" if qos == [0] else "LOST"
-            self.problems.append(f"{t['lost']} of {t.get('expected')} messages {kind}")
+            kind = "QoS 0" if qos == [0] else "QoS 1/2, acknowledged to the publisher"
+            text = f"{t['lost']:,} of {t.get('expected') or 0:,} messages never delivered ({kind})"
+            drops = {k: v for k, v in self.metrics.items() if k.startswith("petrel_session_queue_dropped_total") and v}
+            if drops:
+                text += "; Petrel's metrics: " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(drops.items()))
+            self.problems.append(text)
         if t.get("duplicates"):
             self.problems.append(f"{t['duplicates']} duplicates")
         if b.get("misrouted"):
@@ -347,6 +378,14 @@ def report(results_dir, out_md):
     w("whether a ratio above 1 is good depends on the row's \"better\" column. KB = 1024 bytes and")
     w("MB = 1024 KB, as in /proc.")
     w("")
+    try:
+        busy = float(machine.get("loadavg_start", "0").split()[0]) >= 0.5
+    except ValueError:
+        busy = False
+    if busy:
+        w(f"> **The machine was not quiet**: load average {machine['loadavg_start']} when the run started.")
+        w("> Other work competes with the pinned broker and generator; treat the numbers with care.")
+        w("")
     w("## Results")
     w("")
     w("| scenario | metric | better | Petrel | Mosquitto | Petrel/Mosquitto | target | |")
@@ -503,8 +542,10 @@ def main(argv):
     cmd, args = argv[1], argv[2:]
     if cmd == "free-port":
         return cmd_free_port()
-    if cmd == "ready-addr" and len(args) == 1:
-        return cmd_ready_addr(args[0])
+    if cmd == "ready-addr" and len(args) in (1, 2):
+        return cmd_ready_addr(*args)
+    if cmd == "metrics" and len(args) == 1:
+        return cmd_metrics(args[0])
     if cmd == "snap" and len(args) == 2:
         return cmd_snap(int(args[0]), args[1])
     if cmd == "sample" and len(args) == 3:

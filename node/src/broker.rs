@@ -32,6 +32,16 @@ use crate::session::{
     SubIds,
 };
 
+/// What [`Broker::publish`] did with a message.
+pub struct Routed {
+    /// Sessions that got a copy.
+    pub delivered: usize,
+    /// Every stored copy is durable once the store has passed this ticket.
+    pub ticket: Option<Ticket>,
+    /// A connected session whose queue is long: the publisher should wait for it.
+    pub congested: Option<Arc<Session>>,
+}
+
 pub struct Broker {
     pub cfg: Config,
     pub metrics: Metrics,
@@ -76,6 +86,11 @@ impl Broker {
             max_bytes: cfg.mqtt.max_queued_bytes,
             overflow: cfg.mqtt.queue_overflow,
             qos0_offline: cfg.mqtt.queue_qos0_offline,
+            congested_at: if cfg.mqtt.backpressure_max_wait_ms > 0 {
+                QueueLimits::congestion_threshold(cfg.mqtt.max_queued_messages)
+            } else {
+                0
+            },
         };
         Broker {
             cfg,
@@ -100,14 +115,13 @@ impl Broker {
     /// Routes a message to every matching local session and stores it if retained.
     /// `scratch` is the caller's reusable match buffer. `inbound` names an inbound QoS 2
     /// packet id to record in the same atomic write as the stored copies (exactly once across
-    /// a crash). Returns the number of sessions that got it and the ticket after which every
-    /// stored copy is durable.
+    /// a crash).
     pub fn publish(
         &self,
         msg: Arc<Message>,
         scratch: &mut Vec<Match>,
         inbound: Option<(&str, u16)>,
-    ) -> (usize, Option<Ticket>) {
+    ) -> Routed {
         scratch.clear();
         self.router
             .read()
@@ -134,6 +148,7 @@ impl Broker {
         // Read the wall clock only if something is stored.
         let mut clock = None;
         let mut delivered = 0;
+        let mut congested = None;
         let mut i = 0;
         while i < scratch.len() {
             let first = &scratch[i];
@@ -163,11 +178,20 @@ impl Broker {
                 seq: 0,
                 acl_check,
             };
-            delivered += self.enqueue_in(&first.session, d, txn.as_mut(), &mut clock) as usize;
+            let (queued, full) = self.enqueue_in(&first.session, d, txn.as_mut(), &mut clock);
+            delivered += queued as usize;
+            // The publisher's own session never makes it wait (it could not drain).
+            if full && congested.is_none() && first.session.id() != msg.origin {
+                congested = Some(first.session.clone());
+            }
             i = j;
         }
         scratch.clear();
-        (delivered, txn.map(Txn::commit))
+        Routed {
+            delivered,
+            ticket: txn.map(Txn::commit),
+            congested,
+        }
     }
 
     fn set_retained(&self, msg: &Arc<Message>, txn: &mut Txn<'_>) {
@@ -188,18 +212,19 @@ impl Broker {
     pub fn enqueue(&self, session: &Session, d: Delivery) -> (bool, Option<Ticket>) {
         let stored = session.is_persistent() && d.qos != QoS::AtMostOnce;
         let mut txn = stored.then(|| self.store.begin());
-        let queued = self.enqueue_in(session, d, txn.as_mut(), &mut None);
+        let (queued, _) = self.enqueue_in(session, d, txn.as_mut(), &mut None);
         (queued, txn.map(Txn::commit))
     }
 
-    /// Queues one delivery, counting what the overflow policy drops.
+    /// Queues one delivery, counting what the overflow policy drops. Returns whether it was
+    /// queued and whether the session is congested (its publishers should wait).
     fn enqueue_in(
         &self,
         session: &Session,
         d: Delivery,
         txn: Option<&mut Txn<'_>>,
         clock: &mut Option<Clock>,
-    ) -> bool {
+    ) -> (bool, bool) {
         let stored = match txn {
             Some(txn) if session.is_persistent() && d.qos != QoS::AtMostOnce => Some((
                 txn,
@@ -214,15 +239,19 @@ impl Broker {
             _ => None,
         };
         match session.enqueue(d, &self.limits, stored) {
-            Enqueued::Queued { dropped, why } => {
+            Enqueued::Queued {
+                dropped,
+                why,
+                congested,
+            } => {
                 if dropped > 0 {
                     self.count_overflow(why, dropped as u64);
                 }
-                true
+                (true, congested)
             }
             Enqueued::Dropped(why) => {
                 self.count_overflow(why, 1);
-                false
+                (false, false)
             }
         }
     }
@@ -234,7 +263,10 @@ impl Broker {
                 .queue_dropped
                 .with_label_values(&["queue_full"])
                 .inc_by(n);
-            self.metrics.limit_hits.with_label_values(&[limit]).inc_by(n);
+            self.metrics
+                .limit_hits
+                .with_label_values(&[limit])
+                .inc_by(n);
         }
     }
 

@@ -82,6 +82,12 @@ pub struct MqttConfig {
     /// Payload and topic bytes queued per session; past it the overflow policy applies as for
     /// `max_queued_messages`; 0 means no byte limit. Default `0`.
     pub max_queued_bytes: usize,
+    /// Longest a publisher's connection stops reading while a connected subscriber it feeds
+    /// has a long queue (half of `max_queued_messages`, at most 1024), so fast publishers
+    /// slow down to what subscribers take instead of overflowing their queues; a subscriber
+    /// that drains nothing in that time stops counting until it catches up. 0 turns this
+    /// off. Default `100`.
+    pub backpressure_max_wait_ms: u64,
     /// Which message a full session queue drops: `drop-newest` or `drop-oldest`.
     /// Default `drop-newest`.
     pub queue_overflow: QueueOverflow,
@@ -312,6 +318,7 @@ impl Default for MqttConfig {
             max_inflight_messages: 32,
             max_queued_messages: 1000,
             max_queued_bytes: 0,
+            backpressure_max_wait_ms: 100,
             queue_overflow: QueueOverflow::DropNewest,
             queue_qos0_offline: false,
             topic_alias_maximum: 64,
@@ -449,7 +456,10 @@ impl Config {
             ("mqtt.max_queued_messages", mqtt.max_queued_messages > 0),
             ("limits.max_connections", limits.max_connections > 0),
             ("limits.max_topic_levels", limits.max_topic_levels > 0),
-            ("limits.max_topic_length_bytes", limits.max_topic_length_bytes > 0),
+            (
+                "limits.max_topic_length_bytes",
+                limits.max_topic_length_bytes > 0,
+            ),
         ];
         let mut problems: Vec<String> = at_least_one
             .iter()

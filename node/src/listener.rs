@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -40,10 +41,6 @@ impl Kind {
             Kind::Ws => "ws",
             Kind::Wss => "wss",
         }
-    }
-
-    fn uses_tls(self) -> bool {
-        matches!(self, Kind::Mqtts | Kind::Wss)
     }
 }
 
@@ -147,8 +144,7 @@ pub async fn accept_loop(kind: Kind, listener: TcpListener, ctx: AcceptCtx) {
         let ctx2 = ctx.clone();
         ctx.tracker.spawn(
             async move {
-                open(kind, stream, peer, refused, &ctx2).await;
-                drop(permits);
+                open(kind, stream, peer, refused, permits, &ctx2).await;
             }
             .instrument(span),
         );
@@ -171,6 +167,7 @@ async fn open(
     stream: TcpStream,
     peer: SocketAddr,
     refused: Option<Refusal>,
+    permits: Vec<OwnedSemaphorePermit>,
     ctx: &AcceptCtx,
 ) {
     let broker = &ctx.broker;
@@ -178,28 +175,55 @@ async fn open(
     if refused.is_some() {
         limit = limit.min(REFUSAL_TIMEOUT);
     }
-    let (path, max) = (
-        &broker.cfg.mqtt.ws_path,
-        broker.cfg.mqtt.max_packet_size_bytes as usize + 16,
-    );
-    let mut info = ConnInfo {
+    let info = ConnInfo {
         listener: kind,
         cert_cn: None,
         refused,
     };
-    if !kind.uses_tls() {
-        match kind {
-            Kind::Ws => {
-                match tokio::time::timeout(limit, accept_ws_with_limit(stream, path, max)).await {
-                    Ok(Ok(ws)) => serve(ws, peer, info, ctx).await,
-                    Ok(Err(e)) => failed(broker, kind, peer, &e.to_string()),
-                    Err(_) => failed(broker, kind, peer, "websocket upgrade timed out"),
-                }
-            }
-            _ => serve(stream, peer, info, ctx).await,
+    // The TLS and WebSocket paths are boxed so that a plain TCP connection's task does not
+    // carry their (much larger) state.
+    match kind {
+        Kind::Mqtt => serve(stream, peer, info, permits, ctx),
+        Kind::Ws => Box::pin(open_ws(stream, peer, info, limit, permits, ctx)).await,
+        Kind::Mqtts | Kind::Wss => {
+            Box::pin(open_tls(stream, peer, info, limit, permits, ctx)).await
         }
-        return;
     }
+}
+
+/// WebSocket upgrade, then MQTT.
+async fn open_ws<S>(
+    stream: S,
+    peer: SocketAddr,
+    info: ConnInfo,
+    limit: Duration,
+    permits: Vec<OwnedSemaphorePermit>,
+    ctx: &AcceptCtx,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (broker, kind) = (&ctx.broker, info.listener);
+    let (path, max) = (
+        &broker.cfg.mqtt.ws_path,
+        broker.cfg.mqtt.max_packet_size_bytes as usize + 16,
+    );
+    match tokio::time::timeout(limit, accept_ws_with_limit(stream, path, max)).await {
+        Ok(Ok(ws)) => serve(ws, peer, info, permits, ctx),
+        Ok(Err(e)) => failed(broker, kind, peer, &e.to_string()),
+        Err(_) => failed(broker, kind, peer, "websocket upgrade timed out"),
+    }
+}
+
+/// TLS handshake, then MQTT or a WebSocket upgrade.
+async fn open_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut info: ConnInfo,
+    limit: Duration,
+    permits: Vec<OwnedSemaphorePermit>,
+    ctx: &AcceptCtx,
+) {
+    let (broker, kind) = (&ctx.broker, info.listener);
     let acceptor = ctx
         .tls
         .as_ref()
@@ -214,21 +238,31 @@ async fn open(
         info.cert_cn = peer_common_name(tls.get_ref().1);
     }
     if kind == Kind::Wss {
-        match tokio::time::timeout(limit, accept_ws_with_limit(tls, path, max)).await {
-            Ok(Ok(ws)) => serve(ws, peer, info, ctx).await,
-            Ok(Err(e)) => failed(broker, kind, peer, &e.to_string()),
-            Err(_) => failed(broker, kind, peer, "websocket upgrade timed out"),
-        }
+        open_ws(tls, peer, info, limit, permits, ctx).await;
     } else {
-        serve(tls, peer, info, ctx).await;
+        serve(tls, peer, info, permits, ctx);
     }
 }
 
-async fn serve<S>(stream: S, peer: SocketAddr, info: ConnInfo, ctx: &AcceptCtx)
-where
+/// Serves MQTT on a ready stream in a task of its own: the accept task, with its transport
+/// handshakes, ends here, so a connection's long-lived task holds only the connection.
+fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    info: ConnInfo,
+    permits: Vec<OwnedSemaphorePermit>,
+    ctx: &AcceptCtx,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    connection::serve(stream, peer, info, ctx.broker.clone(), ctx.cancel.clone()).await;
+    let conn = connection::serve(stream, peer, info, ctx.broker.clone(), ctx.cancel.clone());
+    ctx.tracker.spawn(
+        async move {
+            conn.await;
+            drop(permits);
+        }
+        .in_current_span(),
+    );
 }
 
 fn failed(broker: &Broker, kind: Kind, peer: SocketAddr, why: &str) {

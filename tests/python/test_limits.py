@@ -221,3 +221,32 @@ def test_publish_rate_throttle_loses_nothing(broker_factory, clients, version):
     assert elapsed >= 1.9, f"45 publishes took only {elapsed:.2f}s"
     assert hits(b, "publish_rate") >= 1
     assert not pub.disconnected.is_set()
+
+
+# --- publisher backpressure ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wait_ms", [100, 0], ids=["backpressure", "off"])
+def test_fast_publisher_waits_for_a_connected_subscriber(broker_factory, clients, wait_ms):
+    """A flood into a small queue: with backpressure the publisher's connection stops reading
+    while the subscriber catches up, and nothing is dropped; with it off, the queue overflows
+    (which shows the flood is big enough for the test to mean something)."""
+    b = broker_factory(env={"PETREL_MQTT__MAX_QUEUED_MESSAGES": "100",
+                            "PETREL_MQTT__BACKPRESSURE_MAX_WAIT_MS": str(wait_ms)})
+    sub = clients.connected(b, 4)
+    assert sub.subscribe("bp/#", qos=1) == [1]
+    n = 3000
+    with raw.RawClient(b.addr) as pub:
+        assert pub.connect(4, client_id=unique_id("flood")).code == 0
+        pub.send(b"".join(raw.publish("bp/x", i.to_bytes(4, "big"), qos=1, pid=i % 65535 + 1)
+                          for i in range(n)))
+        acked = 0
+        while acked < n:
+            assert pub.recv_type(raw.PUBACK).type == raw.PUBACK
+            acked += 1
+    dropped = b.metric("petrel_session_queue_dropped_total", reason="queue_full")
+    if wait_ms == 0:
+        assert dropped > 0
+        return
+    got = [int.from_bytes(m.payload, "big") for m in sub.expect_n(n)]
+    assert got == list(range(n))
+    assert dropped == 0

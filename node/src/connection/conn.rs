@@ -13,17 +13,23 @@ use tokio_util::sync::CancellationToken;
 use super::error::ConnError;
 use crate::auth::ClientCtx;
 use crate::broker::Broker;
-use crate::config::PublishRatePolicy;
-use crate::limit::TokenBucket;
 use crate::codec::{
     decode_packet, encode_packet, Connect, Disconnect, LastWill, MqttStr, Packet, Protocol,
 };
+use crate::config::PublishRatePolicy;
+use crate::limit::TokenBucket;
 use crate::message::Message;
 use crate::router::Match;
 use crate::session::{Delivery, Kick, Session, SessionState};
 
 /// Stop taking messages off the session queue while this much is waiting to be written.
 pub(super) const HIGH_WATER: usize = 64 * 1024;
+/// Read buffer sizes: an idle connection reads into `READ_MIN` bytes, a busy one's reads
+/// double up to `READ_MAX` while they fill the buffer.
+const READ_MIN: usize = 256;
+const READ_MAX: usize = 64 * 1024;
+/// Write buffer reserved when a batch of messages starts going out.
+pub(super) const WRITE_RESERVE: usize = 16 * 1024;
 /// How long a closing connection may spend flushing its last bytes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -84,6 +90,9 @@ pub(super) struct Conn {
     pub publish_bucket: Option<TokenBucket>,
     /// Throttle policy: the next PUBLISH waits for a token; reading stops until then.
     pub throttled_until: Option<Instant>,
+    /// Backpressure: a subscriber this client feeds has a long queue; reading stops until
+    /// it drains or the instant passes.
+    pub backpressure: Option<(Arc<Session>, Instant)>,
 }
 
 impl Conn {
@@ -140,6 +149,7 @@ impl Conn {
                 })
             },
             throttled_until: None,
+            backpressure: None,
             session,
             state,
             broker,
@@ -220,19 +230,30 @@ impl Conn {
         tokio::pin!(sleep);
         let mut kick_live = true;
         let session = self.session.clone();
+        let mut read_hint = READ_MIN;
+        let drained_below = self.broker.limits.drained_below();
         loop {
             if self.queue_pending && self.out.len() < HIGH_WATER {
                 self.pump();
             }
-            if rbuf.capacity() - rbuf.len() < 1024 {
-                rbuf.reserve(8192);
+            if rbuf.capacity() - rbuf.len() < read_hint / 2 {
+                rbuf.reserve(read_hint);
             }
+            let spare = rbuf.capacity() - rbuf.len();
             // Connections that never stored an outbound QoS 2 packet id skip the watermark.
             let barrier_open = self.write_barrier == Ticket::default()
                 || self.write_barrier <= self.committed.borrow().ticket;
             let can_write = !self.out.is_empty() && barrier_open;
             let can_take = self.out.len() < HIGH_WATER;
             let wait_store = !self.pending_acks.is_empty() || !barrier_open;
+            let reading = self.throttled_until.is_none() && self.backpressure.is_none();
+            let congested = self.backpressure.clone();
+            let drained = async {
+                match &congested {
+                    Some((s, until)) => s.wait_drained(drained_below, *until).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Exit::Error(ConnError::ShuttingDown),
@@ -242,16 +263,42 @@ impl Conn {
                 },
                 r = writer.write_buf(&mut self.out), if can_write => match r {
                     Ok(0) => return Exit::Error(ConnError::PeerClosed),
-                    Ok(n) => self.broker.metrics.bytes_sent.inc_by(n as u64),
+                    Ok(n) => {
+                        self.broker.metrics.bytes_sent.inc_by(n as u64);
+                        if self.out.is_empty() && !self.queue_pending {
+                            // Nothing more to send now: give the buffer back (a quiet
+                            // connection should cost little); the next batch reserves again.
+                            self.out = BytesMut::new();
+                        }
+                    }
                     Err(e) => return Exit::Error(e.into()),
                 },
-                r = reader.read_buf(&mut rbuf), if self.throttled_until.is_none() => {
+                r = reader.read_buf(&mut rbuf), if reading => {
                     match r {
                         Ok(0) if rbuf.is_empty() => return Exit::Error(ConnError::PeerClosed),
                         Ok(0) => return Exit::Error(ConnError::Truncated),
-                        Ok(n) => self.broker.metrics.bytes_received.inc_by(n as u64),
+                        Ok(n) => {
+                            self.broker.metrics.bytes_received.inc_by(n as u64);
+                            if n >= spare {
+                                read_hint = (read_hint * 2).min(READ_MAX);
+                            } else if n < read_hint / 8 {
+                                read_hint = (read_hint / 2).max(READ_MIN);
+                            }
+                        }
                         Err(e) => return Exit::Error(e.into()),
                     }
+                    last_seen = Instant::now();
+                    if let Some(exit) = self.decode_all(&mut rbuf, max_in) {
+                        return exit;
+                    }
+                    if rbuf.is_empty() && rbuf.capacity() > 2 * read_hint {
+                        // The client slowed down: drop the big buffer (decoded payloads that
+                        // still point into it keep their part alive on their own).
+                        rbuf = BytesMut::new();
+                    }
+                }
+                _ = drained, if congested.is_some() => {
+                    self.backpressure = None;
                     last_seen = Instant::now();
                     if let Some(exit) = self.decode_all(&mut rbuf, max_in) {
                         return exit;
@@ -291,7 +338,7 @@ impl Conn {
     /// `throttled_until`, leaving the rest in the buffer.
     fn decode_all(&mut self, rbuf: &mut BytesMut, max_in: u32) -> Option<Exit> {
         loop {
-            if self.must_wait_for_token(rbuf) {
+            if self.backpressure.is_some() || self.must_wait_for_token(rbuf) {
                 return None;
             }
             match decode_packet(rbuf, self.protocol, max_in) {

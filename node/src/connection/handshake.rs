@@ -32,25 +32,6 @@ pub struct ConnInfo {
     pub refused: Option<Refusal>,
 }
 
-/// Serves one client connection to its end.
-pub async fn serve<S>(
-    stream: S,
-    peer: SocketAddr,
-    info: ConnInfo,
-    broker: Arc<Broker>,
-    cancel: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    if info.refused.is_some() {
-        return run(stream, peer, info, &broker, cancel).await;
-    }
-    broker.metrics.connections.inc();
-    broker.metrics.connections_total.inc();
-    run(stream, peer, info, &broker, cancel).await;
-    broker.metrics.connections.dec();
-}
-
 enum ConnectFailure {
     Timeout,
     Closed,
@@ -61,38 +42,80 @@ enum ConnectFailure {
     Io(std::io::Error),
 }
 
-async fn run<S>(
+/// Serves one client connection to its end.
+pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
     info: ConnInfo,
-    broker: &Arc<Broker>,
+    broker: Arc<Broker>,
     cancel: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::with_capacity(4096);
+    // Refused connections only get their CONNACK: they are not counted as connections.
+    let counted = info.refused.is_none();
+    if counted {
+        broker.metrics.connections.inc();
+        broker.metrics.connections_total.inc();
+    }
+    // The handshake is boxed and gone once done: what stays for the connection's life is
+    // only the connected state and its event loop (idle connections add up).
+    let shake = Box::pin(handshake(&mut reader, &mut writer, peer, info, &broker)).await;
+    if let Some((mut conn, rbuf, kick_rx)) = shake {
+        let exit = conn
+            .run(&mut reader, &mut writer, rbuf, kick_rx, cancel)
+            .await;
+        Box::pin((*conn).finish(exit, &mut writer)).await;
+    }
+    if counted {
+        broker.metrics.connections.dec();
+    }
+}
+
+/// CONNECT, authentication, the claim and CONNACK (written into the connection's buffer).
+/// `None`: the connection was refused or failed and is done.
+async fn handshake<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    peer: SocketAddr,
+    info: ConnInfo,
+    broker: &Arc<Broker>,
+) -> Option<(Box<Conn>, BytesMut, oneshot::Receiver<Kick>)>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // Small to start: most CONNECTs fit, and an idle connection keeps what it has here.
+    let mut rbuf = BytesMut::with_capacity(256);
     let cfg = &broker.cfg.mqtt;
     let mut limit = Duration::from_millis(cfg.connect_timeout_ms);
     if info.refused.is_some() {
         limit = limit.min(REFUSAL_TIMEOUT);
     }
-    let read = read_connect(&mut reader, &mut rbuf, cfg.max_packet_size_bytes);
+    let read = read_connect(reader, &mut rbuf, cfg.max_packet_size_bytes);
     let mut connect = match tokio::time::timeout(limit, read)
         .await
         .unwrap_or(Err(ConnectFailure::Timeout))
     {
         Ok(c) => c,
-        Err(f) => return refuse_early(f, &mut writer, broker, peer).await,
+        Err(f) => {
+            refuse_early(f, writer, broker, peer).await;
+            return None;
+        }
     };
     tracing::Span::current().record("client_id", connect.client_id.as_str());
     let protocol = connect.protocol;
     if let Some(why) = info.refused {
-        return refuse(protocol, why.reason_code(protocol), &mut writer).await;
+        refuse(protocol, why.reason_code(protocol), writer).await;
+        return None;
     }
     let accepted = match accept(&connect, broker) {
         Ok(a) => a,
-        Err(rc) => return refuse(protocol, rc, &mut writer).await,
+        Err(rc) => {
+            refuse(protocol, rc, writer).await;
+            return None;
+        }
     };
     if let Some(cn) = info.cert_cn.as_deref().and_then(|cn| MqttStr::new(cn).ok()) {
         // A verified certificate is the credential: its CN is the username.
@@ -121,7 +144,8 @@ async fn run<S>(
             .with_label_values(&[reason])
             .inc();
         tracing::info!(%peer, client_id = %accepted.client_id, ?username, reason, "authentication failed");
-        return refuse(protocol, rc, &mut writer).await;
+        refuse(protocol, rc, writer).await;
+        return None;
     }
     let conn_id = broker.next_conn_id();
     let (kick_tx, kick_rx) = oneshot::channel();
@@ -136,11 +160,14 @@ async fn run<S>(
     .await;
     let (session, state, present) = match claim {
         Ok(c) => c,
-        Err(rc) => return refuse(protocol, rc, &mut writer).await,
+        Err(rc) => {
+            refuse(protocol, rc, writer).await;
+            return None;
+        }
     };
     tracing::debug!(client_id = %accepted.client_id, %protocol, present, "connected");
     let connack = connack(&connect, broker, &accepted, present);
-    let mut out = BytesMut::with_capacity(8192);
+    let mut out = BytesMut::new();
     encode_packet(&Packet::ConnAck(connack), protocol, &mut out).expect("connack encodes");
     let params = ConnParams {
         connect,
@@ -149,11 +176,8 @@ async fn run<S>(
         expiry: accepted.expiry,
         conn_id,
     };
-    let mut conn = Conn::new(broker.clone(), session, state, params, out);
-    let exit = conn
-        .run(&mut reader, &mut writer, rbuf, kick_rx, cancel)
-        .await;
-    conn.finish(exit, &mut writer).await;
+    let conn = Box::new(Conn::new(broker.clone(), session, state, params, out));
+    Some((conn, rbuf, kick_rx))
 }
 
 async fn read_connect<R>(

@@ -3,17 +3,17 @@
 use std::sync::Arc;
 
 use petrel_storage::{keys, Cf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::conn::{Conn, Exit};
 use super::error::ConnError;
 use crate::auth::SubscribeDecision;
-use crate::config::PublishRatePolicy;
-use crate::limit;
 use crate::codec::{
     AckProperties, Disconnect, MqttStr, Packet, PubResp, Publish, QoS, ReasonCode, RetainHandling,
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
+use crate::config::PublishRatePolicy;
+use crate::limit;
 use crate::message::Message;
 use crate::persist::{self, value};
 use crate::router::topic;
@@ -124,7 +124,11 @@ impl Conn {
             return Err(ConnError::RetainNotSupported);
         }
         if let Some(limit) = limit::topic_over_limit(&p.topic, &cfg.limits) {
-            self.broker.metrics.limit_hits.with_label_values(&[limit]).inc();
+            self.broker
+                .metrics
+                .limit_hits
+                .with_label_values(&[limit])
+                .inc();
             if self.v5() && p.qos != QoS::AtMostOnce {
                 // v5 can refuse one message and keep the connection.
                 self.ack(&p, ReasonCode::TOPIC_NAME_INVALID, Some(limit));
@@ -192,7 +196,13 @@ impl Conn {
             _ => None,
         };
         let msg = Arc::new(Message::from_publish(p, self.session.id(), Instant::now()));
-        let (n, ticket) = self.broker.publish(msg, &mut self.matches, inbound);
+        let routed = self.broker.publish(msg, &mut self.matches, inbound);
+        let (n, ticket) = (routed.delivered, routed.ticket);
+        if let Some(session) = routed.congested {
+            // Stop reading until that subscriber catches up (or the wait runs out).
+            let wait = Duration::from_millis(cfg.mqtt.backpressure_max_wait_ms);
+            self.backpressure = Some((session, Instant::now() + wait));
+        }
         if let Some(id) = packet_id {
             let rc = if n == 0 && self.v5() {
                 ReasonCode::NO_MATCHING_SUBSCRIBERS
@@ -271,7 +281,11 @@ impl Conn {
                         } else {
                             "max_topic_levels"
                         };
-                        self.broker.metrics.limit_hits.with_label_values(&[limit]).inc();
+                        self.broker
+                            .metrics
+                            .limit_hits
+                            .with_label_values(&[limit])
+                            .inc();
                     }
                     codes.push(if v5 {
                         ReasonCode::TOPIC_FILTER_INVALID
@@ -423,4 +437,3 @@ impl Conn {
         })
     }
 }
-

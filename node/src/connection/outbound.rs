@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::conn::{Conn, HIGH_WATER};
+use super::conn::{Conn, HIGH_WATER, WRITE_RESERVE};
 use crate::codec::{Packet, PubResp, PublishOut, QoS, ReasonCode};
 use crate::persist;
 use crate::session::{Delivery, Inflight, Stage};
@@ -15,9 +15,13 @@ impl Conn {
     /// Moves queued messages into the write buffer while the window and buffer allow.
     pub(super) fn pump(&mut self) {
         let mut batch = std::mem::take(&mut self.batch);
+        if self.out.capacity() - self.out.len() < 1024 {
+            self.out.reserve(WRITE_RESERVE);
+        }
         loop {
             let window = self.out_window.saturating_sub(self.state.inflight.len());
-            self.session.drain(window, BATCH, &mut batch);
+            let low = self.broker.limits.drained_below();
+            self.session.drain(window, BATCH, &mut batch, low);
             let taken = batch.len();
             let now = Instant::now();
             for d in batch.drain(..) {

@@ -180,7 +180,10 @@ mod tests {
         assert_eq!(refusal(a.admit(Kind::Ws, ip)), Some(Refusal::ListenerFull));
         let m1 = a.admit(Kind::Mqtt, ip);
         let m2 = a.admit(Kind::Mqtt, ip);
-        assert!(matches!((&m1, &m2), (Admit::Accepted(_), Admit::Accepted(_))));
+        assert!(matches!(
+            (&m1, &m2),
+            (Admit::Accepted(_), Admit::Accepted(_))
+        ));
         assert_eq!(refusal(a.admit(Kind::Mqtt, ip)), Some(Refusal::ServerFull));
         drop(m1);
         assert!(matches!(a.admit(Kind::Mqtt, ip), Admit::Accepted(_)));
@@ -204,7 +207,10 @@ mod tests {
         let _first = a.admit(Kind::Mqtt, ip);
         let slots: Vec<_> = (0..MAX_REFUSING).map(|_| a.admit(Kind::Mqtt, ip)).collect();
         assert!(slots.iter().all(|s| matches!(s, Admit::Refused(..))));
-        assert!(matches!(a.admit(Kind::Mqtt, ip), Admit::Dropped(Refusal::RateExceeded)));
+        assert!(matches!(
+            a.admit(Kind::Mqtt, ip),
+            Admit::Dropped(Refusal::RateExceeded)
+        ));
     }
 
     #[test]

@@ -27,8 +27,14 @@ mod tests {
             ..LimitsConfig::default()
         };
         assert_eq!(topic_over_limit("a/b/c", &limits), None);
-        assert_eq!(topic_over_limit("a/b/c/d", &limits), Some("max_topic_levels"));
-        assert_eq!(topic_over_limit("abcdefghi", &limits), Some("max_topic_length_bytes"));
+        assert_eq!(
+            topic_over_limit("a/b/c/d", &limits),
+            Some("max_topic_levels")
+        );
+        assert_eq!(
+            topic_over_limit("abcdefghi", &limits),
+            Some("max_topic_length_bytes")
+        );
         assert_eq!(topic_over_limit("12345678", &limits), None);
     }
 }

@@ -72,6 +72,20 @@ pub struct QueueLimits {
     pub max_bytes: usize,
     pub overflow: QueueOverflow,
     pub qos0_offline: bool,
+    /// A connected session's queue at least this long slows its publishers down (0: never).
+    pub congested_at: usize,
+}
+
+impl QueueLimits {
+    /// Below this length a congested queue lets its publishers go again.
+    pub fn drained_below(&self) -> usize {
+        self.congested_at / 2
+    }
+
+    /// The queue length at which publishers wait: half the queue, at most 1024.
+    pub fn congestion_threshold(max_messages: usize) -> usize {
+        (max_messages / 2).clamp(1, 1024)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,8 +103,13 @@ pub enum DropReason {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Enqueued {
-    /// Queued; under drop-oldest, `dropped` older messages made room for it.
-    Queued { dropped: usize, why: DropReason },
+    /// Queued; under drop-oldest, `dropped` older messages made room for it. `congested`:
+    /// the session is connected and its queue is long enough that publishers should wait.
+    Queued {
+        dropped: usize,
+        why: DropReason,
+        congested: bool,
+    },
     Dropped(DropReason),
 }
 
@@ -140,7 +159,12 @@ pub(super) fn plan(
 
 /// Whether `size` more bytes fit; an empty queue takes any one message, so a message larger
 /// than the limit still reaches an online client.
-pub(super) fn fits_bytes(len: usize, queued_bytes: usize, size: usize, limits: &QueueLimits) -> bool {
+pub(super) fn fits_bytes(
+    len: usize,
+    queued_bytes: usize,
+    size: usize,
+    limits: &QueueLimits,
+) -> bool {
     limits.max_bytes == 0 || len == 0 || queued_bytes + size <= limits.max_bytes
 }
 
@@ -176,12 +200,13 @@ mod tests {
             max_bytes,
             overflow,
             qos0_offline: false,
+            congested_at: 0,
         }
     }
 
     fn queued(s: &Session) -> Vec<usize> {
         let mut out = Vec::new();
-        s.drain(usize::MAX, usize::MAX, &mut out);
+        s.drain(usize::MAX, usize::MAX, &mut out, 0);
         out.iter().map(|d| d.msg.payload.len()).collect()
     }
 
@@ -190,15 +215,24 @@ mod tests {
         let s = Session::new_for_test("bytes");
         let l = limits(100, QueueOverflow::DropNewest);
         // Each delivery weighs 3 topic bytes plus its payload.
-        assert!(matches!(s.enqueue(delivery(47), &l, None), Enqueued::Queued { dropped: 0, .. }));
-        assert!(matches!(s.enqueue(delivery(47), &l, None), Enqueued::Queued { dropped: 0, .. }));
+        assert!(matches!(
+            s.enqueue(delivery(47), &l, None),
+            Enqueued::Queued { dropped: 0, .. }
+        ));
+        assert!(matches!(
+            s.enqueue(delivery(47), &l, None),
+            Enqueued::Queued { dropped: 0, .. }
+        ));
         assert_eq!(
             s.enqueue(delivery(1), &l, None),
             Enqueued::Dropped(DropReason::QueueBytes)
         );
         assert_eq!(queued(&s), vec![47, 47]);
         // Drained: the bytes are free again, and an empty queue takes even an oversized one.
-        assert!(matches!(s.enqueue(delivery(500), &l, None), Enqueued::Queued { .. }));
+        assert!(matches!(
+            s.enqueue(delivery(500), &l, None),
+            Enqueued::Queued { .. }
+        ));
         assert_eq!(queued(&s), vec![500]);
     }
 
@@ -214,7 +248,8 @@ mod tests {
             s.enqueue(delivery(57), &l, None),
             Enqueued::Queued {
                 dropped: 2,
-                why: DropReason::QueueBytes
+                why: DropReason::QueueBytes,
+                congested: false,
             }
         );
         assert_eq!(queued(&s), vec![17, 17, 57]);

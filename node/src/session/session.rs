@@ -67,6 +67,11 @@ pub struct Session {
     notify: Notify,
     /// Wakes a taking-over connection when the old one has parked the state.
     released: Notify,
+    /// Wakes publishers waiting for this session's queue to get short again.
+    drained: Notify,
+    /// A publisher waited for this queue in vain: publishers stop waiting for it until it
+    /// gets short again.
+    stalled: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -79,6 +84,8 @@ impl Session {
             persistent: AtomicBool::new(false),
             notify: Notify::new(),
             released: Notify::new(),
+            drained: Notify::new(),
+            stalled: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -168,7 +175,8 @@ impl Session {
             return Enqueued::Dropped(DropReason::SessionGone);
         }
         let online = inner.link.is_some();
-        let (dropped, why) = match queue::plan(&inner.queue, inner.queued_bytes, &d, online, limits) {
+        let (dropped, why) = match queue::plan(&inner.queue, inner.queued_bytes, &d, online, limits)
+        {
             Plan::Reject(why) => return Enqueued::Dropped(why),
             Plan::Push => (0, DropReason::QueueFull),
             Plan::ReplaceOldest(why) => {
@@ -196,18 +204,30 @@ impl Session {
                 .put(Cf::Queue, &keys::queue_key(&self.client_id, d.seq), &value);
         }
         inner.queued_bytes += d.size();
+        let was_empty = inner.queue.is_empty();
         inner.queue.push_back(d);
+        let congested = online
+            && limits.congested_at > 0
+            && inner.queue.len() >= limits.congested_at
+            && !self.stalled.load(Ordering::Relaxed);
         drop(inner);
-        if online {
+        // A queue that held messages already has its connection's attention (a stored
+        // wake-up, a full window that an ack reopens, or a batch still being taken).
+        if online && was_empty {
             self.notify.notify_one();
         }
-        Enqueued::Queued { dropped, why }
+        Enqueued::Queued {
+            dropped,
+            why,
+            congested,
+        }
     }
 
     /// Takes deliveries off the front: any number of QoS 0, at most `window` of QoS 1/2, at
     /// most `max` in all. Stops at the first QoS 1/2 that does not fit, to keep order.
-    pub fn drain(&self, mut window: usize, max: usize, out: &mut Vec<Delivery>) {
+    pub fn drain(&self, mut window: usize, max: usize, out: &mut Vec<Delivery>, low: usize) {
         let mut inner = self.lock();
+        let before = inner.queue.len();
         while out.len() < max {
             let Some(front) = inner.queue.front() else {
                 break;
@@ -223,6 +243,35 @@ impl Session {
                 out.push(d);
             }
         }
+        let after = inner.queue.len();
+        drop(inner);
+        if before >= low && after < low {
+            self.stalled.store(false, Ordering::Relaxed);
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Waits until the queue is shorter than `low` (true) or `deadline` passes (false, and
+    /// the session is marked stalled so publishers stop waiting for it).
+    pub async fn wait_drained(&self, low: usize, deadline: Instant) -> bool {
+        let notified = self.drained.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a drain in between is not missed.
+        notified.as_mut().enable();
+        {
+            let inner = self.lock();
+            if inner.queue.len() < low || inner.link.is_none() || inner.ended {
+                return true;
+            }
+        }
+        if tokio::time::timeout_at(deadline.into(), notified)
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        self.stalled.store(true, Ordering::Relaxed);
+        false
     }
 
     pub fn queue_len(&self) -> usize {
@@ -284,6 +333,8 @@ impl Session {
         }
         drop(inner);
         self.released.notify_waiters();
+        // Offline now: publishers no longer wait for it.
+        self.drained.notify_waiters();
         back
     }
 
@@ -341,6 +392,7 @@ impl Session {
         let dropped = inner.queue.len();
         inner.queue.clear();
         inner.queued_bytes = 0;
+        self.drained.notify_waiters();
         (inner.state.take(), dropped)
     }
 
