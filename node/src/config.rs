@@ -74,7 +74,8 @@ pub struct MqttConfig {
     /// least 1. Default `128`.
     pub receive_maximum: u16,
     /// Outbound unacknowledged QoS 1/2 publishes per session, further limited by the client's
-    /// Receive Maximum; at least 1. Default `32`.
+    /// Receive Maximum; at least 1. Default `128`: a window that keeps a high-latency link
+    /// busy (128 messages per round trip), as fast as the client acknowledges.
     pub max_inflight_messages: u16,
     /// Messages queued per session while it is offline or its window is full; at least 1.
     /// Default `1000`.
@@ -315,7 +316,7 @@ impl Default for MqttConfig {
             max_packet_size_bytes: 1_048_576,
             max_keep_alive_secs: 0,
             receive_maximum: 128,
-            max_inflight_messages: 32,
+            max_inflight_messages: 128,
             max_queued_messages: 1000,
             max_queued_bytes: 0,
             backpressure_max_wait_ms: 100,

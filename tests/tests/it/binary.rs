@@ -42,7 +42,7 @@ async fn print_default_config_is_documented_toml_with_the_defaults() {
         assert_eq!(get("mqtt", "max_packet_size_bytes"), i(1_048_576));
         assert_eq!(get("mqtt", "max_keep_alive_secs"), i(0));
         assert_eq!(get("mqtt", "receive_maximum"), i(128));
-        assert_eq!(get("mqtt", "max_inflight_messages"), i(32));
+        assert_eq!(get("mqtt", "max_inflight_messages"), i(128));
         assert_eq!(get("mqtt", "max_queued_messages"), i(1000));
         assert_eq!(get("mqtt", "queue_overflow"), s("drop-newest"));
         assert_eq!(
