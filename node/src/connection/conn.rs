@@ -1,6 +1,8 @@
 //! The connected state of one connection and its event loop.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,7 +64,8 @@ pub(super) struct Conn {
     pub keep_alive: Duration,
     /// Session expiry interval in seconds; DISCONNECT may change it.
     pub expiry: u32,
-    pub will: Option<LastWill>,
+    /// Boxed: most clients have none, and a connection's size matters when idle.
+    pub will: Option<Box<LastWill>>,
     /// Encoded packets waiting to be written.
     pub out: BytesMut,
     /// Largest packet the client accepts.
@@ -114,7 +117,7 @@ impl Conn {
             conn_id: p.conn_id,
             keep_alive: Duration::from_secs(p.keep_alive as u64),
             expiry: p.expiry,
-            will: p.connect.will,
+            will: p.connect.will.map(Box::new),
             out,
             out_max_packet: props.maximum_packet_size.unwrap_or(u32::MAX) as usize,
             out_window: client_receive_max
@@ -247,10 +250,13 @@ impl Conn {
             let can_take = self.out.len() < HIGH_WATER;
             let wait_store = !self.pending_acks.is_empty() || !barrier_open;
             let reading = self.throttled_until.is_none() && self.backpressure.is_none();
-            let congested = self.backpressure.clone();
-            let drained = async {
-                match &congested {
-                    Some((s, until)) => s.wait_drained(drained_below, *until).await,
+            // Boxed and built only while paused: every branch's future is part of this
+            // connection's state, and most connections never pause.
+            let paused = self.pause_future(drained_below);
+            let is_paused = paused.is_some();
+            let resumed = async {
+                match paused {
+                    Some(f) => f.await,
                     None => std::future::pending().await,
                 }
             };
@@ -297,16 +303,8 @@ impl Conn {
                         rbuf = BytesMut::new();
                     }
                 }
-                _ = drained, if congested.is_some() => {
+                _ = resumed, if is_paused => {
                     self.backpressure = None;
-                    last_seen = Instant::now();
-                    if let Some(exit) = self.decode_all(&mut rbuf, max_in) {
-                        return exit;
-                    }
-                }
-                _ = tokio::time::sleep_until(self.throttled_until.unwrap_or(last_seen).into()),
-                    if self.throttled_until.is_some() =>
-                {
                     self.throttled_until = None;
                     last_seen = Instant::now();
                     if let Some(exit) = self.decode_all(&mut rbuf, max_in) {
@@ -331,6 +329,21 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// What a paused reader waits for: a congested subscriber's queue to drain (or the wait
+    /// to run out), or the publish-rate bucket to refill.
+    fn pause_future(
+        &self,
+        drained_below: usize,
+    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        if let Some((s, until)) = self.backpressure.clone() {
+            return Some(Box::pin(async move {
+                s.wait_drained(drained_below, until).await;
+            }));
+        }
+        let until = self.throttled_until?;
+        Some(Box::pin(tokio::time::sleep_until(until.into())))
     }
 
     /// Handles every complete packet in `rbuf`; `Some` ends the connection. Under the
