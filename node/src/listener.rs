@@ -141,6 +141,17 @@ pub async fn accept_loop(kind: Kind, listener: TcpListener, ctx: AcceptCtx) {
         };
         let _ = stream.set_nodelay(true);
         let span = tracing::debug_span!("conn", listener = %kind, %peer, client_id = tracing::field::Empty);
+        if kind == Kind::Mqtt {
+            // Nothing to negotiate below MQTT: straight to the connection's own task.
+            let info = ConnInfo {
+                listener: kind,
+                cert_cn: None,
+                refused,
+            };
+            let _entered = span.enter();
+            serve(stream, peer, info, permits, &ctx);
+            continue;
+        }
         let ctx2 = ctx.clone();
         ctx.tracker.spawn(
             async move {
