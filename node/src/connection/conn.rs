@@ -269,14 +269,7 @@ impl Conn {
                 },
                 r = writer.write_buf(&mut self.out), if can_write => match r {
                     Ok(0) => return Exit::Error(ConnError::PeerClosed),
-                    Ok(n) => {
-                        self.broker.metrics.bytes_sent.inc_by(n as u64);
-                        if self.out.is_empty() && !self.queue_pending {
-                            // Nothing more to send now: give the buffer back (a quiet
-                            // connection should cost little); the next batch reserves again.
-                            self.out = BytesMut::new();
-                        }
-                    }
+                    Ok(n) => self.broker.metrics.bytes_sent.inc_by(n as u64),
                     Err(e) => return Exit::Error(e.into()),
                 },
                 r = reader.read_buf(&mut rbuf), if reading => {

@@ -15,13 +15,16 @@ impl Conn {
     /// Moves queued messages into the write buffer while the window and buffer allow.
     pub(super) fn pump(&mut self) {
         let mut batch = std::mem::take(&mut self.batch);
-        if self.out.capacity() - self.out.len() < 1024 {
-            self.out.reserve(WRITE_RESERVE);
-        }
         loop {
             let window = self.out_window.saturating_sub(self.state.inflight.len());
             let low = self.broker.limits.drained_below();
             self.session.drain(window, BATCH, &mut batch, low);
+            // The write buffer is sized on the first message, not at connect: a connection
+            // that never receives anything keeps only what its CONNACK needed. Once sized it
+            // is kept (giving it back after each write cost latency in allocator traffic).
+            if !batch.is_empty() && self.out.capacity() - self.out.len() < 1024 {
+                self.out.reserve(WRITE_RESERVE);
+            }
             let taken = batch.len();
             let now = Instant::now();
             for d in batch.drain(..) {
