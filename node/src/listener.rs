@@ -163,11 +163,7 @@ pub async fn accept_loop(kind: Kind, listener: TcpListener, ctx: AcceptCtx) {
 }
 
 fn count_refusal(broker: &Broker, why: Refusal, peer: SocketAddr, kind: Kind) {
-    broker
-        .metrics
-        .limit_hits
-        .with_label_values(&[why.label()])
-        .inc();
+    broker.metrics.limit_hit(why.label());
     tracing::debug!(%peer, listener = %kind, limit = why.label(), "connection refused by a limit");
 }
 

@@ -119,6 +119,11 @@ impl Metrics {
     pub fn bad_packet(&self, reason: &str) {
         self.bad_packets.with_label_values(&[reason]).inc();
     }
+
+    /// Counts one refusal by a configured limit (`petrel_limit_hits_total{limit}`).
+    pub fn limit_hit(&self, limit: &str) {
+        self.limit_hits.with_label_values(&[limit]).inc();
+    }
 }
 
 impl Default for Metrics {

@@ -374,11 +374,7 @@ impl Conn {
         if wait.is_zero() {
             return false;
         }
-        self.broker
-            .metrics
-            .limit_hits
-            .with_label_values(&["publish_rate"])
-            .inc();
+        self.broker.metrics.limit_hit("publish_rate");
         self.throttled_until = Some(now + wait);
         true
     }

@@ -315,7 +315,7 @@ fn accept(c: &Connect, broker: &Broker) -> Result<Accepted, ReasonCode> {
             return Err(ReasonCode::TOPIC_NAME_INVALID);
         }
         if let Some(limit) = crate::limit::topic_over_limit(&w.topic, &broker.cfg.limits) {
-            broker.metrics.limit_hits.with_label_values(&[limit]).inc();
+            broker.metrics.limit_hit(limit);
             return Err(ReasonCode::TOPIC_NAME_INVALID);
         }
     }

@@ -90,11 +90,7 @@ impl Conn {
             if !bucket.try_take(Instant::now())
                 && cfg.limits.publish_rate_policy == PublishRatePolicy::Disconnect
             {
-                self.broker
-                    .metrics
-                    .limit_hits
-                    .with_label_values(&["publish_rate"])
-                    .inc();
+                self.broker.metrics.limit_hit("publish_rate");
                 return Err(ConnError::MessageRateTooHigh);
             }
         }
@@ -124,11 +120,7 @@ impl Conn {
             return Err(ConnError::RetainNotSupported);
         }
         if let Some(limit) = limit::topic_over_limit(&p.topic, &cfg.limits) {
-            self.broker
-                .metrics
-                .limit_hits
-                .with_label_values(&[limit])
-                .inc();
+            self.broker.metrics.limit_hit(limit);
             if self.v5() && p.qos != QoS::AtMostOnce {
                 // v5 can refuse one message and keep the connection.
                 self.ack(&p, ReasonCode::TOPIC_NAME_INVALID, Some(limit));
@@ -269,6 +261,14 @@ impl Conn {
         let max_subs = limits.max_subscriptions_per_client;
         let sub_id = s.properties.subscription_identifier;
         let now = Instant::now();
+        // 3.x has one failure code for every refusal.
+        let refused = |rc| {
+            if v5 {
+                rc
+            } else {
+                ReasonCode::UNSPECIFIED_ERROR
+            }
+        };
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         for (raw, asked) in &s.filters {
@@ -281,17 +281,9 @@ impl Conn {
                         } else {
                             "max_topic_levels"
                         };
-                        self.broker
-                            .metrics
-                            .limit_hits
-                            .with_label_values(&[limit])
-                            .inc();
+                        self.broker.metrics.limit_hit(limit);
                     }
-                    codes.push(if v5 {
-                        ReasonCode::TOPIC_FILTER_INVALID
-                    } else {
-                        ReasonCode::UNSPECIFIED_ERROR
-                    });
+                    codes.push(refused(ReasonCode::TOPIC_FILTER_INVALID));
                     continue;
                 }
             };
@@ -301,14 +293,8 @@ impl Conn {
             {
                 self.broker
                     .metrics
-                    .limit_hits
-                    .with_label_values(&["max_subscriptions_per_client"])
-                    .inc();
-                codes.push(if v5 {
-                    ReasonCode::QUOTA_EXCEEDED
-                } else {
-                    ReasonCode::UNSPECIFIED_ERROR
-                });
+                    .limit_hit("max_subscriptions_per_client");
+                codes.push(refused(ReasonCode::QUOTA_EXCEEDED));
                 continue;
             }
             if v5 && parsed.group.is_some() && asked.no_local {
@@ -327,11 +313,7 @@ impl Conn {
                         .acl_denied
                         .with_label_values(&["subscribe"])
                         .inc();
-                    codes.push(if v5 {
-                        ReasonCode::NOT_AUTHORIZED
-                    } else {
-                        ReasonCode::UNSPECIFIED_ERROR
-                    });
+                    codes.push(refused(ReasonCode::NOT_AUTHORIZED));
                     continue;
                 }
             };
