@@ -252,7 +252,8 @@ async fn open_tls(
 }
 
 /// Serves MQTT on a ready stream in a task of its own: the accept task, with its transport
-/// handshakes, ends here, so a connection's long-lived task holds only the connection.
+/// handshakes, ends here (and `connection::serve` hands the connected life to yet another
+/// task), so a connection's long-lived task holds only the connection.
 fn serve<S>(
     stream: S,
     peer: SocketAddr,
@@ -262,14 +263,9 @@ fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = connection::serve(stream, peer, info, ctx.broker.clone(), ctx.cancel.clone());
-    ctx.tracker.spawn(
-        async move {
-            conn.await;
-            drop(permits);
-        }
-        .in_current_span(),
-    );
+    let (broker, cancel, tracker) = (ctx.broker.clone(), ctx.cancel.clone(), ctx.tracker.clone());
+    let conn = connection::serve(stream, peer, info, broker, cancel, tracker, permits);
+    ctx.tracker.spawn(conn.in_current_span());
 }
 
 fn failed(broker: &Broker, kind: Kind, peer: SocketAddr, why: &str) {

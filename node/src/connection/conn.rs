@@ -28,7 +28,7 @@ use crate::session::{Delivery, Kick, Session, SessionState};
 pub(super) const HIGH_WATER: usize = 64 * 1024;
 /// Read buffer sizes: an idle connection reads into `READ_MIN` bytes, a busy one's reads
 /// double up to `READ_MAX` while they fill the buffer.
-const READ_MIN: usize = 256;
+const READ_MIN: usize = 64;
 const READ_MAX: usize = 64 * 1024;
 /// Write buffer reserved when a batch of messages starts going out.
 pub(super) const WRITE_RESERVE: usize = 16 * 1024;

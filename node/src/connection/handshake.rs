@@ -8,6 +8,8 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::conn::{Conn, ConnParams};
 use crate::broker::Broker;
@@ -42,35 +44,63 @@ enum ConnectFailure {
     Io(std::io::Error),
 }
 
-/// Serves one client connection to its end.
-pub async fn serve<S>(
+/// Serves one client connection: the handshake here, then the connected life in a task of
+/// its own (spawned on `tracker`), so that what an idle connection keeps is only that task's
+/// small state, not the handshake's. `guard` (e.g. connection-limit permits) is dropped when
+/// the connection ends.
+pub async fn serve<S, G>(
     stream: S,
     peer: SocketAddr,
     info: ConnInfo,
     broker: Arc<Broker>,
     cancel: CancellationToken,
+    tracker: TaskTracker,
+    guard: G,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    G: Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     // Refused connections only get their CONNACK: they are not counted as connections.
-    let counted = info.refused.is_none();
-    if counted {
-        broker.metrics.connections.inc();
-        broker.metrics.connections_total.inc();
+    if info.refused.is_some() {
+        handshake(&mut reader, &mut writer, peer, info, &broker).await;
+        return;
     }
-    // The handshake is boxed and gone once done: what stays for the connection's life is
-    // only the connected state and its event loop (idle connections add up).
-    let shake = Box::pin(handshake(&mut reader, &mut writer, peer, info, &broker)).await;
-    if let Some((mut conn, rbuf, kick_rx)) = shake {
-        let exit = conn
-            .run(&mut reader, &mut writer, rbuf, kick_rx, cancel)
-            .await;
-        Box::pin((*conn).finish(exit, &mut writer)).await;
+    broker.metrics.connections.inc();
+    broker.metrics.connections_total.inc();
+    match handshake(&mut reader, &mut writer, peer, info, &broker).await {
+        Some((conn, mut rbuf, kick_rx)) => {
+            if rbuf.is_empty() {
+                // Usually all of it was the CONNECT: an idle connection keeps no buffer.
+                rbuf = BytesMut::new();
+            }
+            let connected = connected(reader, writer, conn, rbuf, kick_rx, cancel, guard);
+            tracker.spawn(connected.in_current_span());
+        }
+        None => broker.metrics.connections.dec(),
     }
-    if counted {
-        broker.metrics.connections.dec();
-    }
+}
+
+/// The connected life of a connection, to its end.
+async fn connected<R, W, G>(
+    mut reader: R,
+    mut writer: W,
+    mut conn: Box<Conn>,
+    rbuf: BytesMut,
+    kick_rx: oneshot::Receiver<Kick>,
+    cancel: CancellationToken,
+    guard: G,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let exit = conn
+        .run(&mut reader, &mut writer, rbuf, kick_rx, cancel)
+        .await;
+    let broker = conn.broker.clone();
+    Box::pin((*conn).finish(exit, &mut writer)).await;
+    broker.metrics.connections.dec();
+    drop(guard);
 }
 
 /// CONNECT, authentication, the claim and CONNACK (written into the connection's buffer).
