@@ -141,15 +141,8 @@ scenario_args() {
     esac
 }
 
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        die "need root to run: $*"
-    fi
-}
+# shellcheck source=scripts/as-root.sh
+. "$here/../scripts/as-root.sh"
 
 command -v python3 >/dev/null || die "python3 is missing"
 command -v taskset >/dev/null || die "taskset is missing (Debian package util-linux)"
@@ -160,8 +153,9 @@ MOSQUITTO_BIN="${MOSQUITTO_BIN:-$(command -v mosquitto || echo /usr/sbin/mosquit
 if [ ! -x "$MOSQUITTO_BIN" ]; then
     command -v apt-get >/dev/null || die "mosquitto is missing and there is no apt-get to install it"
     say "installing Debian's mosquitto"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto
+    as_root apt-get update -qq || die "apt-get update failed"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto ||
+        die "apt-get install mosquitto failed"
     MOSQUITTO_BIN="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
     [ -x "$MOSQUITTO_BIN" ] || die "mosquitto still missing after apt-get install"
 fi

@@ -26,17 +26,8 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 say() { printf 'setup: %s\n' "$*"; }
 
-# Run as root directly, or through sudo when it is there.
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        say "need root to run: $*" >&2
-        return 1
-    fi
-}
+# shellcheck source=scripts/as-root.sh
+. "$repo/scripts/as-root.sh"
 
 deb_installed() {
     [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]
