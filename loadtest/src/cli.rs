@@ -78,9 +78,20 @@ pub struct Common {
     /// v5 Session Expiry Interval of persistent sessions.
     #[arg(long, value_name = "SECS", default_value_t = 3600)]
     pub session_expiry: u32,
-    /// TLS to the brokers (not built in yet: petrel-bench refuses to run with it).
+    /// MQTT over TLS (the brokers' TLS port, e.g. 8883); needs --ca-file or --insecure.
     #[arg(long)]
     pub tls: bool,
+    /// PEM file of the CA certificates that broker certificates are verified against.
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// Accept any broker certificate: no chain or name check (handshake signatures are
+    /// still verified). For test brokers only.
+    #[arg(long)]
+    pub insecure: bool,
+    /// TLS server name (SNI, and the name the certificate must hold); default: the host
+    /// part of each --broker.
+    #[arg(long, value_name = "NAME")]
+    pub server_name: Option<String>,
     #[arg(long)]
     pub username: Option<String>,
     #[arg(long)]

@@ -3,7 +3,9 @@
 //!
 //! - `cli`: the subcommands and their options.
 //! - `client/`: `codec` (MQTT 3.1.1/5.0 wire format, only what a generator needs), `conn`
-//!   (socket + read/write buffers), `publisher` and `subscriber` (the per-connection loops).
+//!   (socket + read/write buffers, optionally through rustls), `tls` (the run's rustls
+//!   configuration, `--ca-file` / `--insecure`, server names), `publisher` and `subscriber`
+//!   (the per-connection loops).
 //! - `scenario/`: `topology` (who publishes and subscribes where, placement over brokers),
 //!   `traffic` (the send/drain coordinator of pub, sub, fanin, fanout, p2p, shared),
 //!   `offline`, `conn`, `role` (one task per client), `settings`.

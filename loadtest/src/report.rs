@@ -14,6 +14,8 @@ use crate::stats::{Latency, LatencySummary, SeqTracker, StreamCounts};
 pub struct Report {
     pub scenario: String,
     pub mqtt_version: String,
+    /// Connections over TLS (`--tls`).
+    pub tls: bool,
     pub qos: Vec<u8>,
     pub payload_bytes: usize,
     pub publishers: usize,
@@ -300,15 +302,16 @@ impl Report {
                 n => format!("{} ({n} conns)", b.addr),
             })
             .collect();
+        let over = if self.tls { " over TLS" } else { "" };
         match &self.connects {
             Some(c) => writeln!(
                 out,
-                "petrel-bench {}: {} connections, MQTT {}",
+                "petrel-bench {}: {} connections, MQTT {}{over}",
                 self.scenario, c.attempted, self.mqtt_version
             )?,
             None => writeln!(
                 out,
-                "petrel-bench {}: {} publishers, {} subscribers, QoS {:?}, {} B payloads, MQTT {}",
+                "petrel-bench {}: {} publishers, {} subscribers, QoS {:?}, {} B payloads, MQTT {}{over}",
                 self.scenario,
                 self.publishers,
                 self.subscribers,

@@ -4,9 +4,9 @@
 mod harness;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use harness::{Node, TEST_DEADLINE};
+use harness::{Node, TestPki, TEST_DEADLINE};
 use petrel_loadtest::report::Report;
 use petrel_loadtest::run_args;
 
@@ -335,9 +335,170 @@ async fn the_binary_prints_json_and_passes_its_check() {
         .expect("run");
     assert!(!tls.status.success());
     assert!(
-        String::from_utf8_lossy(&tls.stderr).contains("TLS"),
+        String::from_utf8_lossy(&tls.stderr).contains("--tls needs --ca-file"),
         "{}",
         String::from_utf8_lossy(&tls.stderr)
+    );
+}
+
+/// The error of a run that must fail, within the test deadline.
+async fn bench_err(args: &[&str]) -> String {
+    let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    argv.push("--quiet".into());
+    match tokio::time::timeout(TEST_DEADLINE, run_args(argv)).await {
+        Ok(Ok(r)) => panic!("petrel-bench {args:?} succeeded: {r:#?}"),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(_) => panic!("petrel-bench {args:?} did not finish within {TEST_DEADLINE:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tls_with_a_ca_file_verifies_the_broker_and_delivers_everything() {
+    let pki = TestPki::new();
+    let node = Node::start_tls(&pki);
+    let mqtts = node.mqtts.clone().expect("TLS listener");
+    let ca = pki.ca.to_str().expect("utf-8 path");
+    {
+        // 127.0.0.1: the certificate's IP address name.
+        let r = bench(&[
+            "fanin",
+            "--broker",
+            &mqtts,
+            "--tls",
+            "--ca-file",
+            ca,
+            "--publishers",
+            "2",
+            "--qos",
+            "1",
+            "--count",
+            "500",
+        ])
+        .await;
+        assert!(r.tls);
+        assert_eq!((r.sent, r.acked), (1000, 1000));
+        assert_complete(&r, 1000);
+    }
+    {
+        // localhost: its DNS name; v5, QoS 2, publishers and subscribers apart.
+        let by_name = format!("localhost:{}", mqtts.rsplit(':').next().expect("port"));
+        let r = bench(&[
+            "p2p",
+            "--broker",
+            &by_name,
+            "--tls",
+            "--ca-file",
+            ca,
+            "--mqtt-version",
+            "5",
+            "-c",
+            "3",
+            "--qos",
+            "2",
+            "--count",
+            "200",
+        ])
+        .await;
+        assert_eq!((r.sent, r.acked), (600, 600));
+        assert_complete(&r, 600);
+    }
+    {
+        // A name the certificate does not hold is refused.
+        let e = bench_err(&[
+            "pub",
+            "--broker",
+            &mqtts,
+            "--tls",
+            "--ca-file",
+            ca,
+            "--server-name",
+            "elsewhere.example",
+            "--count",
+            "1",
+        ])
+        .await;
+        assert!(
+            e.contains("TLS handshake") && e.contains("certificate"),
+            "{e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tls_insecure_accepts_the_certificate_and_delivers_everything() {
+    let pki = TestPki::new();
+    let node = Node::start_tls(&pki);
+    let mqtts = node.mqtts.clone().expect("TLS listener");
+    {
+        // No CA and a name the certificate does not hold: accepted all the same.
+        let r = bench(&[
+            "fanin",
+            "--broker",
+            &mqtts,
+            "--tls",
+            "--insecure",
+            "--server-name",
+            "elsewhere.example",
+            "--publishers",
+            "1",
+            "--qos",
+            "1",
+            "--count",
+            "500",
+        ])
+        .await;
+        assert!(r.tls);
+        assert_eq!((r.sent, r.acked), (500, 500));
+        assert_complete(&r, 500);
+    }
+    {
+        // Idle connections: handshake, keep-alive loop, DISCONNECT over TLS.
+        let r = bench(&[
+            "conn",
+            "--broker",
+            &mqtts,
+            "--tls",
+            "--insecure",
+            "-c",
+            "20",
+            "--concurrency",
+            "4",
+            "--duration",
+            "100ms",
+        ])
+        .await;
+        let c = r.connects.expect("connect stats");
+        assert_eq!(
+            (c.succeeded, c.failed, c.dropped),
+            (20, 0, 0),
+            "{:?}",
+            r.errors
+        );
+        assert!(r.tls);
+    }
+}
+
+#[tokio::test]
+async fn tls_against_a_plain_listener_fails_with_a_handshake_error() {
+    let node = Node::start();
+    let started = Instant::now();
+    let e = bench_err(&[
+        "pub",
+        "--broker",
+        &node.mqtt,
+        "--tls",
+        "--insecure",
+        "--count",
+        "1",
+        "--connect-timeout-ms",
+        "30000",
+    ])
+    .await;
+    assert!(e.contains("TLS handshake with"), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "failed only after {:?} (the connect timeout?): {e}",
+        started.elapsed()
     );
 }
 

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -20,7 +19,7 @@ use tracing::Instrument;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::connection::{self, ConnInfo};
-use crate::limit::{Admission, Admit, Refusal, REFUSAL_TIMEOUT};
+use crate::limit::{Admission, Admit, Permits, Refusal, REFUSAL_TIMEOUT};
 use crate::transport::{accept_ws_with_limit, peer_common_name, TlsAcceptorHandle};
 use crate::Error;
 
@@ -132,7 +131,7 @@ pub async fn accept_loop(kind: Kind, listener: TcpListener, ctx: AcceptCtx) {
             Admit::Accepted(permits) => (permits, None),
             Admit::Refused(why, slot) => {
                 count_refusal(&ctx.broker, why, peer, kind);
-                (vec![slot], Some(why))
+                (Permits::one(slot), Some(why))
             }
             Admit::Dropped(why) => {
                 count_refusal(&ctx.broker, why, peer, kind);
@@ -174,7 +173,7 @@ async fn open(
     stream: TcpStream,
     peer: SocketAddr,
     refused: Option<Refusal>,
-    permits: Vec<OwnedSemaphorePermit>,
+    permits: Permits,
     ctx: &AcceptCtx,
 ) {
     let broker = &ctx.broker;
@@ -204,7 +203,7 @@ async fn open_ws<S>(
     peer: SocketAddr,
     info: ConnInfo,
     limit: Duration,
-    permits: Vec<OwnedSemaphorePermit>,
+    permits: Permits,
     ctx: &AcceptCtx,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -227,7 +226,7 @@ async fn open_tls(
     peer: SocketAddr,
     mut info: ConnInfo,
     limit: Duration,
-    permits: Vec<OwnedSemaphorePermit>,
+    permits: Permits,
     ctx: &AcceptCtx,
 ) {
     let (broker, kind) = (&ctx.broker, info.listener);
@@ -254,13 +253,8 @@ async fn open_tls(
 /// Serves MQTT on a ready stream in a task of its own: the accept task, with its transport
 /// handshakes, ends here (and `connection::serve` hands the connected life to yet another
 /// task), so a connection's long-lived task holds only the connection.
-fn serve<S>(
-    stream: S,
-    peer: SocketAddr,
-    info: ConnInfo,
-    permits: Vec<OwnedSemaphorePermit>,
-    ctx: &AcceptCtx,
-) where
+fn serve<S>(stream: S, peer: SocketAddr, info: ConnInfo, permits: Permits, ctx: &AcceptCtx)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (broker, cancel, tracker) = (ctx.broker.clone(), ctx.cancel.clone(), ctx.tracker.clone());

@@ -104,6 +104,8 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
+    // Before the runtime starts its threads: see limit/files.rs.
+    petrel_node::limit::files::prepare_logged(cfg.limits.max_connections);
     let result = tokio::runtime::Runtime::new() // multi-thread, all drivers enabled
         .context("build tokio runtime")
         .and_then(|rt| rt.block_on(run(cfg, cli.ready_file)));

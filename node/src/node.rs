@@ -17,6 +17,7 @@ use crate::limit::Admission;
 use crate::listener::{accept_loop, AcceptCtx, Listeners};
 use crate::metrics::Metrics;
 use crate::persist::recover::recover;
+use crate::session::Kick;
 use crate::transport::{TlsAcceptorHandle, TlsSettings};
 use crate::{sys, Error};
 
@@ -159,6 +160,11 @@ impl NodeHandle {
     pub async fn shutdown(self, grace: Duration) {
         self.admin.ready.store(false, Ordering::Release);
         self.cancel.cancel();
+        // Connections wait on their session only (a smaller task per idle connection than
+        // one that also waits on the token): tell each to go. Those still in the handshake
+        // check the token once attached.
+        let kicked = self.broker.sessions.kick_all(Kick::Shutdown);
+        tracing::info!(connections = kicked, "shutting down");
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
             .await

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::bail;
 use bytes::Buf;
-use tokio::io::Interest;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -199,7 +198,7 @@ async fn drive(
                 progress.publishers_done.fetch_add(1, Relaxed);
             }
         }
-        if *done_sending && window.inflight == 0 && conn.wbuf.is_empty() {
+        if *done_sending && window.inflight == 0 && !conn.wants_write() {
             return Ok(());
         }
         let desired = rate_wait.map_or(ping_at, |w| w.min(ping_at));
@@ -209,11 +208,7 @@ async fn drive(
         // A full batch means we could go on without ever waiting: after writing it, let the
         // other clients, the timers and the coordinator run (one batch per poll).
         let full_batch = conn.wbuf.len() >= BATCH_BYTES;
-        let interest = if conn.wbuf.is_empty() {
-            Interest::READABLE
-        } else {
-            Interest::READABLE | Interest::WRITABLE
-        };
+        let interest = conn.interest();
         tokio::select! {
             biased;
             _ = abort.cancelled() => return Ok(()),
@@ -229,7 +224,7 @@ async fn drive(
                         progress.acked.fetch_add(acked, Relaxed);
                     }
                 }
-                if ready.is_writable() && !conn.wbuf.is_empty() {
+                if ready.is_writable() && conn.wants_write() {
                     conn.try_write()?;
                     last_write = Instant::now();
                 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::bail;
 use bytes::Buf;
-use tokio::io::Interest;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -116,11 +115,7 @@ async fn drive(
         return Ok(());
     }
     loop {
-        let interest = if conn.wbuf.is_empty() {
-            Interest::READABLE
-        } else {
-            Interest::READABLE | Interest::WRITABLE
-        };
+        let interest = conn.interest();
         tokio::select! {
             biased;
             _ = stop.cancelled() => return Ok(()),
@@ -134,7 +129,7 @@ async fn drive(
                     if absorb(conn, spec, progress, setup, &mut qos2_pending, &mut distinct, r).await? {
                         return Ok(());
                     }
-                    if !conn.wbuf.is_empty() {
+                    if conn.wants_write() {
                         conn.try_write()?;
                         last_write = Instant::now();
                     }
@@ -142,7 +137,7 @@ async fn drive(
                         // A big batch: let the other clients and the timers run.
                         tokio::task::yield_now().await;
                     }
-                } else if !conn.wbuf.is_empty() {
+                } else if conn.wants_write() {
                     conn.try_write()?;
                     last_write = Instant::now();
                 }

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::Interest;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -147,6 +146,7 @@ pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
     Ok(Report {
         scenario: "conn".into(),
         mqtt_version: settings.version_label().into(),
+        tls: settings.tls.is_some(),
         placement: format!("{:?}", settings.placement).to_lowercase(),
         brokers,
         elapsed_s,
@@ -178,11 +178,18 @@ async fn hold_idle(mut conn: Conn, keepalive_secs: u16, hold: &CancellationToken
                 }
                 next_ping += every;
             }
-            ready = conn.stream.ready(Interest::READABLE) => {
-                match ready.map_err(anyhow::Error::from).and_then(|_| Ok(conn.try_read()?)) {
-                    Ok(Read::Closed) | Err(_) => return true,
-                    // PINGRESP (or anything else): nothing to keep.
-                    Ok(_) => conn.rbuf.clear(),
+            // WRITABLE only while TLS records are pending (a reply rustls queued on a read).
+            ready = conn.stream.ready(conn.interest()) => {
+                let Ok(ready) = ready else { return true };
+                if ready.is_readable() {
+                    match conn.try_read() {
+                        Ok(Read::Closed) | Err(_) => return true,
+                        // PINGRESP (or anything else): nothing to keep.
+                        Ok(_) => conn.rbuf.clear(),
+                    }
+                }
+                if ready.is_writable() && conn.try_write().is_err() {
+                    return true;
                 }
             }
         }

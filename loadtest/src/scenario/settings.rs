@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use crate::cli::{Common, Output, Placement, SubArgs, Traffic};
 use crate::client::codec::Version;
 use crate::client::conn::ClientOptions;
+use crate::client::tls::{self, TlsOptions, Trust};
 use crate::clock::now_ns;
 
 /// Sending time when neither a count nor a duration is given.
@@ -30,17 +31,17 @@ pub struct Settings {
     /// Six hex digits, part of every client id.
     pub run_id: String,
     pub connect_timeout: Duration,
+    /// `--tls`: one client configuration for every connection of the run.
+    pub tls: Option<TlsOptions>,
     pub output: Output,
 }
 
 impl Settings {
     pub fn new(scenario: &'static str, c: &Common) -> anyhow::Result<Settings> {
-        if c.tls {
-            bail!("--tls: petrel-bench is built without TLS support yet; use a plain TCP listener");
-        }
         if c.brokers.is_empty() {
             bail!("no --broker given");
         }
+        let tls = tls_options(c)?;
         let run_id = format!(
             "{:06x}",
             (now_ns() ^ u64::from(std::process::id()).rotate_left(24)) & 0xff_ffff
@@ -62,6 +63,7 @@ impl Settings {
             prefix,
             run_id,
             connect_timeout: Duration::from_millis(c.connect_timeout_ms),
+            tls,
             output: c.output.clone(),
         })
     }
@@ -81,6 +83,7 @@ impl Settings {
             username: self.username.clone(),
             password: self.password.clone(),
             connect_timeout: self.connect_timeout,
+            tls: self.tls.clone(),
         }
     }
 
@@ -98,6 +101,44 @@ impl Settings {
         };
         write_atomically(path, &json.to_string())
     }
+}
+
+/// Checks the TLS options and builds the run's client configuration (`None` without --tls).
+fn tls_options(c: &Common) -> anyhow::Result<Option<TlsOptions>> {
+    if !c.tls {
+        let stray = [
+            ("--ca-file", c.ca_file.is_some()),
+            ("--insecure", c.insecure),
+            ("--server-name", c.server_name.is_some()),
+        ];
+        if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
+            bail!("{flag} applies to TLS connections only: add --tls");
+        }
+        return Ok(None);
+    }
+    let trust = match (&c.ca_file, c.insecure) {
+        (Some(path), false) => Trust::CaFile(path.clone()),
+        (None, true) => Trust::AnyCertificate,
+        (Some(_), true) => bail!("--ca-file and --insecure exclude each other"),
+        (None, false) => bail!(
+            "--tls needs --ca-file PATH (the CA certificates that broker certificates are \
+             verified against) or --insecure (accept any certificate)"
+        ),
+    };
+    let server_name = match &c.server_name {
+        Some(name) => Some(tls::server_name(name).context("--server-name")?),
+        None => {
+            // Every broker's host must make a server name: fail now, not per connection.
+            for addr in &c.brokers {
+                tls::server_name_of(addr)?;
+            }
+            None
+        }
+    };
+    Ok(Some(TlsOptions {
+        config: tls::client_config(&trust)?,
+        server_name,
+    }))
 }
 
 pub fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -143,5 +184,89 @@ impl Load {
             inflight: 1,
             drain: Duration::ZERO,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// `Settings::new` of `pub <args>`: the error text, or "" when it builds.
+    fn settings_error(args: &[&str]) -> String {
+        let argv = ["petrel-bench", "pub"].iter().chain(args);
+        let cli = Cli::try_parse_from(argv).expect("the command line parses");
+        let Command::Pub(a) = cli.command else {
+            panic!("pub expected")
+        };
+        match Settings::new("pub", &a.common) {
+            Ok(_) => String::new(),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn tls_options_are_checked_together() {
+        let check = |args: &[&str], want: &str| {
+            let got = settings_error(args);
+            if want.is_empty() {
+                assert_eq!(got, "", "{args:?}");
+            } else {
+                assert!(got.contains(want), "{args:?}: {got:?} lacks {want:?}");
+            }
+        };
+        check(&[], "");
+        check(&["--tls", "--insecure"], "");
+        check(&["--tls", "--insecure", "--server-name", "broker.test"], "");
+        check(&["--tls"], "--tls needs --ca-file PATH");
+        check(
+            &["--insecure"],
+            "--insecure applies to TLS connections only",
+        );
+        check(
+            &["--ca-file", "ca.pem"],
+            "--ca-file applies to TLS connections only",
+        );
+        check(
+            &["--server-name", "x"],
+            "--server-name applies to TLS connections only",
+        );
+        check(
+            &["--tls", "--insecure", "--ca-file", "ca.pem"],
+            "--ca-file and --insecure exclude each other",
+        );
+        check(
+            &["--tls", "--insecure", "--server-name", "not a name"],
+            "--server-name",
+        );
+        check(
+            &["--tls", "--insecure", "--broker", "bad_host!:8883"],
+            "--broker bad_host!:8883",
+        );
+        check(
+            &["--tls", "--ca-file", "/nonexistent/petrel-ca.pem"],
+            "read CA certificates from /nonexistent/petrel-ca.pem",
+        );
+    }
+
+    #[test]
+    fn every_client_gets_the_runs_tls_configuration() {
+        let cli =
+            Cli::try_parse_from(["petrel-bench", "pub", "--tls", "--insecure"]).expect("parses");
+        let Command::Pub(a) = cli.command else {
+            panic!("pub expected")
+        };
+        let s = Settings::new("pub", &a.common).expect("settings");
+        let one = s.client_options('p', 0, None).tls.expect("tls");
+        let two = s.client_options('s', 1, None).tls.expect("tls");
+        assert!(std::sync::Arc::ptr_eq(&one.config, &two.config));
+        let plain = Cli::try_parse_from(["petrel-bench", "pub"]).expect("parses");
+        let Command::Pub(a) = plain.command else {
+            panic!("pub expected")
+        };
+        let s = Settings::new("pub", &a.common).expect("settings");
+        assert!(s.client_options('p', 0, None).tls.is_none());
     }
 }

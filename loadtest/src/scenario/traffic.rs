@@ -120,6 +120,7 @@ pub fn base_report(settings: &Settings, load: &Load, topo: &Topology) -> Report 
     Report {
         scenario: settings.scenario.to_owned(),
         mqtt_version: settings.version_label().to_owned(),
+        tls: settings.tls.is_some(),
         qos: load.qos.clone(),
         payload_bytes: load.size,
         publishers: topo.publishers.len(),

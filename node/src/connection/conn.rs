@@ -1,16 +1,17 @@
 //! The connected state of one connection and its event loop.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use petrel_storage::{Committed, Ticket};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
+use tokio_util::sync::ReusableBoxFuture;
 
 use super::error::ConnError;
 use crate::auth::ClientCtx;
@@ -56,14 +57,10 @@ pub(super) struct Conn {
     pub broker: Arc<Broker>,
     pub session: Arc<Session>,
     pub state: Box<SessionState>,
-    pub protocol: Protocol,
     pub client_id: Arc<str>,
     /// The CONNECT's username, for ACL decisions.
     pub username: Option<Arc<str>>,
     pub conn_id: u64,
-    pub keep_alive: Duration,
-    /// Session expiry interval in seconds; DISCONNECT may change it.
-    pub expiry: u32,
     /// Boxed: most clients have none, and a connection's size matters when idle.
     pub will: Option<Box<LastWill>>,
     /// Encoded packets waiting to be written.
@@ -72,31 +69,53 @@ pub(super) struct Conn {
     pub out_max_packet: usize,
     /// Outbound QoS 1/2 window: min(client's receive maximum, configured in-flight maximum).
     pub out_window: usize,
-    pub out_alias_max: u16,
-    pub out_aliases: HashMap<MqttStr, u16>,
-    pub in_aliases: HashMap<u16, MqttStr>,
-    /// v5 Request Problem Information: reason strings and user properties on acks.
-    pub problem_info: bool,
+    /// Topic aliases in both directions, made on first use (3.1.1 clients never use them).
+    pub aliases: Option<Box<Aliases>>,
     pub matches: Vec<Match>,
     pub batch: Vec<Delivery>,
-    /// The session queue may hold messages we have not taken yet.
-    pub queue_pending: bool,
     /// The store's committed watermark.
     pub committed: watch::Receiver<Committed>,
     /// Acknowledgements waiting for their store writes, in the order they must be sent.
     pub pending_acks: VecDeque<(Ticket, Packet)>,
     /// Nothing in `out` may reach the socket before this ticket is durable.
     pub write_barrier: Ticket,
-    /// `storage.durable_acks`: hold QoS 1/2 acknowledgements until the WAL has the message.
-    pub durable_acks: bool,
     /// `limits.max_publish_rate_per_client`, when set.
-    pub publish_bucket: Option<TokenBucket>,
-    /// Throttle policy: the next PUBLISH waits for a token; reading stops until then.
-    pub throttled_until: Option<Instant>,
+    pub rate: Option<Box<PublishRate>>,
     /// Backpressure: a subscriber this client feeds has a long queue; reading stops until
     /// it drains or the instant passes.
     pub backpressure: Option<(Arc<Session>, Instant)>,
+    /// Session expiry interval in seconds; DISCONNECT may change it.
+    pub expiry: u32,
+    pub keep_alive_secs: u16,
+    pub out_alias_max: u16,
+    pub protocol: Protocol,
+    /// v5 Request Problem Information: reason strings and user properties on acks.
+    pub problem_info: bool,
+    /// The session queue may hold messages we have not taken yet.
+    pub queue_pending: bool,
+    /// `storage.durable_acks`: hold QoS 1/2 acknowledgements until the WAL has the message.
+    pub durable_acks: bool,
 }
+
+/// Topic aliases of one connection (MQTT 5).
+#[derive(Default)]
+pub(super) struct Aliases {
+    /// Topic -> alias, for messages to the client.
+    pub outbound: HashMap<MqttStr, u16>,
+    /// Alias -> topic, from the client's PUBLISHes.
+    pub inbound: HashMap<u16, MqttStr>,
+}
+
+/// The publish-rate limit of one connection.
+pub(super) struct PublishRate {
+    pub bucket: TokenBucket,
+    /// Throttle policy: the next PUBLISH waits for a token; reading stops until then.
+    pub throttled_until: Option<Instant>,
+}
+
+/// Waits for the store's committed watermark to move. Boxed and made the first time an
+/// acknowledgement waits for the store: most connections never need one.
+type StoreWait = ReusableBoxFuture<'static, bool>;
 
 impl Conn {
     pub fn new(
@@ -115,7 +134,7 @@ impl Conn {
             client_id: p.client_id,
             username: p.connect.username.as_deref().map(Arc::from),
             conn_id: p.conn_id,
-            keep_alive: Duration::from_secs(p.keep_alive as u64),
+            keep_alive_secs: p.keep_alive,
             expiry: p.expiry,
             will: p.connect.will.map(Box::new),
             out,
@@ -131,8 +150,7 @@ impl Conn {
             } else {
                 0
             },
-            out_aliases: HashMap::new(),
-            in_aliases: HashMap::new(),
+            aliases: None,
             problem_info: props.request_problem_information.unwrap_or(true),
             matches: Vec::new(),
             batch: Vec::new(),
@@ -141,22 +159,28 @@ impl Conn {
             pending_acks: VecDeque::new(),
             write_barrier: Ticket::default(),
             durable_acks: broker.cfg.storage.durable_acks,
-            publish_bucket: {
+            rate: {
                 let l = &broker.cfg.limits;
                 (l.max_publish_rate_per_client > 0).then(|| {
-                    TokenBucket::new(
-                        l.max_publish_rate_per_client,
-                        l.publish_rate_burst,
-                        Instant::now(),
-                    )
+                    Box::new(PublishRate {
+                        bucket: TokenBucket::new(
+                            l.max_publish_rate_per_client,
+                            l.publish_rate_burst,
+                            Instant::now(),
+                        ),
+                        throttled_until: None,
+                    })
                 })
             },
-            throttled_until: None,
             backpressure: None,
             session,
             state,
             broker,
         }
+    }
+
+    fn throttled_until(&self) -> Option<Instant> {
+        self.rate.as_ref().and_then(|r| r.throttled_until)
     }
 
     /// Who the ACL sees.
@@ -208,21 +232,21 @@ impl Conn {
         Ok(())
     }
 
-    pub async fn run<R, W>(
-        &mut self,
-        reader: &mut R,
-        writer: &mut W,
-        mut rbuf: BytesMut,
-        mut kick: oneshot::Receiver<Kick>,
-        cancel: CancellationToken,
-    ) -> Exit
+    pub async fn run<R, W>(&mut self, reader: &mut R, writer: &mut W, mut rbuf: BytesMut) -> Exit
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        // The CONNACK first, on its own: its buffer is then released, and an idle connection
+        // keeps no write buffer at all.
+        if let Err(e) = writer.write_all(&self.out).await {
+            return Exit::Error(e.into());
+        }
+        self.broker.metrics.bytes_sent.inc_by(self.out.len() as u64);
+        self.out = BytesMut::new();
         self.resend_inflight();
         let max_in = self.broker.cfg.mqtt.max_packet_size_bytes;
-        let ka_limit = self.keep_alive * 3 / 2;
+        let ka_limit = Duration::from_secs(u64::from(self.keep_alive_secs)) * 3 / 2;
         let ka_on = !ka_limit.is_zero();
         let mut last_seen = Instant::now();
         let sleep = tokio::time::sleep(if ka_on {
@@ -231,10 +255,11 @@ impl Conn {
             Duration::from_secs(86_400)
         });
         tokio::pin!(sleep);
-        let mut kick_live = true;
         let session = self.session.clone();
         let mut read_hint = READ_MIN;
         let drained_below = self.broker.limits.drained_below();
+        let mut store_wait: Option<StoreWait> = None;
+        let mut store_armed = false;
         loop {
             if self.queue_pending && self.out.len() < HIGH_WATER {
                 self.pump();
@@ -246,27 +271,42 @@ impl Conn {
             // Connections that never stored an outbound QoS 2 packet id skip the watermark.
             let barrier_open = self.write_barrier == Ticket::default()
                 || self.write_barrier <= self.committed.borrow().ticket;
+            if (!self.pending_acks.is_empty() || !barrier_open) && !store_armed {
+                // Armed first, then looked at: a commit in between is not missed.
+                self.arm_store_wait(&mut store_wait);
+                store_armed = true;
+                if let Err(e) = self.release_acks() {
+                    return Exit::Error(e);
+                }
+                continue;
+            }
             let can_write = !self.out.is_empty() && barrier_open;
-            let can_take = self.out.len() < HIGH_WATER;
-            let wait_store = !self.pending_acks.is_empty() || !barrier_open;
-            let reading = self.throttled_until.is_none() && self.backpressure.is_none();
+            let reading = self.throttled_until().is_none() && self.backpressure.is_none();
             // Boxed and built only while paused: every branch's future is part of this
             // connection's state, and most connections never pause.
-            let paused = self.pause_future(drained_below);
+            let mut paused = self.pause_future(drained_below);
             let is_paused = paused.is_some();
-            let resumed = async {
-                match paused {
-                    Some(f) => f.await,
-                    None => std::future::pending().await,
-                }
-            };
+            let resumed = poll_fn(|cx| match paused.as_mut() {
+                Some(f) => f.as_mut().poll(cx),
+                None => Poll::Pending,
+            });
+            let store_moved = poll_fn(|cx| match store_wait.as_mut() {
+                Some(f) => f.poll(cx),
+                None => Poll::Pending,
+            });
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return Exit::Error(ConnError::ShuttingDown),
-                k = &mut kick, if kick_live => match k {
-                    Ok(Kick::TakenOver) => return Exit::Error(ConnError::TakenOver),
-                    Err(_) => kick_live = false,
-                },
+                // First, so that a client that floods us still hears a kick (takeover,
+                // shutdown) at once.
+                _ = poll_fn(|cx| session.poll_woken(cx)) => {
+                    if let Some(k) = session.kicked() {
+                        return Exit::Error(match k {
+                            Kick::TakenOver => ConnError::TakenOver,
+                            Kick::Shutdown => ConnError::ShuttingDown,
+                        });
+                    }
+                    self.queue_pending = true;
+                }
                 r = writer.write_buf(&mut self.out), if can_write => match r {
                     Ok(0) => return Exit::Error(ConnError::PeerClosed),
                     Ok(n) => self.broker.metrics.bytes_sent.inc_by(n as u64),
@@ -298,15 +338,17 @@ impl Conn {
                 }
                 _ = resumed, if is_paused => {
                     self.backpressure = None;
-                    self.throttled_until = None;
+                    if let Some(r) = &mut self.rate {
+                        r.throttled_until = None;
+                    }
                     last_seen = Instant::now();
                     if let Some(exit) = self.decode_all(&mut rbuf, max_in) {
                         return exit;
                     }
                 }
-                _ = session.notified(), if can_take => self.queue_pending = true,
-                r = self.committed.changed(), if wait_store => {
-                    if r.is_err() {
+                alive = store_moved, if store_armed => {
+                    store_armed = false;
+                    if !alive {
                         return Exit::Error(ConnError::StoreFailed);
                     }
                     if let Err(e) = self.release_acks() {
@@ -324,6 +366,18 @@ impl Conn {
         }
     }
 
+    /// Sets `slot` to wait for the next move of the committed watermark after the one
+    /// seen now (reusing the slot's allocation).
+    fn arm_store_wait(&self, slot: &mut Option<StoreWait>) {
+        let mut rx = self.committed.clone();
+        rx.borrow_and_update();
+        let wait = async move { rx.changed().await.is_ok() };
+        match slot {
+            Some(f) => f.set(wait),
+            None => *slot = Some(ReusableBoxFuture::new(wait)),
+        }
+    }
+
     /// What a paused reader waits for: a congested subscriber's queue to drain (or the wait
     /// to run out), or the publish-rate bucket to refill.
     fn pause_future(
@@ -335,7 +389,7 @@ impl Conn {
                 s.wait_drained(drained_below, until).await;
             }));
         }
-        let until = self.throttled_until?;
+        let until = self.throttled_until()?;
         Some(Box::pin(tokio::time::sleep_until(until.into())))
     }
 
@@ -361,7 +415,7 @@ impl Conn {
 
     fn must_wait_for_token(&mut self, rbuf: &[u8]) -> bool {
         const PUBLISH: u8 = 3;
-        let Some(bucket) = &mut self.publish_bucket else {
+        let Some(rate) = &mut self.rate else {
             return false;
         };
         if self.broker.cfg.limits.publish_rate_policy != PublishRatePolicy::Throttle
@@ -370,12 +424,12 @@ impl Conn {
             return false;
         }
         let now = Instant::now();
-        let wait = bucket.wait(now);
+        let wait = rate.bucket.wait(now);
         if wait.is_zero() {
             return false;
         }
+        rate.throttled_until = Some(now + wait);
         self.broker.metrics.limit_hit("publish_rate");
-        self.throttled_until = Some(now + wait);
         true
     }
 

@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -69,12 +68,17 @@ pub async fn serve<S, G>(
     broker.metrics.connections.inc();
     broker.metrics.connections_total.inc();
     match handshake(&mut reader, &mut writer, peer, info, &broker).await {
-        Some((conn, mut rbuf, kick_rx)) => {
+        Some((conn, mut rbuf)) => {
             if rbuf.is_empty() {
                 // Usually all of it was the CONNECT: an idle connection keeps no buffer.
                 rbuf = BytesMut::new();
             }
-            let connected = connected(reader, writer, conn, rbuf, kick_rx, cancel, guard);
+            // Shutdown kicks every attached session after cancelling; one attached after
+            // that sweep sees the cancellation here.
+            if cancel.is_cancelled() {
+                conn.session.kick(Kick::Shutdown);
+            }
+            let connected = connected(reader, writer, conn, rbuf, guard);
             tracker.spawn(connected.in_current_span());
         }
         None => broker.metrics.connections.dec(),
@@ -87,16 +91,12 @@ async fn connected<R, W, G>(
     mut writer: W,
     mut conn: Box<Conn>,
     rbuf: BytesMut,
-    kick_rx: oneshot::Receiver<Kick>,
-    cancel: CancellationToken,
     guard: G,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let exit = conn
-        .run(&mut reader, &mut writer, rbuf, kick_rx, cancel)
-        .await;
+    let exit = conn.run(&mut reader, &mut writer, rbuf).await;
     let broker = conn.broker.clone();
     Box::pin((*conn).finish(exit, &mut writer)).await;
     broker.metrics.connections.dec();
@@ -111,7 +111,7 @@ async fn handshake<R, W>(
     peer: SocketAddr,
     info: ConnInfo,
     broker: &Arc<Broker>,
-) -> Option<(Box<Conn>, BytesMut, oneshot::Receiver<Kick>)>
+) -> Option<(Box<Conn>, BytesMut)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -178,14 +178,12 @@ where
         return None;
     }
     let conn_id = broker.next_conn_id();
-    let (kick_tx, kick_rx) = oneshot::channel();
     let claim = claim(
         broker,
         &accepted.client_id,
         connect.clean_start,
         accepted.expiry,
         conn_id,
-        kick_tx,
     )
     .await;
     let (session, state, present) = match claim {
@@ -207,7 +205,7 @@ where
         conn_id,
     };
     let conn = Box::new(Conn::new(broker.clone(), session, state, params, out));
-    Some((conn, rbuf, kick_rx))
+    Some((conn, rbuf))
 }
 
 async fn read_connect<R>(
@@ -382,9 +380,7 @@ async fn claim(
     clean_start: bool,
     expiry: u32,
     conn_id: u64,
-    kick: oneshot::Sender<Kick>,
 ) -> Result<(Arc<Session>, Box<SessionState>, bool), ReasonCode> {
-    let mut kick = kick;
     for _ in 0..3 {
         let existing = broker.sessions.get(client_id);
         if let Some(old) = &existing {
@@ -414,12 +410,9 @@ async fn claim(
                 (session, false)
             }
         };
-        match session.attach(conn_id, kick) {
-            Ok(state) => {
-                persist_claim(broker, &session, expiry);
-                return Ok((session, state, present));
-            }
-            Err(k) => kick = k,
+        if let Some(state) = session.attach(conn_id) {
+            persist_claim(broker, &session, expiry);
+            return Ok((session, state, present));
         }
     }
     Err(ReasonCode::SERVER_BUSY)

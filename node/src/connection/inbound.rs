@@ -85,9 +85,9 @@ impl Conn {
     fn on_publish(&mut self, mut p: Publish) -> Result<(), ConnError> {
         let cfg = &self.broker.cfg;
         self.broker.metrics.messages_received.inc();
-        if let Some(bucket) = &mut self.publish_bucket {
+        if let Some(rate) = &mut self.rate {
             // Under the throttle policy the read loop waited for this token already.
-            if !bucket.try_take(Instant::now())
+            if !rate.bucket.try_take(Instant::now())
                 && cfg.limits.publish_rate_policy == PublishRatePolicy::Disconnect
             {
                 self.broker.metrics.limit_hit("publish_rate");
@@ -100,12 +100,17 @@ impl Conn {
             }
             if p.topic.is_empty() {
                 p.topic = self
-                    .in_aliases
+                    .aliases
+                    .get_or_insert_with(Box::default)
+                    .inbound
                     .get(&alias)
                     .cloned()
                     .ok_or(ConnError::Protocol("unknown topic alias"))?;
             } else {
-                self.in_aliases.insert(alias, p.topic.clone());
+                self.aliases
+                    .get_or_insert_with(Box::default)
+                    .inbound
+                    .insert(alias, p.topic.clone());
             }
         }
         if !p.properties.subscription_identifiers.is_empty() {

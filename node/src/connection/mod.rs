@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!  accept ─> handshake (CONNECT within connect_timeout, claim the client id, CONNACK)
-//!         ─> Conn::run: select! { socket read | socket write | session queue notified
-//!                                 | keep-alive deadline | takeover kick | shutdown }
+//!         ─> Conn::run: select! { session woken (queue, takeover or shutdown kick)
+//!                                 | socket write | socket read | keep-alive deadline
+//!                                 | pause over | store watermark moved }
 //!         ─> finish: will (now or delayed), park or end the session
 //! ```
 

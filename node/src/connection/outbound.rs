@@ -55,14 +55,16 @@ impl Conn {
         let mut topic: &str = &d.msg.topic;
         let mut alias = None;
         if self.out_alias_max > 0 {
-            match self.out_aliases.get(&d.msg.topic) {
+            let max = self.out_alias_max;
+            let aliases = &mut self.aliases.get_or_insert_with(Box::default).outbound;
+            match aliases.get(&d.msg.topic) {
                 Some(&a) => {
                     alias = Some(a);
                     topic = "";
                 }
-                None if (self.out_aliases.len() as u16) < self.out_alias_max => {
-                    let a = self.out_aliases.len() as u16 + 1;
-                    self.out_aliases.insert(d.msg.topic.clone(), a);
+                None if (aliases.len() as u16) < max => {
+                    let a = aliases.len() as u16 + 1;
+                    aliases.insert(d.msg.topic.clone(), a);
                     alias = Some(a);
                 }
                 None => {}

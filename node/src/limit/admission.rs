@@ -57,10 +57,27 @@ impl Refusal {
     }
 }
 
+/// What a connection holds while it lives (released on drop): the overall permit and the
+/// listener's, or a refusal slot. Two fields rather than a `Vec`: no allocation per
+/// connection.
+pub struct Permits {
+    _first: OwnedSemaphorePermit,
+    _second: Option<OwnedSemaphorePermit>,
+}
+
+impl Permits {
+    pub fn one(permit: OwnedSemaphorePermit) -> Permits {
+        Permits {
+            _first: permit,
+            _second: None,
+        }
+    }
+}
+
 /// The outcome of [`Admission::admit`].
 pub enum Admit {
     /// Serve it; the permits are released when the connection ends.
-    Accepted(Vec<OwnedSemaphorePermit>),
+    Accepted(Permits),
     /// Answer its CONNECT with the refusal, holding a refusal slot meanwhile.
     Refused(Refusal, OwnedSemaphorePermit),
     /// Refused, and too many refusals are being answered already: close it.
@@ -115,25 +132,27 @@ impl Admission {
         }
     }
 
-    fn permits(&self, kind: Kind, ip: IpAddr) -> Result<Vec<OwnedSemaphorePermit>, Refusal> {
+    fn permits(&self, kind: Kind, ip: IpAddr) -> Result<Permits, Refusal> {
         if self.rate > 0 && !self.take_rate_token(ip, Instant::now()) {
             return Err(Refusal::RateExceeded);
         }
-        let mut permits = Vec::with_capacity(2);
-        permits.push(
-            self.overall
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Refusal::ServerFull)?,
-        );
-        if let Some((_, sem)) = self.per_listener.iter().find(|(k, _)| *k == kind) {
-            permits.push(
+        let overall = self
+            .overall
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::ServerFull)?;
+        let listener = match self.per_listener.iter().find(|(k, _)| *k == kind) {
+            Some((_, sem)) => Some(
                 sem.clone()
                     .try_acquire_owned()
                     .map_err(|_| Refusal::ListenerFull)?,
-            );
-        }
-        Ok(permits)
+            ),
+            None => None,
+        };
+        Ok(Permits {
+            _first: overall,
+            _second: listener,
+        })
     }
 
     fn take_rate_token(&self, ip: IpAddr, now: Instant) -> bool {

@@ -2,8 +2,9 @@
 
 mod admission;
 mod bucket;
+pub mod files;
 mod topic;
 
-pub use admission::{Admission, Admit, Refusal, REFUSAL_TIMEOUT};
+pub use admission::{Admission, Admit, Permits, Refusal, REFUSAL_TIMEOUT};
 pub use bucket::TokenBucket;
 pub use topic::topic_over_limit;

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::session::{Session, SessionId};
+use super::session::{Kick, Session, SessionId};
 
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
@@ -71,6 +71,12 @@ impl SessionRegistry {
 
     pub fn connected_count(&self) -> usize {
         self.lock().values().filter(|s| s.is_connected()).count()
+    }
+
+    /// Tells every attached connection to go; returns how many were told.
+    pub fn kick_all(&self, why: Kick) -> usize {
+        let sessions: Vec<Arc<Session>> = self.lock().values().cloned().collect();
+        sessions.iter().filter(|s| s.kick(why)).count()
     }
 
     /// Total queued messages over all sessions (for $SYS; not on a hot path).

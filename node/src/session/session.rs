@@ -2,11 +2,13 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, Notify};
+use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
 
 use petrel_storage::{keys, Cf, Txn};
 
@@ -31,14 +33,26 @@ impl fmt::Display for SessionId {
 
 /// Why a connection is told to go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Kick {
     /// Another connection claimed the client id.
-    TakenOver,
+    TakenOver = 1,
+    /// The node is shutting down.
+    Shutdown = 2,
+}
+
+impl Kick {
+    fn from_u8(v: u8) -> Option<Kick> {
+        match v {
+            1 => Some(Kick::TakenOver),
+            2 => Some(Kick::Shutdown),
+            _ => None,
+        }
+    }
 }
 
 struct Link {
     conn_id: u64,
-    kick: Option<oneshot::Sender<Kick>>,
 }
 
 struct Inner {
@@ -63,8 +77,15 @@ pub struct Session {
     connected: AtomicBool,
     /// Whether the session is stored (its expiry interval is above 0).
     persistent: AtomicBool,
-    /// Wakes the owning connection when the queue gains a message.
-    notify: Notify,
+    /// Wakes the owning connection when the queue gains a message or it is kicked: a flag
+    /// and one waker, polled by the connection's loop (no waiter list to lock, and nothing
+    /// stored in an idle connection's task).
+    wake: AtomicWaker,
+    woken: AtomicBool,
+    /// Why the attached connection must go ([`Kick`] as u8; 0: it may stay). A flag the
+    /// connection reads when `wake` wakes it, rather than a channel per connection: an
+    /// idle connection then waits on one thing only.
+    kicked: AtomicU8,
     /// Wakes a taking-over connection when the old one has parked the state.
     released: Notify,
     /// Wakes publishers waiting for this session's queue to get short again.
@@ -82,7 +103,9 @@ impl Session {
             client_id,
             connected: AtomicBool::new(false),
             persistent: AtomicBool::new(false),
-            notify: Notify::new(),
+            wake: AtomicWaker::new(),
+            woken: AtomicBool::new(false),
+            kicked: AtomicU8::new(0),
             released: Notify::new(),
             drained: Notify::new(),
             stalled: AtomicBool::new(false),
@@ -214,7 +237,7 @@ impl Session {
         // A queue that held messages already has its connection's attention (a stored
         // wake-up, a full window that an ack reopens, or a batch still being taken).
         if online && was_empty {
-            self.notify.notify_one();
+            self.wake_conn();
         }
         Enqueued::Queued {
             dropped,
@@ -278,32 +301,38 @@ impl Session {
         self.lock().queue.len()
     }
 
-    /// Future that completes when a message is queued for the attached connection.
-    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.notify.notified()
+    /// Ready once a message was queued for the attached connection, or it was kicked, since
+    /// it last returned ready. Only the attached connection polls it.
+    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.wake.register(cx.waker());
+        // Registered before the second look: a wake in between is not lost.
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
     }
 
-    /// Attaches a connection and hands it the parked state. Gives the kick sender back if
-    /// another connection still holds the session or it has ended.
-    pub fn attach(
-        &self,
-        conn_id: u64,
-        kick: oneshot::Sender<Kick>,
-    ) -> Result<Box<SessionState>, oneshot::Sender<Kick>> {
+    fn wake_conn(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.wake.wake();
+    }
+
+    /// Attaches a connection and hands it the parked state. `None` if another connection
+    /// still holds the session or it has ended.
+    pub fn attach(&self, conn_id: u64) -> Option<Box<SessionState>> {
         let mut inner = self.lock();
         if inner.link.is_some() || inner.ended {
-            return Err(kick);
+            return None;
         }
-        let Some(state) = inner.state.take() else {
-            return Err(kick);
-        };
-        inner.link = Some(Link {
-            conn_id,
-            kick: Some(kick),
-        });
+        let state = inner.state.take()?;
+        inner.link = Some(Link { conn_id });
         inner.expires_at = None;
+        self.kicked.store(0, Ordering::Release);
         self.connected.store(true, Ordering::Release);
-        Ok(state)
+        Some(state)
     }
 
     /// Releases the session after connection `conn_id` closed. If `end` is set the session
@@ -338,16 +367,25 @@ impl Session {
         back
     }
 
-    /// Tells the attached connection to go. Returns false if none is attached.
+    /// Tells the attached connection to go (the first reason given stands). Returns false
+    /// if none is attached.
     pub fn kick(&self, why: Kick) -> bool {
-        let mut inner = self.lock();
-        match inner.link.as_mut().and_then(|l| l.kick.take()) {
-            Some(tx) => {
-                let _ = tx.send(why);
-                true
-            }
-            None => inner.link.is_some(),
+        let inner = self.lock();
+        if inner.link.is_none() {
+            return false;
         }
+        let _ = self
+            .kicked
+            .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
+        drop(inner);
+        self.wake_conn();
+        true
+    }
+
+    /// Why the attached connection was told to go, if it was. The connection asks whenever
+    /// [`Session::poll_woken`] is ready.
+    pub fn kicked(&self) -> Option<Kick> {
+        Kick::from_u8(self.kicked.load(Ordering::Acquire))
     }
 
     /// Waits until no connection is attached, at most `timeout`. Returns whether it is free.
