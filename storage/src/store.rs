@@ -261,6 +261,11 @@ impl Store {
         self.shared.committed.subscribe()
     }
 
+    /// The committed watermark now (a look, without a receiver to keep).
+    pub fn committed_now(&self) -> Committed {
+        *self.shared.committed.borrow()
+    }
+
     /// Waits until `ticket` is durable. Errors if the writer failed.
     pub async fn wait(&self, ticket: Ticket) -> Result<()> {
         let mut rx = self.committed();

@@ -1,5 +1,6 @@
 //! The connected state of one connection and its event loop.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -8,9 +9,8 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use petrel_storage::{Committed, Ticket};
+use petrel_storage::Ticket;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio_util::sync::ReusableBoxFuture;
 
 use super::error::ConnError;
@@ -20,7 +20,7 @@ use crate::codec::{
     decode_packet, encode_packet, Connect, Disconnect, LastWill, MqttStr, Packet, Protocol,
 };
 use crate::config::PublishRatePolicy;
-use crate::limit::TokenBucket;
+use crate::limit::{Permits, TokenBucket};
 use crate::message::Message;
 use crate::router::Match;
 use crate::session::{Delivery, Kick, Session, SessionState};
@@ -71,10 +71,6 @@ pub(super) struct Conn {
     pub out_window: usize,
     /// Topic aliases in both directions, made on first use (3.1.1 clients never use them).
     pub aliases: Option<Box<Aliases>>,
-    pub matches: Vec<Match>,
-    pub batch: Vec<Delivery>,
-    /// The store's committed watermark.
-    pub committed: watch::Receiver<Committed>,
     /// Acknowledgements waiting for their store writes, in the order they must be sent.
     pub pending_acks: VecDeque<(Ticket, Packet)>,
     /// Nothing in `out` may reach the socket before this ticket is durable.
@@ -95,6 +91,8 @@ pub(super) struct Conn {
     pub queue_pending: bool,
     /// `storage.durable_acks`: hold QoS 1/2 acknowledgements until the WAL has the message.
     pub durable_acks: bool,
+    /// The connection limits' permits, released when the connection is dropped.
+    pub permits: Option<Permits>,
 }
 
 /// Topic aliases of one connection (MQTT 5).
@@ -111,6 +109,13 @@ pub(super) struct PublishRate {
     pub bucket: TokenBucket,
     /// Throttle policy: the next PUBLISH waits for a token; reading stops until then.
     pub throttled_until: Option<Instant>,
+}
+
+thread_local! {
+    /// Scratch vectors of the connections a worker thread runs, one at a time (taken and put
+    /// back with no await between): reused across messages, and kept by no idle connection.
+    pub(super) static MATCHES: Cell<Vec<Match>> = const { Cell::new(Vec::new()) };
+    pub(super) static BATCH: Cell<Vec<Delivery>> = const { Cell::new(Vec::new()) };
 }
 
 /// Waits for the store's committed watermark to move. Boxed and made the first time an
@@ -152,10 +157,7 @@ impl Conn {
             },
             aliases: None,
             problem_info: props.request_problem_information.unwrap_or(true),
-            matches: Vec::new(),
-            batch: Vec::new(),
             queue_pending: true,
-            committed: broker.store.committed(),
             pending_acks: VecDeque::new(),
             write_barrier: Ticket::default(),
             durable_acks: broker.cfg.storage.durable_acks,
@@ -173,6 +175,7 @@ impl Conn {
                 })
             },
             backpressure: None,
+            permits: None,
             session,
             state,
             broker,
@@ -206,7 +209,8 @@ impl Conn {
     /// acknowledgements in the order of the packets they answer.
     pub fn send_after(&mut self, ticket: Option<Ticket>, ack: Packet) {
         // Only an ack that depends on a store write looks at the watermark (a lock read).
-        let wait = self.durable_acks && ticket.is_some_and(|t| t > self.committed.borrow().ticket);
+        let wait = self.durable_acks
+            && ticket.is_some_and(|t| t > self.broker.store.committed_now().ticket);
         if wait || !self.pending_acks.is_empty() {
             self.pending_acks
                 .push_back((ticket.unwrap_or_default(), ack));
@@ -217,7 +221,7 @@ impl Conn {
 
     /// Sends the acknowledgements whose writes are now durable.
     fn release_acks(&mut self) -> Result<(), ConnError> {
-        let c = *self.committed.borrow();
+        let c = self.broker.store.committed_now();
         if c.failed {
             return Err(ConnError::StoreFailed);
         }
@@ -255,7 +259,6 @@ impl Conn {
             Duration::from_secs(86_400)
         });
         tokio::pin!(sleep);
-        let session = self.session.clone();
         let mut read_hint = READ_MIN;
         let drained_below = self.broker.limits.drained_below();
         let mut store_wait: Option<StoreWait> = None;
@@ -270,7 +273,7 @@ impl Conn {
             let spare = rbuf.capacity() - rbuf.len();
             // Connections that never stored an outbound QoS 2 packet id skip the watermark.
             let barrier_open = self.write_barrier == Ticket::default()
-                || self.write_barrier <= self.committed.borrow().ticket;
+                || self.write_barrier <= self.broker.store.committed_now().ticket;
             if (!self.pending_acks.is_empty() || !barrier_open) && !store_armed {
                 // Armed first, then looked at: a commit in between is not missed.
                 self.arm_store_wait(&mut store_wait);
@@ -298,8 +301,8 @@ impl Conn {
                 biased;
                 // First, so that a client that floods us still hears a kick (takeover,
                 // shutdown) at once.
-                _ = poll_fn(|cx| session.poll_woken(cx)) => {
-                    if let Some(k) = session.kicked() {
+                _ = poll_fn(|cx| self.session.poll_woken(cx)) => {
+                    if let Some(k) = self.session.kicked() {
                         return Exit::Error(match k {
                             Kick::TakenOver => ConnError::TakenOver,
                             Kick::Shutdown => ConnError::ShuttingDown,
@@ -369,8 +372,8 @@ impl Conn {
     /// Sets `slot` to wait for the next move of the committed watermark after the one
     /// seen now (reusing the slot's allocation).
     fn arm_store_wait(&self, slot: &mut Option<StoreWait>) {
-        let mut rx = self.committed.clone();
-        rx.borrow_and_update();
+        // A new receiver has seen the current value: it wakes on the next commit.
+        let mut rx = self.broker.store.committed();
         let wait = async move { rx.changed().await.is_ok() };
         match slot {
             Some(f) => f.set(wait),

@@ -16,7 +16,7 @@ use crate::codec::{
     decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect,
     DecodeError, MqttStr, Packet, Protocol, QoS, ReasonCode,
 };
-use crate::limit::{Refusal, REFUSAL_TIMEOUT};
+use crate::limit::{Permits, Refusal, REFUSAL_TIMEOUT};
 use crate::listener::Kind;
 use crate::session::{Kick, Session, SessionState};
 
@@ -45,19 +45,18 @@ enum ConnectFailure {
 
 /// Serves one client connection: the handshake here, then the connected life in a task of
 /// its own (spawned on `tracker`), so that what an idle connection keeps is only that task's
-/// small state, not the handshake's. `guard` (e.g. connection-limit permits) is dropped when
-/// the connection ends.
-pub async fn serve<S, G>(
+/// small state, not the handshake's. `permits` (the connection limits' permits, or a
+/// refusal slot) are released when the connection ends.
+pub async fn serve<S>(
     stream: S,
     peer: SocketAddr,
     info: ConnInfo,
     broker: Arc<Broker>,
     cancel: CancellationToken,
     tracker: TaskTracker,
-    guard: G,
+    permits: Permits,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    G: Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     // Refused connections only get their CONNACK: they are not counted as connections.
@@ -68,31 +67,33 @@ pub async fn serve<S, G>(
     broker.metrics.connections.inc();
     broker.metrics.connections_total.inc();
     match handshake(&mut reader, &mut writer, peer, info, &broker).await {
-        Some((conn, mut rbuf)) => {
+        Some((mut conn, mut rbuf)) => {
             if rbuf.is_empty() {
                 // Usually all of it was the CONNECT: an idle connection keeps no buffer.
                 rbuf = BytesMut::new();
             }
+            conn.permits = Some(permits);
             // Shutdown kicks every attached session after cancelling; one attached after
             // that sweep sees the cancellation here.
             if cancel.is_cancelled() {
                 conn.session.kick(Kick::Shutdown);
             }
-            let connected = connected(reader, writer, conn, rbuf, guard);
-            tracker.spawn(connected.in_current_span());
+            let connected = connected(reader, writer, conn, rbuf);
+            // The span only when it records anything: it is part of every idle connection.
+            let span = tracing::Span::current();
+            if span.is_disabled() {
+                tracker.spawn(connected);
+            } else {
+                tracker.spawn(connected.instrument(span));
+            }
         }
         None => broker.metrics.connections.dec(),
     }
 }
 
 /// The connected life of a connection, to its end.
-async fn connected<R, W, G>(
-    mut reader: R,
-    mut writer: W,
-    mut conn: Box<Conn>,
-    rbuf: BytesMut,
-    guard: G,
-) where
+async fn connected<R, W>(mut reader: R, mut writer: W, mut conn: Box<Conn>, rbuf: BytesMut)
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -100,7 +101,6 @@ async fn connected<R, W, G>(
     let broker = conn.broker.clone();
     Box::pin((*conn).finish(exit, &mut writer)).await;
     broker.metrics.connections.dec();
-    drop(guard);
 }
 
 /// CONNECT, authentication, the claim and CONNACK (written into the connection's buffer).

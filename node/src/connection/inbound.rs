@@ -5,7 +5,7 @@ use std::sync::Arc;
 use petrel_storage::{keys, Cf};
 use std::time::{Duration, Instant};
 
-use super::conn::{Conn, Exit};
+use super::conn::{Conn, Exit, MATCHES};
 use super::error::ConnError;
 use crate::auth::SubscribeDecision;
 use crate::codec::{
@@ -193,7 +193,11 @@ impl Conn {
             _ => None,
         };
         let msg = Arc::new(Message::from_publish(p, self.session.id(), Instant::now()));
-        let routed = self.broker.publish(msg, &mut self.matches, inbound);
+        let mut matches = MATCHES.take();
+        let routed = self.broker.publish(msg, &mut matches, inbound);
+        // Emptied now rather than at the next publish: no session is kept alive by it.
+        matches.clear();
+        MATCHES.set(matches);
         let (n, ticket) = (routed.delivered, routed.ticket);
         if let Some(session) = routed.congested {
             // Stop reading until that subscriber catches up (or the wait runs out).

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::conn::{Conn, HIGH_WATER, WRITE_RESERVE};
+use super::conn::{Conn, BATCH as BATCH_SCRATCH, HIGH_WATER, WRITE_RESERVE};
 use crate::codec::{Packet, PubResp, PublishOut, QoS, ReasonCode};
 use crate::persist;
 use crate::session::{Delivery, Inflight, Stage};
@@ -14,7 +14,7 @@ const BATCH: usize = 256;
 impl Conn {
     /// Moves queued messages into the write buffer while the window and buffer allow.
     pub(super) fn pump(&mut self) {
-        let mut batch = std::mem::take(&mut self.batch);
+        let mut batch = BATCH_SCRATCH.take();
         loop {
             let window = self.out_window.saturating_sub(self.state.inflight.len());
             let low = self.broker.limits.drained_below();
@@ -37,7 +37,7 @@ impl Conn {
                 break;
             }
         }
-        self.batch = batch;
+        BATCH_SCRATCH.set(batch);
     }
 
     fn deliver(&mut self, d: Delivery, now: Instant) {
