@@ -379,6 +379,10 @@ run_one() {
     py snap "$broker_pid" before >>"$run/snaps.jsonl"
     python3 "$here/bench_report.py" sample "$broker_pid" "$run/samples.tsv" 0.1 &
     sampler_pid=$!
+    # The sampler shares petrel-bench's core: its start-up (tens of ms of Python) must be over
+    # before the measurement starts, or it lands in the first fraction of a second (the whole
+    # connect phase of `conn`). Its first line says it is running.
+    poll 30 "the /proc sampler" "$sampler_pid" test -s "$run/samples.tsv" || true
     t_start="$EPOCHREALTIME"
     "${cmd[@]}" >"$run/bench.json" 2>"$run/bench.stderr" &
     bench_pid=$!
