@@ -24,6 +24,9 @@ use crate::error::{Error, Result};
 use crate::keys::{self, Cf, FORMAT_VERSION_KEY};
 use crate::FORMAT_VERSION;
 
+/// One stored entry: key and value bytes.
+pub type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 /// How the store is opened.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -280,7 +283,7 @@ impl Store {
     }
 
     /// Every key and value of a column family, in key order.
-    pub fn scan(&self, cf: Cf) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_ {
+    pub fn scan(&self, cf: Cf) -> impl Iterator<Item = Result<KeyValue>> + '_ {
         let h = self
             .shared
             .db
