@@ -62,7 +62,9 @@ pub struct Config {
 pub struct MqttConfig {
     /// Address the MQTT listener binds; port 0 picks a free port. Default `0.0.0.0:1883`.
     pub addr: SocketAddr,
-    /// Time a new connection has to send CONNECT before it is closed. Default `10000`.
+    /// Time a new connection has to send CONNECT before it is closed, from its accept (a
+    /// connection that sends nothing is accepted about a second after its TCP handshake, see
+    /// `listener.rs`). Default `10000`.
     pub connect_timeout_ms: u64,
     /// Largest accepted inbound packet, also sent as the v5 Maximum Packet Size; between 32 and
     /// 268435460. Default `1048576` (1 MiB).

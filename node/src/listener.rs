@@ -62,10 +62,10 @@ impl Listeners {
     pub async fn bind(cfg: &Config) -> Result<Listeners, Error> {
         let m = &cfg.mqtt;
         Ok(Listeners {
-            mqtt: bind("mqtt", m.addr).await?,
-            mqtts: bind_opt("mqtts", &m.mqtts_addr).await?,
-            ws: bind_opt("ws", &m.ws_addr).await?,
-            wss: bind_opt("wss", &m.wss_addr).await?,
+            mqtt: client(bind("mqtt", m.addr).await?),
+            mqtts: bind_opt("mqtts", &m.mqtts_addr).await?.map(client),
+            ws: bind_opt("ws", &m.ws_addr).await?.map(client),
+            wss: bind_opt("wss", &m.wss_addr).await?.map(client),
             admin: if cfg.admin.enabled {
                 Some(bind("admin", cfg.admin.addr).await?)
             } else {
@@ -82,6 +82,50 @@ impl Listeners {
         out.extend(self.wss.map(|l| (Kind::Wss, l)));
         (out, self.admin)
     }
+}
+
+/// How long the kernel holds a connection that has sent nothing: one SYN-ACK retransmission.
+const DEFER_ACCEPT_SECS: u32 = 1;
+
+/// A client listener: the kernel hands a connection to `accept` only once its first bytes
+/// (CONNECT, a TLS ClientHello, an HTTP upgrade) have arrived, so a connection costs the
+/// node one wake-up instead of two (the handshake, then the data), and the connecting side
+/// one wake-up of the node less. A client that sends nothing is accepted anyway when the
+/// deferral ends (about a second) and then meets the connect timeout. Where the option is
+/// unknown (not Linux) the listener works as before.
+fn client(listener: TcpListener) -> TcpListener {
+    if let Err(e) = defer_accept(&listener, DEFER_ACCEPT_SECS) {
+        tracing::debug!(error = %e, "TCP_DEFER_ACCEPT not set");
+    }
+    listener
+}
+
+#[cfg(target_os = "linux")]
+fn defer_accept(listener: &TcpListener, secs: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is the listener's, open for the duration of the call, and the
+    // option value is a c_int that lives across the call, with its size passed.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_accept(_listener: &TcpListener, _secs: u32) -> std::io::Result<()> {
+    Ok(())
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -269,4 +313,52 @@ fn failed(broker: &Broker, kind: Kind, peer: SocketAddr, why: &str) {
         .with_label_values(&[kind.name()])
         .inc();
     tracing::debug!(%peer, listener = %kind, reason = why, "transport handshake failed");
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    /// TCP_DEFER_ACCEPT as the kernel reports it (seconds, rounded from retransmissions).
+    fn deferral(listener: &TcpListener) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the descriptor is open for the call; value and len outlive it and len is
+        // the size of value.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            libc::getsockopt(
+                listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                std::ptr::from_mut(&mut value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+        value
+    }
+
+    #[tokio::test]
+    async fn client_listeners_defer_accept_and_admin_does_not() {
+        let mut cfg = Config::default();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        cfg.mqtt.addr = any;
+        cfg.mqtt.mqtts_addr = any.to_string();
+        cfg.mqtt.ws_addr = any.to_string();
+        cfg.mqtt.wss_addr = any.to_string();
+        cfg.admin.addr = any;
+        let (clients, admin) = Listeners::bind(&cfg).await.unwrap().clients();
+        assert_eq!(clients.len(), 4);
+        for (kind, listener) in &clients {
+            assert!(deferral(listener) > 0, "{kind} accepts before data");
+        }
+        assert_eq!(
+            deferral(&admin.unwrap()),
+            0,
+            "admin is plain HTTP, not deferred"
+        );
+    }
 }
