@@ -85,7 +85,7 @@ impl Listeners {
 }
 
 /// How long the kernel holds a connection that has sent nothing: one SYN-ACK retransmission.
-const DEFER_ACCEPT_SECS: u32 = 1;
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
 
 /// A client listener: the kernel hands a connection to `accept` only once its first bytes
 /// (CONNECT, a TLS ClientHello, an HTTP upgrade) have arrived, so a connection costs the
@@ -94,25 +94,24 @@ const DEFER_ACCEPT_SECS: u32 = 1;
 /// deferral ends (about a second) and then meets the connect timeout. Where the option is
 /// unknown (not Linux) the listener works as before.
 fn client(listener: TcpListener) -> TcpListener {
-    if let Err(e) = defer_accept(&listener, DEFER_ACCEPT_SECS) {
+    if let Err(e) = defer_accept(&listener) {
         tracing::debug!(error = %e, "TCP_DEFER_ACCEPT not set");
     }
     listener
 }
 
 #[cfg(target_os = "linux")]
-fn defer_accept(listener: &TcpListener, secs: u32) -> std::io::Result<()> {
+fn defer_accept(listener: &TcpListener) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let value = libc::c_int::try_from(secs).unwrap_or(libc::c_int::MAX);
     // SAFETY: the descriptor is the listener's, open for the duration of the call, and the
-    // option value is a c_int that lives across the call, with its size passed.
+    // option value is a c_int constant (static storage), with its size passed.
     #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setsockopt(
             listener.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_DEFER_ACCEPT,
-            std::ptr::from_ref(&value).cast(),
+            std::ptr::from_ref(&DEFER_ACCEPT_SECS).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -124,7 +123,7 @@ fn defer_accept(listener: &TcpListener, secs: u32) -> std::io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn defer_accept(_listener: &TcpListener, _secs: u32) -> std::io::Result<()> {
+fn defer_accept(_listener: &TcpListener) -> std::io::Result<()> {
     Ok(())
 }
 
