@@ -11,6 +11,7 @@
 //! Locks are sync and never held across `.await`: the trie and retained store are
 //! `RwLock`s, each session queue a `Mutex` held for a push or a drain.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -21,12 +22,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthGate;
-use crate::codec::{QoS, SubscriptionOptions};
+use crate::codec::{LastWill, QoS, SubscriptionOptions};
 use crate::config::Config;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persist::value::{self, Clock};
-use crate::router::{Match, ParsedFilter, RetainedStore, Subscriber, SubscriptionTrie};
+use crate::router::{
+    AclStamp, Match, ParsedFilter, RetainedLimits, RetainedStore, Subscriber, SubscriptionTrie,
+};
 use crate::session::{
     Delivery, DropReason, Enqueued, QueueLimits, Session, SessionId, SessionRegistry, SessionState,
     SubIds,
@@ -40,6 +43,15 @@ pub struct Routed {
     pub ticket: Option<Ticket>,
     /// A connected session whose queue is long: the publisher should wait for it.
     pub congested: Option<Arc<Session>>,
+}
+
+/// One planned delivery of a publish: the index of its first match, the delivery, and its
+/// encoded value if a persistent session stores it.
+type Planned = (usize, Delivery, Option<Vec<u8>>);
+
+thread_local! {
+    /// The deliveries of the publish a worker thread is routing (reused, empty between).
+    static PLAN: Cell<Vec<Planned>> = const { Cell::new(Vec::new()) };
 }
 
 pub struct Broker {
@@ -116,6 +128,11 @@ impl Broker {
     /// `scratch` is the caller's reusable match buffer. `inbound` names an inbound QoS 2
     /// packet id to record in the same atomic write as the stored copies (exactly once across
     /// a crash).
+    ///
+    /// Two passes: the first builds one delivery per session and encodes the copies that are
+    /// stored, holding no lock; the second takes the store's batch once, appends every write
+    /// of this publish atomically and queues the deliveries. The batch lock, shared by every
+    /// connection, is held for the appends only.
     pub fn publish(
         &self,
         msg: Arc<Message>,
@@ -131,30 +148,66 @@ impl Broker {
         if scratch.len() > 1 {
             scratch.sort_unstable_by_key(|m| (m.session.id(), m.shared));
         }
-        let stored = msg.qos != QoS::AtMostOnce
-            && scratch
-                .iter()
-                .any(|m| m.qos != QoS::AtMostOnce && m.session.is_persistent());
+        let mut plan = PLAN.take();
+        let any_stored = self.plan_deliveries(&msg, scratch, &mut plan);
+        let retained_value = (msg.retain && !msg.payload.is_empty())
+            .then(|| value::message(&msg, msg.qos, true, &[], &Clock::now()));
         // One atomic write for everything this publish stores; nothing is taken when the
         // message goes only to clean sessions.
-        let mut txn = (stored || msg.retain || inbound.is_some()).then(|| self.store.begin());
+        let mut txn = (any_stored || msg.retain || inbound.is_some()).then(|| self.store.begin());
         if let (Some(txn), Some((client_id, packet_id))) = (txn.as_mut(), inbound) {
             txn.writer()
                 .put(Cf::Inbound, &keys::inbound_key(client_id, packet_id), &[]);
         }
         if msg.retain {
-            self.set_retained(&msg, txn.as_mut().expect("taken for retained messages"));
+            let txn = txn.as_mut().expect("taken for retained messages");
+            self.set_retained(&msg, retained_value.as_deref(), txn);
         }
-        // Read the wall clock only if something is stored.
-        let mut clock = None;
         let mut delivered = 0;
         let mut congested = None;
+        for (at, d, value) in plan.drain(..) {
+            let session = &scratch[at].session;
+            let stored = match (txn.as_mut(), value) {
+                (Some(txn), Some(v)) => Some((txn, v)),
+                _ => None,
+            };
+            let (queued, full) = self.enqueue_in(session, d, stored);
+            delivered += queued as usize;
+            // The publisher's own session never makes it wait (it could not drain).
+            if full && congested.is_none() && session.id() != msg.origin {
+                congested = Some(session.clone());
+            }
+        }
+        PLAN.set(plan);
+        scratch.clear();
+        Routed {
+            delivered,
+            ticket: txn.map(Txn::commit),
+            congested,
+        }
+    }
+
+    /// The first pass of [`Broker::publish`]: one delivery per matched session (overlapping
+    /// subscriptions of one session merged), with the encoded value of those that a
+    /// persistent session stores. Returns whether any is stored.
+    fn plan_deliveries(
+        &self,
+        msg: &Arc<Message>,
+        scratch: &[Match],
+        plan: &mut Vec<Planned>,
+    ) -> bool {
+        let acl_now = self.auth.acl_generation();
+        // Read the wall clock only if something is stored.
+        let mut clock = None;
+        // A copy that owns its bytes, made once, for the sessions that keep it past delivery.
+        let mut detached: Option<Arc<Message>> = None;
+        let mut any_stored = false;
         let mut i = 0;
         while i < scratch.len() {
             let first = &scratch[i];
             let mut qos = first.qos;
             let mut rap = first.retain_as_published;
-            let mut acl_check = first.acl_filtered;
+            let mut acl_check = AclStamp::must_check(first.acl_filtered, first.acl_gen, acl_now);
             let mut ids = SubIds::None;
             ids.extend(first.subscription_id);
             let mut j = i + 1;
@@ -166,78 +219,100 @@ impl Broker {
             {
                 qos = qos.max(scratch[j].qos);
                 rap |= scratch[j].retain_as_published;
-                acl_check &= scratch[j].acl_filtered;
+                acl_check &=
+                    AclStamp::must_check(scratch[j].acl_filtered, scratch[j].acl_gen, acl_now);
                 ids.extend(scratch[j].subscription_id);
                 j += 1;
             }
+            let qos = qos.min(msg.qos);
+            let session = &first.session;
+            // Queued for an offline session: kept until it comes back, so it must not pin
+            // the publisher's read buffer.
+            let kept =
+                !session.is_connected() && (qos != QoS::AtMostOnce || self.limits.qos0_offline);
+            let msg = match kept {
+                true => detached.get_or_insert_with(|| Message::kept(msg)).clone(),
+                false => msg.clone(),
+            };
+            let retain = msg.retain && rap;
+            let value = (qos != QoS::AtMostOnce && session.is_persistent()).then(|| {
+                let clock = clock.get_or_insert_with(Clock::now);
+                value::message(&msg, qos, retain, ids.as_slice(), clock)
+            });
+            any_stored |= value.is_some();
             let d = Delivery {
-                msg: msg.clone(),
-                qos: qos.min(msg.qos),
-                retain: msg.retain && rap,
+                msg,
+                qos,
+                retain,
                 subscription_ids: ids,
                 seq: 0,
                 acl_check,
+                acl_gen: acl_now as u32,
             };
-            let (queued, full) = self.enqueue_in(&first.session, d, txn.as_mut(), &mut clock);
-            delivered += queued as usize;
-            // The publisher's own session never makes it wait (it could not drain).
-            if full && congested.is_none() && first.session.id() != msg.origin {
-                congested = Some(first.session.clone());
-            }
+            plan.push((i, d, value));
             i = j;
         }
-        scratch.clear();
-        Routed {
-            delivered,
-            ticket: txn.map(Txn::commit),
-            congested,
+        any_stored
+    }
+
+    /// Which retained-message cap retaining `payload` under `topic` would break now, counted.
+    pub fn retained_over_limit_of(&self, topic: &str, payload: &[u8]) -> Option<&'static str> {
+        let limit = self
+            .retained
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .over_limit(topic, payload.len(), self.retained_limits());
+        if let Some(limit) = limit {
+            self.metrics.limit_hit(limit);
+        }
+        limit
+    }
+
+    fn retained_limits(&self) -> RetainedLimits {
+        RetainedLimits {
+            max_messages: self.cfg.limits.max_retained_messages,
+            max_bytes: self.cfg.limits.max_retained_bytes,
         }
     }
 
-    fn set_retained(&self, msg: &Arc<Message>, txn: &mut Txn<'_>) {
-        let encoded = (!msg.payload.is_empty())
-            .then(|| value::message(msg, msg.qos, true, &[], &Clock::now()));
+    /// Retains `msg` (or clears its topic), unless a cap forbids it: then the message is
+    /// only delivered. Returns whether it was retained.
+    fn set_retained(&self, msg: &Arc<Message>, encoded: Option<&[u8]>, txn: &mut Txn<'_>) -> bool {
+        // Kept past delivery: its own allocation, not a slice of a connection's read buffer.
+        let kept = match msg.payload.is_empty() {
+            true => msg.clone(),
+            false => Message::kept(msg),
+        };
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
-        retained.set(msg.clone());
+        if let Some(limit) =
+            retained.over_limit(&msg.topic, msg.payload.len(), self.retained_limits())
+        {
+            // A race with another publisher past the check in `on_publish`, or a will.
+            drop(retained);
+            self.metrics.limit_hit(limit);
+            return false;
+        }
+        retained.set(kept);
         self.metrics.retained.set(retained.len() as i64);
+        self.metrics.retained_bytes.set(retained.bytes() as i64);
         let mut w = txn.writer();
-        match &encoded {
+        match encoded {
             Some(v) => w.put(Cf::Retained, msg.topic.as_bytes(), v),
             None => w.delete(Cf::Retained, msg.topic.as_bytes()),
         }
+        true
     }
 
-    /// Queues one delivery (stored first for a persistent session), outside any publish.
-    /// Returns whether it was queued and the store ticket.
-    pub fn enqueue(&self, session: &Session, d: Delivery) -> (bool, Option<Ticket>) {
-        let stored = session.is_persistent() && d.qos != QoS::AtMostOnce;
-        let mut txn = stored.then(|| self.store.begin());
-        let (queued, _) = self.enqueue_in(session, d, txn.as_mut(), &mut None);
-        (queued, txn.map(Txn::commit))
-    }
-
-    /// Queues one delivery, counting what the overflow policy drops. Returns whether it was
-    /// queued and whether the session is congested (its publishers should wait).
+    /// Queues one delivery, counting what the overflow policy drops. `stored`: the open
+    /// transaction and the encoded delivery, for a copy a persistent session stores. Returns
+    /// whether it was queued and whether the session is congested (its publishers should
+    /// wait).
     fn enqueue_in(
         &self,
         session: &Session,
         d: Delivery,
-        txn: Option<&mut Txn<'_>>,
-        clock: &mut Option<Clock>,
+        stored: Option<(&mut Txn<'_>, Vec<u8>)>,
     ) -> (bool, bool) {
-        let stored = match txn {
-            Some(txn) if session.is_persistent() && d.qos != QoS::AtMostOnce => Some((
-                txn,
-                value::message(
-                    &d.msg,
-                    d.qos,
-                    d.retain,
-                    d.subscription_ids.as_slice(),
-                    clock.get_or_insert_with(Clock::now),
-                ),
-            )),
-            _ => None,
-        };
         match session.enqueue(d, &self.limits, stored) {
             Enqueued::Queued {
                 dropped,
@@ -277,13 +352,14 @@ impl Broker {
         f: &ParsedFilter<'_>,
         options: SubscriptionOptions,
         id: Option<u32>,
-        acl_filtered: bool,
+        acl: AclStamp,
     ) -> bool {
         let sub = Subscriber {
             session: session.clone(),
             options,
             subscription_id: id,
-            acl_filtered,
+            acl_filtered: acl.filtered,
+            acl_gen: acl.generation,
         };
         let existed = self
             .router
@@ -327,6 +403,9 @@ impl Broker {
     }
 
     /// Removes an ended session's subscriptions and registry entry and fires its pending will.
+    /// Its stored keys go only if it still held the registry entry: a session that a claim
+    /// replaced had its keys deleted by [`Broker::replace_session`], and the client id's keys
+    /// may by now be the new session's.
     pub fn end_session(&self, session: &Session, state: Option<Box<SessionState>>) {
         if let Some(state) = state {
             let max_levels = usize::MAX;
@@ -336,14 +415,46 @@ impl Broker {
                 }
             }
         }
-        if self.sessions.remove(session) {
+        let removed = self.sessions.remove(session);
+        if removed {
             self.metrics.sessions.dec();
         }
         self.fire_will(session.client_id(), session.id());
-        if session.is_persistent() {
+        if removed && session.is_persistent() {
             let client_id = session.client_id();
             self.store.append(|w| w.delete_client(client_id));
         }
+    }
+
+    /// Ends a session that a clean-start claim replaced in the registry, and deletes what
+    /// it stored before the new session writes anything.
+    pub fn replace_session(&self, old: &Session) {
+        if !old.is_ended() {
+            let (state, _) = old.end();
+            self.end_session(old, state);
+        }
+        if old.is_persistent() {
+            let client_id = old.client_id();
+            self.store.append(|w| w.delete_client(client_id));
+        }
+    }
+
+    /// Stores the will of a client that just connected, so that it is published even if the
+    /// node dies under the connection (recovery finds it armed). Small: the will is bounded
+    /// by the packet size. The connection's end replaces it ([`Broker::schedule_will`]) or
+    /// deletes it ([`Broker::disarm_will`]).
+    pub fn arm_will(&self, client_id: &str, will: &LastWill, delay_secs: u32) {
+        let clock = Clock::now();
+        let msg = Message::from_will(will, SessionId::BROKER, clock.now);
+        let v = value::armed_will(&msg, delay_secs, &clock);
+        self.store
+            .append(|w| w.put(Cf::Wills, client_id.as_bytes(), &v));
+    }
+
+    /// Forgets the stored will of a connection that ended without publishing it.
+    pub fn disarm_will(&self, client_id: &str) {
+        self.store
+            .append(|w| w.delete(Cf::Wills, client_id.as_bytes()));
     }
 
     /// Publishes a will now, or after `delay` unless the client comes back first.
@@ -355,6 +466,7 @@ impl Broker {
         delay: Duration,
     ) {
         if delay.is_zero() {
+            self.disarm_will(client_id);
             self.publish_will(msg);
             return;
         }
@@ -425,6 +537,7 @@ impl Broker {
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
         retained.set(msg);
         self.metrics.retained.set(retained.len() as i64);
+        self.metrics.retained_bytes.set(retained.bytes() as i64);
     }
 
     pub fn schedule_session_expiry(&self, session: &Session, at: Instant) {

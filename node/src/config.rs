@@ -83,7 +83,7 @@ pub struct MqttConfig {
     /// Default `1000`.
     pub max_queued_messages: usize,
     /// Payload and topic bytes queued per session; past it the overflow policy applies as for
-    /// `max_queued_messages`; 0 means no byte limit. Default `0`.
+    /// `max_queued_messages`; 0 means no byte limit. Default `16777216` (16 MiB).
     pub max_queued_bytes: usize,
     /// Longest a publisher's connection stops reading while a connected subscriber it feeds
     /// has a long queue (half of `max_queued_messages`, at most 1024), so fast publishers
@@ -103,10 +103,11 @@ pub struct MqttConfig {
     pub max_qos: u8,
     /// Whether retained messages are supported. Default `true`.
     pub retain_available: bool,
-    /// Cap on the session expiry interval a v5 client may ask for. Default `4294967295`.
+    /// Cap on the session expiry interval a v5 client may ask for (a client asking for more,
+    /// or for "never", is told the cap in CONNACK). Default `604800` (7 days).
     pub session_expiry_max_secs: u32,
     /// Expiry of MQTT 3.1/3.1.1 sessions with clean_session=0; `4294967295` (u32::MAX) means
-    /// never. Default `4294967295`.
+    /// never. Default `604800` (7 days).
     pub persistent_session_expiry_secs: u32,
     /// Interval between `$SYS` topic publishes; 0 disables them. Default `10`.
     pub sys_interval_secs: u64,
@@ -234,8 +235,16 @@ pub struct LimitsConfig {
     pub max_topic_levels: usize,
     /// Longest topic name or filter in bytes, 1 to 65535. Default `65535`.
     pub max_topic_length_bytes: usize,
-    /// Most subscriptions one session may hold; 0 means no limit. Default `0`.
+    /// Most subscriptions one session may hold; 0 means no limit. Default `10000`.
     pub max_subscriptions_per_client: usize,
+    /// Most retained messages the node holds; a new retained topic past it is refused (v5
+    /// QoS 1/2: PUBACK/PUBREC 0x97 and the message is not routed; otherwise it is delivered
+    /// but not retained); replacing or clearing a retained topic is always allowed; 0 means
+    /// no limit. Default `1000000`.
+    pub max_retained_messages: usize,
+    /// Most topic and payload bytes of retained messages the node holds, refused past it as
+    /// for `max_retained_messages`; 0 means no limit. Default `536870912` (512 MiB).
+    pub max_retained_bytes: usize,
     /// PUBLISH packets per second one connection may send (a token bucket); 0 means no
     /// limit. Default `0`.
     pub max_publish_rate_per_client: u32,
@@ -320,15 +329,15 @@ impl Default for MqttConfig {
             receive_maximum: 128,
             max_inflight_messages: 128,
             max_queued_messages: 1000,
-            max_queued_bytes: 0,
+            max_queued_bytes: 16 * 1024 * 1024,
             backpressure_max_wait_ms: 100,
             queue_overflow: QueueOverflow::DropNewest,
             queue_qos0_offline: false,
             topic_alias_maximum: 64,
             max_qos: 2,
             retain_available: true,
-            session_expiry_max_secs: u32::MAX,
-            persistent_session_expiry_secs: u32::MAX,
+            session_expiry_max_secs: 7 * 24 * 3600,
+            persistent_session_expiry_secs: 7 * 24 * 3600,
             sys_interval_secs: 10,
             client_id_prefix: "petrel-".to_owned(),
             mqtts_addr: String::new(),
@@ -369,7 +378,9 @@ impl Default for LimitsConfig {
             max_connection_rate_per_ip: 0,
             max_topic_levels: 128,
             max_topic_length_bytes: 65_535,
-            max_subscriptions_per_client: 0,
+            max_subscriptions_per_client: 10_000,
+            max_retained_messages: 1_000_000,
+            max_retained_bytes: 512 * 1024 * 1024,
             max_publish_rate_per_client: 0,
             publish_rate_burst: 0,
             publish_rate_policy: PublishRatePolicy::Throttle,

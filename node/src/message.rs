@@ -1,6 +1,7 @@
 //! An application message as the broker holds it: decoded once, shared by every queue and
 //! connection it is delivered to.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,6 +22,9 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// The session that published it (for No Local), or [`SessionId::BROKER`].
     pub origin: SessionId,
+    /// Its bytes are its own: no slice of a connection's read buffer (see
+    /// [`Message::detached`]).
+    pub owned: bool,
 }
 
 impl Message {
@@ -40,6 +44,7 @@ impl Message {
             props,
             expires_at,
             origin,
+            owned: false,
         }
     }
 
@@ -66,6 +71,7 @@ impl Message {
             props,
             expires_at,
             origin,
+            owned: false,
         }
     }
 
@@ -79,6 +85,46 @@ impl Message {
             props: PublishProperties::default(),
             expires_at: None,
             origin: SessionId::BROKER,
+            owned: true,
+        }
+    }
+
+    /// A copy that owns its bytes. A decoded message's topic, payload and properties are
+    /// slices of its connection's read buffer, so keeping it past delivery (retained, queued
+    /// for an offline session) would keep that whole buffer chunk alive.
+    pub fn detached(&self) -> Message {
+        let p = &self.props;
+        Message {
+            topic: self.topic.detached(),
+            payload: Bytes::copy_from_slice(&self.payload),
+            qos: self.qos,
+            retain: self.retain,
+            props: PublishProperties {
+                payload_format_indicator: p.payload_format_indicator,
+                message_expiry_interval: p.message_expiry_interval,
+                topic_alias: None,
+                response_topic: p.response_topic.as_ref().map(MqttStr::detached),
+                correlation_data: p.correlation_data.as_deref().map(Bytes::copy_from_slice),
+                user_properties: p
+                    .user_properties
+                    .iter()
+                    .map(|(k, v)| (k.detached(), v.detached()))
+                    .collect(),
+                subscription_identifiers: Vec::new(),
+                content_type: p.content_type.as_ref().map(MqttStr::detached),
+            },
+            expires_at: self.expires_at,
+            origin: self.origin,
+            owned: true,
+        }
+    }
+
+    /// The message itself if it owns its bytes, else a [`Message::detached`] copy: what is
+    /// kept past delivery.
+    pub fn kept(msg: &Arc<Message>) -> Arc<Message> {
+        match msg.owned {
+            true => msg.clone(),
+            false => Arc::new(msg.detached()),
         }
     }
 
@@ -96,8 +142,8 @@ impl Message {
     }
 
     #[cfg(test)]
-    pub fn for_test(topic: &str, payload: &'static [u8]) -> std::sync::Arc<Message> {
-        std::sync::Arc::new(Message::broker(
+    pub fn for_test(topic: &str, payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message::broker(
             MqttStr::new(topic).expect("test topic"),
             Bytes::from_static(payload),
             true,

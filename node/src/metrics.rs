@@ -18,6 +18,7 @@ pub struct Metrics {
     pub sessions: IntGauge,
     pub subscriptions: IntGauge,
     pub retained: IntGauge,
+    pub retained_bytes: IntGauge,
     pub takeovers: IntCounter,
     pub wills_published: IntCounter,
     pub auth_failures: IntCounterVec,
@@ -82,6 +83,11 @@ impl Metrics {
             sessions: gauge(&r, "petrel_sessions", "Sessions held (connected or not)"),
             subscriptions: gauge(&r, "petrel_subscriptions", "Subscriptions held"),
             retained: gauge(&r, "petrel_retained_messages", "Retained messages held"),
+            retained_bytes: gauge(
+                &r,
+                "petrel_retained_bytes",
+                "Topic and payload bytes of the retained messages held",
+            ),
             takeovers: counter(&r, "petrel_session_takeovers_total", "Connections closed by a newer connection with the same client id"),
             wills_published: counter(&r, "petrel_wills_published_total", "Will messages published"),
             auth_failures: counter_vec(

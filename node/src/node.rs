@@ -85,6 +85,7 @@ impl Node {
             queued = recovered.queued,
             retained = recovered.retained,
             wills = recovered.wills,
+            wills_of_crash = recovered.wills_of_crash,
             expired = recovered.expired,
             orphans = recovered.orphans,
             path = %store.path().display(),

@@ -187,6 +187,11 @@ impl RawClient {
         }
     }
 
+    /// The socket itself, for tests that write past what the broker reads.
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
     /// Half-closes the connection (sends FIN) and keeps reading possible.
     pub async fn shutdown_write(&mut self) {
         let _ = self.stream.shutdown().await;

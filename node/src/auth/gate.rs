@@ -108,6 +108,12 @@ impl AuthGate {
         })
     }
 
+    /// Changes whenever a reloaded ACL takes effect: a subscription decided under another
+    /// generation checks each message at delivery (see `router::Subscriber::acl_gen`).
+    pub fn acl_generation(&self) -> u64 {
+        self.acl.as_ref().map_or(0, |a| a.generation())
+    }
+
     pub fn may_receive(&self, ctx: &ClientCtx<'_>, topic: &str) -> bool {
         self.acl
             .as_ref()

@@ -5,6 +5,7 @@
 //! reported once per change of the file.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -21,6 +22,9 @@ pub struct Reloadable<T> {
     path: PathBuf,
     loader: Loader<T>,
     current: RwLock<Arc<T>>,
+    /// How many times a new value replaced the first one: decisions taken from an older
+    /// value are stale.
+    generation: AtomicU64,
     /// Metadata seen at the last load attempt; `None` if the file could not be examined.
     seen: Mutex<Option<Stamp>>,
 }
@@ -45,6 +49,7 @@ where
             path,
             loader,
             current: RwLock::new(Arc::new(value)),
+            generation: AtomicU64::new(0),
             seen: Mutex::new(seen),
         })
     }
@@ -62,6 +67,11 @@ where
                 .read()
                 .unwrap_or_else(|poison| poison.into_inner()),
         )
+    }
+
+    /// Bumped by every reload that put a new value in use.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Reloads if the file's metadata changed since the last attempt: `Ok(true)` if a new value
@@ -97,6 +107,7 @@ where
             .current
             .write()
             .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(value);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(true)
     }
 

@@ -119,6 +119,11 @@ impl MqttStr {
         MqttStr(Bytes::from_static(s.as_bytes()))
     }
 
+    /// A copy in an allocation of its own (no longer a slice of a read buffer).
+    pub fn detached(&self) -> MqttStr {
+        MqttStr(Bytes::copy_from_slice(&self.0))
+    }
+
     pub fn as_str(&self) -> &str {
         // SAFETY: every constructor validated the bytes as UTF-8 and they are immutable.
         #[allow(unsafe_code)]

@@ -31,6 +31,9 @@ pub(super) const HIGH_WATER: usize = 64 * 1024;
 /// double up to `READ_MAX` while they fill the buffer.
 const READ_MIN: usize = 64;
 const READ_MAX: usize = 64 * 1024;
+/// Stop reading from a client while this much is waiting to be written to it: a client
+/// that never reads (its acknowledgements, pings, messages) cannot make us buffer more.
+const OUT_MAX: usize = 4 * HIGH_WATER;
 /// Write buffer reserved when a batch of messages starts going out.
 pub(super) const WRITE_RESERVE: usize = 16 * 1024;
 /// How long a closing connection may spend flushing its last bytes.
@@ -73,6 +76,12 @@ pub(super) struct Conn {
     pub aliases: Option<Box<Aliases>>,
     /// Acknowledgements waiting for their store writes, in the order they must be sent.
     pub pending_acks: VecDeque<(Ticket, Packet)>,
+    /// PUBACKs in `pending_acks`: inbound QoS 1 messages the client has no answer to yet,
+    /// counted against the server's Receive Maximum with the inbound QoS 2 ones.
+    pub pending_pubacks: usize,
+    /// A 3.x client reached the Receive Maximum with QoS 1: reading waits until the store
+    /// releases acknowledgements (3.x has no way to be told; v5 gets DISCONNECT 0x93).
+    pub inbound_full: bool,
     /// Nothing in `out` may reach the socket before this ticket is durable.
     pub write_barrier: Ticket,
     /// `limits.max_publish_rate_per_client`, when set.
@@ -159,6 +168,8 @@ impl Conn {
             problem_info: props.request_problem_information.unwrap_or(true),
             queue_pending: true,
             pending_acks: VecDeque::new(),
+            pending_pubacks: 0,
+            inbound_full: false,
             write_barrier: Ticket::default(),
             durable_acks: broker.cfg.storage.durable_acks,
             rate: {
@@ -212,6 +223,7 @@ impl Conn {
         let wait = self.durable_acks
             && ticket.is_some_and(|t| t > self.broker.store.committed_now().ticket);
         if wait || !self.pending_acks.is_empty() {
+            self.pending_pubacks += matches!(ack, Packet::PubAck(_)) as usize;
             self.pending_acks
                 .push_back((ticket.unwrap_or_default(), ack));
         } else {
@@ -231,6 +243,7 @@ impl Conn {
             .is_some_and(|(t, _)| *t <= c.ticket)
         {
             let (_, ack) = self.pending_acks.pop_front().expect("front exists");
+            self.pending_pubacks -= matches!(ack, Packet::PubAck(_)) as usize;
             self.send(&ack);
         }
         Ok(())
@@ -284,7 +297,10 @@ impl Conn {
                 continue;
             }
             let can_write = !self.out.is_empty() && barrier_open;
-            let reading = self.throttled_until().is_none() && self.backpressure.is_none();
+            let reading = self.throttled_until().is_none()
+                && self.backpressure.is_none()
+                && !self.inbound_full
+                && self.out.len() < OUT_MAX;
             // Boxed and built only while paused: every branch's future is part of this
             // connection's state, and most connections never pause.
             let mut paused = self.pause_future(drained_below);
@@ -357,6 +373,13 @@ impl Conn {
                     if let Err(e) = self.release_acks() {
                         return Exit::Error(e);
                     }
+                    if self.inbound_full {
+                        // Acknowledgements went out: the PUBLISHes read but held go on.
+                        self.inbound_full = false;
+                        if let Some(exit) = self.decode_all(&mut rbuf, max_in) {
+                            return exit;
+                        }
+                    }
                 }
                 _ = &mut sleep, if ka_on => {
                     let deadline = last_seen + ka_limit;
@@ -401,7 +424,10 @@ impl Conn {
     /// `throttled_until`, leaving the rest in the buffer.
     fn decode_all(&mut self, rbuf: &mut BytesMut, max_in: u32) -> Option<Exit> {
         loop {
-            if self.backpressure.is_some() || self.must_wait_for_token(rbuf) {
+            if self.backpressure.is_some()
+                || self.must_wait_for_token(rbuf)
+                || self.must_wait_for_acks(rbuf)
+            {
                 return None;
             }
             match decode_packet(rbuf, self.protocol, max_in) {
@@ -414,6 +440,28 @@ impl Conn {
                 Err(e) => return Some(Exit::Error(e.into())),
             }
         }
+    }
+
+    /// Inbound QoS 1/2 messages the client has no final answer to (PUBACK not sent yet,
+    /// PUBREL not received yet): bounded by the server's Receive Maximum.
+    pub fn inbound_unacked(&self) -> usize {
+        self.pending_pubacks + self.state.inbound_qos2.len()
+    }
+
+    /// 3.x: before a QoS 1 PUBLISH past the Receive Maximum, stop until the store releases
+    /// acknowledgements (v5 clients are told with DISCONNECT 0x93 instead, in `on_publish`).
+    fn must_wait_for_acks(&mut self, rbuf: &[u8]) -> bool {
+        const PUBLISH_QOS1: u8 = 0x32;
+        if self.v5()
+            || self.pending_pubacks == 0
+            || rbuf.first().is_none_or(|b| b & 0xf6 != PUBLISH_QOS1)
+            || self.inbound_unacked() < self.broker.cfg.mqtt.receive_maximum as usize
+        {
+            return false;
+        }
+        self.inbound_full = true;
+        self.broker.metrics.limit_hit("receive_maximum");
+        true
     }
 
     fn must_wait_for_token(&mut self, rbuf: &[u8]) -> bool {
@@ -472,8 +520,13 @@ impl Conn {
         })
         .await;
         let now = Instant::now();
+        let will = self.will.take();
+        if !publish_will && will.is_some() {
+            // Stored at CONNECT (`Broker::arm_will`); this end does not publish it.
+            self.broker.disarm_will(&self.client_id);
+        }
         if publish_will {
-            if let Some(w) = self.will.take() {
+            if let Some(w) = will {
                 let delay = if self.v5() {
                     w.properties
                         .will_delay_interval

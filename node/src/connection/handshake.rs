@@ -193,6 +193,15 @@ where
             return None;
         }
     };
+    if let Some(w) = &connect.will {
+        // Stored now, not at the disconnect: if the node dies under this connection, the
+        // restarted node still publishes it.
+        let delay = match protocol.is_v5() {
+            true => w.properties.will_delay_interval.unwrap_or(0),
+            false => 0,
+        };
+        broker.arm_will(&accepted.client_id, w, delay);
+    }
     tracing::debug!(client_id = %accepted.client_id, %protocol, present, "connected");
     let connack = connack(&connect, broker, &accepted, present);
     let mut out = BytesMut::new();
@@ -374,6 +383,10 @@ fn accept(c: &Connect, broker: &Broker) -> Result<Accepted, ReasonCode> {
 
 /// Claims the client id: takes over a connected session, resumes or replaces it.
 /// This is the seam where the cluster's Raft claim (a new epoch) plugs in.
+///
+/// Claims of one client id take turns (`lock_claim`), so each sees the outcome of the one
+/// before; the registry's compare-and-set in `create` keeps one session per client id even
+/// against the timer task ending sessions meanwhile.
 async fn claim(
     broker: &Broker,
     client_id: &Arc<str>,
@@ -381,12 +394,13 @@ async fn claim(
     expiry: u32,
     conn_id: u64,
 ) -> Result<(Arc<Session>, Box<SessionState>, bool), ReasonCode> {
+    let guard = broker.sessions.lock_claim(client_id).await;
     for _ in 0..3 {
         let existing = broker.sessions.get(client_id);
         if let Some(old) = &existing {
             if old.kick(Kick::TakenOver) {
                 broker.metrics.takeovers.inc();
-                tracing::info!(%client_id, "session taken over");
+                tracing::info!(%client_id, epoch = %old.epoch(), "session taken over");
                 if !old.wait_released(TAKEOVER_TIMEOUT).await {
                     return Err(ReasonCode::SERVER_BUSY);
                 }
@@ -399,18 +413,20 @@ async fn claim(
                 (old, true)
             }
             old => {
-                if let Some(old) = old {
-                    if !old.is_ended() {
-                        let (state, _) = old.end();
-                        broker.end_session(&old, state);
-                    }
+                let expected = old.as_ref().map(|s| s.id());
+                let Some((session, replaced)) =
+                    broker.sessions.create(client_id.clone(), expiry, expected)
+                else {
+                    continue;
+                };
+                match replaced {
+                    Some(old) => broker.replace_session(&old),
+                    None => broker.metrics.sessions.inc(),
                 }
-                let (session, _) = broker.sessions.create(client_id.clone(), expiry);
-                broker.metrics.sessions.inc();
                 (session, false)
             }
         };
-        if let Some(state) = session.attach(conn_id) {
+        if let Some(state) = session.attach(conn_id, guard.epoch()) {
             persist_claim(broker, &session, expiry);
             return Ok((session, state, present));
         }

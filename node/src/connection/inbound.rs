@@ -16,7 +16,7 @@ use crate::config::PublishRatePolicy;
 use crate::limit;
 use crate::message::Message;
 use crate::persist::{self, value};
-use crate::router::topic;
+use crate::router::{topic, AclStamp};
 use crate::session::{Delivery, Stage, StoredSubscription, SubIds};
 
 impl Conn {
@@ -172,6 +172,17 @@ impl Conn {
             self.ack(&p, rc, Some("not authorized"));
             return Ok(());
         }
+        if p.retain {
+            if let Some(limit) = self.broker.retained_over_limit_of(&p.topic, &p.payload) {
+                if self.v5() && p.qos != QoS::AtMostOnce {
+                    // Refused whole: the publisher learns nothing happened.
+                    self.ack(&p, ReasonCode::QUOTA_EXCEEDED, Some(limit));
+                    return Ok(());
+                }
+                // 3.x (and QoS 0) cannot be told: delivered, not retained.
+                p.retain = false;
+            }
+        }
         if p.qos == QoS::ExactlyOnce {
             let id = p.packet_id.expect("qos 2 has a packet id").get();
             if self.state.inbound_qos2.contains(&id) {
@@ -179,10 +190,15 @@ impl Conn {
                 self.ack(&p, ReasonCode::SUCCESS, None);
                 return Ok(());
             }
-            if self.state.inbound_qos2.len() >= cfg.mqtt.receive_maximum as usize {
+            if self.inbound_unacked() >= cfg.mqtt.receive_maximum as usize {
                 return Err(ConnError::ReceiveMaximumExceeded);
             }
             self.state.inbound_qos2.insert(id);
+        } else if p.qos == QoS::AtLeastOnce
+            && self.inbound_unacked() >= cfg.mqtt.receive_maximum as usize
+        {
+            // Only a v5 client gets here (`must_wait_for_acks` holds 3.x ones back).
+            return Err(ConnError::ReceiveMaximumExceeded);
         }
         let packet_id = p.packet_id;
         let qos = p.qos;
@@ -309,6 +325,8 @@ impl Conn {
             if v5 && parsed.group.is_some() && asked.no_local {
                 return Err(ConnError::Protocol("no local on a shared subscription"));
             }
+            // Read before deciding: a reload in between makes this decision stale, not fresh.
+            let acl_gen = self.broker.auth.acl_generation();
             let acl_filtered = match self
                 .broker
                 .auth
@@ -328,9 +346,13 @@ impl Conn {
             };
             let mut options = *asked;
             options.qos = asked.qos.min(max_qos);
-            let existed =
-                self.broker
-                    .subscribe(&self.session, &parsed, options, sub_id, acl_filtered);
+            let acl = AclStamp {
+                filtered: acl_filtered,
+                generation: acl_gen,
+            };
+            let existed = self
+                .broker
+                .subscribe(&self.session, &parsed, options, sub_id, acl);
             self.state.subscriptions.insert(
                 raw.clone(),
                 StoredSubscription {
@@ -365,6 +387,7 @@ impl Conn {
                         subscription_ids: ids,
                         seq: 0,
                         acl_check: acl_filtered,
+                        acl_gen: acl_gen as u32,
                     });
                 }
             }
@@ -375,9 +398,9 @@ impl Conn {
             properties,
             reason_codes: codes,
         }));
-        for d in retained {
-            self.broker.enqueue(&self.session, d);
-        }
+        // Paced by the in-flight window ahead of the queue (`Conn::pump`), not pushed through
+        // the bounded queue.
+        self.state.retained_backlog.extend(retained);
         self.queue_pending = true;
         Ok(())
     }

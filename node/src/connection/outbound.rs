@@ -14,6 +14,11 @@ const BATCH: usize = 256;
 impl Conn {
     /// Moves queued messages into the write buffer while the window and buffer allow.
     pub(super) fn pump(&mut self) {
+        if !self.state.retained_backlog.is_empty() && !self.pump_retained() {
+            // Retained messages from a SUBSCRIBE go first; the queue waits behind them (order
+            // per session stays total). An ack or a write brings us back.
+            return;
+        }
         let mut batch = BATCH_SCRATCH.take();
         loop {
             let window = self.out_window.saturating_sub(self.state.inflight.len());
@@ -40,6 +45,29 @@ impl Conn {
         BATCH_SCRATCH.set(batch);
     }
 
+    /// Sends retained messages owed to a SUBSCRIBE while the window and the write buffer
+    /// allow. Returns whether they are all out.
+    fn pump_retained(&mut self) -> bool {
+        let now = Instant::now();
+        while let Some(front) = self.state.retained_backlog.front() {
+            let window_full =
+                front.qos != QoS::AtMostOnce && self.state.inflight.len() >= self.out_window;
+            if window_full || self.out.len() >= HIGH_WATER {
+                return false;
+            }
+            if self.out.capacity() - self.out.len() < 1024 {
+                self.out.reserve(WRITE_RESERVE);
+            }
+            let d = self
+                .state
+                .retained_backlog
+                .pop_front()
+                .expect("front exists");
+            self.deliver(d, now);
+        }
+        true
+    }
+
     fn deliver(&mut self, d: Delivery, now: Instant) {
         let metrics = &self.broker.metrics;
         if d.msg.is_expired(now) {
@@ -47,7 +75,10 @@ impl Conn {
             self.forget_stored(d.seq);
             return;
         }
-        if d.acl_check && !self.broker.auth.may_receive(&self.acl_ctx(), &d.msg.topic) {
+        let acl_moved = || d.acl_gen != self.broker.auth.acl_generation() as u32;
+        if (d.acl_check || acl_moved())
+            && !self.broker.auth.may_receive(&self.acl_ctx(), &d.msg.topic)
+        {
             metrics.acl_denied.with_label_values(&["receive"]).inc();
             return;
         }

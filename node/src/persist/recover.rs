@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use petrel_storage::{keys, Cf, Store};
 
-use super::value::{self, Clock};
+use super::value::{self, Clock, StoredWill};
 use crate::broker::Broker;
 use crate::codec::MqttStr;
-use crate::router::topic;
+use crate::router::{topic, AclStamp};
 use crate::session::{Delivery, Inflight, Session, SessionState, Stage, StoredSubscription};
 
 /// What was found, for the start-up log line.
@@ -25,6 +25,8 @@ pub struct Recovered {
     pub queued: usize,
     pub retained: usize,
     pub wills: usize,
+    /// Wills of clients that were connected when the node died, published or scheduled now.
+    pub wills_of_crash: usize,
     pub expired: usize,
     pub orphans: usize,
 }
@@ -169,7 +171,15 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
         broker.metrics.sessions.inc();
         for (filter, sub) in filters {
             if let Ok(parsed) = topic::parse_filter(&filter, max_levels) {
-                broker.subscribe(&session, &parsed, sub.options, sub.subscription_id, false);
+                // The ACL may have changed while the node was down, and the next connection
+                // may be another user's: every message is checked at delivery.
+                broker.subscribe(
+                    &session,
+                    &parsed,
+                    sub.options,
+                    sub.subscription_id,
+                    AclStamp::UNDECIDED,
+                );
             }
         }
         session.set_offline_until(expires_at);
@@ -195,17 +205,36 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
     }
     for row in store.scan(Cf::Wills) {
         let (k, v) = row?;
-        let (Ok(client_id), Some((msg, due))) =
-            (std::str::from_utf8(&k), value::parse_will(&v, &clock))
-        else {
+        let (Ok(client_id), Some(will)) = (
+            std::str::from_utf8(&k),
+            value::parse_stored_will(&v, &clock),
+        ) else {
             continue;
         };
-        let session_id = broker
-            .sessions
-            .get(client_id)
+        let client_id: Arc<str> = client_id.into();
+        let session = broker.sessions.get(&client_id);
+        let session_id = session
+            .as_ref()
             .map(|s| s.id())
             .unwrap_or(crate::session::SessionId::BROKER);
-        broker.restore_will(client_id.into(), session_id, msg, due);
+        match will {
+            StoredWill::Pending { msg, due } => {
+                broker.restore_will(client_id, session_id, msg, due)
+            }
+            StoredWill::Armed { msg, delay_secs } => {
+                // The client was connected when the node died: its connection is gone, so
+                // the will is due now, or after its delay (capped by the session expiry; a
+                // session that was not stored ended with the node), counted from the restart.
+                let delay = session.map_or(0, |s| delay_secs.min(s.expiry_secs()));
+                r.wills_of_crash += 1;
+                broker.schedule_will(
+                    &client_id,
+                    session_id,
+                    msg,
+                    Duration::from_secs(u64::from(delay)),
+                );
+            }
+        }
         r.wills += 1;
     }
     Ok(r)

@@ -100,6 +100,8 @@ pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
     }
     let (qos, retain) = (p.qos, p.retain);
     let mut msg = Message::from_publish(p, SessionId::BROKER, clock.now);
+    // Decoded from a buffer of its own (the stored value's copy).
+    msg.owned = true;
     msg.expires_at = (expires_ms != 0).then(|| clock.to_instant(expires_ms));
     Some(Delivery {
         msg: Arc::new(msg),
@@ -107,7 +109,9 @@ pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
         retain,
         subscription_ids: ids,
         seq: 0,
-        acl_check: false,
+        // Decided before the node stopped (the ACL may have changed since): checked again.
+        acl_check: true,
+        acl_gen: 0,
     })
 }
 
@@ -179,6 +183,45 @@ pub fn parse_inflight(mut b: &[u8]) -> Option<(PacketId, Stage)> {
     Some((id, stage))
 }
 
+/// Record kind of an armed will (its client is connected): kept apart from [`VERSION`] so a
+/// reader of either kind never mistakes the other for its own.
+const ARMED_WILL: u8 = 2;
+
+/// What the `wills` column family holds for a client id.
+#[derive(Debug)]
+pub enum StoredWill {
+    /// The client went away; the will is published at `due` unless it comes back.
+    Pending { msg: Message, due: Instant },
+    /// The client was connected: if this is found at start, the node died under it, and the
+    /// will is published after `delay_secs` (the v5 will delay, capped by the session expiry).
+    Armed { msg: Message, delay_secs: u32 },
+}
+
+/// Armed will, written when the client connects: kind, will delay, then the message.
+pub fn armed_will(msg: &Message, delay_secs: u32, clock: &Clock) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64 + msg.payload.len());
+    v.push(ARMED_WILL);
+    v.extend_from_slice(&delay_secs.to_be_bytes());
+    v.extend_from_slice(&message(msg, msg.qos, msg.retain, &[], clock));
+    v
+}
+
+/// Reads either kind of will record.
+pub fn parse_stored_will(b: &[u8], clock: &Clock) -> Option<StoredWill> {
+    match b.first() {
+        Some(&ARMED_WILL) if b.len() >= 5 => {
+            let delay_secs = u32::from_be_bytes(b[1..5].try_into().ok()?);
+            let d = delivery(&b[5..], clock)?;
+            let msg = Arc::try_unwrap(d.msg).ok()?;
+            Some(StoredWill::Armed { msg, delay_secs })
+        }
+        _ => {
+            let (msg, due) = parse_will(b, clock)?;
+            Some(StoredWill::Pending { msg, due })
+        }
+    }
+}
+
 /// Pending will: version, when it is due, then the message.
 pub fn will(msg: &Message, due: Instant, clock: &Clock) -> Vec<u8> {
     let mut v = Vec::with_capacity(64 + msg.payload.len());
@@ -219,6 +262,7 @@ mod tests {
             props,
             expires_at: Some(clock.now + Duration::from_secs(30)),
             origin: SessionId(7),
+            owned: true,
         };
         let bytes = message(&msg, QoS::AtLeastOnce, false, &[3, 9], &clock);
         let d = delivery(&bytes, &clock).expect("decodes");
@@ -231,6 +275,40 @@ mod tests {
         assert_eq!(d.msg.props.user_properties, msg.props.user_properties);
         let left = d.msg.remaining_expiry(clock.now).expect("expiry kept");
         assert!((29..=30).contains(&left), "{left}");
+    }
+
+    #[test]
+    fn both_will_kinds_round_trip() {
+        let clock = Clock::now();
+        let msg = Message {
+            topic: MqttStr::from_static("dev/1/status"),
+            payload: bytes::Bytes::from_static(b"offline"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            props: PublishProperties::default(),
+            expires_at: None,
+            origin: SessionId(3),
+            owned: true,
+        };
+        match parse_stored_will(&armed_will(&msg, 30, &clock), &clock) {
+            Some(StoredWill::Armed { msg: m, delay_secs }) => {
+                assert_eq!(delay_secs, 30);
+                assert_eq!(
+                    (m.topic.as_str(), &m.payload[..]),
+                    ("dev/1/status", &b"offline"[..])
+                );
+                assert!(m.retain);
+            }
+            other => panic!("armed will read back as {other:?}"),
+        }
+        let due = clock.now + Duration::from_secs(5);
+        match parse_stored_will(&will(&msg, due, &clock), &clock) {
+            Some(StoredWill::Pending { msg: m, due: d }) => {
+                assert_eq!(m.topic.as_str(), "dev/1/status");
+                assert!(d.saturating_duration_since(due) < Duration::from_millis(2));
+            }
+            other => panic!("pending will read back as {other:?}"),
+        }
     }
 
     #[test]

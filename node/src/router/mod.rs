@@ -9,6 +9,6 @@ pub mod retained;
 pub mod topic;
 pub mod trie;
 
-pub use retained::RetainedStore;
+pub use retained::{RetainedLimits, RetainedStore};
 pub use topic::{FilterError, ParsedFilter};
-pub use trie::{Match, Subscriber, SubscriptionTrie};
+pub use trie::{AclStamp, Match, Subscriber, SubscriptionTrie};

@@ -22,6 +22,26 @@ impl Node {
 pub struct RetainedStore {
     root: Node,
     count: usize,
+    /// Topic and payload bytes of the messages held ([`weight`]).
+    bytes: usize,
+    /// Count and bytes of the node's own `$SYS` topics, which no cap applies to.
+    sys: (usize, usize),
+}
+
+fn is_sys(topic: &str) -> bool {
+    topic.starts_with("$SYS/")
+}
+
+/// What a retained message weighs against `limits.max_retained_bytes`.
+pub fn weight(msg: &Message) -> usize {
+    msg.topic.len() + msg.payload.len()
+}
+
+/// Caps on what the store holds; 0: no cap.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RetainedLimits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
 }
 
 impl RetainedStore {
@@ -36,19 +56,50 @@ impl RetainedStore {
         for level in topic.split('/') {
             node = node.children.entry(level.into()).or_default();
         }
-        if node.message.replace(msg).is_none() {
-            self.count += 1;
+        let (w, sys) = (weight(&msg), is_sys(&topic));
+        let old = node.message.replace(msg);
+        let old_w = old.as_deref().map_or(0, weight);
+        self.bytes = self.bytes + w - old_w;
+        self.count += old.is_none() as usize;
+        if sys {
+            self.sys.0 += old.is_none() as usize;
+            self.sys.1 = self.sys.1 + w - old_w;
         }
     }
 
+    /// Which cap retaining `payload_len` bytes under `topic` would break, if any (clearing
+    /// never breaks one).
+    pub fn over_limit(
+        &self,
+        topic: &str,
+        payload_len: usize,
+        limits: RetainedLimits,
+    ) -> Option<&'static str> {
+        if payload_len == 0 || is_sys(topic) {
+            return None;
+        }
+        let (count, bytes) = (self.count - self.sys.0, self.bytes - self.sys.1);
+        let old = self.get(topic);
+        if old.is_none() && limits.max_messages > 0 && count >= limits.max_messages {
+            return Some("max_retained_messages");
+        }
+        let old = old.map_or(0, |m| weight(m));
+        if limits.max_bytes > 0 && bytes - old + topic.len() + payload_len > limits.max_bytes {
+            return Some("max_retained_bytes");
+        }
+        None
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn remove(&mut self, topic: &str) -> bool {
-        fn rm<'a>(node: &mut Node, mut levels: impl Iterator<Item = &'a str>) -> bool {
+        fn rm<'a>(node: &mut Node, mut levels: impl Iterator<Item = &'a str>) -> Option<usize> {
             match levels.next() {
-                None => node.message.take().is_some(),
+                None => node.message.take().map(|m| weight(&m)),
                 Some(l) => {
-                    let Some(child) = node.children.get_mut(l) else {
-                        return false;
-                    };
+                    let child = node.children.get_mut(l)?;
                     let found = rm(child, levels);
                     if child.is_empty() {
                         node.children.remove(l);
@@ -57,11 +108,16 @@ impl RetainedStore {
                 }
             }
         }
-        let found = rm(&mut self.root, topic.split('/'));
-        if found {
-            self.count -= 1;
+        let Some(w) = rm(&mut self.root, topic.split('/')) else {
+            return false;
+        };
+        self.count -= 1;
+        self.bytes -= w;
+        if is_sys(topic) {
+            self.sys.0 -= 1;
+            self.sys.1 -= w;
         }
-        found
+        true
     }
 
     pub fn get(&self, topic: &str) -> Option<&Arc<Message>> {
@@ -158,5 +214,41 @@ mod tests {
         assert_eq!(s.len(), 4);
         assert!(s.get("a/b").is_none());
         assert_eq!(topics(&s, "a/+/c"), vec!["a/b/c"]);
+    }
+
+    #[test]
+    fn quota_counts_new_topics_and_bytes() {
+        let mut s = RetainedStore::default();
+        let limits = RetainedLimits {
+            max_messages: 2,
+            max_bytes: 20,
+        };
+        s.set(Message::for_test("a", b"12345"));
+        s.set(Message::for_test("b", b"12345"));
+        assert_eq!((s.len(), s.bytes()), (2, 12));
+        let c = Message::for_test("c", b"1");
+        assert_eq!(
+            s.over_limit(&c.topic, c.payload.len(), limits),
+            Some("max_retained_messages")
+        );
+        // Replacing is not a new topic; only its bytes count, net of the old ones.
+        let a = Message::for_test("a", b"1234567890");
+        assert_eq!(s.over_limit(&a.topic, a.payload.len(), limits), None);
+        let a = Message::for_test("a", b"123456789012345");
+        assert_eq!(
+            s.over_limit(&a.topic, a.payload.len(), limits),
+            Some("max_retained_bytes")
+        );
+        assert_eq!(s.over_limit("c", 0, limits), None);
+        s.set(Message::for_test("a", b""));
+        assert_eq!((s.len(), s.bytes()), (1, 6));
+        assert_eq!(s.over_limit(&c.topic, c.payload.len(), limits), None);
+        // The node's own $SYS topics count in the totals but not against the caps.
+        s.set(Message::for_test("$SYS/broker/uptime", b"1 seconds"));
+        s.set(Message::for_test("$SYS/broker/version", b"petrel"));
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.over_limit(&c.topic, c.payload.len(), limits), None);
+        s.set(Message::for_test("$SYS/broker/uptime", b""));
+        assert_eq!((s.len(), s.bytes()), (2, 6 + 19 + 6));
     }
 }

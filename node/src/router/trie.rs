@@ -19,7 +19,36 @@ pub struct Subscriber {
     pub subscription_id: Option<u32>,
     /// The ACL allows part of what the filter matches: check each message before delivery.
     pub acl_filtered: bool,
+    /// The ACL generation the decision was taken under ([`ACL_UNDECIDED`] for subscriptions
+    /// recovered from the store): after a reload, each message is checked.
+    pub acl_gen: u64,
 }
+
+/// The ACL's word on a subscription, and the ACL generation it was given under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AclStamp {
+    /// Allowed in part: each message is checked at delivery.
+    pub filtered: bool,
+    pub generation: u64,
+}
+
+impl AclStamp {
+    /// Not decided (a subscription recovered from the store): every message is checked.
+    pub const UNDECIDED: AclStamp = AclStamp {
+        filtered: true,
+        generation: ACL_UNDECIDED,
+    };
+
+    /// Whether a message matched under this stamp must be checked when the ACL is at
+    /// `current`.
+    pub fn must_check(filtered: bool, generation: u64, current: u64) -> bool {
+        filtered || generation != current
+    }
+}
+
+/// `acl_gen` of a subscription whose ACL decision is not known (recovered at start): every
+/// message is checked at delivery, with the identity of the connection that receives it.
+pub const ACL_UNDECIDED: u64 = u64::MAX;
 
 /// A subscriber selected for one publish.
 #[derive(Clone)]
@@ -31,6 +60,7 @@ pub struct Match {
     pub subscription_id: Option<u32>,
     pub shared: bool,
     pub acl_filtered: bool,
+    pub acl_gen: u64,
 }
 
 #[derive(Default)]
@@ -61,6 +91,7 @@ impl Node {
                 subscription_id: s.subscription_id,
                 shared: false,
                 acl_filtered: s.acl_filtered,
+                acl_gen: s.acl_gen,
             });
         }
         for g in &self.shared {
@@ -73,6 +104,7 @@ impl Node {
                     subscription_id: s.subscription_id,
                     shared: true,
                     acl_filtered: s.acl_filtered,
+                    acl_gen: s.acl_gen,
                 });
             }
         }
@@ -233,6 +265,7 @@ mod tests {
             },
             subscription_id: None,
             acl_filtered: false,
+            acl_gen: 0,
         }
     }
 

@@ -14,6 +14,6 @@ mod session;
 mod state;
 
 pub use queue::{Delivery, DropReason, Enqueued, QueueLimits, SubIds};
-pub use registry::SessionRegistry;
+pub use registry::{ClaimGuard, Epoch, SessionRegistry};
 pub use session::{Kick, Session, SessionId};
 pub use state::{Inflight, SessionState, Stage, StoredSubscription};

@@ -56,6 +56,9 @@ pub struct Delivery {
     pub seq: u64,
     /// The ACL must allow this topic for the receiving client before it is sent.
     pub acl_check: bool,
+    /// The ACL generation (truncated) when it was routed: after a reload, it is checked
+    /// against the new ACL before it is sent. Sits in what would be padding.
+    pub acl_gen: u32,
 }
 
 impl Delivery {
@@ -183,6 +186,7 @@ mod tests {
             props: Default::default(),
             expires_at: None,
             origin: SessionId::BROKER,
+            owned: true,
         };
         Delivery {
             msg: Arc::new(msg),
@@ -191,6 +195,7 @@ mod tests {
             subscription_ids: SubIds::None,
             seq: 0,
             acl_check: false,
+            acl_gen: 0,
         }
     }
 

@@ -1,8 +1,8 @@
 //! The shared half of a session.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -13,8 +13,10 @@ use tokio::sync::Notify;
 use petrel_storage::{keys, Cf, Txn};
 
 use super::queue::{self, Delivery, DropReason, Enqueued, Plan, QueueLimits};
+use super::registry::Epoch;
 use super::state::SessionState;
 use crate::codec::QoS;
+use crate::message::Message;
 
 /// Identifies one incarnation of a session (a clean start makes a new one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,6 +77,8 @@ pub struct Session {
     id: SessionId,
     client_id: Arc<str>,
     connected: AtomicBool,
+    /// The epoch of the claim that attached the current (or last) connection.
+    epoch: AtomicU64,
     /// Whether the session is stored (its expiry interval is above 0).
     persistent: AtomicBool,
     /// Wakes the owning connection when the queue gains a message or it is kicked: a flag
@@ -102,6 +106,7 @@ impl Session {
             id,
             client_id,
             connected: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             persistent: AtomicBool::new(false),
             wake: AtomicWaker::new(),
             woken: AtomicBool::new(false),
@@ -164,6 +169,11 @@ impl Session {
 
     pub fn client_id(&self) -> &Arc<str> {
         &self.client_id
+    }
+
+    /// The epoch of the claim that attached the current (or last) connection.
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.epoch.load(Ordering::Acquire))
     }
 
     pub fn is_connected(&self) -> bool {
@@ -322,12 +332,13 @@ impl Session {
 
     /// Attaches a connection and hands it the parked state. `None` if another connection
     /// still holds the session or it has ended.
-    pub fn attach(&self, conn_id: u64) -> Option<Box<SessionState>> {
+    pub fn attach(&self, conn_id: u64, epoch: Epoch) -> Option<Box<SessionState>> {
         let mut inner = self.lock();
         if inner.link.is_some() || inner.ended {
             return None;
         }
         let state = inner.state.take()?;
+        self.epoch.store(epoch.0, Ordering::Release);
         inner.link = Some(Link { conn_id });
         inner.expires_at = None;
         self.kicked.store(0, Ordering::Release);
@@ -356,6 +367,20 @@ impl Session {
                 inner.queued_bytes = 0;
                 back = Some(state);
             } else {
+                let mut state = state;
+                // Kept while offline: nothing may pin a read buffer of the closed connection.
+                let mut copies = HashMap::new();
+                let queued = inner.queue.iter_mut();
+                let inflight = state.inflight.iter_mut().map(|f| &mut f.delivery);
+                for d in queued.chain(inflight) {
+                    if !d.msg.owned {
+                        let key = Arc::as_ptr(&d.msg);
+                        d.msg = copies
+                            .entry(key)
+                            .or_insert_with(|| Message::kept(&d.msg))
+                            .clone();
+                    }
+                }
                 inner.state = Some(state);
                 inner.expires_at = expires_at;
             }

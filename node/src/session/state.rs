@@ -36,6 +36,12 @@ pub struct SessionState {
     pub next_packet_id: PacketId,
     /// Inbound QoS 2 packet ids received (and routed) whose PUBREL has not come yet.
     pub inbound_qos2: HashSet<u16>,
+    /// Retained messages a SUBSCRIBE asked for that are not sent yet. They go out ahead of
+    /// the session queue, through the in-flight window as the client acknowledges, and are
+    /// not bound by `max_queued_messages` (which is for live traffic): a new `status/#`
+    /// subscriber gets every device's status, however many. References to the retained
+    /// store's messages, not copies.
+    pub retained_backlog: VecDeque<Delivery>,
 }
 
 impl Default for SessionState {
@@ -45,6 +51,7 @@ impl Default for SessionState {
             inflight: VecDeque::new(),
             next_packet_id: PacketId::new(1).expect("1 is not 0"),
             inbound_qos2: HashSet::new(),
+            retained_backlog: VecDeque::new(),
         }
     }
 }

@@ -52,11 +52,10 @@ async fn print_default_config_is_documented_toml_with_the_defaults() {
         assert_eq!(get("mqtt", "topic_alias_maximum"), i(64));
         assert_eq!(get("mqtt", "max_qos"), i(2));
         assert_eq!(get("mqtt", "retain_available"), toml::Value::Boolean(true));
-        assert_eq!(get("mqtt", "session_expiry_max_secs"), i(4_294_967_295));
-        assert_eq!(
-            get("mqtt", "persistent_session_expiry_secs"),
-            i(4_294_967_295)
-        );
+        // Bounded by default (issue 10): 7 days, 16 MiB queued per session.
+        assert_eq!(get("mqtt", "session_expiry_max_secs"), i(604_800));
+        assert_eq!(get("mqtt", "persistent_session_expiry_secs"), i(604_800));
+        assert_eq!(get("mqtt", "max_queued_bytes"), i(16_777_216));
         assert_eq!(get("mqtt", "sys_interval_secs"), i(10));
         assert_eq!(get("mqtt", "client_id_prefix"), s("petrel-"));
         assert_eq!(get("admin", "enabled"), toml::Value::Boolean(true));
@@ -64,6 +63,9 @@ async fn print_default_config_is_documented_toml_with_the_defaults() {
         assert_eq!(get("storage", "data_dir"), s("./data"));
         assert_eq!(get("limits", "max_connections"), i(100_000));
         assert_eq!(get("limits", "max_topic_levels"), i(128));
+        assert_eq!(get("limits", "max_subscriptions_per_client"), i(10_000));
+        assert_eq!(get("limits", "max_retained_messages"), i(1_000_000));
+        assert_eq!(get("limits", "max_retained_bytes"), i(536_870_912));
         assert_eq!(get("log", "format"), s("text"));
         assert_eq!(get("log", "level"), s("info"));
 

@@ -10,6 +10,7 @@ mod bad_input;
 mod binary;
 mod connect;
 mod durability;
+mod hardening;
 mod qos;
 mod retained;
 mod router;
