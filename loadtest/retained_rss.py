@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """RSS of retained messages, measured from outside (issue 10, point 3).
 
-    python3 loadtest/retained_rss.py [--count N] [--payload BYTES] [--bin PATH]
+    python3 loadtest/retained_rss.py [--count N] [--payload BYTES] [--filler BYTES] [--bin PATH]
 
 Starts a fresh `petrel` on free ports with an empty data directory, then N devices each
 connect, set one retained message (`status/<i>`, PAYLOAD bytes, QoS 0) from their own
 connection, and disconnect, the way a fleet sets its status. Prints the node's RSS before and
 after (read from /proc once the node reports N retained messages and the RSS is steady) and
 the difference per message. Needs only the standard library.
+
+With --filler BYTES, one busy connection (a gateway) sets all N retained messages instead,
+each after BYTES of QoS 0 telemetry to a topic nobody subscribes to: its read buffer grows to
+64 KiB, so a retained message that kept a slice of it would keep a whole buffer chunk.
 """
 
 import argparse
@@ -66,6 +70,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--count", type=int, default=20000)
     ap.add_argument("--payload", type=int, default=16)
+    ap.add_argument("--filler", type=int, default=0)
     target = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/petrel-target"))
     ap.add_argument("--bin", default=os.environ.get("PETREL_BIN", f"{target}/release/petrel"))
     args = ap.parse_args()
@@ -95,7 +100,16 @@ def main():
             time.sleep(1)
             before = rss_kib(node.pid)
             payload = b"x" * args.payload
-            for i in range(args.count):
+            if args.filler:
+                tele = b"\x30" + varint(2 + 11 + 200) + mqtt_str("telemetry/x") + b"t" * 200
+                filler = tele * max(1, args.filler // len(tele))
+                with socket.create_connection((host, int(port))) as s:
+                    s.sendall(connect_packet("gateway"))
+                    s.recv(4)
+                    for i in range(args.count):
+                        s.sendall(filler + publish_packet(f"status/{i}", payload))
+                    s.sendall(b"\xe0\x00")
+            for i in range(0 if args.filler else args.count):
                 with socket.create_connection((host, int(port))) as s:
                     s.sendall(connect_packet(f"dev-{i}"))
                     s.recv(4)  # CONNACK
@@ -112,8 +126,10 @@ def main():
                 last = now
             after = rss_kib(node.pid)
             per = (after - before) * 1024 / args.count
+            how = (f"from one connection, each after {args.filler} bytes of telemetry"
+                   if args.filler else "each from its own connection")
             print(f"retained messages: {args.count} x {args.payload}-byte payloads, "
-                  f"topic status/<i>, each from its own connection")
+                  f"topic status/<i>, {how}")
             print(f"RSS before: {before} KiB, after: {after} KiB, "
                   f"per retained message: {per:.0f} bytes")
         finally:

@@ -524,7 +524,7 @@ impl Broker {
         // The expiry interval counts from publication, not from CONNECT.
         let now = Instant::now();
         msg.expires_at = msg
-            .props
+            .props()
             .message_expiry_interval
             .map(|s| now + Duration::from_secs(s as u64));
         self.metrics.wills_published.inc();
@@ -561,6 +561,7 @@ impl Broker {
                     return;
                 }
                 tracing::debug!(%client_id, "session expired");
+                self.metrics.sessions_expired.inc();
                 let (state, _) = session.end();
                 self.end_session(&session, state);
             }

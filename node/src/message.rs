@@ -16,8 +16,9 @@ pub struct Message {
     pub qos: QoS,
     pub retain: bool,
     /// Passthrough properties; topic alias and subscription identifiers are always cleared
-    /// because they belong to one connection, not to the message.
-    pub props: PublishProperties,
+    /// because they belong to one connection, not to the message. Boxed, and `None` when
+    /// there are none (most messages): every queued and retained message holds this field.
+    pub(crate) props: Option<Box<PublishProperties>>,
     /// When the v5 message expiry interval runs out.
     pub expires_at: Option<Instant>,
     /// The session that published it (for No Local), or [`SessionId::BROKER`].
@@ -27,7 +28,29 @@ pub struct Message {
     pub owned: bool,
 }
 
+/// The properties of a message without any.
+static NO_PROPERTIES: PublishProperties = PublishProperties {
+    payload_format_indicator: None,
+    message_expiry_interval: None,
+    topic_alias: None,
+    response_topic: None,
+    correlation_data: None,
+    user_properties: Vec::new(),
+    subscription_identifiers: Vec::new(),
+    content_type: None,
+};
+
+/// Boxes properties that say anything.
+fn boxed(props: PublishProperties) -> Option<Box<PublishProperties>> {
+    (props != NO_PROPERTIES).then(|| Box::new(props))
+}
+
 impl Message {
+    /// The message's v5 properties.
+    pub fn props(&self) -> &PublishProperties {
+        self.props.as_deref().unwrap_or(&NO_PROPERTIES)
+    }
+
     /// Takes a client's PUBLISH (its topic already resolved from an alias).
     pub fn from_publish(p: Publish, origin: SessionId, now: Instant) -> Message {
         let mut props = p.properties;
@@ -41,7 +64,7 @@ impl Message {
             payload: p.payload,
             qos: p.qos,
             retain: p.retain,
-            props,
+            props: boxed(props),
             expires_at,
             origin,
             owned: false,
@@ -68,7 +91,7 @@ impl Message {
             payload: w.payload.clone(),
             qos: w.qos,
             retain: w.retain,
-            props,
+            props: boxed(props),
             expires_at,
             origin,
             owned: false,
@@ -82,7 +105,7 @@ impl Message {
             payload,
             qos: QoS::AtMostOnce,
             retain,
-            props: PublishProperties::default(),
+            props: None,
             expires_at: None,
             origin: SessionId::BROKER,
             owned: true,
@@ -93,13 +116,13 @@ impl Message {
     /// slices of its connection's read buffer, so keeping it past delivery (retained, queued
     /// for an offline session) would keep that whole buffer chunk alive.
     pub fn detached(&self) -> Message {
-        let p = &self.props;
+        let p = self.props();
         Message {
             topic: self.topic.detached(),
             payload: Bytes::copy_from_slice(&self.payload),
             qos: self.qos,
             retain: self.retain,
-            props: PublishProperties {
+            props: boxed(PublishProperties {
                 payload_format_indicator: p.payload_format_indicator,
                 message_expiry_interval: p.message_expiry_interval,
                 topic_alias: None,
@@ -112,7 +135,7 @@ impl Message {
                     .collect(),
                 subscription_identifiers: Vec::new(),
                 content_type: p.content_type.as_ref().map(MqttStr::detached),
-            },
+            }),
             expires_at: self.expires_at,
             origin: self.origin,
             owned: true,
@@ -148,5 +171,19 @@ impl Message {
             Bytes::from_static(payload),
             true,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every queued or retained message holds these (see ARCHITECTURE.md, "Payloads kept
+    /// past delivery"): a larger struct is a decision, not an accident.
+    #[test]
+    fn message_and_delivery_sizes() {
+        assert!(std::mem::size_of::<Message>() <= 104);
+        // `Delivery::acl_gen` and the flags sit in what would otherwise be padding.
+        assert!(std::mem::size_of::<crate::session::Delivery>() <= 48);
     }
 }

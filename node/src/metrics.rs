@@ -20,6 +20,7 @@ pub struct Metrics {
     pub retained: IntGauge,
     pub retained_bytes: IntGauge,
     pub takeovers: IntCounter,
+    pub sessions_expired: IntCounter,
     pub wills_published: IntCounter,
     pub auth_failures: IntCounterVec,
     pub handshake_failures: IntCounterVec,
@@ -89,6 +90,7 @@ impl Metrics {
                 "Topic and payload bytes of the retained messages held",
             ),
             takeovers: counter(&r, "petrel_session_takeovers_total", "Connections closed by a newer connection with the same client id"),
+            sessions_expired: counter(&r, "petrel_sessions_expired_total", "Offline sessions ended by their expiry interval (mqtt.session_expiry_max_secs, persistent_session_expiry_secs)"),
             wills_published: counter(&r, "petrel_wills_published_total", "Will messages published"),
             auth_failures: counter_vec(
                 &r,

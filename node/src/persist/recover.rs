@@ -186,6 +186,7 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
         match expires_at {
             Some(at) if at <= Instant::now() => {
                 r.expired += 1;
+                broker.metrics.sessions_expired.inc();
                 let (state, _) = session.end();
                 broker.end_session(&session, state);
             }

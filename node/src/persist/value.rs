@@ -70,10 +70,10 @@ pub fn message(msg: &Message, qos: QoS, retain: bool, sub_ids: &[u32], clock: &C
         retain,
         topic: &msg.topic,
         packet_id: (qos != QoS::AtMostOnce).then(|| PacketId::new(1).expect("1 is not 0")),
-        props: &msg.props,
+        props: msg.props(),
         // The original interval rides along (a will's expiry starts when it is published);
         // deliveries use the absolute expiry in the header instead.
-        message_expiry_interval: msg.props.message_expiry_interval,
+        message_expiry_interval: msg.props().message_expiry_interval,
         topic_alias: None,
         subscription_identifiers: sub_ids,
         payload: &msg.payload,
@@ -259,7 +259,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"hello"),
             qos: QoS::ExactlyOnce,
             retain: true,
-            props,
+            props: Some(Box::new(props)),
             expires_at: Some(clock.now + Duration::from_secs(30)),
             origin: SessionId(7),
             owned: true,
@@ -271,8 +271,8 @@ mod tests {
         assert_eq!(d.subscription_ids.as_slice(), &[3, 9]);
         assert_eq!(&d.msg.payload[..], b"hello");
         assert_eq!(d.msg.topic.as_str(), "a/b");
-        assert_eq!(d.msg.props.content_type, msg.props.content_type);
-        assert_eq!(d.msg.props.user_properties, msg.props.user_properties);
+        assert_eq!(d.msg.props().content_type, msg.props().content_type);
+        assert_eq!(d.msg.props().user_properties, msg.props().user_properties);
         let left = d.msg.remaining_expiry(clock.now).expect("expiry kept");
         assert!((29..=30).contains(&left), "{left}");
     }
@@ -285,7 +285,7 @@ mod tests {
             payload: bytes::Bytes::from_static(b"offline"),
             qos: QoS::AtLeastOnce,
             retain: true,
-            props: PublishProperties::default(),
+            props: None,
             expires_at: None,
             origin: SessionId(3),
             owned: true,

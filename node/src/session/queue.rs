@@ -183,7 +183,7 @@ mod tests {
             payload: vec![0u8; payload_len].into(),
             qos: QoS::AtLeastOnce,
             retain: false,
-            props: Default::default(),
+            props: None,
             expires_at: None,
             origin: SessionId::BROKER,
             owned: true,
