@@ -565,13 +565,17 @@ async fn topic_alias_invalid_inbound() {
 async fn topic_alias_outbound_respects_client_maximum() {
     test_timeout(async {
         let b = Broker::start().await;
-        let mut small = V5Client::connect_with(b.mqtt_addr(), "tao-2", |o| {
-            o.set_topic_alias_max(Some(2));
-        })
-        .await;
-        small.subscribe("tao/#", Q5::AtLeastOnce).await;
-        let mut none = V5Client::connect(b.mqtt_addr(), "tao-0").await;
-        none.subscribe("tao/#", Q5::AtLeastOnce).await;
+        // Raw, to see the wire: rumqttc fills in an aliased topic before the test sees it.
+        let connect = Connect::v5("tao-2").property(prop::u16(prop::TOPIC_ALIAS_MAXIMUM, 2));
+        let (mut small, _) = RawClient::handshake(b.mqtt_addr(), &connect).await;
+        small
+            .send(&pkt::subscribe(true, 1, &[("tao/#", 0)], &[]))
+            .await;
+        small.expect_kind(kind::SUBACK, WAIT).await;
+        let (mut none, _) = RawClient::handshake(b.mqtt_addr(), &Connect::v5("tao-0")).await;
+        none.send(&pkt::subscribe(true, 1, &[("tao/#", 0)], &[]))
+            .await;
+        none.expect_kind(kind::SUBACK, WAIT).await;
 
         let mut publ = V5Client::connect(b.mqtt_addr(), "tao-pub").await;
         let topics = ["tao/a", "tao/b", "tao/c", "tao/d"];
@@ -581,27 +585,46 @@ async fn topic_alias_outbound_respects_client_maximum() {
                     .await;
             }
         }
+        let alias_of = |p: &petrel_tests::RawPublish| {
+            p.properties.iter().find_map(|(id, v)| match v {
+                pkt::PropValue::U16(a) if *id == prop::TOPIC_ALIAS => Some(*a),
+                _ => None,
+            })
+        };
+        let mut aliases: BTreeMap<u16, String> = BTreeMap::new();
+        let mut by_alias_only = 0;
         for _ in 0..12 {
-            // rumqttc resolves aliases; an unknown alias would end the connection.
-            let p = small.recv_publish().await;
+            let p = small.expect_packet(WAIT, "PUBLISH").await.publish(true);
             let payload = text(&p.payload);
-            assert!(
-                payload.starts_with(&format!("{} ", topic5(&p))),
-                "{payload} on {p:?}"
-            );
-            if let Some(a) = p.properties.as_ref().and_then(|x| x.topic_alias) {
-                assert!(
-                    (1..=2).contains(&a),
-                    "alias {a} beyond the client's maximum 2"
-                );
-            }
-            let q = none.recv_publish().await;
-            assert_eq!(
-                q.properties.as_ref().and_then(|x| x.topic_alias),
-                None,
-                "no alias to a client without Topic Alias Maximum"
-            );
-            assert!(!q.topic.is_empty());
+            let topic = match (p.topic.is_empty(), alias_of(&p)) {
+                (false, None) => p.topic.clone(),
+                (_, Some(a)) if !(1..=2).contains(&a) => {
+                    panic!("alias {a} beyond the client's maximum 2: {p:?}")
+                }
+                (false, Some(a)) => {
+                    aliases.insert(a, p.topic.clone());
+                    p.topic.clone()
+                }
+                (true, Some(a)) => {
+                    by_alias_only += 1;
+                    aliases
+                        .get(&a)
+                        .unwrap_or_else(|| panic!("alias {a} used before it was set: {p:?}"))
+                        .clone()
+                }
+                (true, None) => panic!("empty topic without an alias: {p:?}"),
+            };
+            assert!(payload.starts_with(&format!("{topic} ")), "{payload} on {topic}");
+        }
+        assert!(
+            by_alias_only > 0,
+            "the broker never sent a topic by alias alone (aliases set: {aliases:?})"
+        );
+
+        for _ in 0..12 {
+            let q = none.expect_packet(WAIT, "PUBLISH").await.publish(true);
+            assert_eq!(alias_of(&q), None, "alias to a client without Topic Alias Maximum");
+            assert!(text(&q.payload).starts_with(&format!("{} ", q.topic)), "{q:?}");
         }
     })
     .await
