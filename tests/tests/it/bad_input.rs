@@ -112,25 +112,30 @@ async fn silent_client_dropped_after_connect_timeout() {
         let b = Broker::start_with(&[("PETREL_MQTT__CONNECT_TIMEOUT_MS", "500")], &[]).await;
         let mut bystander = Bystander::new(&b, "silent").await;
 
+        // Closed, with nothing sent, and not before the timeout: the broker's clock starts
+        // after `start` (at accept), so a loaded machine can only make the close later. The
+        // deadline for the close (WAIT) is the generous one of every positive wait.
+        let limit = Duration::from_millis(500);
         eprintln!("--- nothing at all");
-        let mut raw = RawClient::connect(b.mqtt_addr()).await;
         let start = Instant::now();
+        let mut raw = RawClient::connect(b.mqtt_addr()).await;
         assert!(raw.expect_closed(WAIT).await.is_empty());
         let took = start.elapsed();
         assert!(
-            took >= Duration::from_millis(400) && took <= Duration::from_secs(3),
-            "closed after {took:?} with a 500 ms connect timeout"
+            took >= limit,
+            "closed after {took:?}, before the 500 ms connect timeout"
         );
 
         eprintln!("--- half a CONNECT");
+        let start = Instant::now();
         let mut raw = RawClient::connect(b.mqtt_addr()).await;
         let connect = Connect::v311("slow").encode();
         raw.send(&connect[..5]).await;
-        let start = Instant::now();
         assert!(raw.expect_closed(WAIT).await.is_empty());
+        let took = start.elapsed();
         assert!(
-            start.elapsed() <= Duration::from_secs(3),
-            "slow CONNECT dropped in time"
+            took >= limit,
+            "closed after {took:?}, before the 500 ms connect timeout"
         );
 
         b.wait_metric("petrel_mqtt_connect_timeouts_total", WAIT, |v| v >= 2.0)
