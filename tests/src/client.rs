@@ -403,7 +403,8 @@ impl V3Client {
         self.markers += 1;
         let topic = marker_topic(&self.id, self.markers);
         self.subscribe(&topic, QoS::AtMostOnce).await;
-        self.publish(&topic, QoS::AtLeastOnce, false, "marker").await;
+        self.publish(&topic, QoS::AtLeastOnce, false, "marker")
+            .await;
         let mut got = Vec::new();
         loop {
             let p = self.recv_publish().await;

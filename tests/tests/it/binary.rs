@@ -260,7 +260,10 @@ async fn address_and_data_dir_from_environment() {
                 "no RocksDB {file} in {} (PETREL_DATA_DIR); it holds {:?}",
                 db.display(),
                 std::fs::read_dir(data.path())
-                    .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect::<Vec<_>>())
+                    .map(|d| d
+                        .filter_map(Result::ok)
+                        .map(|e| e.file_name())
+                        .collect::<Vec<_>>())
                     .unwrap_or_default()
             );
         }

@@ -207,7 +207,16 @@ async fn expect_acks(raw: &mut RawClient, k: u8, ids: impl IntoIterator<Item = u
 }
 
 fn qos2_publish(id: u16, dup: bool) -> Vec<u8> {
-    pkt::publish(false, "dur2/x", id.to_string().as_bytes(), 2, id, false, dup, &[])
+    pkt::publish(
+        false,
+        "dur2/x",
+        id.to_string().as_bytes(),
+        2,
+        id,
+        false,
+        dup,
+        &[],
+    )
 }
 
 #[tokio::test]
@@ -249,7 +258,10 @@ async fn t3_kill9_keeps_qos2_exactly_once() {
         // PUBREC promises the message is stored: every one of these is durable now.
         let recorded = released_after.clone().chain(rec_lost.clone());
         expect_acks(&mut publ, kind::PUBREC, recorded, "PUBREC").await;
-        let burst: Vec<u8> = in_flight.clone().flat_map(|id| qos2_publish(id, false)).collect();
+        let burst: Vec<u8> = in_flight
+            .clone()
+            .flat_map(|id| qos2_publish(id, false))
+            .collect();
         publ.send(&burst).await;
         broker.kill9().await;
         drop(publ);
@@ -272,13 +284,26 @@ async fn t3_kill9_keeps_qos2_exactly_once() {
         }
         expect_acks(&mut publ, kind::PUBCOMP, resent, "PUBCOMP").await;
         // The marker: any duplicate was queued for the subscriber before it.
-        publ.send(&pkt::publish(false, "dur2/marker", b"", 1, 100, false, false, &[]))
-            .await;
+        publ.send(&pkt::publish(
+            false,
+            "dur2/marker",
+            b"",
+            1,
+            100,
+            false,
+            false,
+            &[],
+        ))
+        .await;
         expect_acks(&mut publ, kind::PUBACK, [100], "PUBACK").await;
 
         eprintln!("--- the subscriber gets every message once, then the marker");
         let (mut sub, ack) = RawClient::handshake(broker.mqtt_addr(), &sub_connect).await;
-        assert_eq!(ack.connack(), (true, 0), "the subscriber's session survived");
+        assert_eq!(
+            ack.connack(),
+            (true, 0),
+            "the subscriber's session survived"
+        );
         let mut got: Vec<u16> = Vec::new();
         loop {
             let p = sub.expect_packet(WAIT, "PUBLISH or PUBREL").await;
@@ -303,7 +328,11 @@ async fn t3_kill9_keeps_qos2_exactly_once() {
         for id in &got {
             *counts.entry(*id).or_default() += 1;
         }
-        let twice: Vec<u16> = counts.iter().filter(|(_, n)| **n > 1).map(|(id, _)| *id).collect();
+        let twice: Vec<u16> = counts
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(id, _)| *id)
+            .collect();
         assert!(
             twice.is_empty(),
             "QoS 2 messages delivered more than once across the kill: {twice:?}"
@@ -335,7 +364,9 @@ async fn t3_kill9_keeps_retained_and_delayed_wills() {
         p.publish("dur3/state", Q5::AtLeastOnce, true, "kept").await;
         p.disconnect().await;
 
-        eprintln!("--- a client with a will delayed {WILL_DELAY_SECS} s dies, then the broker is killed");
+        eprintln!(
+            "--- a client with a will delayed {WILL_DELAY_SECS} s dies, then the broker is killed"
+        );
         let w = V5Client::connect_with(broker.mqtt_addr(), "dur-will", |o| {
             let mut props = will_props();
             props.delay_interval = Some(WILL_DELAY_SECS);
@@ -372,11 +403,18 @@ async fn t3_kill9_keeps_retained_and_delayed_wills() {
         eprintln!("--- restart: the retained message is there, the will comes when due");
         let broker = start_on(dir.path(), &[]).await;
         let mut watch = V5Client::connect_with(broker.mqtt_addr(), "dur-watch", persistent).await;
-        assert!(watch.connack.session_present, "the watcher's session survived");
+        assert!(
+            watch.connack.session_present,
+            "the watcher's session survived"
+        );
         watch.subscribe("dur3/state", Q5::AtLeastOnce).await;
         let kept = watch.recv_publish().await;
         assert_eq!(
-            (topic5(&kept).as_str(), text(&kept.payload).as_str(), kept.retain),
+            (
+                topic5(&kept).as_str(),
+                text(&kept.payload).as_str(),
+                kept.retain
+            ),
             ("dur3/state", "kept", true),
             "the retained message survived"
         );

@@ -357,7 +357,8 @@ async fn receive_maximum_honoured_outbound_v5() {
         let b = Broker::start().await;
         let connect = Connect::v5("rm-sub").property(prop::u16(prop::RECEIVE_MAXIMUM, 2));
         let (mut sub, _) = RawClient::handshake(b.mqtt_addr(), &connect).await;
-        sub.send(&pkt::subscribe(true, 1, &[("rm/t", 1)], &[])).await;
+        sub.send(&pkt::subscribe(true, 1, &[("rm/t", 1)], &[]))
+            .await;
         sub.expect_kind(kind::SUBACK, WAIT).await;
         let mut publ = V5Client::connect(b.mqtt_addr(), "rm-pub").await;
         for i in 0..5 {

@@ -614,7 +614,10 @@ async fn topic_alias_outbound_respects_client_maximum() {
                 }
                 (true, None) => panic!("empty topic without an alias: {p:?}"),
             };
-            assert!(payload.starts_with(&format!("{topic} ")), "{payload} on {topic}");
+            assert!(
+                payload.starts_with(&format!("{topic} ")),
+                "{payload} on {topic}"
+            );
         }
         assert!(
             by_alias_only > 0,
@@ -623,8 +626,15 @@ async fn topic_alias_outbound_respects_client_maximum() {
 
         for _ in 0..12 {
             let q = none.expect_packet(WAIT, "PUBLISH").await.publish(true);
-            assert_eq!(alias_of(&q), None, "alias to a client without Topic Alias Maximum");
-            assert!(text(&q.payload).starts_with(&format!("{} ", q.topic)), "{q:?}");
+            assert_eq!(
+                alias_of(&q),
+                None,
+                "alias to a client without Topic Alias Maximum"
+            );
+            assert!(
+                text(&q.payload).starts_with(&format!("{} ", q.topic)),
+                "{q:?}"
+            );
         }
     })
     .await
