@@ -8,6 +8,9 @@
 #
 # Every step runs even when an earlier one failed (except those that need the binary when it
 # did not build); a summary closes the output and the exit status is non-zero on any failure.
+# The summary counts, per step and in total, the tests that passed, failed, were skipped
+# (cargo: ignored; pytest: skipped) and were deselected (cargo: filtered out; pytest:
+# deselected), and names every skipped test, so a test that stops running cannot go unseen.
 # Builds go to CARGO_TARGET_DIR (default ~/.cache/petrel-target), so repeated runs and CI reuse
 # them. Extra arguments are passed to pytest (e.g. `scripts/test.sh -k retained`).
 set -uo pipefail
@@ -27,7 +30,10 @@ steps=()
 results=()
 total_passed=0
 total_failed=0
+total_skipped=0
+total_deselected=0
 any_failed=0
+skipped_names=()
 
 banner() { printf '\n==== %s ====\n' "$*"; }
 
@@ -38,9 +44,16 @@ record() {
     [ "$2" = ok ] || any_failed=1
 }
 
+# add_counts PASSED FAILED SKIPPED DESELECTED
 add_counts() {
     total_passed=$((total_passed + $1))
     total_failed=$((total_failed + $2))
+    total_skipped=$((total_skipped + $3))
+    total_deselected=$((total_deselected + $4))
+}
+
+counts() { # counts PASSED FAILED SKIPPED DESELECTED -> "p passed, f failed, s skipped, d deselected"
+    printf '%s passed, %s failed, %s skipped, %s deselected' "$1" "$2" "$3" "$4"
 }
 
 # --- 0. setup -------------------------------------------------------------------------------------
@@ -67,23 +80,30 @@ fi
 banner "cargo test --workspace"
 timeout --signal=INT --kill-after=60 60m cargo test --workspace --no-fail-fast 2>&1 | tee "$logs/cargo.log"
 rc=${PIPESTATUS[0]}
-read -r p f < <(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed;.*/\1 \2/p' "$logs/cargo.log" |
-    awk '{p += $1; f += $2} END {print p + 0, f + 0}')
-add_counts "$p" "$f"
+# "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 3 filtered out; finished in .."
+read -r p f s d < <(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored; [0-9]* measured; \([0-9]*\) filtered out;.*/\1 \2 \3 \4/p' \
+    "$logs/cargo.log" | awk '{p += $1; f += $2; s += $3; d += $4} END {print p + 0, f + 0, s + 0, d + 0}')
+add_counts "$p" "$f" "$s" "$d"
+while read -r skip; do
+    skipped_names+=("cargo: $skip (ignored)")
+done < <(sed -n 's/^test \(.*\) \.\.\. ignored.*$/\1/p' "$logs/cargo.log")
 if [ "$rc" -eq 0 ]; then
-    record "cargo test" ok "$p passed, $f failed"
+    record "cargo test" ok "$(counts "$p" "$f" "$s" "$d")"
 else
     [ "$rc" -eq 124 ] && echo "cargo test: timed out" >&2
-    record "cargo test" FAILED "$p passed, $f failed, exit $rc"
+    record "cargo test" FAILED "$(counts "$p" "$f" "$s" "$d"), exit $rc"
 fi
 
 # --- 3. pytest ----------------------------------------------------------------------------------------
 if [ "$have_bin" -eq 1 ]; then
     banner "pytest tests/python"
-    timeout --signal=INT --kill-after=30 25m python3 -m pytest tests/python -p no:cacheprovider -rfE \
-        --junitxml="$logs/pytest.xml" "$@"
-    rc=$?
-    read -r p f < <(python3 - "$logs/pytest.xml" <<'EOF' 2>/dev/null || echo "0 0"
+    timeout --signal=INT --kill-after=30 25m python3 -m pytest tests/python -p no:cacheprovider -rfEs \
+        --junitxml="$logs/pytest.xml" "$@" 2>&1 | tee "$logs/pytest.log"
+    rc=${PIPESTATUS[0]}
+    # Passed, failed (failures + errors) and skipped from the JUnit report; deselected tests are
+    # not in it, only in pytest's closing line ("== 3 passed, 1 skipped, 2 deselected in 1s ==").
+    read -r p f s d < <(python3 - "$logs/pytest.xml" "$logs/pytest.log" <<'EOF' 2>/dev/null || echo "0 0 0 0"
+import re
 import sys
 import xml.etree.ElementTree as ET
 
@@ -92,15 +112,33 @@ suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
 tests = sum(int(s.get("tests", 0)) for s in suites)
 bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
 skipped = sum(int(s.get("skipped", 0)) for s in suites)
-print(tests - bad - skipped, bad)
+deselected = 0
+for line in open(sys.argv[2], errors="replace"):
+    m = re.match(r"^=+ (.*) in [0-9.]+s", line.strip())
+    if m:
+        d = re.search(r"(\d+) deselected", m.group(1))
+        deselected = int(d.group(1)) if d else 0
+print(tests - bad - skipped, bad, skipped, deselected)
 EOF
     )
-    add_counts "$p" "$f"
+    add_counts "$p" "$f" "$s" "$d"
+    while read -r skip; do
+        skipped_names+=("pytest: $skip")
+    done < <(python3 - "$logs/pytest.xml" <<'EOF' 2>/dev/null
+import sys
+import xml.etree.ElementTree as ET
+
+for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
+    skip = case.find("skipped")
+    if skip is not None:
+        print(f"{case.get('classname')}::{case.get('name')} ({skip.get('message', '')})")
+EOF
+    )
     if [ "$rc" -eq 0 ]; then
-        record pytest ok "$p passed, $f failed"
+        record pytest ok "$(counts "$p" "$f" "$s" "$d")"
     else
         # exit 5 = no test collected: that is a failure here too
-        record pytest FAILED "$p passed, $f failed, exit $rc"
+        record pytest FAILED "$(counts "$p" "$f" "$s" "$d"), exit $rc"
     fi
 else
     record pytest FAILED "not run: no binary"
@@ -115,14 +153,18 @@ if [ "$have_bin" -eq 1 ] && [ "${#interop[@]}" -gt 0 ]; then
         banner "$name"
         timeout --kill-after=30 10m bash "$script" 2>&1 | tee "$logs/interop.log"
         rc=${PIPESTATUS[0]}
-        # each interop script ends with a line "NAME: N passed, M failed"
-        read -r p f < <(sed -n 's/^[A-Za-z0-9_-]*: \([0-9]*\) passed, \([0-9]*\) failed$/\1 \2/p' \
-            "$logs/interop.log" | tail -n 1 | awk '{print $1 + 0, $2 + 0}')
-        add_counts "$p" "$f"
-        if [ "$rc" -eq 0 ]; then
-            record "$name" ok "$p passed, $f failed"
+        # each interop script ends with a line "NAME: N passed, M failed[, K skipped]" and names
+        # a test it skipped on a line "SKIPPED what (why)"
+        read -r p f s < <(sed -En 's/^[A-Za-z0-9_-]+: ([0-9]+) passed, ([0-9]+) failed(, ([0-9]+) skipped)?$/\1 \2 \4/p' \
+            "$logs/interop.log" | tail -n 1 | awk '{print $1 + 0, $2 + 0, $3 + 0}')
+        add_counts "$p" "$f" "$s" 0
+        while read -r skip; do
+            skipped_names+=("$name")
+        done < <(sed -n "s/^SKIPPED \(.*\)$/$name: \1/p" "$logs/interop.log")
+        if [ "$rc" -eq 0 ] && [ "$p" -gt 0 ]; then
+            record "$name" ok "$(counts "$p" "$f" "$s" 0)"
         else
-            record "$name" FAILED "$p passed, $f failed, exit $rc"
+            record "$name" FAILED "$(counts "$p" "$f" "$s" 0), exit $rc"
         fi
     done
 elif [ "${#interop[@]}" -gt 0 ]; then
@@ -134,11 +176,15 @@ banner "summary"
 for i in "${!steps[@]}"; do
     printf '  %-26s %s\n' "${steps[$i]}" "${results[$i]}"
 done
+if [ "${#skipped_names[@]}" -gt 0 ]; then
+    echo "  skipped tests (they did not run):"
+    printf '    %s\n' "${skipped_names[@]}"
+fi
 rm -rf "$logs"
 if [ "$any_failed" -ne 0 ]; then
     echo "test.sh: FAILED"
 else
     echo "test.sh: all steps passed"
 fi
-echo "total: $total_passed passed, $total_failed failed"
+echo "total: $(counts "$total_passed" "$total_failed" "$total_skipped" "$total_deselected")"
 exit "$any_failed"

@@ -182,13 +182,17 @@ t_will() {
 }
 
 t_no_will_after_disconnect() {
-    local before
+    # The watcher is the only connection left once earlier tests' subscribers are gone: wait
+    # for exactly that, so the count below cannot be met by someone else leaving.
     sub_start "nowill-$V" "$V" -q 1 -t "it/$V/nowill" -C 1 -W 10
-    before="$(metric petrel_mqtt_connections)"
+    poll 10 "only the watcher connected" test "$(metric petrel_mqtt_connections)" -eq 1
     # connects with a will, publishes, disconnects normally
     pub "$V" -q 1 -t "it/$V/other" -m x --will-topic "it/$V/nowill" --will-payload "wrong"
+    # The broker publishes a will (or not) before it stops counting the connection, so once
+    # the count is back to 1 a will would be queued for the watcher before the marker. (0:
+    # the watcher got a message, the will, and left.)
     poll 10 "the publisher's connection to close" \
-        test "$(metric petrel_mqtt_connections)" -le "$before"
+        test "$(metric petrel_mqtt_connections)" -le 1
     pub "$V" -q 1 -t "it/$V/nowill" -m "marker"
     sub_wait "nowill-$V"
     expect_eq "first message on the will topic" "MSG|it/$V/nowill|1|0|marker" \
@@ -332,5 +336,5 @@ if [ "$failed" -gt 0 ]; then
     echo "----- petrel log (last 200 lines) -----"
     tail -n 200 "$work/broker/log"
 fi
-echo "mosquitto: $passed passed, $failed failed"
+echo "mosquitto: $passed passed, $failed failed, 0 skipped" # nothing here skips a test
 [ "$failed" -eq 0 ]

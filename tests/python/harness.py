@@ -123,8 +123,7 @@ class Broker:
 
         def ready():
             if self.proc.poll() is not None:
-                raise AssertionError(f"petrel exited with {self.proc.returncode} before it was "
-                                     f"ready; log:\n{self.log()}")
+                return "exited"  # (wait_until would take an exception for "not yet")
             if not self.ready_file.exists():
                 return None
             return json.loads(self.ready_file.read_text())
@@ -134,6 +133,10 @@ class Broker:
         except AssertionError:
             self.kill()
             raise
+        if info == "exited":
+            self.exit_code = self.proc.returncode
+            raise AssertionError(f"petrel exited with {self.proc.returncode} before it was "
+                                 f"ready; log:\n{self.log()}")
         self.ready = info
         host, port = info["mqtt"].rsplit(":", 1)
         self.host = host.strip("[]")

@@ -36,12 +36,20 @@ def test_print_default_config():
     assert cfg["log"]["format"] == "text"
 
 
-def test_default_config_is_a_valid_config_file(tmp_path):
+def test_default_config_is_a_valid_config_file(broker_factory, tmp_path):
+    """The printed defaults, saved as a file, start a node through --config (the test ports
+    and data dir come from flags, which beat the file). The same file with one value changed
+    shows that the node really read it: a file the node ignored would pass the first half."""
     out = run(["--print-default-config"])
-    path = tmp_path / "petrel.toml"
-    path.write_text(out.stdout)
-    check = run(["--config", str(path), "--print-default-config"])
-    assert check.returncode == 0, check.stderr
+    assert out.returncode == 0, out.stderr
+    assert "topic_alias_maximum = 64" in out.stdout, "the value edited below"
+    printed = tmp_path / "printed.toml"
+    printed.write_text(out.stdout)
+    assert connack_alias_max(broker_factory(args=["--config", str(printed)])) == [64]
+
+    edited = tmp_path / "edited.toml"
+    edited.write_text(out.stdout.replace("topic_alias_maximum = 64", "topic_alias_maximum = 9"))
+    assert connack_alias_max(broker_factory(args=["--config", str(edited)])) == [9]
 
 
 @pytest.mark.parametrize("env, mentioned", [

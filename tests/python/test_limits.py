@@ -67,16 +67,32 @@ def test_max_connections_per_listener(broker_factory, clients, version):
 
 
 def test_connection_rate_per_address(broker_factory, version):
+    """A bucket of 2 tokens refilled at 2/s: of N connections opened together, at most
+    2 + 2 x (the time they took) get in, and the rest are refused with 0x9F / 3."""
     b = broker_factory(env={"PETREL_LIMITS__MAX_CONNECTION_RATE_PER_IP": "2"})
+    n = 20
+    # TCP connections first, then every CONNECT in one go: the listener admits a connection
+    # when its first bytes arrive (TCP_DEFER_ACCEPT), so the admissions happen together.
     start = time.monotonic()
-    codes = [raw_connack(b, version) for _ in range(6)]
-    elapsed = time.monotonic() - start
-    # A bucket of 2 refilled at 2/s cannot admit more than 2 + 2 * elapsed connections.
-    assert elapsed < 1.0, f"6 connects took {elapsed:.2f}s; the test needs them within 1s"
-    assert codes[:2] == [0, 0], codes
+    socks = [raw.RawClient(b.addr) for _ in range(n)]
+    try:
+        for i, c in enumerate(socks):
+            c.send(raw.connect(version, client_id=unique_id(f"rate{i}")))
+        codes = [raw.parse_connack(c.recv(), version).code for c in socks]
+        elapsed = time.monotonic() - start
+    finally:
+        for c in socks:
+            c.close()
+    admitted = codes.count(0)
     refused = [c for c in codes if c != 0]
-    assert len(refused) >= 6 - 4, codes
-    assert set(refused) == {refused_code(version, 0x9F)}, codes
+    assert set(refused) <= {refused_code(version, 0x9F)}, codes
+    # Load on the machine only makes `elapsed` longer and the bound looser; the bound is
+    # checked, not the time. +1: a token refilled between the clock reads.
+    bound = 2 + int(2 * elapsed) + 1
+    assert admitted >= 2, f"the first two fit the bucket: {codes}"
+    assert admitted <= bound, \
+        f"{admitted} of {n} admitted in {elapsed:.2f}s; the rate allows at most {bound}: {codes}"
+    assert refused, f"nothing refused: {codes}"
     assert hits(b, "connection_rate") == len(refused)
     # The bucket refills: a later connection gets in.
     wait_until("the rate bucket refills", lambda: raw_connack(b, version) == 0 or None)

@@ -193,6 +193,11 @@ def test_outbound_topic_alias_within_client_maximum(broker, clients):
     # paho leaves aliased topics empty; the wrapper resolves them from earlier messages
     assert [(m.topic, int(m.payload)) for m in got] == list(zip(topics, range(12)))
     assert all(1 <= a <= 2 for a in sub.aliases_seen), sub.aliases_seen
+    # The broker really uses aliases: a topic sent again goes as an empty name plus the alias.
+    # (A broker that never sends one would pass everything above.)
+    alias_only = [(int(m.payload), m.prop("TopicAlias")) for m in got if m.raw_topic == b""]
+    assert alias_only, f"no message arrived by alias alone: {[(m.raw_topic, m.prop('TopicAlias')) for m in got]}"
+    assert all(a is not None for _, a in alias_only), alias_only
 
 
 def test_no_outbound_alias_without_client_maximum(broker, clients):

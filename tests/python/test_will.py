@@ -75,15 +75,15 @@ def test_will_on_protocol_error(broker, clients, version):
 def test_will_on_keepalive_timeout(broker, clients, version):
     topic = f"will/{unique_id()}"
     w = watcher(clients, broker, version, topic)
+    started = time.monotonic()  # before the CONNECT: the broker's clock starts later
     with raw.RawClient(broker.addr) as c:
         ack = c.connect(version, client_id=unique_id("raw"), keepalive=1,
                         will=raw.Will(topic, b"timed out", qos=1))
         assert ack.code == 0
-        started = time.monotonic()
         packets = c.until_closed(timeout=10)
         elapsed = time.monotonic() - started
-    # closed after 1.5 x keepalive of silence, not much earlier
-    assert elapsed >= 1.2, f"closed after {elapsed:.2f}s, keepalive 1s"
+    # closed after 1.5 x keepalive of silence, not earlier
+    assert elapsed >= 1.5, f"closed after {elapsed:.2f}s, keepalive 1s"
     if version == 5:
         assert [raw.parse_disconnect(p)[0] for p in packets] == [0x8D]
     else:

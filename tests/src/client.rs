@@ -108,6 +108,16 @@ impl<E: Terminal + Debug> EventQueue<E> {
     }
 }
 
+/// The topic of a client's `n`th marker: under `$petrel-test/`, which no filter starting with
+/// a wildcard matches (MQTT 4.7.2), so other clients' `#` subscriptions never see it.
+fn marker_topic(client_id: &str, n: u32) -> String {
+    let id: String = client_id
+        .chars()
+        .map(|c| if matches!(c, '+' | '#' | '/') { '_' } else { c })
+        .collect();
+    format!("$petrel-test/marker/{id}/{n}")
+}
+
 fn short_payload(p: &[u8]) -> String {
     let s = String::from_utf8_lossy(&p[..p.len().min(64)]).into_owned();
     if p.len() > 64 {
@@ -142,6 +152,7 @@ pub struct V3Client {
     pub id: String,
     events: EventQueue<V3Event>,
     task: JoinHandle<()>,
+    markers: u32,
 }
 
 impl Drop for V3Client {
@@ -212,6 +223,7 @@ impl V3Client {
                 id: id.to_owned(),
                 events,
                 task,
+                markers: 0,
             }),
             Err(WaitError::Timeout) => {
                 task.abort();
@@ -378,16 +390,43 @@ impl V3Client {
         }
     }
 
-    /// Fails if a PUBLISH arrives within `within`.
-    pub async fn assert_no_publish(&mut self, within: Duration) {
-        if let Some(p) = self.try_recv_publish(within).await {
+    /// Every PUBLISH the broker sends before a marker of this client's own.
+    ///
+    /// The client subscribes to a topic of its own under `$petrel-test/` (no filter starting
+    /// with a wildcard matches it, so other clients never see it) at QoS 0, so nothing needs
+    /// acknowledging, publishes the marker there at QoS 1 and collects what arrives
+    /// first. A session's deliveries keep their order, so whatever the broker had queued for
+    /// this client before the marker's PUBACK is in the result: a check that nothing else
+    /// arrives needs no fixed waiting time.
+    pub async fn publishes_before_marker(&mut self) -> Vec<rumqttc::Publish> {
+        use rumqttc::QoS;
+        self.markers += 1;
+        let topic = marker_topic(&self.id, self.markers);
+        self.subscribe(&topic, QoS::AtMostOnce).await;
+        self.publish(&topic, QoS::AtLeastOnce, false, "marker")
+            .await;
+        let mut got = Vec::new();
+        loop {
+            let p = self.recv_publish().await;
+            if p.topic == topic {
+                return got;
+            }
+            got.push(p);
+        }
+    }
+
+    /// Fails if any PUBLISH arrives before a marker (see [`publishes_before_marker`](Self::publishes_before_marker)).
+    pub async fn assert_no_publish_before_marker(&mut self) {
+        let got = self.publishes_before_marker().await;
+        if let Some(p) = got.first() {
             panic!(
-                "{}: unexpected PUBLISH on {:?}: {:?} (qos {:?}, retain {})",
+                "{}: unexpected PUBLISH on {:?}: {:?} (qos {:?}, retain {}); {} before the marker",
                 self.who(),
                 p.topic,
                 short_payload(&p.payload),
                 p.qos,
-                p.retain
+                p.retain,
+                got.len()
             );
         }
     }
@@ -473,6 +512,7 @@ pub struct V5Client {
     pub id: String,
     events: EventQueue<V5Event>,
     task: JoinHandle<()>,
+    markers: u32,
 }
 
 impl Drop for V5Client {
@@ -550,6 +590,7 @@ impl V5Client {
                 id: id.to_owned(),
                 events,
                 task,
+                markers: 0,
             }),
             Err(WaitError::Timeout) => {
                 task.abort();
@@ -761,16 +802,36 @@ impl V5Client {
         }
     }
 
-    /// Fails if a PUBLISH arrives within `within`.
-    pub async fn assert_no_publish(&mut self, within: Duration) {
-        if let Some(p) = self.try_recv_publish(within).await {
+    /// Every PUBLISH the broker sends before a marker of this client's own; see
+    /// [`V3Client::publishes_before_marker`].
+    pub async fn publishes_before_marker(&mut self) -> Vec<p5::Publish> {
+        self.markers += 1;
+        let topic = marker_topic(&self.id, self.markers);
+        self.subscribe(&topic, QoS5::AtMostOnce).await;
+        self.publish(&topic, QoS5::AtLeastOnce, false, "marker")
+            .await;
+        let mut got = Vec::new();
+        loop {
+            let p = self.recv_publish().await;
+            if p.topic == topic.as_bytes() {
+                return got;
+            }
+            got.push(p);
+        }
+    }
+
+    /// Fails if any PUBLISH arrives before a marker (see [`publishes_before_marker`](Self::publishes_before_marker)).
+    pub async fn assert_no_publish_before_marker(&mut self) {
+        let got = self.publishes_before_marker().await;
+        if let Some(p) = got.first() {
             panic!(
-                "{}: unexpected PUBLISH on {:?}: {:?} (qos {:?}, retain {})",
+                "{}: unexpected PUBLISH on {:?}: {:?} (qos {:?}, retain {}); {} before the marker",
                 self.who(),
                 String::from_utf8_lossy(&p.topic),
                 short_payload(&p.payload),
                 p.qos,
-                p.retain
+                p.retain,
+                got.len()
             );
         }
     }
@@ -806,6 +867,22 @@ impl V5Client {
                 e.terminal().then(|| e.clone())
             })
             .await
+    }
+
+    /// Every PUBLISH received until the connection ends (which must happen within `within`).
+    pub async fn publishes_until_closed(&mut self, within: Duration) -> Vec<p5::Publish> {
+        let who = self.who();
+        let mut got = Vec::new();
+        self.events
+            .expect(&who, "end of connection", within, |e| match e {
+                V5Event::In(p5::Packet::Publish(p)) => {
+                    got.push(p.clone());
+                    None
+                }
+                e => e.terminal().then_some(()),
+            })
+            .await;
+        got
     }
 
     /// Whether the connection has ended (without waiting).

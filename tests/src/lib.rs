@@ -6,7 +6,10 @@
 //! hand-made bytes for the cases a well-behaved client library refuses to produce.
 //!
 //! Nothing here sleeps to synchronise: every wait names a condition and a deadline
-//! ([`wait_until`]), and every test runs under [`test_timeout`].
+//! ([`wait_until`]), and every test runs under [`test_timeout`]. A check that nothing (more)
+//! arrives ends at a marker, not after a quiet period: a message of the client's own
+//! ([`V3Client::publishes_before_marker`]) or, on a raw connection, a PINGRESP
+//! ([`RawClient::ping`]).
 
 mod broker;
 mod client;
@@ -17,6 +20,6 @@ mod wait;
 pub use broker::{petrel_bin, run_petrel, Broker, BrokerBuilder, Metrics, Ready, Spawned};
 pub use client::{V3Client, V3Event, V5Client, V5Event};
 pub use raw::{RawClient, RawPacket, RawPublish, RawRead};
-pub use wait::{let_time_pass, test_timeout, wait_until, QUIET, WAIT};
+pub use wait::{let_time_pass, test_timeout, wait_until, WAIT};
 
 pub use rumqttc;

@@ -287,7 +287,9 @@ impl RawClient {
         }
     }
 
-    /// Sends PINGREQ and expects PINGRESP (skipping nothing): proves the connection is alive.
+    /// Sends PINGREQ and expects PINGRESP (skipping nothing): proves the connection is alive,
+    /// and is the marker of a raw connection: what the broker was going to send before it
+    /// read the PINGREQ (say a PUBLISH queued earlier) arrives first and fails the check.
     pub async fn ping(&mut self) {
         self.send(&pkt::pingreq()).await;
         let p = self.expect_packet(WAIT, "PINGRESP").await;

@@ -9,9 +9,6 @@ use tokio::time::{interval, Instant, MissedTickBehavior};
 /// How long a positive wait (a packet, a metric, a state) may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// How long a negative check ("nothing more arrives") listens.
-pub const QUIET: Duration = Duration::from_millis(500);
-
 /// Every end-to-end test runs under this bound.
 const TEST_BUDGET: Duration = Duration::from_secs(60);
 

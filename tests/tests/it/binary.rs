@@ -253,6 +253,28 @@ async fn address_and_data_dir_from_environment() {
             .await;
         assert!(b.mqtt_addr().ip().is_loopback());
         V3Client::connect(b.mqtt_addr(), "env-addr").await;
+
+        eprintln!("--- the database is under PETREL_DATA_DIR, not under the default ./data");
+        let db = data.path().join("db");
+        for file in ["CURRENT", "LOCK"] {
+            assert!(
+                db.join(file).is_file(),
+                "no RocksDB {file} in {} (PETREL_DATA_DIR); it holds {:?}",
+                db.display(),
+                std::fs::read_dir(data.path())
+                    .map(|d| d
+                        .filter_map(Result::ok)
+                        .map(|e| e.file_name())
+                        .collect::<Vec<_>>())
+                    .unwrap_or_default()
+            );
+        }
+        let default_dir = b.dir().join("data"); // ./data of the broker's working directory
+        assert!(
+            !default_dir.exists(),
+            "the node also wrote the default {}",
+            default_dir.display()
+        );
     })
     .await
 }

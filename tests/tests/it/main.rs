@@ -28,7 +28,7 @@ pub use petrel_tests::rumqttc::v5::mqttbytes::QoS as Q5;
 pub use petrel_tests::rumqttc::QoS as Q3;
 pub use petrel_tests::{
     let_time_pass, test_timeout, wait_until, Broker, RawClient, RawPacket, RawRead, V3Client,
-    V5Client, QUIET, WAIT,
+    V5Client, WAIT,
 };
 
 /// v3 QoS from a number.

@@ -45,7 +45,7 @@ async fn qos_matrix_v311_with_downgrade() {
                 }
             }
         }
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
         b.wait_metric("petrel_mqtt_messages_received_total", WAIT, |v| v >= 9.0)
             .await;
         b.wait_metric("petrel_mqtt_messages_sent_total", WAIT, |v| v >= 9.0)
@@ -80,7 +80,7 @@ async fn qos_matrix_v5_with_downgrade() {
                 assert!(!got.retain && !got.dup);
             }
         }
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -151,7 +151,7 @@ async fn ordering_of_100_qos1_and_qos2_messages() {
             .map(|p| text(&p.payload))
             .collect();
         assert_eq!(got5, want, "QoS 2 order");
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -185,7 +185,7 @@ async fn unacked_qos1_redelivered_with_dup_after_reconnect_v311() {
             "redelivery of an unacknowledged PUBLISH has DUP=1"
         );
         assert_eq!(again.qos, Q3::AtLeastOnce);
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -216,7 +216,7 @@ async fn unacked_qos1_redelivered_with_dup_after_reconnect_v5() {
         let again = sub.recv_publish().await;
         assert_eq!(text(&again.payload), "m1");
         assert!(again.dup, "redelivery has DUP=1");
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -259,7 +259,7 @@ async fn qos2_pubrel_resent_after_reconnect() {
             "resent PUBREL: {rel:?}"
         );
         raw.send(&pkt::pubcomp(p.pkid)).await;
-        raw.expect_silence(QUIET).await;
+        raw.ping().await; // the marker: nothing else (no second PUBREL) before the PINGRESP
     })
     .await
 }
@@ -305,7 +305,7 @@ async fn qos2_inbound_exactly_once() {
 
         let got = sub.recv_publish().await;
         assert_eq!(text(&got.payload), "once");
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
 
         eprintln!("--- the packet id is free again: a new message");
         raw.send(&pkt::publish(
@@ -323,7 +323,7 @@ async fn qos2_inbound_exactly_once() {
         raw.send(&pkt::pubrel(10)).await;
         assert_eq!(raw.expect_packet(WAIT, "PUBCOMP").await.kind, kind::PUBCOMP);
         assert_eq!(text(&sub.recv_publish().await.payload), "twice");
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
 
         eprintln!("--- PUBREL for an unknown packet id still gets PUBCOMP");
         raw.send(&pkt::pubrel(77)).await;
@@ -346,41 +346,47 @@ async fn v5_pubrel_unknown_packet_id_reason_0x92() {
     .await
 }
 
+/// The next PUBLISH on a raw connection (nothing else may come first).
+async fn next_publish(raw: &mut RawClient, v5: bool) -> petrel_tests::RawPublish {
+    raw.expect_packet(WAIT, "PUBLISH").await.publish(v5)
+}
+
 #[tokio::test]
 async fn receive_maximum_honoured_outbound_v5() {
     test_timeout(async {
         let b = Broker::start().await;
-        let mut sub = V5Client::connect_with(b.mqtt_addr(), "rm-sub", |o| {
-            o.set_receive_maximum(Some(2)).set_manual_acks(true);
-        })
-        .await;
-        sub.subscribe("rm/t", Q5::AtLeastOnce).await;
+        let connect = Connect::v5("rm-sub").property(prop::u16(prop::RECEIVE_MAXIMUM, 2));
+        let (mut sub, _) = RawClient::handshake(b.mqtt_addr(), &connect).await;
+        sub.send(&pkt::subscribe(true, 1, &[("rm/t", 1)], &[]))
+            .await;
+        sub.expect_kind(kind::SUBACK, WAIT).await;
         let mut publ = V5Client::connect(b.mqtt_addr(), "rm-pub").await;
         for i in 0..5 {
             publ.publish("rm/t", Q5::AtLeastOnce, false, format!("{i}"))
                 .await;
         }
-        let a = sub.recv_publish().await;
-        let c = sub.recv_publish().await;
+        let a = next_publish(&mut sub, true).await;
+        let c = next_publish(&mut sub, true).await;
         assert_ne!(a.pkid, c.pkid, "in-flight packet ids are distinct");
-        sub.assert_no_publish(QUIET).await;
+        // All five were queued before the PINGREQ: a third PUBLISH would come before PINGRESP.
+        sub.ping().await;
 
         eprintln!("--- each ack opens one slot");
-        sub.ack(&a).await;
-        let d = sub.recv_publish().await;
-        sub.assert_no_publish(QUIET).await;
-        sub.ack(&c).await;
-        sub.ack(&d).await;
-        let rest = sub.recv_publishes(2).await;
-        let order: Vec<String> = [&a, &c, &d, &rest[0], &rest[1]]
+        sub.send(&pkt::puback(a.pkid)).await;
+        let d = next_publish(&mut sub, true).await;
+        sub.ping().await;
+        sub.send(&pkt::puback(c.pkid)).await;
+        sub.send(&pkt::puback(d.pkid)).await;
+        let e = next_publish(&mut sub, true).await;
+        let f = next_publish(&mut sub, true).await;
+        let order: Vec<String> = [&a, &c, &d, &e, &f]
             .iter()
             .map(|p| text(&p.payload))
             .collect();
         assert_eq!(order, ["0", "1", "2", "3", "4"]);
-        for p in &rest {
-            sub.ack(p).await;
-        }
-        sub.assert_no_publish(QUIET).await;
+        sub.send(&pkt::puback(e.pkid)).await;
+        sub.send(&pkt::puback(f.pkid)).await;
+        sub.ping().await;
     })
     .await
 }
@@ -389,25 +395,31 @@ async fn receive_maximum_honoured_outbound_v5() {
 async fn inflight_window_v311() {
     test_timeout(async {
         let b = Broker::start_with(&[("PETREL_MQTT__MAX_INFLIGHT_MESSAGES", "3")], &[]).await;
-        let mut sub = V3Client::connect_with(b.mqtt_addr(), "win-sub", |o| {
-            o.set_manual_acks(true);
-        })
-        .await;
-        sub.subscribe("win/t", Q3::AtLeastOnce).await;
+        let (mut sub, _) = RawClient::handshake(b.mqtt_addr(), &Connect::v311("win-sub")).await;
+        sub.send(&pkt::subscribe(false, 1, &[("win/t", 1)], &[]))
+            .await;
+        sub.expect_kind(kind::SUBACK, WAIT).await;
         let mut publ = V3Client::connect(b.mqtt_addr(), "win-pub").await;
         for i in 0..6 {
             publ.publish("win/t", Q3::AtLeastOnce, false, format!("{i}"))
                 .await;
         }
-        let first = sub.recv_publishes(3).await;
+        let mut first = Vec::new();
+        for _ in 0..3 {
+            first.push(next_publish(&mut sub, false).await);
+        }
         let ids: HashSet<u16> = first.iter().map(|p| p.pkid).collect();
         assert_eq!(ids.len(), 3, "distinct packet ids in flight: {first:?}");
         assert!(!ids.contains(&0));
-        sub.assert_no_publish(QUIET).await;
+        // All six were queued before the PINGREQ: a fourth PUBLISH would come before PINGRESP.
+        sub.ping().await;
         for p in &first {
-            sub.ack(p).await;
+            sub.send(&pkt::puback(p.pkid)).await;
         }
-        let rest = sub.recv_publishes(3).await;
+        let mut rest = Vec::new();
+        for _ in 0..3 {
+            rest.push(next_publish(&mut sub, false).await);
+        }
         let all: Vec<String> = first
             .iter()
             .chain(&rest)
@@ -517,7 +529,7 @@ async fn qos2_publish_redelivered_with_dup_when_not_received() {
         let rel = raw.expect_packet(WAIT, "PUBREL").await;
         assert_eq!((rel.kind, rel.pkid()), (kind::PUBREL, again.pkid));
         raw.send(&pkt::pubcomp(again.pkid)).await;
-        raw.expect_silence(QUIET).await;
+        raw.ping().await; // the marker: nothing else (no third copy) before the PINGRESP
     })
     .await
 }
@@ -587,7 +599,7 @@ async fn many_concurrent_publishers() {
                 .or_default()
                 .push(text(&p.payload).parse().expect("number"));
         }
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
         for t in tasks {
             t.await.expect("publisher task");
         }

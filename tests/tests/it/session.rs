@@ -44,7 +44,7 @@ async fn persistent_session_v311_queues_while_offline() {
         let payloads: Vec<String> = got.iter().map(|p| text(&p.payload)).collect();
         assert_eq!(payloads, ["m0", "m1", "m2"], "queued QoS 1/2 in order");
         assert_eq!(got[1].qos, Q3::ExactlyOnce);
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
 
         eprintln!("--- the subscription survived too");
         publ.publish("ps3/t", Q3::AtLeastOnce, false, "live").await;
@@ -80,7 +80,7 @@ async fn persistent_session_v5_queues_while_offline() {
             .map(|p| text(&p.payload))
             .collect();
         assert_eq!(got, ["m0", "m1", "m2"]);
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -116,9 +116,9 @@ async fn clean_session_discards_state_v311() {
         eprintln!("--- clean_session=1 discards the stored session and its queue");
         let mut clean = V3Client::connect(b.mqtt_addr(), "cs3").await;
         assert!(!clean.connack.session_present);
-        clean.assert_no_publish(QUIET).await;
+        clean.assert_no_publish_before_marker().await;
         publ.publish("cs3/t", Q3::AtLeastOnce, false, "after").await;
-        clean.assert_no_publish(QUIET).await;
+        clean.assert_no_publish_before_marker().await;
         clean.disconnect().await;
         wait_connections(&b, 1).await;
 
@@ -154,7 +154,7 @@ async fn clean_start_discards_state_v5() {
             !fresh.connack.session_present,
             "clean start discards the session"
         );
-        fresh.assert_no_publish(QUIET).await;
+        fresh.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -216,7 +216,7 @@ async fn v5_session_expiry_removes_session() {
         })
         .await;
         assert!(!again.connack.session_present, "expired session is gone");
-        again.assert_no_publish(QUIET).await;
+        again.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -250,7 +250,7 @@ async fn queue_limit_drop_newest() {
             ["m0", "m1", "m2", "m3", "m4"],
             "drop-newest keeps the oldest"
         );
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -291,7 +291,7 @@ async fn queue_limit_drop_oldest() {
             ["m5", "m6", "m7", "m8", "m9"],
             "drop-oldest keeps the newest"
         );
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -350,7 +350,7 @@ async fn v5_message_expiry_while_queued() {
             None,
             "no expiry stays no expiry"
         );
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
         b.wait_metric(
             r#"petrel_session_queue_dropped_total{reason="expired"}"#,
             WAIT,
@@ -518,7 +518,7 @@ async fn redelivery_before_queued_messages_in_order() {
             .map(|(m, d)| (m.to_string(), *d))
             .collect();
         assert_eq!(got, want, "unacknowledged first, in order, then the queue");
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -559,7 +559,7 @@ async fn queue_limit_applies_to_online_slow_consumer() {
             got.push(text(&p.payload));
             sub.ack(&p).await;
         }
-        sub.assert_no_publish(QUIET).await;
+        sub.assert_no_publish_before_marker().await;
         assert_eq!(
             got,
             ["m0", "m1", "m2"],

@@ -32,7 +32,7 @@ async fn will_published_on_socket_loss() {
             ("will/loss", "gone")
         );
         assert_eq!(p.qos, Q3::AtLeastOnce);
-        w.assert_no_publish(QUIET).await;
+        w.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -65,7 +65,7 @@ async fn no_will_after_normal_disconnect() {
         c3.disconnect().await;
         c5.disconnect().await;
         wait_connections(&b, 1).await;
-        w.assert_no_publish(QUIET).await;
+        w.assert_no_publish_before_marker().await;
     })
     .await
 }
@@ -97,7 +97,7 @@ async fn will_published_on_keepalive_timeout() {
         let p = w.recv_publish().await;
         assert_eq!(text(&p.payload), "timed out");
         assert!(
-            start.elapsed() >= Duration::from_millis(1400),
+            start.elapsed() >= Duration::from_millis(1500),
             "not before 1.5 x keepalive"
         );
     })
@@ -227,7 +227,8 @@ async fn will_delay_cancelled_by_reconnect_v5() {
         .await;
         assert!(back.connack.session_present);
         eprintln!("--- past the 2 s will delay: nothing");
-        w.assert_no_publish(Duration::from_secs(3)).await;
+        let_time_pass(Duration::from_secs(3)).await; // the behaviour is defined by the delay
+        w.assert_no_publish_before_marker().await;
     })
     .await
 }
