@@ -422,3 +422,47 @@ async fn t10_retained_beyond_the_queue_limit_all_arrive() {
     })
     .await
 }
+
+#[tokio::test]
+async fn t10_inbound_qos1_counts_against_receive_maximum() {
+    test_timeout(async {
+        // fsync: each group commit takes a disk flush, so the PUBACKs of three publishes
+        // read at once are all still waiting when the third is decoded.
+        let env = [
+            ("PETREL_MQTT__RECEIVE_MAXIMUM", "2"),
+            ("PETREL_STORAGE__FSYNC", "true"),
+        ];
+        let b = Broker::start_with(&env, &[]).await;
+        // A persistent subscriber: each PUBACK waits for its message's store write.
+        let mut sub = V3Client::connect_with(b.mqtt_addr(), "rm-sub", |o| {
+            o.set_clean_session(false);
+        })
+        .await;
+        sub.subscribe("rm/t", Q3::AtLeastOnce).await;
+        sub.disconnect().await;
+        wait_connections(&b, 0).await;
+        let three: Vec<u8> = (1..=3u16)
+            .flat_map(|id| pkt::publish(true, "rm/t", b"x", 1, id, false, false, &[]))
+            .collect();
+        eprintln!("--- v5: three QoS 1 publishes in one write, receive maximum 2: 0x93");
+        let (mut v5, _) = RawClient::handshake(b.mqtt_addr(), &pkt::Connect::v5("rm-v5")).await;
+        v5.send(&three).await;
+        let got = v5.expect_closed(WAIT).await;
+        let last = got.last().expect("DISCONNECT before close");
+        assert_eq!(last.kind, kind::DISCONNECT, "{got:?}");
+        assert_eq!(last.disconnect_reason(), 0x93, "{got:?}");
+        eprintln!("--- 3.1.1: the same, held back until PUBACKs go out; nothing refused");
+        let (mut v3, _) = RawClient::handshake(b.mqtt_addr(), &pkt::Connect::v311("rm-v3")).await;
+        let three: Vec<u8> = (1..=3u16)
+            .flat_map(|id| pkt::publish(false, "rm/t", b"x", 1, id, false, false, &[]))
+            .collect();
+        v3.send(&three).await;
+        let mut acked = Vec::new();
+        while acked.len() < 3 {
+            let (ack, _) = v3.expect_kind(kind::PUBACK, WAIT).await;
+            acked.push(ack.pkid());
+        }
+        assert_eq!(acked, [1, 2, 3]);
+    })
+    .await
+}
