@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::conn::{Conn, ConnParams};
+use crate::auth::PASSWORD_CHECKS;
 use crate::broker::Broker;
 use crate::codec::{
     decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect,
@@ -163,6 +164,13 @@ where
         }
     };
     if let Err(rc) = verdict {
+        if rc == ReasonCode::QUOTA_EXCEEDED {
+            // Too many password checks running and waiting: not the client's fault.
+            broker.metrics.limit_hit(PASSWORD_CHECKS);
+            tracing::debug!(%peer, client_id = %accepted.client_id, "password checks busy");
+            refuse(protocol, rc, writer).await;
+            return None;
+        }
         let reason = if rc == ReasonCode::NOT_AUTHORIZED {
             "not_authorized"
         } else {
