@@ -5,10 +5,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::session::{Kick, Session, SessionId};
+use super::stats::SessionStats;
 
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     next_id: AtomicU64,
+    /// Counted by the sessions themselves: `$SYS` reads them without walking the map.
+    stats: Arc<SessionStats>,
 }
 
 impl Default for SessionRegistry {
@@ -16,6 +19,7 @@ impl Default for SessionRegistry {
         SessionRegistry {
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            stats: Arc::default(),
         }
     }
 }
@@ -36,7 +40,8 @@ impl SessionRegistry {
         expiry_secs: u32,
     ) -> (Arc<Session>, Option<Arc<Session>>) {
         let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let session = Arc::new(Session::new(id, client_id.clone(), expiry_secs));
+        let session = Session::new(id, client_id.clone(), expiry_secs);
+        let session = Arc::new(session.with_stats(self.stats.clone()));
         let old = self.lock().insert(client_id, session.clone());
         (session, old)
     }
@@ -47,7 +52,7 @@ impl SessionRegistry {
         F: FnOnce(SessionId, Arc<str>) -> Session,
     {
         let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let session = Arc::new(make(id, client_id.clone()));
+        let session = Arc::new(make(id, client_id.clone()).with_stats(self.stats.clone()));
         self.lock().insert(client_id, session.clone());
         session
     }
@@ -69,8 +74,9 @@ impl SessionRegistry {
         self.len() == 0
     }
 
+    /// Sessions with a connection attached (a counter: no walk, no lock).
     pub fn connected_count(&self) -> usize {
-        self.lock().values().filter(|s| s.is_connected()).count()
+        self.stats.connected()
     }
 
     /// Tells every attached connection to go; returns how many were told.
@@ -79,9 +85,8 @@ impl SessionRegistry {
         sessions.iter().filter(|s| s.kick(why)).count()
     }
 
-    /// Total queued messages over all sessions (for $SYS; not on a hot path).
+    /// Total queued messages over all sessions (a sum of counters: no walk, no lock).
     pub fn queued_count(&self) -> usize {
-        let sessions: Vec<Arc<Session>> = self.lock().values().cloned().collect();
-        sessions.iter().map(|s| s.queue_len()).sum()
+        self.stats.queued()
     }
 }
