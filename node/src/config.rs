@@ -255,6 +255,12 @@ pub struct LimitsConfig {
     /// the bucket refills; nothing is lost) or `disconnect` (DISCONNECT 0x96 Message rate
     /// too high in v5, the socket closed in 3.x). Default `throttle`.
     pub publish_rate_policy: PublishRatePolicy,
+    /// Password hashes verified at once (each argon2id check holds about 19 MiB for tens of
+    /// milliseconds); 0 means one per CPU core. Default `0`.
+    pub max_concurrent_password_checks: usize,
+    /// CONNECTs that may wait for a password check; past that a CONNECT is refused at once
+    /// (CONNACK 0x97 Quota exceeded in v5, 3 Server unavailable in 3.x). Default `256`.
+    pub max_waiting_password_checks: usize,
 }
 
 /// What a client publishing faster than `limits.max_publish_rate_per_client` gets.
@@ -384,6 +390,8 @@ impl Default for LimitsConfig {
             max_publish_rate_per_client: 0,
             publish_rate_burst: 0,
             publish_rate_policy: PublishRatePolicy::Throttle,
+            max_concurrent_password_checks: 0,
+            max_waiting_password_checks: 256,
         }
     }
 }

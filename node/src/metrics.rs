@@ -23,6 +23,8 @@ pub struct Metrics {
     pub sessions_expired: IntCounter,
     pub wills_published: IntCounter,
     pub auth_failures: IntCounterVec,
+    pub password_checks_running: IntGauge,
+    pub password_checks_waiting: IntGauge,
     pub handshake_failures: IntCounterVec,
     pub limit_hits: IntCounterVec,
     pub acl_denied: IntCounterVec,
@@ -97,6 +99,16 @@ impl Metrics {
                 "petrel_auth_failures_total",
                 "CONNECTs refused by authentication, by reason (bad_credentials, not_authorized)",
                 "reason",
+            ),
+            password_checks_running: gauge(
+                &r,
+                "petrel_auth_password_checks_running",
+                "Password hashes being verified now (at most limits.max_concurrent_password_checks)",
+            ),
+            password_checks_waiting: gauge(
+                &r,
+                "petrel_auth_password_checks_waiting",
+                "CONNECTs waiting for a password check (at most limits.max_waiting_password_checks)",
             ),
             handshake_failures: counter_vec(
                 &r,

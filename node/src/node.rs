@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
-use crate::auth::AuthGate;
+use crate::auth::{AuthGate, PasswordChecks};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::limit::Admission;
@@ -76,8 +76,14 @@ impl Node {
             path: cfg.storage.data_dir.join("db"),
             fsync: cfg.storage.fsync,
         })?;
-        let auth = AuthGate::from_config(&cfg.auth)?;
-        let broker = Arc::new(Broker::new(cfg, Metrics::new(), auth, store.clone()));
+        let metrics = Metrics::new();
+        let checks = PasswordChecks::new(
+            &cfg.limits,
+            metrics.password_checks_running.clone(),
+            metrics.password_checks_waiting.clone(),
+        );
+        let auth = AuthGate::from_config(&cfg.auth)?.with_checks(checks);
+        let broker = Arc::new(Broker::new(cfg, metrics, auth, store.clone()));
         let recovered = recover(&broker, &store)?;
         tracing::info!(
             sessions = recovered.sessions,

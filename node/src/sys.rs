@@ -28,8 +28,12 @@ pub async fn run(broker: Arc<Broker>, cancel: CancellationToken) {
 
 fn publish_all(b: &Broker, scratch: &mut Vec<crate::router::Match>) {
     let m = &b.metrics;
+    // Counters, not walks over the sessions: a walk would hold the registry lock that every
+    // CONNECT's claim takes. A client is connected once its session is attached (a socket
+    // still in its CONNECT, or closing, is not a client).
     let sessions = b.sessions.len();
-    let connected = m.connections.get().max(0) as usize;
+    let connected = b.sessions.connected_count();
+    let queued = b.sessions.queued_count();
     let values: [(&str, String); 11] = [
         ("$SYS/broker/version", format!("petrel version {VERSION}")),
         (
@@ -43,9 +47,7 @@ fn publish_all(b: &Broker, scratch: &mut Vec<crate::router::Match>) {
         ),
         (
             "$SYS/broker/clients/disconnected",
-            sessions
-                .saturating_sub(b.sessions.connected_count())
-                .to_string(),
+            sessions.saturating_sub(connected).to_string(),
         ),
         (
             "$SYS/broker/messages/received",
@@ -65,12 +67,9 @@ fn publish_all(b: &Broker, scratch: &mut Vec<crate::router::Match>) {
         ),
         (
             "$SYS/broker/messages/stored",
-            (b.retained_count() + b.sessions.queued_count()).to_string(),
+            (b.retained_count() + queued).to_string(),
         ),
-        (
-            "$SYS/broker/messages/queued",
-            b.sessions.queued_count().to_string(),
-        ),
+        ("$SYS/broker/messages/queued", queued.to_string()),
     ];
     for (topic, value) in values {
         let topic = MqttStr::from_static(topic);

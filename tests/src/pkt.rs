@@ -242,6 +242,8 @@ pub struct Connect {
     pub properties: Vec<Vec<u8>>,
     /// Sets the reserved bit 0 of the connect flags (must be 0).
     pub reserved_flag: bool,
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
 }
 
 impl Connect {
@@ -256,6 +258,8 @@ impl Connect {
             will: None,
             properties: Vec::new(),
             reserved_flag: false,
+            username: None,
+            password: None,
         }
     }
 
@@ -296,6 +300,13 @@ impl Connect {
         self
     }
 
+    /// Sets a username and password.
+    pub fn login(mut self, username: &str, password: &[u8]) -> Connect {
+        self.username = Some(username.to_owned());
+        self.password = Some(password.to_vec());
+        self
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let v5 = self.level == 5;
         let mut body = string(&self.protocol_name);
@@ -313,6 +324,12 @@ impl Connect {
         if self.reserved_flag {
             flags |= 0x01;
         }
+        if self.username.is_some() {
+            flags |= 0x80;
+        }
+        if self.password.is_some() {
+            flags |= 0x40;
+        }
         body.push(flags);
         body.extend(self.keep_alive.to_be_bytes());
         if v5 {
@@ -325,6 +342,12 @@ impl Connect {
             }
             body.extend(string(&w.topic));
             body.extend(bin(&w.payload));
+        }
+        if let Some(u) = &self.username {
+            body.extend(string(u));
+        }
+        if let Some(p) = &self.password {
+            body.extend(bin(p));
         }
         frame(0x10, &body)
     }

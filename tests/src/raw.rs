@@ -154,6 +154,9 @@ pub struct RawClient {
     stream: TcpStream,
     buf: Vec<u8>,
     closed: bool,
+    /// The error that closed the connection (a reset, a broken pipe); `None` after a clean
+    /// EOF or while open.
+    close_error: Option<std::io::ErrorKind>,
 }
 
 impl RawClient {
@@ -167,6 +170,7 @@ impl RawClient {
             stream,
             buf: Vec::new(),
             closed: false,
+            close_error: None,
         }
     }
 
@@ -180,16 +184,20 @@ impl RawClient {
         (c, ack)
     }
 
-    /// Writes bytes; a write error (the broker closed) is ignored, later reads see `Closed`.
+    /// Writes bytes; a write error (the broker closed) is ignored, later reads see `Closed`
+    /// (like a client stack that gives up on a connection whose write failed, without
+    /// reading what the broker sent before closing).
     pub async fn send(&mut self, bytes: &[u8]) {
-        if self.stream.write_all(bytes).await.is_err() {
+        if let Err(e) = self.stream.write_all(bytes).await {
             self.closed = true;
+            self.close_error.get_or_insert(e.kind());
         }
     }
 
-    /// The socket itself, for tests that write past what the broker reads.
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
-        &mut self.stream
+    /// The error that ended the connection (a reset, a broken pipe on a write); `None`
+    /// while it is open or after the broker closed it cleanly (EOF).
+    pub fn close_error(&self) -> Option<std::io::ErrorKind> {
+        self.close_error
     }
 
     /// Half-closes the connection (sends FIN) and keeps reading possible.
@@ -228,7 +236,11 @@ impl RawClient {
             let mut chunk = [0u8; 4096];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
                 Err(_) => return RawRead::Timeout,
-                Ok(Ok(0)) | Ok(Err(_)) => self.closed = true,
+                Ok(Ok(0)) => self.closed = true,
+                Ok(Err(e)) => {
+                    self.closed = true;
+                    self.close_error.get_or_insert(e.kind());
+                }
                 Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }

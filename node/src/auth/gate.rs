@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::checks::Busy;
 use super::{
-    Acl, AuthError, ClientCtx, FailureTracker, PasswordFile, Reloadable, SlowdownPolicy,
-    SubscribeDecision,
+    Acl, AuthError, ClientCtx, FailureTracker, PasswordChecks, PasswordFile, Reloadable,
+    SlowdownPolicy, SubscribeDecision,
 };
 use crate::codec::ReasonCode;
 use crate::config::AuthConfig;
@@ -19,6 +20,7 @@ pub struct AuthGate {
     passwords: Option<Arc<Reloadable<PasswordFile>>>,
     acl: Option<Arc<Reloadable<Acl>>>,
     failures: FailureTracker,
+    checks: PasswordChecks,
     reload_every: Duration,
 }
 
@@ -38,8 +40,15 @@ impl AuthGate {
             passwords,
             acl,
             failures: FailureTracker::new(SlowdownPolicy::default()),
+            checks: PasswordChecks::unobserved(),
             reload_every: Duration::from_secs(cfg.reload_interval_secs.max(1)),
         })
+    }
+
+    /// Bounds the password checks with `checks` (the default bounds are not observed).
+    pub fn with_checks(mut self, checks: PasswordChecks) -> AuthGate {
+        self.checks = checks;
+        self
     }
 
     /// An open gate: anonymous clients allowed, no ACL.
@@ -58,7 +67,8 @@ impl AuthGate {
     }
 
     /// Decides a CONNECT's credentials. Repeated failures from one address are answered
-    /// ever more slowly; the password hash runs off the async workers.
+    /// ever more slowly; the password hash runs off the async workers, a bounded number at
+    /// a time (see [`PasswordChecks`]): past the bound, 0x97 Quota exceeded at once.
     pub async fn authenticate(
         &self,
         ip: IpAddr,
@@ -79,13 +89,11 @@ impl AuthGate {
                     user.to_owned(),
                     password.unwrap_or_default().to_vec(),
                 );
-                let ok = tokio::task::spawn_blocking(move || file.verify(&user, &pass))
-                    .await
-                    .unwrap_or(false);
-                if ok {
-                    Ok(())
-                } else {
-                    Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+                match self.checks.run(move || file.verify(&user, &pass)).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(ReasonCode::BAD_USER_NAME_OR_PASSWORD),
+                    // Busy is not a failed login: it does not slow the address down.
+                    Err(Busy) => return Err(ReasonCode::QUOTA_EXCEEDED),
                 }
             }
         };

@@ -5,9 +5,11 @@
 //!   file format is described in [`acl`].
 //! - [`Reloadable`]: a file-backed value, re-read when the file changes.
 //! - [`FailureTracker`]: slows down repeated failed logins from one address.
+//! - [`PasswordChecks`]: how many password hashes run at once, and how many wait.
 //! - [`AuthGate`]: what the broker asks: may this client connect, publish, subscribe, receive.
 
 pub mod acl;
+mod checks;
 mod error;
 mod failure;
 mod filter;
@@ -17,6 +19,7 @@ mod password;
 pub mod reload;
 
 pub use acl::{Acl, ClientCtx, SubscribeDecision};
+pub use checks::{PasswordChecks, PASSWORD_CHECKS};
 pub use error::AuthError;
 pub use failure::{FailureTracker, SlowdownPolicy};
 pub use gate::AuthGate;

@@ -36,8 +36,6 @@ const READ_MAX: usize = 64 * 1024;
 const OUT_MAX: usize = 4 * HIGH_WATER;
 /// Write buffer reserved when a batch of messages starts going out.
 pub(super) const WRITE_RESERVE: usize = 16 * 1024;
-/// How long a closing connection may spend flushing its last bytes.
-const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 pub(super) struct ConnParams {
     pub connect: Box<Connect>,
@@ -255,7 +253,14 @@ impl Conn {
         W: AsyncWrite + Unpin,
     {
         // The CONNACK first, on its own: its buffer is then released, and an idle connection
-        // keeps no write buffer at all.
+        // keeps no write buffer at all. It waits for what the claim stored, if anything.
+        let store = &self.broker.store;
+        if self.durable_acks
+            && self.write_barrier > store.committed_now().ticket
+            && store.wait(self.write_barrier).await.is_err()
+        {
+            return Exit::Error(ConnError::StoreFailed);
+        }
         if let Err(e) = writer.write_all(&self.out).await {
             return Exit::Error(e.into());
         }
@@ -484,11 +489,11 @@ impl Conn {
         true
     }
 
-    /// Says goodbye, then fires or schedules the will and parks or ends the session.
-    pub async fn finish<W>(mut self, exit: Exit, writer: &mut W)
-    where
-        W: AsyncWrite + Unpin,
-    {
+    /// Fires or schedules the will and parks or ends the session, and returns what is left
+    /// to say: the v5 DISCONNECT (if any) after whatever was still waiting to be written.
+    /// Nothing is written here, so the session is free before the socket is closed: a
+    /// taking-over connection never waits for this one's last write.
+    pub fn finish(mut self, exit: Exit) -> Goodbye {
         let metrics = &self.broker.metrics;
         let (publish_will, reason) = match &exit {
             Exit::Disconnect { with_will } => (*with_will, None),
@@ -513,12 +518,20 @@ impl Conn {
                 self.send(&Packet::Disconnect(d));
             }
         }
+        // The node closes first (the client may still be writing): linger so that what it
+        // is told arrives. Not after the client's DISCONNECT or its own close.
         let out = std::mem::take(&mut self.out);
-        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
-            let _ = writer.write_all(&out).await;
-            let _ = writer.shutdown().await;
-        })
-        .await;
+        let linger = match reason {
+            Some(e) if e.reason_code().is_some() && !out.is_empty() => {
+                super::close::linger_bytes(e)
+            }
+            _ => 0,
+        };
+        let bye = Goodbye {
+            out,
+            linger,
+            _permits: self.permits.take(),
+        };
         let now = Instant::now();
         let will = self.will.take();
         if !publish_will && will.is_some() {
@@ -560,5 +573,17 @@ impl Conn {
         } else if let Some(at) = expires_at {
             broker.schedule_session_expiry(&session, at);
         }
+        bye
     }
+}
+
+/// What a finished connection still has to do with its socket (see `close.rs`).
+pub(super) struct Goodbye {
+    /// The last bytes to write.
+    pub out: BytesMut,
+    /// The node closes while the client may still be writing: read and discard up to this
+    /// many bytes, for a while (0: close at once).
+    pub linger: usize,
+    /// The connection limits' permits, held until the socket is closed.
+    pub _permits: Option<Permits>,
 }

@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::close::{self, close};
 use super::conn::{Conn, ConnParams};
+use crate::auth::PASSWORD_CHECKS;
 use crate::broker::Broker;
 use crate::codec::{
     decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect,
@@ -61,13 +63,15 @@ pub async fn serve<S>(
     let (mut reader, mut writer) = tokio::io::split(stream);
     // Refused connections only get their CONNACK: they are not counted as connections.
     if info.refused.is_some() {
-        handshake(&mut reader, &mut writer, peer, info, &broker).await;
+        if let Err(last) = handshake(&mut reader, peer, info, &broker).await {
+            close(&mut reader, &mut writer, &last, linger_if(&last)).await;
+        }
         return;
     }
     broker.metrics.connections.inc();
     broker.metrics.connections_total.inc();
-    match handshake(&mut reader, &mut writer, peer, info, &broker).await {
-        Some((mut conn, mut rbuf)) => {
+    match handshake(&mut reader, peer, info, &broker).await {
+        Ok((mut conn, mut rbuf)) => {
             if rbuf.is_empty() {
                 // Usually all of it was the CONNECT: an idle connection keeps no buffer.
                 rbuf = BytesMut::new();
@@ -87,7 +91,20 @@ pub async fn serve<S>(
                 tracker.spawn(connected.instrument(span));
             }
         }
-        None => broker.metrics.connections.dec(),
+        Err(last) => {
+            broker.metrics.connections.dec();
+            close(&mut reader, &mut writer, &last, linger_if(&last)).await;
+        }
+    }
+}
+
+/// A refusal that says something lingers (the client may have sent more after its CONNECT);
+/// one that says nothing is just closed.
+fn linger_if(last: &[u8]) -> usize {
+    if last.is_empty() {
+        0
+    } else {
+        close::LINGER_BYTES
     }
 }
 
@@ -99,22 +116,24 @@ where
 {
     let exit = conn.run(&mut reader, &mut writer, rbuf).await;
     let broker = conn.broker.clone();
-    Box::pin((*conn).finish(exit, &mut writer)).await;
+    let bye = (*conn).finish(exit);
     broker.metrics.connections.dec();
+    // Boxed: only a closing connection needs this future's state.
+    Box::pin(close(&mut reader, &mut writer, &bye.out, bye.linger)).await;
+    drop(bye);
 }
 
 /// CONNECT, authentication, the claim and CONNACK (written into the connection's buffer).
-/// `None`: the connection was refused or failed and is done.
-async fn handshake<R, W>(
+/// `Err`: the connection was refused or failed and is done; it holds what to write before
+/// closing (the refusal CONNACK, or nothing).
+async fn handshake<R>(
     reader: &mut R,
-    writer: &mut W,
     peer: SocketAddr,
     info: ConnInfo,
     broker: &Arc<Broker>,
-) -> Option<(Box<Conn>, BytesMut)>
+) -> Result<(Box<Conn>, BytesMut), BytesMut>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
 {
     // Small to start: most CONNECTs fit, and an idle connection keeps what it has here.
     let mut rbuf = BytesMut::with_capacity(256);
@@ -129,23 +148,16 @@ where
         .unwrap_or(Err(ConnectFailure::Timeout))
     {
         Ok(c) => c,
-        Err(f) => {
-            refuse_early(f, writer, broker, peer).await;
-            return None;
-        }
+        Err(f) => return Err(refuse_early(f, broker, peer)),
     };
     tracing::Span::current().record("client_id", connect.client_id.as_str());
     let protocol = connect.protocol;
     if let Some(why) = info.refused {
-        refuse(protocol, why.reason_code(protocol), writer).await;
-        return None;
+        return Err(refuse(protocol, why.reason_code(protocol)));
     }
     let accepted = match accept(&connect, broker) {
         Ok(a) => a,
-        Err(rc) => {
-            refuse(protocol, rc, writer).await;
-            return None;
-        }
+        Err(rc) => return Err(refuse(protocol, rc)),
     };
     if let Some(cn) = info.cert_cn.as_deref().and_then(|cn| MqttStr::new(cn).ok()) {
         // A verified certificate is the credential: its CN is the username.
@@ -163,6 +175,12 @@ where
         }
     };
     if let Err(rc) = verdict {
+        if rc == ReasonCode::QUOTA_EXCEEDED {
+            // Too many password checks running and waiting: not the client's fault.
+            broker.metrics.limit_hit(PASSWORD_CHECKS);
+            tracing::debug!(%peer, client_id = %accepted.client_id, "password checks busy");
+            return Err(refuse(protocol, rc));
+        }
         let reason = if rc == ReasonCode::NOT_AUTHORIZED {
             "not_authorized"
         } else {
@@ -174,8 +192,7 @@ where
             .with_label_values(&[reason])
             .inc();
         tracing::info!(%peer, client_id = %accepted.client_id, ?username, reason, "authentication failed");
-        refuse(protocol, rc, writer).await;
-        return None;
+        return Err(refuse(protocol, rc));
     }
     let conn_id = broker.next_conn_id();
     let claim = claim(
@@ -188,10 +205,7 @@ where
     .await;
     let (session, state, present) = match claim {
         Ok(c) => c,
-        Err(rc) => {
-            refuse(protocol, rc, writer).await;
-            return None;
-        }
+        Err(rc) => return Err(refuse(protocol, rc)),
     };
     if let Some(w) = &connect.will {
         // Stored now, not at the disconnect: if the node dies under this connection, the
@@ -202,6 +216,11 @@ where
         };
         broker.arm_will(&accepted.client_id, w, delay);
     }
+    // The CONNACK goes out once what the claim stored (the session record, the will) is in
+    // the WAL: a client that saw its CONNACK keeps both across a crash. An empty append's
+    // ticket covers everything appended before it.
+    let durable =
+        (session.is_persistent() || connect.will.is_some()).then(|| broker.store.append(|_| {}));
     tracing::debug!(client_id = %accepted.client_id, %protocol, present, "connected");
     let connack = connack(&connect, broker, &accepted, present);
     let mut out = BytesMut::new();
@@ -213,8 +232,11 @@ where
         expiry: accepted.expiry,
         conn_id,
     };
-    let conn = Box::new(Conn::new(broker.clone(), session, state, params, out));
-    Some((conn, rbuf))
+    let mut conn = Box::new(Conn::new(broker.clone(), session, state, params, out));
+    if let Some(t) = durable {
+        conn.write_barrier = t;
+    }
+    Ok((conn, rbuf))
 }
 
 async fn read_connect<R>(
@@ -229,11 +251,13 @@ where
         if !rbuf.is_empty() && rbuf[0] != 0x10 {
             return Err(ConnectFailure::NotConnect);
         }
+        // Read before decoding: a complete frame leaves the buffer even when it is bad.
+        let level = peek_level(rbuf);
         match decode_packet(rbuf, Protocol::V5, max) {
             Ok(Some(Packet::Connect(c))) => return Ok(c),
             Ok(Some(_)) => return Err(ConnectFailure::NotConnect),
             Ok(None) => {}
-            Err(e) => return Err(ConnectFailure::Decode(e, peek_level(rbuf))),
+            Err(e) => return Err(ConnectFailure::Decode(e, level)),
         }
         match reader.read_buf(rbuf).await {
             Ok(0) if rbuf.is_empty() => return Err(ConnectFailure::Closed),
@@ -252,10 +276,10 @@ fn peek_level(buf: &[u8]) -> Option<u8> {
     buf.get(at + 2 + name_len).copied()
 }
 
-async fn refuse_early<W>(f: ConnectFailure, writer: &mut W, broker: &Broker, peer: SocketAddr)
-where
-    W: AsyncWrite + Unpin,
-{
+/// What a connection that sent no acceptable CONNECT is told before it is closed: a v5
+/// CONNACK with the decode error's reason code when the CONNECT says it is v5, CONNACK 0x01
+/// for an unknown protocol level, else nothing (3.x has no code for a malformed CONNECT).
+fn refuse_early(f: ConnectFailure, broker: &Broker, peer: SocketAddr) -> BytesMut {
     match f {
         ConnectFailure::Timeout => {
             broker.metrics.connect_timeouts.inc();
@@ -276,19 +300,18 @@ where
             tracing::debug!(%peer, error = %e, "bad CONNECT");
             match (e, level) {
                 (DecodeError::UnsupportedProtocol { .. }, _) => {
-                    refuse(Protocol::V3_1_1, ReasonCode(1), writer).await;
+                    return refuse(Protocol::V3_1_1, ReasonCode(1));
                 }
-                (e, Some(5)) => refuse(Protocol::V5, e.reason_code(), writer).await,
+                (e, Some(5)) => return refuse(Protocol::V5, e.reason_code()),
                 _ => {}
             }
         }
     }
+    BytesMut::new()
 }
 
-async fn refuse<W>(protocol: Protocol, rc: ReasonCode, writer: &mut W)
-where
-    W: AsyncWrite + Unpin,
-{
+/// The CONNACK refusing a connection with `rc` (3.x: the nearest return code).
+fn refuse(protocol: Protocol, rc: ReasonCode) -> BytesMut {
     tracing::debug!(reason = %rc, "connection refused");
     let connack = ConnAck {
         session_present: false,
@@ -296,11 +319,10 @@ where
         properties: ConnAckProperties::default(),
     };
     let mut out = BytesMut::new();
-    if encode_packet(&Packet::ConnAck(connack), protocol, &mut out).is_ok() {
-        let _ = writer.write_all(&out).await;
-        let _ = writer.flush().await;
+    if encode_packet(&Packet::ConnAck(connack), protocol, &mut out).is_err() {
+        out.clear();
     }
-    let _ = writer.shutdown().await;
+    out
 }
 
 /// What CONNECT negotiated, before the session is claimed.

@@ -296,6 +296,8 @@ impl Conn {
         };
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
+        // A persistent session's SUBACK waits until its subscriptions are in the WAL.
+        let mut durable = None;
         for (raw, asked) in &s.filters {
             let parsed = match topic::parse_filter(raw, max_levels) {
                 Ok(parsed) if raw.len() <= limits.max_topic_length_bytes => parsed,
@@ -365,9 +367,11 @@ impl Conn {
                     keys::subscription_key(&self.client_id, raw),
                     value::subscription(&options, sub_id),
                 );
-                self.broker
+                let t = self
+                    .broker
                     .store
                     .append(|w| w.put(Cf::Subscriptions, &key, &value));
+                durable = durable.max(Some(t));
             }
             codes.push(ReasonCode(options.qos as u8));
             let send_retained = match options.retain_handling {
@@ -393,11 +397,12 @@ impl Conn {
             }
         }
         let properties = AckProperties::default();
-        self.send(&Packet::SubAck(SubAck {
+        let suback = Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             properties,
             reason_codes: codes,
-        }));
+        });
+        self.send_after(durable, suback);
         // Paced by the in-flight window ahead of the queue (`Conn::pump`), not pushed through
         // the bounded queue.
         self.state.retained_backlog.extend(retained);

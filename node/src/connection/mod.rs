@@ -6,8 +6,10 @@
 //!                                 | socket write | socket read | keep-alive deadline
 //!                                 | pause over | store watermark moved }
 //!         ─> finish: will (now or delayed), park or end the session
+//!         ─> close: last bytes, half-close, read and discard until the client closes (bounded)
 //! ```
 
+mod close;
 mod conn;
 mod error;
 mod handshake;

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::session::{Kick, Session, SessionId};
+use super::stats::SessionStats;
 
 /// The order of claims: every successful claim of a client id gets a higher epoch than the
 /// one before it (node-wide on one node; the Raft log index once the cluster lands).
@@ -27,6 +28,8 @@ pub struct SessionRegistry {
     claims: Mutex<HashMap<Arc<str>, ClaimLock>>,
     next_id: AtomicU64,
     next_epoch: AtomicU64,
+    /// Counted by the sessions themselves: `$SYS` reads them without walking the map.
+    stats: Arc<SessionStats>,
 }
 
 impl Default for SessionRegistry {
@@ -36,6 +39,7 @@ impl Default for SessionRegistry {
             claims: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             next_epoch: AtomicU64::new(1),
+            stats: Arc::default(),
         }
     }
 }
@@ -110,7 +114,8 @@ impl SessionRegistry {
             return None;
         }
         let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let session = Arc::new(Session::new(id, client_id.clone(), expiry_secs));
+        let session = Session::new(id, client_id.clone(), expiry_secs);
+        let session = Arc::new(session.with_stats(self.stats.clone()));
         let old = map.insert(client_id, session.clone());
         Some((session, old))
     }
@@ -121,7 +126,7 @@ impl SessionRegistry {
         F: FnOnce(SessionId, Arc<str>) -> Session,
     {
         let id = SessionId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let session = Arc::new(make(id, client_id.clone()));
+        let session = Arc::new(make(id, client_id.clone()).with_stats(self.stats.clone()));
         self.lock().insert(client_id, session.clone());
         session
     }
@@ -143,8 +148,9 @@ impl SessionRegistry {
         self.len() == 0
     }
 
+    /// Sessions with a connection attached (a counter: no walk, no lock).
     pub fn connected_count(&self) -> usize {
-        self.lock().values().filter(|s| s.is_connected()).count()
+        self.stats.connected()
     }
 
     /// Tells every attached connection to go; returns how many were told.
@@ -153,10 +159,9 @@ impl SessionRegistry {
         sessions.iter().filter(|s| s.kick(why)).count()
     }
 
-    /// Total queued messages over all sessions (for $SYS; not on a hot path).
+    /// Total queued messages over all sessions (a sum of counters: no walk, no lock).
     pub fn queued_count(&self) -> usize {
-        let sessions: Vec<Arc<Session>> = self.lock().values().cloned().collect();
-        sessions.iter().map(|s| s.queue_len()).sum()
+        self.stats.queued()
     }
 }
 

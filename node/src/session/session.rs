@@ -15,6 +15,7 @@ use petrel_storage::{keys, Cf, Txn};
 use super::queue::{self, Delivery, DropReason, Enqueued, Plan, QueueLimits};
 use super::registry::Epoch;
 use super::state::SessionState;
+use super::stats::SessionStats;
 use crate::codec::QoS;
 use crate::message::Message;
 
@@ -97,6 +98,8 @@ pub struct Session {
     /// A publisher waited for this queue in vain: publishers stop waiting for it until it
     /// gets short again.
     stalled: AtomicBool,
+    /// The node's counts this session adds to (set by the registry; none in unit tests).
+    stats: Option<Arc<SessionStats>>,
     inner: Mutex<Inner>,
 }
 
@@ -114,6 +117,7 @@ impl Session {
             released: Notify::new(),
             drained: Notify::new(),
             stalled: AtomicBool::new(false),
+            stats: None,
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -146,6 +150,24 @@ impl Session {
             inner.next_seq = next_seq;
         }
         s
+    }
+
+    /// Makes the session count itself in `stats` (its queue as it is now, and from now on
+    /// its queue and whether a connection is attached).
+    pub fn with_stats(mut self, stats: Arc<SessionStats>) -> Session {
+        let inner = self.inner.get_mut().unwrap_or_else(|e| e.into_inner());
+        stats.queue_changed(inner.queue.len(), 0);
+        if inner.link.is_some() {
+            stats.attached();
+        }
+        self.stats = Some(stats);
+        self
+    }
+
+    fn count_queue(&self, added: usize, removed: usize) {
+        if let Some(s) = &self.stats {
+            s.queue_changed(added, removed);
+        }
     }
 
     #[cfg(test)]
@@ -244,6 +266,7 @@ impl Session {
             && inner.queue.len() >= limits.congested_at
             && !self.stalled.load(Ordering::Relaxed);
         drop(inner);
+        self.count_queue(1, dropped);
         // A queue that held messages already has its connection's attention (a stored
         // wake-up, a full window that an ack reopens, or a batch still being taken).
         if online && was_empty {
@@ -278,6 +301,7 @@ impl Session {
         }
         let after = inner.queue.len();
         drop(inner);
+        self.count_queue(0, before - after);
         if before >= low && after < low {
             self.stalled.store(false, Ordering::Relaxed);
             self.drained.notify_waiters();
@@ -343,6 +367,9 @@ impl Session {
         inner.expires_at = None;
         self.kicked.store(0, Ordering::Release);
         self.connected.store(true, Ordering::Release);
+        if let Some(s) = &self.stats {
+            s.attached();
+        }
         Some(state)
     }
 
@@ -361,8 +388,12 @@ impl Session {
         if inner.link.as_ref().is_some_and(|l| l.conn_id == conn_id) {
             inner.link = None;
             self.connected.store(false, Ordering::Release);
+            if let Some(s) = &self.stats {
+                s.released();
+            }
             if end {
                 inner.ended = true;
+                self.count_queue(0, inner.queue.len());
                 inner.queue.clear();
                 inner.queued_bytes = 0;
                 back = Some(state);
@@ -453,6 +484,7 @@ impl Session {
         let mut inner = self.lock();
         inner.ended = true;
         let dropped = inner.queue.len();
+        self.count_queue(0, dropped);
         inner.queue.clear();
         inner.queued_bytes = 0;
         self.drained.notify_waiters();

@@ -347,33 +347,56 @@ async fn t10_retained_quota_refuses_new_topics_with_0x97() {
 async fn t10_client_that_never_reads_cannot_grow_the_node() {
     test_timeout(async {
         let b = Broker::start().await;
-        let (mut raw, _) = RawClient::handshake(b.mqtt_addr(), &pkt::Connect::v311("deaf")).await;
+        // A small receive buffer on the client: what the node sends it piles up on the node's
+        // side after a few KiB, so the test does not wait for megabytes of kernel buffers.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let mut stream = socket.connect(b.mqtt_addr()).await.expect("connect");
+        stream
+            .write_all(&pkt::Connect::v311("deaf").encode())
+            .await
+            .expect("CONNECT");
+        let mut connack = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut stream, &mut connack)
+            .await
+            .expect("CONNACK");
+        assert_eq!(connack, [0x20, 2, 0, 0]);
         eprintln!("--- QoS 1 publishes, never reading their PUBACKs");
-        // Small publishes (7 bytes for a 4-byte PUBACK): the kernel's socket buffers (a few
-        // MiB each way on loopback) fill after some tens of MiB; a node that kept reading
-        // would take every byte.
+        // Small publishes (7 bytes for a 4-byte PUBACK); a node that kept reading would take
+        // every byte.
         let mut batch = Vec::new();
         for i in 0..4096u16 {
             batch.extend(pkt::publish(false, "d", b"", 1, i + 1, false, false, &[]));
         }
-        let limit = 256 << 20;
-        let mut written = 0usize;
-        let stream = raw.stream_mut();
-        while written < limit {
-            match tokio::time::timeout(Duration::from_secs(3), stream.write_all(&batch)).await {
-                Ok(Ok(())) => written += batch.len(),
-                Ok(Err(e)) => panic!("write failed after {written} bytes: {e}"),
-                Err(_) => break,
+        let limit = 64 << 20;
+        let writer = tokio::spawn(async move {
+            let mut written = 0usize;
+            while written < limit {
+                stream.write_all(&batch).await.expect("write");
+                written += batch.len();
             }
-        }
+            stream
+        });
+        // The node reads until it stops for good (nothing more for 5 s) or has it all.
+        let mut last = (0.0, tokio::time::Instant::now());
+        let read = loop {
+            let now = b.metric("petrel_mqtt_received_bytes_total").await;
+            if now >= (limit / 2) as f64 {
+                break now;
+            }
+            if now != last.0 {
+                last = (now, tokio::time::Instant::now());
+            } else if last.1.elapsed() >= Duration::from_secs(5) {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        writer.abort();
         assert!(
-            written < limit,
-            "the node read {written} bytes of publishes without its PUBACKs being read"
+            read < (limit / 2) as f64,
+            "the node read {read} bytes of publishes whose PUBACKs the client never read"
         );
-        eprintln!(
-            "--- the node stopped reading; another client is served ({})",
-            written
-        );
+        eprintln!("--- the node stopped reading after {read} bytes; another client is served");
         let mut other = V3Client::connect(b.mqtt_addr(), "hearing").await;
         other.subscribe("hearing/t", Q3::AtLeastOnce).await;
         other

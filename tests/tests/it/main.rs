@@ -4,10 +4,11 @@
 //!
 //! Modules follow the numbered points of issue 2: connection lifecycle (2), QoS (3), sessions
 //! (4), router (5), retained (6), will (7), v5 passthrough and limits (8), $SYS (9), bad input
-//! (10) and the binary (11).
+//! (10) and the binary (11). `storm` and `closing` are issue 10, points 7 and 9.
 
 mod bad_input;
 mod binary;
+mod closing;
 mod connect;
 mod durability;
 mod hardening;
@@ -15,6 +16,7 @@ mod qos;
 mod retained;
 mod router;
 mod session;
+mod storm;
 mod sys;
 mod v5;
 mod will;

@@ -1,4 +1,4 @@
-//! Issue 2, point 9: $SYS topics.
+//! Issue 2, point 9: $SYS topics (and issue 10, point 7: their counts are counters).
 
 use std::collections::BTreeMap;
 
@@ -96,6 +96,96 @@ async fn sys_disabled_with_interval_zero() {
             0.0,
             "no retained $SYS messages"
         );
+    })
+    .await
+}
+
+/// The latest value of each `$SYS` topic `watch` received.
+struct SysValues(BTreeMap<String, u64>);
+
+impl SysValues {
+    /// Reads `$SYS` messages until `connected`, `disconnected`, `total` (clients) and
+    /// `queued` (messages) all have the wanted values.
+    async fn wait_for(&mut self, watch: &mut V5Client, want: [u64; 4], what: &str) {
+        let names = [
+            "$SYS/broker/clients/connected",
+            "$SYS/broker/clients/disconnected",
+            "$SYS/broker/clients/total",
+            "$SYS/broker/messages/queued",
+        ];
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got: Vec<Option<u64>> = names.iter().map(|n| self.0.get(*n).copied()).collect();
+            if got.iter().zip(want).all(|(g, w)| *g == Some(w)) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(p) = watch.try_recv_publish(left).await else {
+                panic!("{what}: wanted {names:?} = {want:?}, last seen {got:?}");
+            };
+            let value = text(&p.payload).trim().parse().unwrap_or(u64::MAX);
+            self.0.insert(topic5(&p), value);
+        }
+    }
+}
+
+#[tokio::test]
+async fn t90_issue_10_sys_counts_follow_sessions() {
+    test_timeout(async {
+        let b = Broker::start_with(
+            &[
+                ("PETREL_MQTT__SYS_INTERVAL_SECS", "1"),
+                // The half-open socket below must outlive the test.
+                ("PETREL_MQTT__CONNECT_TIMEOUT_MS", "60000"),
+            ],
+            &[],
+        )
+        .await;
+        let addr = b.mqtt_addr();
+        let mut watch = V5Client::connect(addr, "sys-watch").await;
+        watch
+            .subscribe("$SYS/broker/clients/+", Q5::AtMostOnce)
+            .await;
+        watch
+            .subscribe("$SYS/broker/messages/queued", Q5::AtMostOnce)
+            .await;
+        let mut sys = SysValues(BTreeMap::new());
+        sys.wait_for(&mut watch, [1, 0, 1, 0], "the watcher alone")
+            .await;
+
+        eprintln!("--- a persistent client, and a socket still in its CONNECT (not a client)");
+        let mut half_open = RawClient::connect(addr).await;
+        half_open.send(&[0x10]).await;
+        let persistent = |o: &mut rumqttc::v5::MqttOptions| {
+            o.set_clean_start(false);
+            set_session_expiry(o, 2);
+        };
+        let mut p = V5Client::connect_with(addr, "sys-p", persistent).await;
+        p.subscribe("sys-p/t", Q5::AtLeastOnce).await;
+        wait_connections(&b, 3).await;
+        sys.wait_for(&mut watch, [2, 0, 2, 0], "two clients").await;
+
+        eprintln!("--- offline with three messages queued");
+        p.disconnect().await;
+        for i in 0..3 {
+            watch
+                .publish("sys-p/t", Q5::AtLeastOnce, false, format!("m{i}"))
+                .await;
+        }
+        sys.wait_for(&mut watch, [1, 1, 2, 3], "one offline session, 3 queued")
+            .await;
+
+        eprintln!("--- back: the queue drains");
+        let mut p = V5Client::connect_with(addr, "sys-p", persistent).await;
+        assert_eq!(p.recv_publishes(3).await.len(), 3);
+        sys.wait_for(&mut watch, [2, 0, 2, 0], "resumed and drained")
+            .await;
+
+        eprintln!("--- offline again, then the session expires");
+        p.disconnect().await;
+        sys.wait_for(&mut watch, [1, 0, 1, 0], "the session expired")
+            .await;
+        drop(half_open);
     })
     .await
 }
