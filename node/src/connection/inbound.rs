@@ -75,9 +75,11 @@ impl Conn {
         if self.problem_info && self.v5() {
             resp.properties.reason_string = why.map(MqttStr::from_static);
         }
+        // Behind any acknowledgement still waiting for the store: acknowledgements keep the
+        // order of the PUBLISHes they answer.
         match p.qos {
-            QoS::AtLeastOnce => self.send(&Packet::PubAck(resp)),
-            QoS::ExactlyOnce => self.send(&Packet::PubRec(resp)),
+            QoS::AtLeastOnce => self.send_after(None, Packet::PubAck(resp)),
+            QoS::ExactlyOnce => self.send_after(None, Packet::PubRec(resp)),
             QoS::AtMostOnce => {}
         }
     }
