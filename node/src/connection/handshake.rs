@@ -390,6 +390,9 @@ async fn claim(
                 if !old.wait_released(TAKEOVER_TIMEOUT).await {
                     return Err(ReasonCode::SERVER_BUSY);
                 }
+                // Another CONNECT of this client id may have claimed it while we waited (a
+                // session of its own, not in `existing`): look again.
+                continue;
             }
         }
         let (session, present) = match existing {
