@@ -220,11 +220,14 @@ where
         if !rbuf.is_empty() && rbuf[0] != 0x10 {
             return Err(ConnectFailure::NotConnect);
         }
+        // Before decoding: a frame that fails to decode is taken out of the buffer, and what
+        // follows it is not this CONNECT.
+        let level = peek_level(rbuf);
         match decode_packet(rbuf, Protocol::V5, max) {
             Ok(Some(Packet::Connect(c))) => return Ok(c),
             Ok(Some(_)) => return Err(ConnectFailure::NotConnect),
             Ok(None) => {}
-            Err(e) => return Err(ConnectFailure::Decode(e, peek_level(rbuf))),
+            Err(e) => return Err(ConnectFailure::Decode(e, level)),
         }
         match reader.read_buf(rbuf).await {
             Ok(0) if rbuf.is_empty() => return Err(ConnectFailure::Closed),
