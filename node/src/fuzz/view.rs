@@ -173,11 +173,13 @@ impl View {
         self.rbuf.extend_from_slice(bytes);
         loop {
             let before = self.rbuf.len();
+            let head = self.rbuf[..before.min(32)].to_vec();
             let p = match decode_packet(&mut self.rbuf, protocol, u32::MAX) {
                 Ok(Some(p)) => p,
                 Ok(None) => return acks,
                 Err(e) => panic!(
-                    "slot {}: the broker wrote bytes that do not decode as {protocol}: {e}",
+                    "slot {}: the broker wrote bytes that do not decode as {protocol}: {e}: \
+                     {head:02x?}",
                     self.slot
                 ),
             };
