@@ -18,7 +18,7 @@ use proptest::prelude::any;
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config, TestRunner};
 
-use super::run::COVERAGE;
+use super::coverage::COVERAGE;
 use super::{fuzz_codec, fuzz_connection, panics, script::Script};
 use crate::codec::fuzz_logic;
 

@@ -17,7 +17,9 @@
 //!
 //! Built for tests and with the `fuzzing` feature (the cargo-fuzz crate in `node/fuzz`).
 
+mod after;
 mod client;
+mod coverage;
 mod input;
 mod packets;
 mod panics;

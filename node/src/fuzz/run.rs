@@ -1,25 +1,22 @@
 //! Runs a script against a fresh broker core and checks what must hold afterwards.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use bytes::Bytes;
 use petrel_storage::{Store, StoreOptions};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::after::{bystander, check_sessions};
 use super::client::{Client, Server, DEADLINE};
+use super::coverage::COVERAGE;
 use super::panics;
 use super::script::{encode_connect, First, Flush, Op, Script, SLOTS};
 use super::view::View;
 use crate::auth::AuthGate;
 use crate::broker::Broker;
-use crate::codec::{
-    Connect, ConnectProperties, MqttStr, Packet, PacketId, Protocol, Publish, QoS, ReasonCode,
-    Subscribe, SubscriptionOptions,
-};
+use crate::codec::Packet;
 use crate::metrics::Metrics;
 use crate::session::Kick;
 
@@ -74,65 +71,6 @@ fn remove_stale_stores(base: &std::path::Path) {
         if pid.parse::<u32>().is_ok() && !PathBuf::from("/proc").join(pid).exists() {
             let _ = std::fs::remove_dir_all(e.path());
         }
-    }
-}
-
-/// What the cases reached, summed over the process: the budget driver prints it, to show
-/// that inputs get past the handshake and into the broker.
-pub(super) static COVERAGE: Coverage = Coverage {
-    cases: AtomicU64::new(0),
-    connections: AtomicU64::new(0),
-    received: AtomicU64::new(0),
-    sent: AtomicU64::new(0),
-    takeovers: AtomicU64::new(0),
-    wills: AtomicU64::new(0),
-    bad_packets: AtomicU64::new(0),
-};
-
-pub(super) struct Coverage {
-    cases: AtomicU64,
-    connections: AtomicU64,
-    received: AtomicU64,
-    sent: AtomicU64,
-    takeovers: AtomicU64,
-    wills: AtomicU64,
-    bad_packets: AtomicU64,
-}
-
-impl Coverage {
-    fn add(&self, m: &Metrics) {
-        let bad: f64 = prometheus::core::Collector::collect(&m.bad_packets)
-            .iter()
-            .flat_map(|family| family.get_metric())
-            .map(|metric| metric.get_counter().get_value())
-            .sum();
-        for (total, n) in [
-            (&self.cases, 1),
-            (&self.connections, m.connections_total.get()),
-            (&self.received, m.messages_received.get()),
-            (&self.sent, m.messages_sent.get()),
-            (&self.takeovers, m.takeovers.get()),
-            (&self.wills, m.wills_published.get()),
-            (&self.bad_packets, bad as u64),
-        ] {
-            total.fetch_add(n, Ordering::Relaxed);
-        }
-    }
-
-    /// Averages per case.
-    pub fn summary(&self) -> String {
-        let cases = self.cases.load(Ordering::Relaxed).max(1) as f64;
-        let per = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / cases;
-        format!(
-            "per case: {:.1} connections, {:.1} PUBLISHes in, {:.1} out, {:.2} takeovers, \
-             {:.2} wills, {:.1} bad packets",
-            per(&self.connections),
-            per(&self.received),
-            per(&self.sent),
-            per(&self.takeovers),
-            per(&self.wills),
-            per(&self.bad_packets)
-        )
     }
 }
 
@@ -339,134 +277,4 @@ impl Harness {
             "connections gauge"
         );
     }
-}
-
-/// A fresh subscriber and publisher on the same broker: the round trip must work.
-async fn bystander(broker: &Arc<Broker>) {
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(2));
-    let server = Server {
-        broker,
-        cancel: &cancel,
-        tracker: &tracker,
-        permits: &permits,
-        socket_buffer: 4096,
-    };
-    // Short names: the broker's limits may be as small as 32-byte packets and 2 topic levels.
-    let qos = QoS::from_u8(broker.cfg.mqtt.max_qos.min(1)).expect("0 or 1");
-    let mut sub = open_connected(&server, "by-s", Protocol::V5).await;
-    sub.queue(&Packet::Subscribe(Subscribe {
-        packet_id: PacketId::new(1).expect("not 0"),
-        properties: Default::default(),
-        filters: vec![(
-            MqttStr::from_static("by/+"),
-            SubscriptionOptions {
-                qos,
-                ..Default::default()
-            },
-        )],
-    }));
-    sub.flush(&Flush::Now).await;
-    assert!(
-        sub.wait_for(View::answered).await && !sub.eof,
-        "bystander: no SUBACK"
-    );
-    let mut publisher = open_connected(&server, "by-p", Protocol::V3_1_1).await;
-    publisher.queue(&Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: MqttStr::from_static("by/x"),
-        packet_id: (qos != QoS::AtMostOnce).then(|| PacketId::new(1).expect("not 0")),
-        properties: Default::default(),
-        payload: Bytes::from_static(b"ok"),
-    }));
-    publisher.flush(&Flush::Now).await;
-    assert!(
-        publisher.wait_for(View::answered).await && !publisher.eof,
-        "bystander: no PUBACK"
-    );
-    let got = |v: &View| {
-        v.delivered
-            .iter()
-            .any(|(t, p)| t.as_str() == "by/x" && p == "ok")
-    };
-    assert!(
-        sub.wait_for(got).await && got(&sub.view),
-        "bystander: message not delivered"
-    );
-    for c in [&mut sub, &mut publisher] {
-        c.close().await;
-        c.wait_closed().await;
-    }
-    tracker.close();
-    assert!(
-        tokio::time::timeout(DEADLINE, tracker.wait()).await.is_ok(),
-        "bystander: connection tasks still running"
-    );
-}
-
-async fn open_connected(server: &Server<'_>, id: &'static str, protocol: Protocol) -> Client {
-    let connect = Connect {
-        protocol,
-        clean_start: true,
-        keep_alive: 0,
-        client_id: MqttStr::from_static(id),
-        will: None,
-        username: None,
-        password: None,
-        properties: ConnectProperties::default(),
-    };
-    let max_inflight = server.broker.cfg.mqtt.max_inflight_messages;
-    let mut c = Client::open(
-        0,
-        server,
-        None,
-        false,
-        View::new(0, Some(&connect), max_inflight),
-    );
-    c.queue(&Packet::Connect(Box::new(connect)));
-    c.flush(&Flush::Now).await;
-    let connected = c.wait_for(|v| v.connack.is_some()).await;
-    assert!(
-        connected && c.view.connack == Some(ReasonCode::SUCCESS),
-        "bystander {id}: not connected: {:?}",
-        c.view.connack
-    );
-    c
-}
-
-/// After every client left: only sessions that outlive their connection remain, none of them
-/// attached; once they are ended too, nothing is left in the registry or the subscription trie.
-fn check_sessions(broker: &Broker) {
-    let sessions: Vec<_> = broker.sessions.lock().values().cloned().collect();
-    for s in &sessions {
-        assert!(
-            !s.is_connected(),
-            "session {} still attached",
-            s.client_id()
-        );
-        assert!(
-            !s.is_ended(),
-            "ended session {} still registered",
-            s.client_id()
-        );
-        assert!(
-            s.expiry_secs() > 0,
-            "session {} with expiry 0 outlived its connection",
-            s.client_id()
-        );
-    }
-    for s in &sessions {
-        let (state, _) = s.end();
-        broker.end_session(s, state);
-    }
-    assert!(broker.sessions.is_empty(), "sessions left after ending all");
-    assert_eq!(broker.metrics.sessions.get(), 0, "sessions gauge");
-    assert_eq!(
-        broker.metrics.subscriptions.get(),
-        0,
-        "subscriptions left in the trie after every session ended"
-    );
 }
