@@ -3,8 +3,9 @@
 #
 #   1. build every target (the debug `petrel` binary among them)
 #   2. cargo test --workspace       unit, property and Rust end-to-end tests
-#   3. pytest tests/python          paho-mqtt (3.1.1 and 5.0) against the binary, raw bad input
-#   4. tests/interop/*.sh           mosquitto_pub / mosquitto_sub against the binary
+#   3. fuzz                         the codec and whole connections, a time budget each
+#   4. pytest tests/python          paho-mqtt (3.1.1 and 5.0) against the binary, raw bad input
+#   5. tests/interop/*.sh           mosquitto_pub / mosquitto_sub against the binary
 #
 # Every step runs even when an earlier one failed (except those that need the binary when it
 # did not build); a summary closes the output and the exit status is non-zero on any failure.
@@ -94,7 +95,53 @@ else
     record "cargo test" FAILED "$(counts "$p" "$f" "$s" "$d"), exit $rc"
 fi
 
-# --- 3. pytest ----------------------------------------------------------------------------------------
+# --- 3. fuzz -------------------------------------------------------------------------------------------
+# The codec and whole connections (node/src/fuzz), PETREL_FUZZ_SECS each (default 10 here, 2
+# inside plain `cargo test`). Engine: cargo-fuzz (coverage-guided) only when it is installed
+# and its build of the targets is already there; otherwise the in-tree driver, which runs in
+# the test binary step 1 built (random inputs, proptest shrinking) and costs nothing to set
+# up. A cold cargo-fuzz setup does not fit CI: `cargo install cargo-fuzz` compiles for minutes,
+# and its instrumented build compiles every dependency again, RocksDB's C++ included (tens of
+# minutes on 2 cores). PETREL_FUZZ_ENGINE=cargo-fuzz or in-tree forces one. Failing inputs are
+# saved under node/fuzz/regressions/ (in-tree) or node/fuzz/artifacts/ (cargo-fuzz).
+fuzz_secs="${PETREL_FUZZ_SECS:-10}"
+fuzz_engine="${PETREL_FUZZ_ENGINE:-auto}"
+if [ "$fuzz_engine" = auto ]; then
+    fuzz_engine=in-tree
+    for built in node/fuzz/target/*/release/connection "$CARGO_TARGET_DIR"/*/release/connection; do
+        if [ -x "$built" ] && cargo fuzz --version >/dev/null 2>&1; then
+            fuzz_engine=cargo-fuzz
+        fi
+    done
+fi
+banner "fuzz ($fuzz_engine, ${fuzz_secs} s per target)"
+if [ "$fuzz_engine" = cargo-fuzz ]; then
+    rc=0
+    for target in decode connection; do
+        (cd node/fuzz && RUSTC_BOOTSTRAP=1 timeout --kill-after=30 20m cargo fuzz run "$target" -- \
+            -max_total_time="${fuzz_secs%.*}" -timeout=30) || rc=1
+    done
+    if [ "$rc" -eq 0 ]; then
+        record fuzz ok "cargo-fuzz, decode and connection, ${fuzz_secs} s each"
+    else
+        record fuzz FAILED "cargo-fuzz: crash input in node/fuzz/artifacts/"
+    fi
+else
+    PETREL_FUZZ_SECS="$fuzz_secs" timeout --signal=INT --kill-after=30 10m \
+        cargo test -p petrel-node --lib fuzz:: -- --nocapture 2>&1 | tee "$logs/fuzz.log"
+    rc=${PIPESTATUS[0]}
+    read -r p f < <(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed;.*/\1 \2/p' "$logs/fuzz.log" |
+        awk '{p += $1; f += $2} END {print p + 0, f + 0}')
+    add_counts "$p" "$f"
+    cases=$(sed -n 's/^fuzz \([a-z]*\): \([0-9]*\) cases in.*/\1 \2/p' "$logs/fuzz.log" | paste -sd, - | sed 's/,/, /g')
+    if [ "$rc" -eq 0 ]; then
+        record fuzz ok "in-tree, ${fuzz_secs} s per target: ${cases:-no count}"
+    else
+        record fuzz FAILED "in-tree: $p passed, $f failed, exit $rc; input saved in node/fuzz/regressions/"
+    fi
+fi
+
+# --- 4. pytest ----------------------------------------------------------------------------------------
 if [ "$have_bin" -eq 1 ]; then
     banner "pytest tests/python"
     timeout --signal=INT --kill-after=30 25m python3 -m pytest tests/python -p no:cacheprovider -rfEs \
@@ -144,7 +191,7 @@ else
     record pytest FAILED "not run: no binary"
 fi
 
-# --- 4. mosquitto interop -------------------------------------------------------------------------
+# --- 5. mosquitto interop -------------------------------------------------------------------------
 shopt -s nullglob
 interop=(tests/interop/*.sh)
 if [ "$have_bin" -eq 1 ] && [ "${#interop[@]}" -gt 0 ]; then

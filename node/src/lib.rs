@@ -11,6 +11,7 @@
 //! - [`persist`]: sessions, retained messages and wills in `petrel-storage`; recovery.
 //! - [`sys`]: `$SYS` topics. [`metrics`]: Prometheus metrics. [`admin`]: the admin API backend.
 //! - [`node`]: `Node::start` and `NodeHandle`.
+//! - `fuzz` (tests and the `fuzzing` feature): whole connections fuzzed in process.
 
 pub mod admin;
 pub mod auth;
@@ -18,6 +19,8 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod limit;
 pub mod listener;
 pub mod message;

@@ -251,7 +251,8 @@ where
         if !rbuf.is_empty() && rbuf[0] != 0x10 {
             return Err(ConnectFailure::NotConnect);
         }
-        // Read before decoding: a complete frame leaves the buffer even when it is bad.
+        // Before decoding: a frame that fails to decode is taken out of the buffer, and what
+        // follows it is not this CONNECT.
         let level = peek_level(rbuf);
         match decode_packet(rbuf, Protocol::V5, max) {
             Ok(Some(Packet::Connect(c))) => return Ok(c),
@@ -417,7 +418,7 @@ async fn claim(
     conn_id: u64,
 ) -> Result<(Arc<Session>, Box<SessionState>, bool), ReasonCode> {
     let guard = broker.sessions.lock_claim(client_id).await;
-    for _ in 0..3 {
+    for _ in 0..4 {
         let existing = broker.sessions.get(client_id);
         if let Some(old) = &existing {
             if old.kick(Kick::TakenOver) {
@@ -426,6 +427,9 @@ async fn claim(
                 if !old.wait_released(TAKEOVER_TIMEOUT).await {
                     return Err(ReasonCode::SERVER_BUSY);
                 }
+                // Look again: the old connection's end may have ended or replaced the session
+                // while we waited.
+                continue;
             }
         }
         let (session, present) = match existing {

@@ -75,9 +75,11 @@ impl Conn {
         if self.problem_info && self.v5() {
             resp.properties.reason_string = why.map(MqttStr::from_static);
         }
+        // Behind any acknowledgement still waiting for the store: acknowledgements keep the
+        // order of the PUBLISHes they answer.
         match p.qos {
-            QoS::AtLeastOnce => self.send(&Packet::PubAck(resp)),
-            QoS::ExactlyOnce => self.send(&Packet::PubRec(resp)),
+            QoS::AtLeastOnce => self.send_after(None, Packet::PubAck(resp)),
+            QoS::ExactlyOnce => self.send_after(None, Packet::PubRec(resp)),
             QoS::AtMostOnce => {}
         }
     }
@@ -413,6 +415,8 @@ impl Conn {
     fn on_unsubscribe(&mut self, u: Unsubscribe) {
         let max_levels = usize::MAX;
         let mut codes = Vec::with_capacity(u.filters.len());
+        // Like SUBACK: after the store has the change, and never ahead of an earlier answer.
+        let mut durable = None;
         for raw in &u.filters {
             let rc = match topic::parse_filter(raw, max_levels) {
                 Ok(parsed) => {
@@ -420,9 +424,11 @@ impl Conn {
                         && self.session.is_persistent()
                     {
                         let key = keys::subscription_key(&self.client_id, raw);
-                        self.broker
+                        let t = self
+                            .broker
                             .store
                             .append(|w| w.delete(Cf::Subscriptions, &key));
+                        durable = durable.max(Some(t));
                     }
                     if self.broker.unsubscribe(self.session.id(), &parsed) {
                         ReasonCode::SUCCESS
@@ -435,11 +441,12 @@ impl Conn {
             codes.push(rc);
         }
         let properties = AckProperties::default();
-        self.send(&Packet::UnsubAck(UnsubAck {
+        let unsuback = Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             properties,
             reason_codes: codes,
-        }));
+        });
+        self.send_after(durable, unsuback);
     }
 
     fn on_disconnect(&mut self, d: Disconnect) -> Result<Exit, ConnError> {

@@ -85,6 +85,8 @@ impl Conn {
         let packet_id = (d.qos != QoS::AtMostOnce).then(|| self.state.alloc_packet_id());
         let mut topic: &str = &d.msg.topic;
         let mut alias = None;
+        // A new alias is only known to the client once a PUBLISH carrying it is written.
+        let mut new_alias = false;
         if self.out_alias_max > 0 {
             let max = self.out_alias_max;
             let aliases = &mut self.aliases.get_or_insert_with(Box::default).outbound;
@@ -94,9 +96,8 @@ impl Conn {
                     topic = "";
                 }
                 None if (aliases.len() as u16) < max => {
-                    let a = aliases.len() as u16 + 1;
-                    aliases.insert(d.msg.topic.clone(), a);
-                    alias = Some(a);
+                    alias = Some(aliases.len() as u16 + 1);
+                    new_alias = true;
                 }
                 None => {}
             }
@@ -123,6 +124,9 @@ impl Conn {
                 .inc();
             self.forget_stored(d.seq);
             return;
+        }
+        if let (true, Some(a), Some(aliases)) = (new_alias, alias, &mut self.aliases) {
+            aliases.outbound.insert(d.msg.topic.clone(), a);
         }
         metrics.messages_sent.inc();
         if let Some(packet_id) = packet_id {

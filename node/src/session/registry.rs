@@ -76,7 +76,7 @@ fn lock_map<K, V>(m: &Mutex<HashMap<K, V>>) -> MutexGuard<'_, HashMap<K, V>> {
 }
 
 impl SessionRegistry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
         lock_map(&self.sessions)
     }
 
