@@ -40,6 +40,9 @@ pub struct Routed {
     pub ticket: Option<Ticket>,
     /// A connected session whose queue is long: the publisher should wait for it.
     pub congested: Option<Arc<Session>>,
+    /// The message was refused, with nothing routed, retained or written: a stored copy would
+    /// pass the MQTT size limit (see `value::message_fits`).
+    pub unstorable: bool,
 }
 
 pub struct Broker {
@@ -135,6 +138,18 @@ impl Broker {
             && scratch
                 .iter()
                 .any(|m| m.qos != QoS::AtMostOnce && m.session.is_persistent());
+        if (stored || msg.retain) && !self.storable(&msg, scratch) {
+            // Refused before the transaction opens: nothing half-written, nothing half-routed.
+            scratch.clear();
+            self.count_unstorable();
+            tracing::debug!(topic = %msg.topic, "message too large to store; refused");
+            return Routed {
+                delivered: 0,
+                ticket: None,
+                congested: None,
+                unstorable: true,
+            };
+        }
         // One atomic write for everything this publish stores; nothing is taken when the
         // message goes only to clean sessions.
         let mut txn = (stored || msg.retain || inbound.is_some()).then(|| self.store.begin());
@@ -191,12 +206,35 @@ impl Broker {
             delivered,
             ticket: txn.map(Txn::commit),
             congested,
+            unstorable: false,
         }
     }
 
+    /// Whether every copy of `msg` this publish would store can be encoded: the message at
+    /// its own QoS with every subscription identifier of the persistent matches (more than
+    /// any one session's copy carries).
+    fn storable(&self, msg: &Message, matches: &[Match]) -> bool {
+        let id_bytes = matches
+            .iter()
+            .filter(|m| m.session.is_persistent())
+            .filter_map(|m| m.subscription_id)
+            .map(value::sub_id_len)
+            .sum();
+        value::message_fits(msg, id_bytes)
+    }
+
     fn set_retained(&self, msg: &Arc<Message>, txn: &mut Txn<'_>) {
-        let encoded = (!msg.payload.is_empty())
-            .then(|| value::message(msg, msg.qos, true, &[], &Clock::now()));
+        let encoded = match (!msg.payload.is_empty())
+            .then(|| value::message(msg, msg.qos, true, &[], &Clock::now()))
+            .transpose()
+        {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                // `publish` checked this already; neither stored nor kept in memory.
+                tracing::debug!(topic = %msg.topic, error = %e, "retained message not stored");
+                return;
+            }
+        };
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
         retained.set(msg.clone());
         self.metrics.retained.set(retained.len() as i64);
@@ -226,16 +264,24 @@ impl Broker {
         clock: &mut Option<Clock>,
     ) -> (bool, bool) {
         let stored = match txn {
-            Some(txn) if session.is_persistent() && d.qos != QoS::AtMostOnce => Some((
-                txn,
-                value::message(
+            Some(txn) if session.is_persistent() && d.qos != QoS::AtMostOnce => {
+                match value::message(
                     &d.msg,
                     d.qos,
                     d.retain,
                     d.subscription_ids.as_slice(),
                     clock.get_or_insert_with(Clock::now),
-                ),
-            )),
+                ) {
+                    Ok(v) => Some((txn, v)),
+                    Err(e) => {
+                        // A retained message plus this subscription's identifiers: this
+                        // copy alone is dropped, and nothing of it was written.
+                        tracing::debug!(client_id = %session.client_id(), error = %e, "message too large to store; dropped");
+                        self.count_unstorable();
+                        return (false, false);
+                    }
+                }
+            }
             _ => None,
         };
         match session.enqueue(d, &self.limits, stored) {
@@ -254,6 +300,15 @@ impl Broker {
                 (false, false)
             }
         }
+    }
+
+    /// Counts a message (or one copy of it) refused because its stored encoding would pass
+    /// the MQTT size limit.
+    fn count_unstorable(&self) {
+        self.metrics
+            .queue_dropped
+            .with_label_values(&["too_large"])
+            .inc();
     }
 
     /// Counts messages a session queue's overflow policy dropped.
@@ -362,8 +417,14 @@ impl Broker {
         let stored = value::will(&msg, due, &Clock::now());
         let mut wills = lock(&self.pending_wills);
         wills.insert(client_id.clone(), PendingWill { session, msg });
-        self.store
-            .append(|w| w.put(Cf::Wills, client_id.as_bytes(), &stored));
+        match &stored {
+            Ok(v) => {
+                self.store
+                    .append(|w| w.put(Cf::Wills, client_id.as_bytes(), v));
+            }
+            // Kept in memory only: it fires unless the node restarts first.
+            Err(e) => tracing::warn!(%client_id, error = %e, "delayed will too large to store"),
+        }
         drop(wills);
         self.timers
             .add(due, TimerEvent::Will(client_id.clone(), session));
@@ -502,3 +563,7 @@ impl Timers {
         (due, q.keys().next().map(|(t, _)| *t))
     }
 }
+
+#[cfg(test)]
+#[path = "broker_test.rs"]
+mod tests;
