@@ -4,7 +4,7 @@
 //!
 //! Modules follow the numbered points of issue 2: connection lifecycle (2), QoS (3), sessions
 //! (4), router (5), retained (6), will (7), v5 passthrough and limits (8), $SYS (9), bad input
-//! (10) and the binary (11).
+//! (10) and the binary (11); `storage_fault` is issue 10, point 6 (a failed storage write).
 
 mod bad_input;
 mod binary;
@@ -14,6 +14,7 @@ mod qos;
 mod retained;
 mod router;
 mod session;
+mod storage_fault;
 mod sys;
 mod v5;
 mod will;
