@@ -17,7 +17,9 @@ impl AdminBackend for Admin {
         &self.broker.metrics.registry
     }
 
+    /// Not ready once a store write has failed, from that instant (before the node's
+    /// reaction to it has run).
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.broker.store.committed_now().failed
     }
 }

@@ -43,6 +43,9 @@ pub struct Routed {
     pub ticket: Option<Ticket>,
     /// A connected session whose queue is long: the publisher should wait for it.
     pub congested: Option<Arc<Session>>,
+    /// The message was refused, with nothing routed, retained or written: a stored copy would
+    /// pass the MQTT size limit (see `value::message_fits`).
+    pub unstorable: bool,
 }
 
 /// One planned delivery of a publish: the index of its first match, the delivery, and its
@@ -148,10 +151,28 @@ impl Broker {
         if scratch.len() > 1 {
             scratch.sort_unstable_by_key(|m| (m.session.id(), m.shared));
         }
+        let stored = msg.qos != QoS::AtMostOnce
+            && scratch
+                .iter()
+                .any(|m| m.qos != QoS::AtMostOnce && m.session.is_persistent());
+        if (stored || msg.retain) && !self.storable(&msg, scratch) {
+            // Refused before the transaction opens: nothing half-written, nothing half-routed.
+            scratch.clear();
+            self.count_unstorable();
+            tracing::debug!(topic = %msg.topic, "message too large to store; refused");
+            return Routed {
+                delivered: 0,
+                ticket: None,
+                congested: None,
+                unstorable: true,
+            };
+        }
         let mut plan = PLAN.take();
         let any_stored = self.plan_deliveries(&msg, scratch, &mut plan);
+        // `storable` passed: the retained record encodes.
         let retained_value = (msg.retain && !msg.payload.is_empty())
-            .then(|| value::message(&msg, msg.qos, true, &[], &Clock::now()));
+            .then(|| value::message(&msg, msg.qos, true, &[], &Clock::now()).ok())
+            .flatten();
         // One atomic write for everything this publish stores; nothing is taken when the
         // message goes only to clean sessions.
         let mut txn = (any_stored || msg.retain || inbound.is_some()).then(|| self.store.begin());
@@ -184,6 +205,7 @@ impl Broker {
             delivered,
             ticket: txn.map(Txn::commit),
             congested,
+            unstorable: false,
         }
     }
 
@@ -235,10 +257,23 @@ impl Broker {
                 false => msg.clone(),
             };
             let retain = msg.retain && rap;
-            let value = (qos != QoS::AtMostOnce && session.is_persistent()).then(|| {
-                let clock = clock.get_or_insert_with(Clock::now);
-                value::message(&msg, qos, retain, ids.as_slice(), clock)
-            });
+            let value = match (qos != QoS::AtMostOnce && session.is_persistent())
+                .then(|| {
+                    let clock = clock.get_or_insert_with(Clock::now);
+                    value::message(&msg, qos, retain, ids.as_slice(), clock)
+                })
+                .transpose()
+            {
+                Ok(value) => value,
+                Err(e) => {
+                    // This copy alone (the message plus this session's subscription
+                    // identifiers) is too large to store: dropped, nothing of it written.
+                    tracing::debug!(client_id = %session.client_id(), error = %e, "message too large to store; dropped");
+                    self.count_unstorable();
+                    i = j;
+                    continue;
+                }
+            };
             any_stored |= value.is_some();
             let d = Delivery {
                 msg,
@@ -253,6 +288,19 @@ impl Broker {
             i = j;
         }
         any_stored
+    }
+
+    /// Whether every copy of `msg` this publish would store can be encoded: the message at
+    /// its own QoS with every subscription identifier of the persistent matches (more than
+    /// any one session's copy carries).
+    fn storable(&self, msg: &Message, matches: &[Match]) -> bool {
+        let id_bytes = matches
+            .iter()
+            .filter(|m| m.session.is_persistent())
+            .filter_map(|m| m.subscription_id)
+            .map(value::sub_id_len)
+            .sum();
+        value::message_fits(msg, id_bytes)
     }
 
     /// Which retained-message cap retaining `payload` under `topic` would break now, counted.
@@ -329,6 +377,15 @@ impl Broker {
                 (false, false)
             }
         }
+    }
+
+    /// Counts a message (or one copy of it) refused because its stored encoding would pass
+    /// the MQTT size limit.
+    fn count_unstorable(&self) {
+        self.metrics
+            .queue_dropped
+            .with_label_values(&["too_large"])
+            .inc();
     }
 
     /// Counts messages a session queue's overflow policy dropped.
@@ -446,9 +503,15 @@ impl Broker {
     pub fn arm_will(&self, client_id: &str, will: &LastWill, delay_secs: u32) {
         let clock = Clock::now();
         let msg = Message::from_will(will, SessionId::BROKER, clock.now);
-        let v = value::armed_will(&msg, delay_secs, &clock);
-        self.store
-            .append(|w| w.put(Cf::Wills, client_id.as_bytes(), &v));
+        match value::armed_will(&msg, delay_secs, &clock) {
+            Ok(v) => {
+                self.store
+                    .append(|w| w.put(Cf::Wills, client_id.as_bytes(), &v));
+            }
+            // A will just under the packet-size ceiling: published if the connection ends,
+            // not across a crash.
+            Err(e) => tracing::debug!(%client_id, error = %e, "will too large to store"),
+        }
     }
 
     /// Forgets the stored will of a connection that ended without publishing it.
@@ -474,8 +537,14 @@ impl Broker {
         let stored = value::will(&msg, due, &Clock::now());
         let mut wills = lock(&self.pending_wills);
         wills.insert(client_id.clone(), PendingWill { session, msg });
-        self.store
-            .append(|w| w.put(Cf::Wills, client_id.as_bytes(), &stored));
+        match &stored {
+            Ok(v) => {
+                self.store
+                    .append(|w| w.put(Cf::Wills, client_id.as_bytes(), v));
+            }
+            // Kept in memory only: it fires unless the node restarts first.
+            Err(e) => tracing::warn!(%client_id, error = %e, "delayed will too large to store"),
+        }
         drop(wills);
         self.timers
             .add(due, TimerEvent::Will(client_id.clone(), session));
@@ -616,3 +685,7 @@ impl Timers {
         (due, q.keys().next().map(|(t, _)| *t))
     }
 }
+
+#[cfg(test)]
+#[path = "broker_test.rs"]
+mod tests;

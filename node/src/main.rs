@@ -1,5 +1,6 @@
 //! The `petrel` binary: CLI → config → tracing → runtime → bind → start → wait for a signal →
-//! graceful shutdown. Exit codes: 0 after a signal, 64 for a bad CLI or config, 1 otherwise.
+//! graceful shutdown. Exit codes: 0 after a signal, 64 for a bad CLI or config, 74 after a
+//! failed storage write (restart it: it recovers from the WAL), 1 otherwise.
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,12 @@ use tracing_subscriber::EnvFilter;
 
 /// Exit code for a bad command line or configuration (BSD `EX_USAGE`).
 const EXIT_USAGE: u8 = 64;
+/// Exit code after a failed storage write (BSD `EX_IOERR`).
+const EXIT_IOERR: u8 = 74;
 /// How long connections get to drain after SIGTERM/SIGINT.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long connections get to drain after a failed storage write.
+const STORAGE_FAILURE_GRACE: Duration = Duration::from_secs(5);
 
 /// Petrel MQTT broker node. Settings come from defaults < --config file < PETREL_<SECTION>__<FIELD>
 /// environment variables < these flags.
@@ -109,12 +114,25 @@ fn main() -> ExitCode {
     let result = tokio::runtime::Runtime::new() // multi-thread, all drivers enabled
         .context("build tokio runtime")
         .and_then(|rt| rt.block_on(run(cfg, cli.ready_file)));
-    if let Err(e) = result {
-        tracing::error!(error = format!("{e:#}"), "petrel failed");
-        eprintln!("petrel: {e:#}");
-        return ExitCode::FAILURE;
+    match result {
+        Ok(Stopped::Signal) => ExitCode::SUCCESS,
+        Ok(Stopped::StorageFailed) => {
+            eprintln!("petrel: a storage write failed; exiting with status {EXIT_IOERR}");
+            ExitCode::from(EXIT_IOERR)
+        }
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "petrel failed");
+            eprintln!("petrel: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    ExitCode::SUCCESS
+}
+
+/// Why a running node stopped.
+enum Stopped {
+    Signal,
+    /// Logged and counted by the node already.
+    StorageFailed,
 }
 
 /// Config from file and environment, then the flag overrides, then validation.
@@ -141,7 +159,7 @@ fn load_config(cli: &Cli) -> Result<Config, Vec<String>> {
     Ok(cfg)
 }
 
-async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<Stopped> {
     // Installed before the ready file exists, so an early SIGTERM is a graceful shutdown.
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
@@ -157,12 +175,17 @@ async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
         return Err(e);
     }
     let signal = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+        _ = sigterm.recv() => Some("SIGTERM"),
+        _ = sigint.recv() => Some("SIGINT"),
+        () = handle.storage_failed() => None,
+    };
+    let Some(signal) = signal else {
+        handle.shutdown(STORAGE_FAILURE_GRACE).await;
+        return Ok(Stopped::StorageFailed);
     };
     info!(signal, "shutting down");
     handle.shutdown(SHUTDOWN_GRACE).await;
-    Ok(())
+    Ok(Stopped::Signal)
 }
 
 /// Writes a temporary sibling, then renames it over `path`, so readers never see half a file.

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub handshake_failures: IntCounterVec,
     pub limit_hits: IntCounterVec,
     pub acl_denied: IntCounterVec,
+    pub storage_write_errors: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -127,6 +128,11 @@ impl Metrics {
                 "petrel_acl_denied_total",
                 "Publishes, subscriptions and deliveries the ACL refused, by action",
                 "action",
+            ),
+            storage_write_errors: counter(
+                &r,
+                "petrel_storage_write_errors_total",
+                "RocksDB writes that failed (disk full, I/O error); the node then exits with status 74",
             ),
             registry: r,
         };

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use petrel_storage::{Store, StoreOptions};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,6 +39,9 @@ fn local(l: Option<&tokio::net::TcpListener>) -> Result<Option<SocketAddr>, Erro
         .transpose()
 }
 
+/// How long the admin server may take to stop once the connections have drained.
+const ADMIN_STOP: Duration = Duration::from_secs(1);
+
 /// A running node.
 pub struct NodeHandle {
     broker: Arc<Broker>,
@@ -45,6 +49,12 @@ pub struct NodeHandle {
     addrs: BoundAddrs,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// The admin server stops last, so `/health/ready` (503) and `/metrics` answer while
+    /// connections drain.
+    admin_stop: CancellationToken,
+    admin_task: Option<JoinHandle<()>>,
+    /// Cancelled once a store write has failed and the node has logged and counted it.
+    store_failed: CancellationToken,
 }
 
 impl Node {
@@ -116,6 +126,12 @@ impl Node {
             tracker.spawn(accept_loop(kind, listener, ctx.clone()));
         }
         tracker.spawn(broker.clone().run_timers(cancel.clone()));
+        let store_failed = CancellationToken::new();
+        tracker.spawn(watch_store(
+            broker.clone(),
+            cancel.clone(),
+            store_failed.clone(),
+        ));
         if sys_on {
             tracker.spawn(sys::run(broker.clone(), cancel.clone()));
         }
@@ -123,17 +139,19 @@ impl Node {
             broker: broker.clone(),
             ready: Default::default(),
         });
-        if let Some(listener) = admin_listener {
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin_listener.map(|listener| {
             let app = petrel_admin_api::router(admin.clone());
-            let stop = cancel.clone();
-            tracker.spawn(async move {
-                let serve = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await });
+            let stop = admin_stop.clone();
+            // Awaited by `shutdown` after the tracker's tasks, not tracked with them.
+            tokio::spawn(async move {
+                let serve =
+                    axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
                 if let Err(e) = serve.await {
                     tracing::error!(error = %e, "admin server failed");
                 }
-            });
-        }
+            })
+        });
         admin.ready.store(true, Ordering::Release);
         Ok(NodeHandle {
             broker,
@@ -141,6 +159,9 @@ impl Node {
             addrs,
             cancel,
             tracker,
+            admin_stop,
+            admin_task,
+            store_failed,
         })
     }
 }
@@ -162,8 +183,16 @@ impl NodeHandle {
         &self.broker
     }
 
-    /// Stops accepting, tells connected clients the server is going away (v5 0x8B) and
-    /// waits up to `grace` for every task to finish.
+    /// Resolves once a store write has failed: acknowledgements that needed it were refused,
+    /// the node reports not ready, and it must go down (`main` exits with status 74 after
+    /// [`NodeHandle::shutdown`]; a restart recovers from the WAL).
+    pub async fn storage_failed(&self) {
+        self.store_failed.cancelled().await;
+    }
+
+    /// Stops accepting, tells connected clients the server is going away (v5 0x8B, or 0x80
+    /// after a store failure) and waits up to `grace` for every task to finish. The admin
+    /// endpoint answers (not ready) until then.
     pub async fn shutdown(self, grace: Duration) {
         self.admin.ready.store(false, Ordering::Release);
         self.cancel.cancel();
@@ -179,8 +208,43 @@ impl NodeHandle {
         {
             tracing::warn!("shutdown grace period ran out with tasks still running");
         }
+        self.admin_stop.cancel();
+        if let Some(mut task) = self.admin_task {
+            if tokio::time::timeout(ADMIN_STOP, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
         // Writes what the connections appended while closing, then stops the writer.
         let store = self.broker.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
+}
+
+/// Waits for a failed store write, then counts it and logs it (once, here, where it is
+/// handled) and tells [`NodeHandle::storage_failed`]. Readiness needs no action: the admin
+/// backend reads the store's state itself.
+async fn watch_store(broker: Arc<Broker>, cancel: CancellationToken, failed: CancellationToken) {
+    let mut committed = broker.store.committed();
+    let seen = tokio::select! {
+        _ = cancel.cancelled() => false,
+        r = committed.wait_for(|c| c.failed) => r.is_ok(),
+    };
+    if !seen {
+        return;
+    }
+    broker.metrics.storage_write_errors.inc();
+    let (error, cause) = match broker.store.write_error() {
+        Some(e) => {
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            (e.to_string(), cause.unwrap_or_default())
+        }
+        None => ("rocksdb write batch".to_owned(), String::new()),
+    };
+    tracing::error!(
+        %error,
+        %cause,
+        "storage write failed: acknowledgements waiting for it are refused, the node is not \
+         ready and shuts down (a restart recovers from the write-ahead log)"
+    );
+    failed.cancel();
 }

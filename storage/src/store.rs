@@ -10,8 +10,15 @@
 //!
 //! Appends from every connection go into one shared `WriteBatch`, so a burst of publishes
 //! becomes one RocksDB write. Order of appends is order of application.
+//!
+//! A failed write (disk full, I/O error) is final: the writer records the error, marks the
+//! watermark `failed` (every ticket past it will never be durable) and stops. Later appends
+//! are discarded as they are made, so nothing grows while the node goes down; the node
+//! restarts and recovers from what the WAL holds.
 
 use std::path::{Path, PathBuf};
+#[cfg(test)]
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -44,7 +51,9 @@ pub struct Ticket(pub u64);
 /// The committed watermark and whether the writer has failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Committed {
+    /// Every ticket up to this one is durable.
     pub ticket: Ticket,
+    /// A write failed: no ticket past `ticket` will ever be durable.
     pub failed: bool,
 }
 
@@ -52,6 +61,8 @@ struct Pending {
     batch: WriteBatch,
     last: u64,
     stop: bool,
+    /// The writer has failed: appends are discarded.
+    failed: bool,
 }
 
 struct Shared {
@@ -60,6 +71,11 @@ struct Shared {
     work: Condvar,
     committed: watch::Sender<Committed>,
     fsync: bool,
+    /// The error that stopped the writer.
+    write_error: Mutex<Option<rocksdb::Error>>,
+    /// Tests: make the next group commit fail.
+    #[cfg(test)]
+    fail_writes: AtomicBool,
 }
 
 /// A cheap handle; clones share one database and one writer.
@@ -128,6 +144,13 @@ impl Txn<'_> {
         let Some(mut p) = self.guard.take() else {
             return Ticket(0);
         };
+        if p.failed {
+            // Never written: drop it now, and hand out a ticket past the watermark, so that
+            // whoever waits for it learns of the failure.
+            p.batch.clear();
+            p.last += 1;
+            return Ticket(p.last);
+        }
         if p.batch.is_empty() {
             return Ticket(p.last);
         }
@@ -218,10 +241,14 @@ impl Store {
                 batch: WriteBatch::default(),
                 last: 0,
                 stop: false,
+                failed: false,
             }),
             work: Condvar::new(),
             committed,
             fsync: opts.fsync,
+            write_error: Mutex::new(None),
+            #[cfg(test)]
+            fail_writes: AtomicBool::new(false),
         });
         let for_thread = shared.clone();
         let writer = std::thread::Builder::new()
@@ -267,6 +294,32 @@ impl Store {
     /// The committed watermark now (a look, without a receiver to keep).
     pub fn committed_now(&self) -> Committed {
         *self.shared.committed.borrow()
+    }
+
+    /// The write error that stopped the writer, if one did.
+    pub fn write_error(&self) -> Option<Error> {
+        let e = self
+            .shared
+            .write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        Some(Error::Rocks {
+            action: "write batch",
+            source: e,
+        })
+    }
+
+    /// Tests: bytes appended and not yet taken by the writer.
+    #[cfg(test)]
+    pub(crate) fn pending_bytes(&self) -> usize {
+        lock(&self.shared.pending).batch.size_in_bytes()
+    }
+
+    /// Tests: the next group commit fails as a real RocksDB write error.
+    #[cfg(test)]
+    pub(crate) fn fail_next_write(&self) {
+        self.shared.fail_writes.store(true, Ordering::Relaxed);
     }
 
     /// Waits until `ticket` is durable. Errors if the writer failed.
@@ -324,8 +377,13 @@ fn write_loop(s: &Shared) {
             (std::mem::take(&mut p.batch), p.last, p.stop)
         };
         if !batch.is_empty() {
-            if let Err(e) = s.db.write_opt(batch, &w) {
-                tracing::error!(error = %e, "rocksdb write failed; acknowledgements that need it will fail");
+            if let Err(e) = write(s, batch, &w) {
+                // Handled by the node (it logs, counts and goes down): recorded, not logged.
+                *s.write_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                let mut p = lock(&s.pending);
+                p.failed = true;
+                p.batch.clear();
+                drop(p);
                 s.committed.send_modify(|c| c.failed = true);
                 return;
             }
@@ -335,4 +393,16 @@ fn write_loop(s: &Shared) {
             return;
         }
     }
+}
+
+fn write(s: &Shared, batch: WriteBatch, w: &WriteOptions) -> Result<(), rocksdb::Error> {
+    #[cfg(test)]
+    if s.fail_writes.swap(false, Ordering::Relaxed) {
+        // A real RocksDB error: a synced write needs the WAL.
+        let mut bad = WriteOptions::default();
+        bad.set_sync(true);
+        bad.disable_wal(true);
+        return s.db.write_opt(batch, &bad);
+    }
+    s.db.write_opt(batch, w)
 }

@@ -247,9 +247,15 @@ impl<'a> PublishOut<'a> {
 
     /// Size of the whole packet on the wire, fixed header included.
     pub fn encoded_len(&self, protocol: Protocol) -> usize {
+        let body = self.body_len(protocol);
+        1 + varint_len(body) + body
+    }
+
+    /// Size of what follows the fixed header (the remaining length).
+    pub fn body_len(&self, protocol: Protocol) -> usize {
         let mut c = Counter(0);
         self.body(protocol, &mut c);
-        1 + varint_len(c.0) + c.0
+        c.0
     }
 
     pub fn encode(&self, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {

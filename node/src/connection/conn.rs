@@ -218,8 +218,12 @@ impl Conn {
     /// acknowledgements in the order of the packets they answer.
     pub fn send_after(&mut self, ticket: Option<Ticket>, ack: Packet) {
         // Only an ack that depends on a store write looks at the watermark (a lock read).
-        let wait = self.durable_acks
-            && ticket.is_some_and(|t| t > self.broker.store.committed_now().ticket);
+        // Once the store has failed, even `durable_acks = false` holds it: it would never
+        // be written.
+        let wait = ticket.is_some_and(|t| {
+            let c = self.broker.store.committed_now();
+            t > c.ticket && (self.durable_acks || c.failed)
+        });
         if wait || !self.pending_acks.is_empty() {
             self.pending_pubacks += matches!(ack, Packet::PubAck(_)) as usize;
             self.pending_acks
@@ -229,12 +233,10 @@ impl Conn {
         }
     }
 
-    /// Sends the acknowledgements whose writes are now durable.
+    /// Sends the acknowledgements whose writes are now durable. Once the store has failed,
+    /// anything still waiting never will be: the connection ends without those acks.
     fn release_acks(&mut self) -> Result<(), ConnError> {
         let c = self.broker.store.committed_now();
-        if c.failed {
-            return Err(ConnError::StoreFailed);
-        }
         while self
             .pending_acks
             .front()
@@ -243,6 +245,9 @@ impl Conn {
             let (_, ack) = self.pending_acks.pop_front().expect("front exists");
             self.pending_pubacks -= matches!(ack, Packet::PubAck(_)) as usize;
             self.send(&ack);
+        }
+        if c.failed && (!self.pending_acks.is_empty() || self.write_barrier > c.ticket) {
+            return Err(ConnError::StoreFailed);
         }
         Ok(())
     }
@@ -326,6 +331,10 @@ impl Conn {
                     if let Some(k) = self.session.kicked() {
                         return Exit::Error(match k {
                             Kick::TakenOver => ConnError::TakenOver,
+                            // The node goes down because its store failed: say so.
+                            Kick::Shutdown if self.broker.store.committed_now().failed => {
+                                ConnError::StoreFailed
+                            }
                             Kick::Shutdown => ConnError::ShuttingDown,
                         });
                     }
@@ -505,7 +514,9 @@ impl Conn {
                     metrics.keepalive_timeouts.inc();
                 }
                 tracing::debug!(client_id = %self.client_id, error = %e, "connection closed");
-                (!matches!(e, ConnError::ShuttingDown), Some(e))
+                // The server going down is not the client's failure.
+                let server_side = matches!(e, ConnError::ShuttingDown | ConnError::StoreFailed);
+                (!server_side, Some(e))
             }
         };
         if let Some(rc) = reason.and_then(|e| e.reason_code()) {

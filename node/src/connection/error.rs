@@ -30,7 +30,7 @@ pub enum ConnError {
     TakenOver,
     #[error("server shutting down")]
     ShuttingDown,
-    #[error("the message store failed")]
+    #[error("the server's message store failed")]
     StoreFailed,
     #[error("connection closed in the middle of a packet")]
     Truncated,
@@ -56,7 +56,9 @@ impl ConnError {
             ConnError::KeepAliveTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,
             ConnError::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
             ConnError::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,
-            ConnError::StoreFailed => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
+            // Not 0x83 (the packet is valid but this implementation cannot process it): the
+            // packets were fine, the server failed.
+            ConnError::StoreFailed => ReasonCode::UNSPECIFIED_ERROR,
             ConnError::PeerClosed | ConnError::Truncated | ConnError::Io(_) => return None,
         })
     }

@@ -223,12 +223,22 @@ impl Conn {
             self.backpressure = Some((session, Instant::now() + wait));
         }
         if let Some(id) = packet_id {
-            let rc = if n == 0 && self.v5() {
+            let rc = if routed.unstorable && self.v5() {
+                // Refused: a PUBREC with an error ends the QoS 2 exchange. 3.x has no
+                // negative acknowledgement, so there it is acknowledged and dropped (counted),
+                // as an ACL denial is.
+                self.state.inbound_qos2.remove(&id.get());
+                ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR
+            } else if n == 0 && self.v5() {
                 ReasonCode::NO_MATCHING_SUBSCRIBERS
             } else {
                 ReasonCode::SUCCESS
             };
-            let resp = PubResp::new(id, rc);
+            let mut resp = PubResp::new(id, rc);
+            if rc.is_error() && self.problem_info {
+                resp.properties.reason_string =
+                    Some(MqttStr::from_static("message too large to store"));
+            }
             let ack = if qos == QoS::AtLeastOnce {
                 Packet::PubAck(resp)
             } else {

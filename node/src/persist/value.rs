@@ -8,8 +8,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, BytesMut};
 
+use crate::codec::decode::MAX_REMAINING_LENGTH;
+use crate::codec::encode::varint_len;
 use crate::codec::{
-    decode_packet, Packet, PacketId, Protocol, PublishOut, QoS, SubscriptionOptions,
+    decode_packet, EncodeError, Packet, PacketId, Protocol, PublishOut, QoS, SubscriptionOptions,
 };
 use crate::message::Message;
 use crate::session::{Delivery, SessionId, Stage, SubIds};
@@ -56,19 +58,70 @@ impl Clock {
 
 /// A message as delivered to one session: version, absolute expiry (0: none), then the
 /// v5 PUBLISH with the granted QoS, retain flag and subscription identifiers.
-pub fn message(msg: &Message, qos: QoS, retain: bool, sub_ids: &[u32], clock: &Clock) -> Vec<u8> {
-    let mut buf = BytesMut::with_capacity(32 + msg.topic.len() + msg.payload.len());
+///
+/// Fails only when that PUBLISH would pass the MQTT size limit: a message that arrived just
+/// under it can grow when stored (a 3.x PUBLISH gains a property length, a topic alias is
+/// replaced by its topic, subscription identifiers are added). [`message_fits`] checks it
+/// before anything is written.
+pub fn message(
+    msg: &Message,
+    qos: QoS,
+    retain: bool,
+    sub_ids: &[u32],
+    clock: &Clock,
+) -> Result<Vec<u8>, EncodeError> {
+    let out = stored_publish(msg, qos, retain, sub_ids);
+    let body = out.body_len(Protocol::V5);
+    if body > MAX_REMAINING_LENGTH {
+        // Refused before a buffer of that size is allocated.
+        return Err(EncodeError::TooLarge(body));
+    }
+    let mut buf = BytesMut::with_capacity(HEADER + 5 + body);
     buf.put_u8(VERSION);
     buf.put_u64(
         msg.expires_at
             .map(|t| clock.to_unix_ms(t).max(1))
             .unwrap_or(0),
     );
-    let out = PublishOut {
+    out.encode(Protocol::V5, &mut buf)?;
+    Ok(buf.to_vec())
+}
+
+/// Whether every stored copy of `msg` can be encoded by [`message`], at any granted QoS, for
+/// subscription identifiers taking at most `sub_id_bytes` bytes of properties in all
+/// ([`sub_id_len`] each).
+pub fn message_fits(msg: &Message, sub_id_bytes: usize) -> bool {
+    // The message's own QoS is the highest granted (a packet id is then present); the retain
+    // flag costs nothing. With identifiers the property length may take up to 3 more bytes.
+    let body = stored_publish(msg, msg.qos, msg.retain, &[]).body_len(Protocol::V5);
+    let ids = if sub_id_bytes > 0 {
+        sub_id_bytes + 3
+    } else {
+        0
+    };
+    body + ids <= MAX_REMAINING_LENGTH
+}
+
+/// Property bytes of one subscription identifier in a stored message.
+pub fn sub_id_len(id: u32) -> usize {
+    1 + varint_len(id as usize)
+}
+
+/// Version byte and absolute expiry in front of the stored PUBLISH.
+const HEADER: usize = 9;
+
+fn stored_publish<'a>(
+    msg: &'a Message,
+    qos: QoS,
+    retain: bool,
+    sub_ids: &'a [u32],
+) -> PublishOut<'a> {
+    PublishOut {
         dup: false,
         qos,
         retain,
         topic: &msg.topic,
+        // A placeholder: the real packet id is assigned at delivery.
         packet_id: (qos != QoS::AtMostOnce).then(|| PacketId::new(1).expect("1 is not 0")),
         props: msg.props(),
         // The original interval rides along (a will's expiry starts when it is published);
@@ -77,10 +130,7 @@ pub fn message(msg: &Message, qos: QoS, retain: bool, sub_ids: &[u32], clock: &C
         topic_alias: None,
         subscription_identifiers: sub_ids,
         payload: &msg.payload,
-    };
-    out.encode(Protocol::V5, &mut buf)
-        .expect("a decoded message re-encodes");
-    buf.to_vec()
+    }
 }
 
 /// Decodes [`message`] back into a delivery (seq 0; the caller sets it).
@@ -198,12 +248,12 @@ pub enum StoredWill {
 }
 
 /// Armed will, written when the client connects: kind, will delay, then the message.
-pub fn armed_will(msg: &Message, delay_secs: u32, clock: &Clock) -> Vec<u8> {
+pub fn armed_will(msg: &Message, delay_secs: u32, clock: &Clock) -> Result<Vec<u8>, EncodeError> {
     let mut v = Vec::with_capacity(64 + msg.payload.len());
     v.push(ARMED_WILL);
     v.extend_from_slice(&delay_secs.to_be_bytes());
-    v.extend_from_slice(&message(msg, msg.qos, msg.retain, &[], clock));
-    v
+    v.extend_from_slice(&message(msg, msg.qos, msg.retain, &[], clock)?);
+    Ok(v)
 }
 
 /// Reads either kind of will record.
@@ -223,12 +273,13 @@ pub fn parse_stored_will(b: &[u8], clock: &Clock) -> Option<StoredWill> {
 }
 
 /// Pending will: version, when it is due, then the message.
-pub fn will(msg: &Message, due: Instant, clock: &Clock) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64 + msg.payload.len());
+pub fn will(msg: &Message, due: Instant, clock: &Clock) -> Result<Vec<u8>, EncodeError> {
+    let stored = message(msg, msg.qos, msg.retain, &[], clock)?;
+    let mut v = Vec::with_capacity(HEADER + stored.len());
     v.push(VERSION);
     v.extend_from_slice(&clock.to_unix_ms(due).to_be_bytes());
-    v.extend_from_slice(&message(msg, msg.qos, msg.retain, &[], clock));
-    v
+    v.extend_from_slice(&stored);
+    Ok(v)
 }
 
 pub fn parse_will(mut b: &[u8], clock: &Clock) -> Option<(Message, Instant)> {
@@ -264,7 +315,7 @@ mod tests {
             origin: SessionId(7),
             owned: true,
         };
-        let bytes = message(&msg, QoS::AtLeastOnce, false, &[3, 9], &clock);
+        let bytes = message(&msg, QoS::AtLeastOnce, false, &[3, 9], &clock).expect("encodes");
         let d = delivery(&bytes, &clock).expect("decodes");
         assert_eq!(d.qos, QoS::AtLeastOnce);
         assert!(!d.retain);
@@ -275,6 +326,48 @@ mod tests {
         assert_eq!(d.msg.props().user_properties, msg.props().user_properties);
         let left = d.msg.remaining_expiry(clock.now).expect("expiry kept");
         assert!((29..=30).contains(&left), "{left}");
+    }
+
+    /// A message whose stored encoding at its own QoS (with a packet id) is exactly the MQTT
+    /// limit. The payload is a zeroed allocation the test never touches unless it encodes.
+    fn at_ceiling(qos: QoS) -> Message {
+        // Body: topic length (2) + "t" + packet id (2) + property length (1) + payload.
+        let payload = vec![0u8; MAX_REMAINING_LENGTH - 6];
+        Message {
+            topic: MqttStr::from_static("t"),
+            payload: bytes::Bytes::from(payload),
+            qos,
+            retain: false,
+            props: None,
+            expires_at: None,
+            origin: SessionId(1),
+            owned: true,
+        }
+    }
+
+    #[test]
+    fn message_near_the_packet_size_ceiling_is_refused_not_panicked() {
+        let clock = Clock::now();
+        let msg = at_ceiling(QoS::AtLeastOnce);
+        assert!(message_fits(&msg, 0), "exactly at the limit fits");
+        assert!(
+            !message_fits(&msg, sub_id_len(1)),
+            "one identifier more does not"
+        );
+        match message(&msg, QoS::AtLeastOnce, false, &[1], &clock) {
+            Err(EncodeError::TooLarge(n)) => assert_eq!(n, MAX_REMAINING_LENGTH + 2),
+            other => panic!("expected TooLarge, got {:?}", other.map(|v| v.len())),
+        }
+        let mut bigger = at_ceiling(QoS::AtLeastOnce);
+        bigger.topic = MqttStr::from_static("tt");
+        assert!(!message_fits(&bigger, 0));
+        assert!(matches!(
+            will(&bigger, clock.now, &clock),
+            Err(EncodeError::TooLarge(_))
+        ));
+        // At QoS 0 the copy has no packet id: two bytes of room.
+        let v = message(&bigger, QoS::AtMostOnce, false, &[], &clock).expect("fits at qos 0");
+        assert_eq!(v.len(), 9 + 1 + 4 + MAX_REMAINING_LENGTH - 1);
     }
 
     #[test]
@@ -290,7 +383,7 @@ mod tests {
             origin: SessionId(3),
             owned: true,
         };
-        match parse_stored_will(&armed_will(&msg, 30, &clock), &clock) {
+        match parse_stored_will(&armed_will(&msg, 30, &clock).expect("encodes"), &clock) {
             Some(StoredWill::Armed { msg: m, delay_secs }) => {
                 assert_eq!(delay_secs, 30);
                 assert_eq!(
@@ -302,7 +395,7 @@ mod tests {
             other => panic!("armed will read back as {other:?}"),
         }
         let due = clock.now + Duration::from_secs(5);
-        match parse_stored_will(&will(&msg, due, &clock), &clock) {
+        match parse_stored_will(&will(&msg, due, &clock).expect("encodes"), &clock) {
             Some(StoredWill::Pending { msg: m, due: d }) => {
                 assert_eq!(m.topic.as_str(), "dev/1/status");
                 assert!(d.saturating_duration_since(due) < Duration::from_millis(2));

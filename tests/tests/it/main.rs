@@ -4,7 +4,8 @@
 //!
 //! Modules follow the numbered points of issue 2: connection lifecycle (2), QoS (3), sessions
 //! (4), router (5), retained (6), will (7), v5 passthrough and limits (8), $SYS (9), bad input
-//! (10) and the binary (11). `storm` and `closing` are issue 10, points 7 and 9.
+//! (10) and the binary (11). `hardening` covers issue 10; `storm` and `closing` its points 7
+//! and 9, `storage_fault` its point 6 (a failed storage write).
 
 mod bad_input;
 mod binary;
@@ -16,6 +17,7 @@ mod qos;
 mod retained;
 mod router;
 mod session;
+mod storage_fault;
 mod storm;
 mod sys;
 mod v5;

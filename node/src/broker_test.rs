@@ -1,0 +1,105 @@
+//! The publish path against a real store: what a refused message leaves behind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use petrel_storage::{keys, Cf, Store, StoreOptions};
+
+use super::Broker;
+use crate::auth::AuthGate;
+use crate::codec::decode::MAX_REMAINING_LENGTH;
+use crate::codec::{MqttStr, QoS, RetainHandling, SubscriptionOptions};
+use crate::config::Config;
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::router::topic::parse_filter;
+use crate::session::{Session, SessionId};
+
+fn broker(dir: &std::path::Path) -> Broker {
+    let cfg = Config::default();
+    let store = Store::open(StoreOptions {
+        path: dir.join("db"),
+        fsync: false,
+    })
+    .expect("open store");
+    let auth = AuthGate::from_config(&cfg.auth).expect("no auth files");
+    Broker::new(cfg, Metrics::new(), auth, store)
+}
+
+fn subscribe(b: &Broker, s: &Arc<Session>, filter: &str, id: Option<u32>) {
+    let f = parse_filter(filter, 16).expect("valid filter");
+    let o = SubscriptionOptions {
+        qos: QoS::ExactlyOnce,
+        no_local: false,
+        retain_as_published: true,
+        retain_handling: RetainHandling::SendAtSubscribe,
+    };
+    b.subscribe(s, &f, o, id, crate::router::AclStamp::UNDECIDED);
+}
+
+fn message(topic: &'static str, payload: Bytes) -> Arc<Message> {
+    Arc::new(Message {
+        topic: MqttStr::from_static(topic),
+        payload,
+        qos: QoS::ExactlyOnce,
+        retain: true,
+        props: None,
+        expires_at: None,
+        origin: SessionId(99),
+        owned: true,
+    })
+}
+
+fn rows(store: &Store, cf: Cf) -> Vec<Box<[u8]>> {
+    store.scan(cf).map(|r| r.expect("row").0).collect()
+}
+
+#[test]
+fn message_too_large_to_store_is_refused_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path());
+    let stored = Arc::new(Session::new(SessionId(1), "stored".into(), 3600));
+    stored.set_persistent(true);
+    let clean = Session::new_for_test("clean");
+    subscribe(&b, &stored, "t/#", Some(7));
+    subscribe(&b, &clean, "t/+", None);
+
+    // Exactly at the MQTT limit as stored without identifiers (topic length 2 + "t/x" +
+    // packet id 2 + property length 1 + payload); the subscription identifier tips it over.
+    let big = message("t/x", Bytes::from(vec![0u8; MAX_REMAINING_LENGTH - 8]));
+    let routed = b.publish(big, &mut Vec::new(), Some(("stored", 5)));
+    assert!(routed.unstorable, "refused");
+    assert_eq!((routed.delivered, routed.ticket), (0, None));
+    assert_eq!(stored.queue_len() + clean.queue_len(), 0, "routed nowhere");
+    assert_eq!(b.retained_count(), 0, "not retained");
+    let dropped = b
+        .metrics
+        .queue_dropped
+        .with_label_values(&["too_large"])
+        .get();
+    assert_eq!(dropped, 1, "counted");
+
+    // The next publish commits only its own writes: nothing of the refused one was left in
+    // the pending batch.
+    let small = message("t/y", Bytes::from_static(b"small"));
+    let routed = b.publish(small, &mut Vec::new(), Some(("stored", 6)));
+    assert!(!routed.unstorable);
+    assert_eq!(stored.queue_len(), 1);
+    let ticket = routed.ticket.expect("stored");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), b.store.wait(ticket)).await
+    })
+    .expect("in time")
+    .expect("durable");
+    assert_eq!(
+        rows(&b.store, Cf::Inbound),
+        vec![keys::inbound_key("stored", 6).into()]
+    );
+    assert_eq!(rows(&b.store, Cf::Queue).len(), 1);
+    assert_eq!(rows(&b.store, Cf::Retained), vec![Box::from(&b"t/y"[..])]);
+}
