@@ -159,9 +159,14 @@ impl Queue {
                 state.busy += 1;
                 drop(state);
                 self.waiting.dec();
-                self.execute(job);
+                let answer = self.execute(job);
                 state = self.lock();
                 state.busy -= 1;
+                // Answered once the thread is free again: the next check, sent as soon as
+                // this answer arrives, finds it free rather than busy.
+                if let Some((verdict, ok)) = answer {
+                    let _ = verdict.send(ok);
+                }
                 continue;
             }
             if state.closed {
@@ -171,15 +176,16 @@ impl Queue {
         }
     }
 
-    fn execute(&self, job: Job) {
+    /// Runs one check; the verdict to send, unless nobody waits for it.
+    fn execute(&self, job: Job) -> Option<(oneshot::Sender<bool>, bool)> {
         if job.verdict.is_closed() {
             // The CONNECT is gone: nobody waits for this answer.
-            return;
+            return None;
         }
         self.running.inc();
         let ok = catch_unwind(AssertUnwindSafe(job.check)).unwrap_or(false);
         self.running.dec();
-        let _ = job.verdict.send(ok);
+        Some((job.verdict, ok))
     }
 }
 

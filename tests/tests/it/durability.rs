@@ -3,7 +3,6 @@
 //! one acknowledged, QoS 2 exactly once, and keep retained messages and delayed wills.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 use std::time::Instant;
 
 use petrel_tests::rumqttc::{self, AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet};
@@ -11,17 +10,6 @@ use tokio::sync::mpsc;
 
 use super::*;
 use pkt::Connect;
-
-async fn start_on(dir: &Path, env: &[(&str, &str)]) -> Broker {
-    let mut b = Broker::builder()
-        .without_data_dir_flag()
-        .arg("--data-dir")
-        .arg(dir.to_str().expect("utf-8 path"));
-    for (k, v) in env {
-        b = b.env(k, v);
-    }
-    b.start().await
-}
 
 fn opts(id: &str, broker: &Broker, clean: bool) -> MqttOptions {
     let a = broker.mqtt_addr();

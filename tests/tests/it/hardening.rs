@@ -2,22 +2,10 @@
 //! its fix. Absence is checked with a marker message published after what must not arrive.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use tokio::io::AsyncWriteExt;
 
 use super::*;
-
-async fn start_on(dir: &Path, env: &[(&str, &str)]) -> Broker {
-    let mut b = Broker::builder()
-        .without_data_dir_flag()
-        .arg("--data-dir")
-        .arg(dir.to_str().expect("utf-8 path"));
-    for (k, v) in env {
-        b = b.env(k, v);
-    }
-    b.start().await
-}
 
 /// Receives publishes until `marker` arrives on `marker_topic`; returns the topics before it.
 async fn topics_before_marker(c: &mut V3Client, marker_topic: &str) -> Vec<String> {

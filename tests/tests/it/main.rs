@@ -35,6 +35,18 @@ pub use petrel_tests::{
     V5Client, WAIT,
 };
 
+/// Starts the binary on an existing data directory (restarts keep what it stored).
+pub async fn start_on(dir: &std::path::Path, env: &[(&str, &str)]) -> Broker {
+    let mut b = Broker::builder()
+        .without_data_dir_flag()
+        .arg("--data-dir")
+        .arg(dir.to_str().expect("utf-8 path"));
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    b.start().await
+}
+
 /// v3 QoS from a number.
 pub fn q3(n: u8) -> Q3 {
     match n {
