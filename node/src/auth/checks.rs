@@ -58,8 +58,10 @@ struct State {
     closed: bool,
 }
 
+type Check = Box<dyn FnOnce() -> bool + Send>;
+
 struct Job {
-    check: Box<dyn FnOnce() -> bool + Send>,
+    check: Check,
     verdict: oneshot::Sender<bool>,
 }
 
@@ -155,13 +157,18 @@ impl Queue {
     fn work(&self) {
         let mut state = self.lock();
         loop {
-            if let Some(job) = state.jobs.pop_front() {
+            if let Some(Job { check, verdict }) = state.jobs.pop_front() {
                 state.busy += 1;
                 drop(state);
                 self.waiting.dec();
-                self.execute(job);
+                let ok = self.execute(check, &verdict);
                 state = self.lock();
                 state.busy -= 1;
+                // Answered once this thread counts as free again: the next CONNECT, sent
+                // as soon as this one is answered, finds it free.
+                if let Some(ok) = ok {
+                    let _ = verdict.send(ok);
+                }
                 continue;
             }
             if state.closed {
@@ -171,15 +178,15 @@ impl Queue {
         }
     }
 
-    fn execute(&self, job: Job) {
-        if job.verdict.is_closed() {
-            // The CONNECT is gone: nobody waits for this answer.
-            return;
+    /// Runs a check; `None` if its CONNECT is gone (nobody waits for the answer).
+    fn execute(&self, check: Check, verdict: &oneshot::Sender<bool>) -> Option<bool> {
+        if verdict.is_closed() {
+            return None;
         }
         self.running.inc();
-        let ok = catch_unwind(AssertUnwindSafe(job.check)).unwrap_or(false);
+        let ok = catch_unwind(AssertUnwindSafe(check)).unwrap_or(false);
         self.running.dec();
-        let _ = job.verdict.send(ok);
+        Some(ok)
     }
 }
 
