@@ -104,7 +104,77 @@ impl ShardedCount {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
     use std::sync::Arc;
+
+    use crate::codec::{MqttStr, QoS};
+    use crate::config::QueueOverflow;
+    use crate::message::Message;
+    use crate::session::{Delivery, QueueLimits, Session, SessionId, SubIds};
+
+    fn delivery() -> Delivery {
+        let msg = Message {
+            topic: MqttStr::from_static("t"),
+            payload: Default::default(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            props: Default::default(),
+            expires_at: None,
+            origin: SessionId::BROKER,
+            owned: true,
+        };
+        Delivery {
+            msg: Arc::new(msg),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: SubIds::None,
+            seq: 0,
+            acl_check: false,
+            acl_gen: 0,
+        }
+    }
+
+    #[test]
+    fn sessions_keep_the_counts() {
+        let stats = Arc::new(SessionStats::default());
+        let limits = QueueLimits {
+            max_messages: 2,
+            max_bytes: 0,
+            overflow: QueueOverflow::DropOldest,
+            qos0_offline: false,
+            congested_at: 0,
+        };
+        let a = Session::new(SessionId(1), "a".into(), 60).with_stats(stats.clone());
+        for _ in 0..3 {
+            let _ = a.enqueue(delivery(), &limits, None);
+        }
+        assert_eq!(stats.queued(), 2, "drop-oldest made room: still 2");
+        let state = a.attach(7, crate::session::Epoch(1)).expect("free");
+        assert_eq!(stats.connected(), 1);
+        let mut out = Vec::new();
+        a.drain(10, 1, &mut out, 0);
+        assert_eq!(stats.queued(), 1, "one taken");
+        assert!(a.release(7, state, None, false).is_none());
+        assert_eq!(
+            (stats.connected(), stats.queued()),
+            (0, 1),
+            "parked with its queue"
+        );
+        let _ = a.end();
+        assert_eq!(stats.queued(), 0, "an ended session's queue is gone");
+
+        let queue: VecDeque<Delivery> = (0..2).map(|_| delivery()).collect();
+        let b = Session::restore(SessionId(2), "b".into(), 60, Box::default(), queue, 3)
+            .with_stats(stats.clone());
+        assert_eq!(stats.queued(), 2, "a restored queue counts");
+        let state = b.attach(8, crate::session::Epoch(2)).expect("free");
+        assert!(b.release(8, state, None, true).is_some());
+        assert_eq!(
+            (stats.connected(), stats.queued()),
+            (0, 0),
+            "ended on release"
+        );
+    }
 
     #[test]
     fn sums_over_threads() {
