@@ -62,6 +62,30 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A QoS 1 delivery of a `t/x` message with a zeroed payload of `payload_len` bytes.
+    #[cfg(test)]
+    pub fn for_test(payload_len: usize) -> Delivery {
+        let msg = Message {
+            topic: crate::codec::MqttStr::from_static("t/x"),
+            payload: vec![0u8; payload_len].into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            props: None,
+            expires_at: None,
+            origin: crate::session::SessionId::BROKER,
+            owned: true,
+        };
+        Delivery {
+            msg: Arc::new(msg),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: SubIds::None,
+            seq: 0,
+            acl_check: false,
+            acl_gen: 0,
+        }
+    }
+
     /// What the message weighs against `max_queued_bytes`: its topic and payload.
     pub fn size(&self) -> usize {
         self.msg.topic.len() + self.msg.payload.len()
@@ -174,29 +198,10 @@ pub(super) fn fits_bytes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::MqttStr;
-    use crate::session::{Session, SessionId};
+    use crate::session::Session;
 
     fn delivery(payload_len: usize) -> Delivery {
-        let msg = Message {
-            topic: MqttStr::from_static("t/x"),
-            payload: vec![0u8; payload_len].into(),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            props: None,
-            expires_at: None,
-            origin: SessionId::BROKER,
-            owned: true,
-        };
-        Delivery {
-            msg: Arc::new(msg),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            subscription_ids: SubIds::None,
-            seq: 0,
-            acl_check: false,
-            acl_gen: 0,
-        }
+        Delivery::for_test(payload_len)
     }
 
     fn limits(max_bytes: usize, overflow: QueueOverflow) -> QueueLimits {

@@ -107,31 +107,11 @@ mod tests {
     use std::collections::VecDeque;
     use std::sync::Arc;
 
-    use crate::codec::{MqttStr, QoS};
     use crate::config::QueueOverflow;
-    use crate::message::Message;
-    use crate::session::{Delivery, QueueLimits, Session, SessionId, SubIds};
+    use crate::session::{Delivery, QueueLimits, Session, SessionId};
 
     fn delivery() -> Delivery {
-        let msg = Message {
-            topic: MqttStr::from_static("t"),
-            payload: Default::default(),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            props: Default::default(),
-            expires_at: None,
-            origin: SessionId::BROKER,
-            owned: true,
-        };
-        Delivery {
-            msg: Arc::new(msg),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            subscription_ids: SubIds::None,
-            seq: 0,
-            acl_check: false,
-            acl_gen: 0,
-        }
+        Delivery::for_test(0)
     }
 
     #[test]
