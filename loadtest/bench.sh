@@ -278,8 +278,13 @@ petrel_env+=("PETREL_MQTT__MAX_QUEUED_MESSAGES=$max_queued")
 # start_petrel TMP RUN: sets broker_pid and broker_addr.
 start_petrel() {
     local tmp="$1" run="$2"
+    # Binaries from before the cluster have no gRPC listener (and no flag for it).
+    local grpc=()
+    if "$PETREL_BIN" --help 2>/dev/null | grep -q -- --grpc-addr; then
+        grpc=(--grpc-addr 127.0.0.1:0)
+    fi
     "${petrel_env[@]}" taskset -c "$broker_cpu" "$PETREL_BIN" \
-        --mqtt-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+        --mqtt-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 "${grpc[@]}" \
         --data-dir "$tmp/data" --ready-file "$tmp/ready.json" >"$run/broker.log" 2>&1 &
     broker_pid=$!
     poll "$ready_deadline" "petrel's ready file" "$broker_pid" test -s "$tmp/ready.json" || return 1

@@ -79,8 +79,11 @@ def main():
         ready = os.path.join(tmp, "ready.json")
         env = {k: v for k, v in os.environ.items() if not k.startswith("PETREL_")}
         env["PETREL_LOG"] = "warn"
+        # Binaries from before the cluster have no gRPC listener (and no flag for it).
+        helptext = subprocess.run([args.bin, "--help"], capture_output=True, text=True).stdout
+        grpc = ["--grpc-addr", "127.0.0.1:0"] if "--grpc-addr" in helptext else []
         node = subprocess.Popen(
-            [args.bin, "--mqtt-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0",
+            [args.bin, "--mqtt-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", *grpc,
              "--data-dir", os.path.join(tmp, "data"), "--ready-file", ready],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

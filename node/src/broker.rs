@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthGate;
+use crate::claim::Claims;
 use crate::codec::{LastWill, QoS, SubscriptionOptions};
 use crate::config::Config;
 use crate::message::Message;
@@ -65,6 +66,8 @@ pub struct Broker {
     pub started: Instant,
     pub store: Store,
     pub auth: AuthGate,
+    /// Who owns which client id (the cluster, in the node).
+    pub claims: Arc<dyn Claims>,
     router: RwLock<SubscriptionTrie>,
     retained: RwLock<RetainedStore>,
     timers: Timers,
@@ -95,7 +98,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Broker {
-    pub fn new(cfg: Config, metrics: Metrics, auth: AuthGate, store: Store) -> Broker {
+    pub fn new(
+        cfg: Config,
+        metrics: Metrics,
+        auth: AuthGate,
+        store: Store,
+        claims: Arc<dyn Claims>,
+    ) -> Broker {
         let limits = QueueLimits {
             max_messages: cfg.mqtt.max_queued_messages,
             max_bytes: cfg.mqtt.max_queued_bytes,
@@ -115,6 +124,7 @@ impl Broker {
             started: Instant::now(),
             store,
             auth,
+            claims,
             router: RwLock::new(SubscriptionTrie::default()),
             retained: RwLock::new(RetainedStore::default()),
             timers: Timers::default(),
@@ -167,8 +177,30 @@ impl Broker {
                 unstorable: true,
             };
         }
+        if !stored && !msg.retain && inbound.is_none() {
+            // Nothing of this publish is stored (the common case of clean sessions or QoS
+            // 0): one pass, each delivery queued as it is made.
+            let mut delivered = 0;
+            let mut congested = None;
+            self.plan_deliveries(&msg, scratch, |at, d, _| {
+                let session = &scratch[at].session;
+                let (queued, full) = self.enqueue_in(session, d, None);
+                delivered += queued as usize;
+                if full && congested.is_none() && session.id() != msg.origin {
+                    congested = Some(session.clone());
+                }
+            });
+            scratch.clear();
+            return Routed {
+                delivered,
+                ticket: None,
+                congested,
+                unstorable: false,
+            };
+        }
         let mut plan = PLAN.take();
-        let any_stored = self.plan_deliveries(&msg, scratch, &mut plan);
+        let any_stored =
+            self.plan_deliveries(&msg, scratch, |at, d, value| plan.push((at, d, value)));
         // `storable` passed: the retained record encodes.
         let retained_value = (msg.retain && !msg.payload.is_empty())
             .then(|| value::message(&msg, msg.qos, true, &[], &Clock::now()).ok())
@@ -210,13 +242,14 @@ impl Broker {
     }
 
     /// The first pass of [`Broker::publish`]: one delivery per matched session (overlapping
-    /// subscriptions of one session merged), with the encoded value of those that a
-    /// persistent session stores. Returns whether any is stored.
+    /// subscriptions of one session merged), handed to `plan` with the index of its first
+    /// match and the encoded value if a persistent session stores it. Returns whether any
+    /// is stored.
     fn plan_deliveries(
         &self,
         msg: &Arc<Message>,
         scratch: &[Match],
-        plan: &mut Vec<Planned>,
+        mut plan: impl FnMut(usize, Delivery, Option<Vec<u8>>),
     ) -> bool {
         let acl_now = self.auth.acl_generation();
         // Read the wall clock only if something is stored.
@@ -251,7 +284,7 @@ impl Broker {
             // Queued for an offline session: kept until it comes back, so it must not pin
             // the publisher's read buffer.
             let kept =
-                !session.is_connected() && (qos != QoS::AtMostOnce || self.limits.qos0_offline);
+                (qos != QoS::AtMostOnce || self.limits.qos0_offline) && !session.is_connected();
             let msg = match kept {
                 true => detached.get_or_insert_with(|| Message::kept(msg)).clone(),
                 false => msg.clone(),
@@ -284,7 +317,7 @@ impl Broker {
                 acl_check,
                 acl_gen: acl_now as u32,
             };
-            plan.push((i, d, value));
+            plan(i, d, value);
             i = j;
         }
         any_stored
@@ -631,8 +664,10 @@ impl Broker {
                 }
                 tracing::debug!(%client_id, "session expired");
                 self.metrics.sessions_expired.inc();
+                let epoch = session.epoch();
                 let (state, _) = session.end();
                 self.end_session(&session, state);
+                self.claims.ended(&client_id, epoch);
             }
         }
     }

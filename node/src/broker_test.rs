@@ -24,7 +24,13 @@ fn broker(dir: &std::path::Path) -> Broker {
     })
     .expect("open store");
     let auth = AuthGate::from_config(&cfg.auth).expect("no auth files");
-    Broker::new(cfg, Metrics::new(), auth, store)
+    Broker::new(
+        cfg,
+        Metrics::new(),
+        auth,
+        store,
+        Arc::new(crate::claim::LocalClaims::default()),
+    )
 }
 
 fn subscribe(b: &Broker, s: &Arc<Session>, filter: &str, id: Option<u32>) {

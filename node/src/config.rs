@@ -54,6 +54,78 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// `[log]`: log output.
     pub log: LogConfig,
+    /// `[cluster]`: the node's id, its gRPC listener and how it finds the cluster.
+    pub cluster: ClusterConfig,
+}
+
+/// Default port of the gRPC listener (Raft and node-to-node traffic).
+pub const DEFAULT_GRPC_PORT: u16 = 7883;
+
+/// `[cluster]` section. A node with no `join` and an empty data dir starts a cluster of one
+/// (itself); the default node is exactly that.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id, unique in the cluster and fixed for the life of its data dir (a
+    /// StatefulSet pod's ordinal). Default `0`.
+    pub node_id: u64,
+    /// Address the gRPC listener binds (Raft and node-to-node traffic); port 0 picks a free
+    /// port. Default `0.0.0.0:7883`.
+    pub grpc_addr: SocketAddr,
+    /// The gRPC address other nodes dial to reach this one (`host:port`); empty: the bound
+    /// address, with the machine's host name when it binds every interface. Default `""`.
+    pub advertise_addr: String,
+    /// gRPC addresses (`host:port`, comma-separated) of members to join. Empty: a node with an
+    /// empty data dir starts a new cluster. With seeds, only the node with the lowest id of
+    /// all seeds starts the cluster, once every seed answers; the others join it. A node
+    /// with data rejoins by itself. Default `""`.
+    pub join: String,
+    /// Voting members the cluster keeps (odd, 1 to 5); further nodes join as learners that
+    /// replicate everything but do not vote. Default `3`.
+    pub voters: usize,
+    /// Interval of the leader's heartbeats. Default `250`.
+    pub heartbeat_interval_ms: u64,
+    /// A follower that hears no leader for this long (randomised up to twice) starts an
+    /// election. Default `1500`.
+    pub election_timeout_ms: u64,
+    /// Log entries applied since the last snapshot before a new one is taken. Default `20000`.
+    pub snapshot_after_entries: u64,
+    /// Log entries kept behind a snapshot, so a follower a little behind catches up from the
+    /// log rather than the whole snapshot. Default `1000`.
+    pub snapshot_keep_entries: u64,
+    /// Longest a CONNECT waits for the cluster to confirm its claim (a quorum must commit
+    /// it); past it the CONNECT is refused with CONNACK 0x88 Server unavailable (3 in MQTT
+    /// 3.x). Default `5000`.
+    pub propose_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_id: 0,
+            grpc_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_GRPC_PORT)),
+            advertise_addr: String::new(),
+            join: String::new(),
+            voters: 3,
+            heartbeat_interval_ms: 250,
+            election_timeout_ms: 1500,
+            snapshot_after_entries: 20_000,
+            snapshot_keep_entries: 1000,
+            propose_timeout_ms: 5000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The seed addresses of `join`.
+    pub fn seeds(&self) -> Vec<String> {
+        self.join
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// `[mqtt]` section.
@@ -555,6 +627,49 @@ impl Config {
         if self.auth.reload_interval_secs == 0 {
             problems.push("auth.reload_interval_secs must be at least 1".to_owned());
         }
+        let cluster = &self.cluster;
+        if !(1..=5).contains(&cluster.voters) || cluster.voters % 2 == 0 {
+            problems.push(format!(
+                "cluster.voters must be 1, 3 or 5, got {}",
+                cluster.voters
+            ));
+        }
+        if cluster.heartbeat_interval_ms == 0
+            || cluster.election_timeout_ms < 2 * cluster.heartbeat_interval_ms
+        {
+            problems.push(format!(
+                "cluster.election_timeout_ms ({}) must be at least twice \
+                 cluster.heartbeat_interval_ms ({}), which must be at least 1",
+                cluster.election_timeout_ms, cluster.heartbeat_interval_ms
+            ));
+        }
+        if cluster.propose_timeout_ms == 0 {
+            problems.push("cluster.propose_timeout_ms must be at least 1".to_owned());
+        }
+        if cluster.snapshot_after_entries == 0 {
+            problems.push("cluster.snapshot_after_entries must be at least 1".to_owned());
+        }
+        for seed in cluster.seeds() {
+            if !valid_host_port(&seed) {
+                problems.push(format!(
+                    "cluster.join must be HOST:PORT addresses separated by commas, got {seed:?}"
+                ));
+            }
+        }
+        if !cluster.advertise_addr.is_empty() && !valid_host_port(&cluster.advertise_addr) {
+            problems.push(format!(
+                "cluster.advertise_addr must be HOST:PORT or empty, got {:?}",
+                cluster.advertise_addr
+            ));
+        }
+        for (key, addr) in [("mqtt.addr", mqtt.addr), ("admin.addr", admin.addr)] {
+            if (key == "mqtt.addr" || admin.enabled) && ports_clash(cluster.grpc_addr, addr) {
+                problems.push(format!(
+                    "cluster.grpc_addr {} and {key} {addr} use the same port",
+                    cluster.grpc_addr
+                ));
+            }
+        }
         if self.storage.data_dir.as_os_str().is_empty() {
             problems.push("storage.data_dir must not be empty".to_owned());
         }
@@ -574,6 +689,14 @@ impl Config {
     /// The default configuration as commented TOML (the text of `petrel.example.toml`).
     pub fn to_toml_string() -> String {
         EXAMPLE_TOML.to_owned()
+    }
+}
+
+/// `host:port` with a non-empty host and a port number.
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok(),
+        None => false,
     }
 }
 

@@ -16,6 +16,8 @@
 pub mod admin;
 pub mod auth;
 pub mod broker;
+pub mod claim;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connection;
@@ -57,4 +59,6 @@ pub enum Error {
     Storage(#[from] petrel_storage::Error),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error("cluster: {0}")]
+    Cluster(#[source] cluster::StartError),
 }

@@ -56,6 +56,8 @@ pub struct Listeners {
     pub ws: Option<TcpListener>,
     pub wss: Option<TcpListener>,
     pub admin: Option<TcpListener>,
+    /// Raft and node-to-node gRPC.
+    pub grpc: TcpListener,
 }
 
 impl Listeners {
@@ -71,16 +73,18 @@ impl Listeners {
             } else {
                 None
             },
+            grpc: bind("grpc", cfg.cluster.grpc_addr).await?,
         })
     }
 
-    /// The client listeners that are enabled, with their kinds.
-    pub fn clients(self) -> (Vec<(Kind, TcpListener)>, Option<TcpListener>) {
+    /// The client listeners that are enabled, with their kinds; the admin listener; the
+    /// gRPC listener.
+    pub fn clients(self) -> (Vec<(Kind, TcpListener)>, Option<TcpListener>, TcpListener) {
         let mut out = vec![(Kind::Mqtt, self.mqtt)];
         out.extend(self.mqtts.map(|l| (Kind::Mqtts, l)));
         out.extend(self.ws.map(|l| (Kind::Ws, l)));
         out.extend(self.wss.map(|l| (Kind::Wss, l)));
-        (out, self.admin)
+        (out, self.admin, self.grpc)
     }
 }
 
@@ -349,7 +353,8 @@ mod tests {
         cfg.mqtt.ws_addr = any.to_string();
         cfg.mqtt.wss_addr = any.to_string();
         cfg.admin.addr = any;
-        let (clients, admin) = Listeners::bind(&cfg).await.unwrap().clients();
+        cfg.cluster.grpc_addr = any;
+        let (clients, admin, _grpc) = Listeners::bind(&cfg).await.unwrap().clients();
         assert_eq!(clients.len(), 4);
         for (kind, listener) in &clients {
             assert!(deferral(listener) > 0, "{kind} accepts before data");

@@ -53,6 +53,18 @@ struct Cli {
     /// Admin HTTP listen address (overrides admin.addr)
     #[arg(long, env = "PETREL_ADMIN_ADDR", value_name = "HOST:PORT")]
     admin_addr: Option<SocketAddr>,
+    /// This node's id in the cluster (overrides cluster.node_id)
+    #[arg(long, env = "PETREL_NODE_ID", value_name = "N")]
+    node_id: Option<u64>,
+    /// gRPC listen address for Raft and node-to-node traffic (overrides cluster.grpc_addr)
+    #[arg(long, env = "PETREL_GRPC_ADDR", value_name = "HOST:PORT")]
+    grpc_addr: Option<SocketAddr>,
+    /// gRPC address other nodes dial to reach this one (overrides cluster.advertise_addr)
+    #[arg(long, env = "PETREL_ADVERTISE_ADDR", value_name = "HOST:PORT")]
+    advertise_addr: Option<String>,
+    /// gRPC addresses of members to join, comma-separated (overrides cluster.join)
+    #[arg(long, env = "PETREL_JOIN", value_name = "HOST:PORT[,HOST:PORT]")]
+    join: Option<String>,
     /// Data directory (overrides storage.data_dir)
     #[arg(long, env = "PETREL_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -73,21 +85,35 @@ struct Cli {
 enum Command {
     /// Add, change or delete users of a password file (like mosquitto_passwd)
     Passwd(petrel_node::auth::PasswdArgs),
+    /// Show the cluster's members, or remove a dead one, through any member
+    Cluster(petrel_node::cluster::cli::ClusterArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::try_parse().unwrap_or_else(|e| {
+    let mut cli = Cli::try_parse().unwrap_or_else(|e| {
         let _ = e.print();
         std::process::exit(if e.use_stderr() { EXIT_USAGE.into() } else { 0 })
     });
-    if let Some(Command::Passwd(args)) = cli.command {
-        return match petrel_node::auth::passwd_cmd::run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("petrel passwd: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    match cli.command.take() {
+        Some(Command::Passwd(args)) => {
+            return match petrel_node::auth::passwd_cmd::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("petrel passwd: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Cluster(args)) => {
+            return match petrel_node::cluster::cli::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("petrel cluster: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
     if cli.print_default_config {
         print!("{}", Config::to_toml_string());
@@ -155,6 +181,14 @@ fn load_config(cli: &Cli) -> Result<Config, Vec<String>> {
     cfg.admin.addr = cli.admin_addr.unwrap_or(cfg.admin.addr);
     cfg.storage.data_dir = cli.data_dir.clone().unwrap_or(cfg.storage.data_dir);
     cfg.log.format = cli.log_format.unwrap_or(cfg.log.format);
+    cfg.cluster.node_id = cli.node_id.unwrap_or(cfg.cluster.node_id);
+    cfg.cluster.grpc_addr = cli.grpc_addr.unwrap_or(cfg.cluster.grpc_addr);
+    if let Some(a) = &cli.advertise_addr {
+        cfg.cluster.advertise_addr = a.clone();
+    }
+    if let Some(j) = &cli.join {
+        cfg.cluster.join = j.clone();
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -166,9 +200,10 @@ async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<Stopped
     let listeners = Listeners::bind(&cfg).await.context("bind listeners")?;
     let handle = Node::start(cfg, listeners).await.context("start node")?;
     let a = handle.addrs();
-    info!(mqtt = %a.mqtt, mqtts = ?a.mqtts, ws = ?a.ws, wss = ?a.wss, admin = ?a.admin, "listening");
+    info!(mqtt = %a.mqtt, mqtts = ?a.mqtts, ws = ?a.ws, wss = ?a.wss, admin = ?a.admin, grpc = %a.grpc, "listening");
     let ready = serde_json::json!({
-        "mqtt": a.mqtt, "mqtts": a.mqtts, "ws": a.ws, "wss": a.wss, "admin": a.admin, "pid": std::process::id()
+        "mqtt": a.mqtt, "mqtts": a.mqtts, "ws": a.ws, "wss": a.wss, "admin": a.admin,
+        "grpc": a.grpc, "pid": std::process::id()
     });
     if let Some(Err(e)) = ready_file.map(|path| write_atomically(&path, &ready.to_string())) {
         handle.shutdown(SHUTDOWN_GRACE).await;

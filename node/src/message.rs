@@ -52,13 +52,14 @@ impl Message {
     }
 
     /// Takes a client's PUBLISH (its topic already resolved from an alias).
-    pub fn from_publish(p: Publish, origin: SessionId, now: Instant) -> Message {
+    /// `now` is asked only for a message with an expiry.
+    pub fn from_publish(p: Publish, origin: SessionId, now: impl FnOnce() -> Instant) -> Message {
         let mut props = p.properties;
         props.topic_alias = None;
         props.subscription_identifiers = Vec::new();
         let expires_at = props
             .message_expiry_interval
-            .map(|s| now + Duration::from_secs(s as u64));
+            .map(|s| now() + Duration::from_secs(s as u64));
         Message {
             topic: p.topic,
             payload: p.payload,

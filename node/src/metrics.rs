@@ -20,6 +20,7 @@ pub struct Metrics {
     pub retained: IntGauge,
     pub retained_bytes: IntGauge,
     pub takeovers: IntCounter,
+    pub claims_refused: IntCounter,
     pub sessions_expired: IntCounter,
     pub wills_published: IntCounter,
     pub auth_failures: IntCounterVec,
@@ -93,6 +94,7 @@ impl Metrics {
                 "Topic and payload bytes of the retained messages held",
             ),
             takeovers: counter(&r, "petrel_session_takeovers_total", "Connections closed by a newer connection with the same client id"),
+            claims_refused: counter(&r, "petrel_claims_refused_total", "CONNECTs refused (CONNACK 0x88 / 3) because the cluster could not confirm the claim in time"),
             sessions_expired: counter(&r, "petrel_sessions_expired_total", "Offline sessions ended by their expiry interval (mqtt.session_expiry_max_secs, persistent_session_expiry_secs)"),
             wills_published: counter(&r, "petrel_wills_published_total", "Will messages published"),
             auth_failures: counter_vec(

@@ -13,6 +13,8 @@ use tokio_util::task::TaskTracker;
 use crate::admin::Admin;
 use crate::auth::{AuthGate, PasswordChecks};
 use crate::broker::Broker;
+use crate::cluster::sm::Effect;
+use crate::cluster::{Cluster, Identity};
 use crate::config::Config;
 use crate::limit::Admission;
 use crate::listener::{accept_loop, AcceptCtx, Listeners};
@@ -32,11 +34,65 @@ pub struct BoundAddrs {
     pub ws: Option<SocketAddr>,
     pub wss: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub grpc: SocketAddr,
 }
 
 fn local(l: Option<&tokio::net::TcpListener>) -> Result<Option<SocketAddr>, Error> {
     l.map(|l| l.local_addr().map_err(Error::LocalAddr))
         .transpose()
+}
+
+/// The address other nodes and clients are told: `configured` if set, else `bound` with the
+/// machine's host name in place of an unspecified IP.
+fn advertised(configured: &str, bound: SocketAddr) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let host = hostname().unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}:{}", bound.port())
+}
+
+/// The machine's host name (a pod's name in Kubernetes, a container's in Compose).
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// How long proposals of the drained connections get to commit at shutdown.
+const CLUSTER_FLUSH: Duration = Duration::from_secs(2);
+
+/// Acts on what the cluster applied: a claim of a client id on another node closes the
+/// connection here if it is older (DISCONNECT 0x8E).
+async fn apply_effects(
+    broker: Arc<Broker>,
+    mut effects: tokio::sync::mpsc::UnboundedReceiver<Effect>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let effect = tokio::select! {
+            _ = cancel.cancelled() => return,
+            e = effects.recv() => match e { Some(e) => e, None => return },
+        };
+        match effect {
+            Effect::ClaimedElsewhere {
+                client_id,
+                epoch,
+                node_id,
+            } => {
+                let Some(session) = broker.sessions.get(&client_id) else {
+                    continue;
+                };
+                if session.epoch().0 < epoch && session.kick(Kick::TakenOver) {
+                    broker.metrics.takeovers.inc();
+                    tracing::info!(%client_id, by_node = node_id, epoch, "session taken over by another node");
+                }
+            }
+        }
+    }
 }
 
 /// How long the admin server may take to stop once the connections have drained.
@@ -45,6 +101,10 @@ const ADMIN_STOP: Duration = Duration::from_secs(1);
 /// A running node.
 pub struct NodeHandle {
     broker: Arc<Broker>,
+    cluster: Arc<Cluster>,
+    /// The control plane stops after the connections (they tell it that they ended).
+    cluster_stop: CancellationToken,
+    cluster_tasks: TaskTracker,
     admin: Arc<Admin>,
     addrs: BoundAddrs,
     cancel: CancellationToken,
@@ -66,6 +126,7 @@ impl Node {
             ws: local(listeners.ws.as_ref())?,
             wss: local(listeners.wss.as_ref())?,
             admin: local(listeners.admin.as_ref())?,
+            grpc: listeners.grpc.local_addr().map_err(Error::LocalAddr)?,
         };
         let tls = if addrs.mqtts.is_some() || addrs.wss.is_some() {
             let t = &cfg.tls;
@@ -93,7 +154,30 @@ impl Node {
             metrics.password_checks_waiting.clone(),
         );
         let auth = AuthGate::from_config(&cfg.auth)?.with_checks(checks);
-        let broker = Arc::new(Broker::new(cfg, metrics, auth, store.clone()));
+        // The control plane first: the broker claims client ids through it. It has a token
+        // and tasks of its own and stops after the connections, which still tell it that
+        // they ended while they drain.
+        let (clients, admin_listener, grpc_listener) = listeners.clients();
+        let cluster_stop = CancellationToken::new();
+        let cluster_tasks = TaskTracker::new();
+        let me = Identity {
+            node_id: cfg.cluster.node_id,
+            grpc_addr: advertised(&cfg.cluster.advertise_addr, addrs.grpc),
+            mqtt_addr: advertised("", addrs.mqtt),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let cluster = Cluster::start(
+            &cfg.cluster,
+            me,
+            store.clone(),
+            grpc_listener,
+            &cluster_tasks,
+            cluster_stop.clone(),
+        )
+        .await
+        .map_err(Error::Cluster)?;
+        let claims: Arc<dyn crate::claim::Claims> = cluster.clone();
+        let broker = Arc::new(Broker::new(cfg, metrics, auth, store.clone(), claims));
         let recovered = recover(&broker, &store)?;
         tracing::info!(
             sessions = recovered.sessions,
@@ -114,7 +198,9 @@ impl Node {
             let every = Duration::from_secs(broker.cfg.tls.reload_interval_secs);
             tracker.spawn(tls.clone().watch(every, cancel.clone()));
         }
-        let (clients, admin_listener) = listeners.clients();
+        if let Some(effects) = cluster.take_effects() {
+            tracker.spawn(apply_effects(broker.clone(), effects, cancel.clone()));
+        }
         let ctx = AcceptCtx {
             broker: broker.clone(),
             tls,
@@ -137,6 +223,7 @@ impl Node {
         }
         let admin = Arc::new(Admin {
             broker: broker.clone(),
+            cluster: cluster.clone(),
             ready: Default::default(),
         });
         let admin_stop = CancellationToken::new();
@@ -155,6 +242,9 @@ impl Node {
         admin.ready.store(true, Ordering::Release);
         Ok(NodeHandle {
             broker,
+            cluster,
+            cluster_stop,
+            cluster_tasks,
             admin,
             addrs,
             cancel,
@@ -181,6 +271,10 @@ impl NodeHandle {
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
     }
 
     /// Resolves once a store write has failed: acknowledgements that needed it were refused,
@@ -214,6 +308,13 @@ impl NodeHandle {
                 task.abort();
             }
         }
+        // What the drained connections proposed gets a moment to commit, then the control
+        // plane stops.
+        self.cluster.flush(CLUSTER_FLUSH).await;
+        self.cluster_stop.cancel();
+        self.cluster_tasks.close();
+        let _ = tokio::time::timeout(ADMIN_STOP, self.cluster_tasks.wait()).await;
+        self.cluster.shutdown().await;
         // Writes what the connections appended while closing, then stops the writer.
         let store = self.broker.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;

@@ -22,10 +22,14 @@ pub enum Cf {
     Retained,
     /// client id -> pending delayed will.
     Wills,
+    /// Raft log: index (u64 big-endian) -> entry.
+    RaftLog,
+    /// Raft vote, committed and purged log ids, and the last snapshot.
+    RaftState,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 8] = [
+    pub const ALL: [Cf; 10] = [
         Cf::Meta,
         Cf::Sessions,
         Cf::Subscriptions,
@@ -34,6 +38,8 @@ impl Cf {
         Cf::Inbound,
         Cf::Retained,
         Cf::Wills,
+        Cf::RaftLog,
+        Cf::RaftState,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -46,6 +52,8 @@ impl Cf {
             Cf::Inbound => "inbound_qos2",
             Cf::Retained => "retained",
             Cf::Wills => "wills",
+            Cf::RaftLog => "raft_log",
+            Cf::RaftState => "raft_state",
         }
     }
 

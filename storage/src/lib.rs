@@ -6,14 +6,17 @@
 //! - [`keys`]: key layout; everything of one client shares a prefix.
 //!
 //! Values are opaque bytes: this crate knows nothing about MQTT (the node encodes them).
-//! The Raft log and state machine will live here too (`raft_log.rs`, `sm_store.rs`).
+//! - [`raft`]: the Raft log and vote (openraft's `RaftLogStorage`, written with fsync) and
+//!   the last state-machine snapshot, as bytes a node-supplied [`RaftCodec`] makes.
 
 pub mod error;
 pub mod keys;
+pub mod raft;
 mod store;
 
 pub use error::{Error, Result};
 pub use keys::Cf;
+pub use raft::{RaftCodec, RaftLogStore};
 pub use store::{BatchWriter, Committed, Store, StoreOptions, Ticket, Txn};
 
 /// On-disk format version written into every data directory.

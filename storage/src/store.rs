@@ -65,8 +65,8 @@ struct Pending {
     failed: bool,
 }
 
-struct Shared {
-    db: DB,
+pub(crate) struct Shared {
+    pub(crate) db: DB,
     pending: Mutex<Pending>,
     work: Condvar,
     committed: watch::Sender<Committed>,
@@ -81,7 +81,7 @@ struct Shared {
 /// A cheap handle; clones share one database and one writer.
 #[derive(Clone)]
 pub struct Store {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     writer: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -91,7 +91,7 @@ pub struct BatchWriter<'a> {
     batch: &'a mut WriteBatch,
 }
 
-fn handle(db: &DB, cf: Cf) -> &ColumnFamily {
+pub(crate) fn handle(db: &DB, cf: Cf) -> &ColumnFamily {
     db.cf_handle(cf.name())
         .expect("every column family is created at open")
 }

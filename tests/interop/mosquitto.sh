@@ -49,8 +49,8 @@ poll() {
 
 start_broker() {
     mkdir -p "$work/broker"
-    PETREL_MQTT__SYS_INTERVAL_SECS=1 PETREL_LOG="${PETREL_LOG:-debug}" "$PETREL_BIN" \
-        --mqtt-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+    PETREL_MQTT__SYS_INTERVAL_SECS=1 PETREL_LOG="${PETREL_LOG:-debug,openraft=info}" "$PETREL_BIN" \
+        --mqtt-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0 \
         --data-dir "$work/broker/data" --ready-file "$work/broker/ready.json" \
         >"$work/broker/log" 2>&1 &
     broker_pid=$!

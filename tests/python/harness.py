@@ -106,11 +106,12 @@ class Broker:
         if self.ready_file.exists():
             self.ready_file.unlink()
         env = dict(os.environ)
-        env.setdefault("PETREL_LOG", "debug")
+        env.setdefault("PETREL_LOG", "debug,openraft=info")
         env.update(self.extra_env)
         cmd = [str(binary),
                "--mqtt-addr", "127.0.0.1:0",
                "--admin-addr", "127.0.0.1:0",
+               "--grpc-addr", "127.0.0.1:0",
                "--data-dir", str(self.data_dir),
                "--ready-file", str(self.ready_file),
                *self.extra_args]

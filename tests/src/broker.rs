@@ -48,14 +48,15 @@ pub fn petrel_bin() -> PathBuf {
 }
 
 /// Environment the child starts from: ours minus every `PETREL_*` variable (so a developer's
-/// shell cannot change what a test exercises), with `PETREL_LOG=debug` unless the test sets it.
+/// shell cannot change what a test exercises), with `PETREL_LOG=debug,openraft=info` unless the
+/// test sets it (openraft's debug output is a line per heartbeat).
 fn scrub_env(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("PETREL_") {
             cmd.env_remove(&k);
         }
     }
-    cmd.env("PETREL_LOG", "debug");
+    cmd.env("PETREL_LOG", "debug,openraft=info");
 }
 
 /// Runs `petrel` to completion with `args` and `env` (no default flags) and returns its output.
@@ -97,7 +98,9 @@ impl BrokerBuilder {
         self
     }
 
-    /// Leaves out `--mqtt-addr 127.0.0.1:0` (the test then chooses the address itself).
+    /// Leaves out `--mqtt-addr 127.0.0.1:0 --grpc-addr 127.0.0.1:0` (the test then chooses
+    /// the MQTT address itself; the gRPC one comes from `PETREL_GRPC_ADDR`, `127.0.0.1:0`
+    /// unless the test sets it).
     pub fn without_mqtt_addr_flag(mut self) -> Self {
         self.mqtt_addr_flag = false;
         self
@@ -135,7 +138,11 @@ impl BrokerBuilder {
         let mut cmd = Command::new(petrel_bin());
         scrub_env(&mut cmd);
         if self.mqtt_addr_flag {
-            cmd.args(["--mqtt-addr", "127.0.0.1:0"]);
+            cmd.args(["--mqtt-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"]);
+        } else if !self.env.iter().any(|(k, _)| k == "PETREL_GRPC_ADDR") {
+            // Tests of how the MQTT address is chosen run side by side: keep them off the
+            // default gRPC port.
+            cmd.env("PETREL_GRPC_ADDR", "127.0.0.1:0");
         }
         if self.admin_addr_flag {
             cmd.args(["--admin-addr", "127.0.0.1:0"]);

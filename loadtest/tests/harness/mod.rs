@@ -76,6 +76,8 @@ impl Node {
             "127.0.0.1:0",
             "--admin-addr",
             "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
             "--data-dir",
         ])
         .arg(dir.path().join("data"))

@@ -14,6 +14,7 @@ use super::close::{self, close};
 use super::conn::{Conn, ConnParams};
 use crate::auth::PASSWORD_CHECKS;
 use crate::broker::Broker;
+use crate::claim::ClaimRequest;
 use crate::codec::{
     decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect,
     DecodeError, MqttStr, Packet, Protocol, QoS, ReasonCode,
@@ -404,8 +405,9 @@ fn accept(c: &Connect, broker: &Broker) -> Result<Accepted, ReasonCode> {
     })
 }
 
-/// Claims the client id: takes over a connected session, resumes or replaces it.
-/// This is the seam where the cluster's Raft claim (a new epoch) plugs in.
+/// Claims the client id: first through the claim service (the cluster: a Raft command that
+/// gives a new epoch and makes another node that owned it close its connection), then here:
+/// takes over a connected session, resumes or replaces it.
 ///
 /// Claims of one client id take turns (`lock_claim`), so each sees the outcome of the one
 /// before; the registry's compare-and-set in `create` keeps one session per client id even
@@ -417,7 +419,23 @@ async fn claim(
     expiry: u32,
     conn_id: u64,
 ) -> Result<(Arc<Session>, Box<SessionState>, bool), ReasonCode> {
-    let guard = broker.sessions.lock_claim(client_id).await;
+    let _turn = broker.sessions.lock_claim(client_id).await;
+    let request = ClaimRequest {
+        client_id: client_id.clone(),
+        clean_start,
+        expiry_secs: expiry,
+    };
+    let grant = match broker.claims.claim(request).await {
+        Ok(g) => g,
+        Err(e) => {
+            broker.metrics.claims_refused.inc();
+            tracing::info!(%client_id, error = %e, "claim refused: the cluster is unreachable");
+            return Err(ReasonCode::SERVER_UNAVAILABLE);
+        }
+    };
+    if let Some(node) = grant.previous_node {
+        tracing::info!(%client_id, from_node = node, epoch = %grant.epoch, "client id taken over from another node");
+    }
     for _ in 0..4 {
         let existing = broker.sessions.get(client_id);
         if let Some(old) = &existing {
@@ -452,7 +470,7 @@ async fn claim(
                 (session, false)
             }
         };
-        if let Some(state) = session.attach(conn_id, guard.epoch()) {
+        if let Some(state) = session.attach(conn_id, grant.epoch) {
             persist_claim(broker, &session, expiry);
             return Ok((session, state, present));
         }

@@ -210,7 +210,7 @@ impl Conn {
             }
             _ => None,
         };
-        let msg = Arc::new(Message::from_publish(p, self.session.id(), Instant::now()));
+        let msg = Arc::new(Message::from_publish(p, self.session.id(), Instant::now));
         let mut matches = MATCHES.take();
         let routed = self.broker.publish(msg, &mut matches, inbound);
         // Emptied now rather than at the next publish: no session is kept alive by it.

@@ -90,6 +90,7 @@ async fn run(script: Script) {
         Metrics::new(),
         AuthGate::open(),
         store(),
+        Arc::new(crate::claim::LocalClaims::default()),
     ));
     let mut h = Harness {
         broker: broker.clone(),

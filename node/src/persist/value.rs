@@ -149,7 +149,7 @@ pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
         ids.push(id);
     }
     let (qos, retain) = (p.qos, p.retain);
-    let mut msg = Message::from_publish(p, SessionId::BROKER, clock.now);
+    let mut msg = Message::from_publish(p, SessionId::BROKER, || clock.now);
     // Decoded from a buffer of its own (the stored value's copy).
     msg.owned = true;
     msg.expires_at = (expires_ms != 0).then(|| clock.to_instant(expires_ms));

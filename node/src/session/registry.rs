@@ -1,5 +1,5 @@
-//! Client id -> session, and the claim of a client id. The seam where the cluster's Raft
-//! claim will plug in: one owner per client id at any time, and an epoch that only grows.
+//! Client id -> session, and the local turn-taking of claims of one client id (the claim
+//! itself, with its epoch, is the claim service's: `crate::claim`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,7 +10,7 @@ use super::session::{Kick, Session, SessionId};
 use super::stats::SessionStats;
 
 /// The order of claims: every successful claim of a client id gets a higher epoch than the
-/// one before it (node-wide on one node; the Raft log index once the cluster lands).
+/// one before it, cluster-wide (the claim service hands them out).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Epoch(pub u64);
 
@@ -27,7 +27,6 @@ pub struct SessionRegistry {
     /// Client ids with a claim in progress: claims of one client id run one at a time.
     claims: Mutex<HashMap<Arc<str>, ClaimLock>>,
     next_id: AtomicU64,
-    next_epoch: AtomicU64,
     /// Counted by the sessions themselves: `$SYS` reads them without walking the map.
     stats: Arc<SessionStats>,
 }
@@ -38,7 +37,6 @@ impl Default for SessionRegistry {
             sessions: Mutex::new(HashMap::new()),
             claims: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            next_epoch: AtomicU64::new(1),
             stats: Arc::default(),
         }
     }
@@ -50,13 +48,6 @@ pub struct ClaimGuard<'a> {
     client_id: Arc<str>,
     lock: Option<ClaimLock>,
     guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl ClaimGuard<'_> {
-    /// The epoch of this claim, taken when it succeeds.
-    pub fn epoch(&self) -> Epoch {
-        Epoch(self.registry.next_epoch.fetch_add(1, Ordering::Relaxed))
-    }
 }
 
 impl Drop for ClaimGuard<'_> {
@@ -186,18 +177,18 @@ mod tests {
         let r = Arc::new(SessionRegistry::default());
         let id: Arc<str> = "c".into();
         let first = r.lock_claim(&id).await;
-        let e1 = first.epoch();
         let r2 = r.clone();
         let id2 = id.clone();
-        let second = tokio::spawn(async move { r2.lock_claim(&id2).await.epoch() });
+        let second = tokio::spawn(async move {
+            let _turn = r2.lock_claim(&id2).await;
+        });
         tokio::task::yield_now().await;
         assert!(!second.is_finished(), "waits for the first claim");
         // Another client id does not wait.
         let other = r.lock_claim(&"d".into()).await;
         drop(other);
         drop(first);
-        let e2 = second.await.expect("second claim");
-        assert!(e2 > e1, "epochs only grow");
+        second.await.expect("second claim");
         assert!(lock_map(&r.claims).is_empty(), "no claim entry left behind");
     }
 }

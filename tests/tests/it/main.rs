@@ -10,6 +10,7 @@
 mod bad_input;
 mod binary;
 mod closing;
+mod cluster;
 mod connect;
 mod durability;
 mod hardening;

@@ -1,0 +1,748 @@
+//! The cluster's control plane: one openraft group over gRPC replicating members, routes,
+//! session ownership, persistent subscriptions and retained messages.
+//!
+//! ```text
+//!  connection code ── Cluster::propose(cmd) ──> proposer task: batch (≤ 2 ms, ≤ 256)
+//!                                                  leader?  raft.client_write(batch)
+//!                                                  else     Cluster.Propose to the leader
+//!  Raft (log in RocksDB, fsync) ──> sm::StateMachine::apply ──> ClusterState (every node)
+//!  gRPC listener: server.rs (Raft service for openraft, Cluster service for members/CLI)
+//! ```
+//!
+//! A node with no seeds and an empty data dir starts a cluster of one: the zero-config node
+//! is a one-member cluster, on the same code path as a bigger one. Every `openraft::` name
+//! lives in this module (and in the storage crate's Raft store).
+
+pub mod cli;
+mod network;
+pub mod raft;
+mod server;
+pub mod sm;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use petrel_cluster_proto::pb;
+use petrel_cluster_proto::pb::cluster_client::ClusterClient;
+use petrel_storage::Store;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+
+use self::raft::{Batch, Codec, Raft, RaftNode, TypeConfig};
+use self::sm::{Effect, StateMachine};
+use crate::claim::{BoxFuture, ClaimError, ClaimRequest, Claims, Grant};
+use crate::session::Epoch;
+use crate::config::ClusterConfig;
+
+/// Longest a batch of commands may wait for more commands.
+const BATCH_LINGER: Duration = Duration::from_millis(2);
+/// Most commands in one log entry.
+const BATCH_MAX: usize = 256;
+/// Pause between two rounds of asking the seeds to join.
+const JOIN_RETRY: Duration = Duration::from_millis(500);
+
+/// Why a proposal failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// No leader is known, or it did not answer in time: no quorum on this side.
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    /// The node is shutting down.
+    #[error("the cluster plane is shutting down")]
+    Stopped,
+}
+
+/// What a committed proposal answered, and the log index it was applied at.
+#[derive(Debug, Clone)]
+pub struct Proposed {
+    pub outcome: pb::Outcome,
+    pub index: u64,
+}
+
+struct Proposal {
+    cmd: pb::Command,
+    reply: oneshot::Sender<Result<Proposed, ProposeError>>,
+}
+
+/// Milliseconds since the Unix epoch (the clock carried by commands).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How this node presents itself to the cluster.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub node_id: u64,
+    /// gRPC address other members dial.
+    pub grpc_addr: String,
+    /// MQTT address clients reach it on.
+    pub mqtt_addr: String,
+    pub version: String,
+}
+
+/// The running control plane of one node.
+pub struct Cluster {
+    me: Identity,
+    voters: usize,
+    raft: Raft,
+    sm: StateMachine,
+    proposals: mpsc::Sender<Proposal>,
+    /// Cluster clients by address, reused (one HTTP/2 connection per peer).
+    clients: Mutex<HashMap<String, ClusterClient<Channel>>>,
+    /// Membership changes take turns on the leader (openraft refuses overlapping ones).
+    membership: tokio::sync::Mutex<()>,
+    /// What applied entries ask this node to do, until the node takes the receiver.
+    effects: Mutex<Option<mpsc::UnboundedReceiver<Effect>>>,
+    /// How long a proposal may take before it fails (no quorum).
+    propose_timeout: Duration,
+    /// How long a leader counts as leading without hearing from a quorum.
+    lease: Duration,
+}
+
+/// Why the cluster plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+}
+
+impl Cluster {
+    /// Opens the Raft log and state machine in `store`, serves gRPC on `listener`, and
+    /// starts (bootstraps or joins) in the background; see [`Cluster::wait_member`].
+    pub async fn start(
+        cfg: &ClusterConfig,
+        me: Identity,
+        store: Store,
+        listener: tokio::net::TcpListener,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Cluster>, StartError> {
+        let config = openraft::Config {
+            cluster_name: "petrel".to_owned(),
+            heartbeat_interval: cfg.heartbeat_interval_ms,
+            election_timeout_min: cfg.election_timeout_ms,
+            election_timeout_max: cfg.election_timeout_ms * 2,
+            install_snapshot_timeout: 60_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: cfg.snapshot_keep_entries,
+            max_payload_entries: 256,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let (sm, effects) = StateMachine::open(store.clone(), me.node_id)?;
+        let log = store.raft_log::<TypeConfig, Codec>();
+        let raft = Raft::new(
+            me.node_id,
+            Arc::new(config),
+            network::Network,
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(16 * 1024);
+        let cluster = Arc::new(Cluster {
+            me,
+            voters: cfg.voters,
+            raft,
+            sm,
+            proposals: tx,
+            clients: Mutex::new(HashMap::new()),
+            membership: tokio::sync::Mutex::new(()),
+            effects: Mutex::new(Some(effects)),
+            propose_timeout: Duration::from_millis(cfg.propose_timeout_ms),
+            lease: Duration::from_millis(2 * cfg.election_timeout_ms),
+        });
+        tracker.spawn(server::serve(cluster.clone(), listener, cancel.clone()));
+        tracker.spawn(cluster.clone().run_proposer(rx, cancel.clone()));
+        let seeds = cfg.seeds();
+        tracker.spawn(cluster.clone().enter(seeds, cancel));
+        Ok(cluster)
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.me.node_id
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.me
+    }
+
+    /// What applied entries ask this node to do (the first call gets the receiver).
+    pub fn take_effects(&self) -> Option<mpsc::UnboundedReceiver<Effect>> {
+        self.effects.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// The replicated state, read-only.
+    pub fn state(&self) -> &StateMachine {
+        &self.sm
+    }
+
+    /// Waits (at most `within`) until the proposals queued so far have been answered.
+    pub async fn flush(&self, within: Duration) {
+        // One more proposal, answered only after every one queued before it (an empty
+        // command: applied as `Stale`, it changes nothing).
+        let _ = tokio::time::timeout(within, self.propose_flush()).await;
+    }
+
+    async fn propose_flush(&self) -> Result<Proposed, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.proposals
+            .send(Proposal {
+                cmd: pb::Command { cmd: None },
+                reply,
+            })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Stops Raft (after the connections are gone).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not stop cleanly");
+        }
+    }
+
+    /// The current leader as this node sees it.
+    pub fn leader(&self) -> Option<u64> {
+        self.metrics().current_leader
+    }
+
+    /// Whether this node is in a cluster with a leader and has applied everything the
+    /// leader had committed when this node last heard from it. A leader counts only while
+    /// a quorum has answered it within two election timeouts (a leader cut off from the
+    /// others still believes it leads until then).
+    pub fn is_caught_up(&self) -> bool {
+        use openraft::Instant as _;
+        let m = self.metrics();
+        let quorum = match m.state {
+            ServerState::Leader => m
+                .last_quorum_acked
+                .as_ref()
+                .is_some_and(|t| t.elapsed() < self.lease),
+            _ => true,
+        };
+        quorum
+            && m.current_leader.is_some()
+            && m.membership_config.membership().get_node(&self.me.node_id).is_some()
+            && m.last_applied.map(|l| l.index) >= m.local_committed.map(|l| l.index)
+    }
+
+    /// Waits until this node is a member of a cluster with a leader.
+    pub async fn wait_member(&self, timeout: Duration) -> bool {
+        let id = self.me.node_id;
+        self.raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| {
+                    m.current_leader.is_some()
+                        && m.membership_config.membership().get_node(&id).is_some()
+                },
+                "member with a leader",
+            )
+            .await
+            .is_ok()
+    }
+
+    /// Raft's metrics now.
+    fn metrics(&self) -> openraft::RaftMetrics<TypeConfig> {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    // ---- proposing ------------------------------------------------------------------------
+
+    /// Proposes one command; resolves once it is committed and applied on the leader (not
+    /// necessarily here yet: see [`Cluster::wait_applied`]).
+    pub async fn propose(&self, cmd: pb::Command) -> Result<Proposed, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.proposals
+            .send(Proposal { cmd, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(self.propose_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) => Err(ProposeError::NoQuorum("proposal timed out".to_owned())),
+        }
+    }
+
+    /// Waits until this node has applied the entry at `index`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        let mut rx = self.sm.applied();
+        tokio::time::timeout(timeout, rx.wait_for(|&i| i >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    async fn run_proposer(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Proposal>,
+        cancel: CancellationToken,
+    ) {
+        let mut batch = Vec::with_capacity(BATCH_MAX);
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return,
+                p = rx.recv() => match p { Some(p) => p, None => return },
+            };
+            batch.push(first);
+            let linger = tokio::time::sleep(BATCH_LINGER);
+            tokio::pin!(linger);
+            while batch.len() < BATCH_MAX {
+                tokio::select! {
+                    biased;
+                    p = rx.recv() => match p { Some(p) => batch.push(p), None => break },
+                    _ = &mut linger => break,
+                }
+            }
+            let (cmds, replies): (Vec<_>, Vec<_>) =
+                batch.drain(..).map(|p| (p.cmd, p.reply)).unzip();
+            let n = cmds.len();
+            let r = self.submit(pb::CommandBatch { commands: cmds }).await;
+            match r {
+                Ok((outcomes, index)) if outcomes.len() == n => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok(Proposed { outcome, index }));
+                    }
+                }
+                Ok(_) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(ProposeError::NoQuorum(
+                            "the leader answered a different number of outcomes".to_owned(),
+                        )));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, commands = n, "proposal failed");
+                    for reply in replies {
+                        let _ = reply.send(Err(ProposeError::NoQuorum(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes a batch through Raft here if this node leads, else through the leader.
+    async fn submit(&self, batch: pb::CommandBatch) -> Result<(Vec<pb::Outcome>, u64), String> {
+        // Between leaders (an election, or a node that is still joining): wait for one.
+        let known = self
+            .raft
+            .wait(Some(self.propose_timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await;
+        let leader = match known {
+            Ok(m) => m.current_leader,
+            Err(_) => return Err("no leader".to_owned()),
+        };
+        if leader == Some(self.me.node_id) {
+            match tokio::time::timeout(self.propose_timeout, self.raft.client_write(Batch(batch.clone())))
+                .await
+            {
+                Ok(Ok(r)) => return Ok((r.data.outcomes, r.log_id.index)),
+                Ok(Err(e)) => {
+                    if e.forward_to_leader().is_none() {
+                        return Err(e.to_string());
+                    }
+                }
+                Err(_) => return Err("commit timed out".to_owned()),
+            }
+        }
+        let addr = self.leader_addr().ok_or("no leader")?;
+        let mut client = self.client(&addr).map_err(|e| e.to_string())?;
+        let mut req = tonic::Request::new(pb::ProposeRequest { batch: Some(batch) });
+        req.set_timeout(self.propose_timeout);
+        let reply = client.propose(req).await.map_err(|s| s.message().to_owned())?;
+        let reply = reply.into_inner();
+        Ok((reply.outcome.unwrap_or_default().outcomes, reply.index))
+    }
+
+    /// The leader's gRPC address, from the membership.
+    fn leader_addr(&self) -> Option<String> {
+        let m = self.metrics();
+        let leader = m.current_leader?;
+        m.membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.grpc_addr.clone())
+    }
+
+    fn client(&self, addr: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = ClusterClient::new(network::channel(addr)?)
+            .max_decoding_message_size(network::MAX_MESSAGE)
+            .max_encoding_message_size(network::MAX_MESSAGE);
+        clients.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    // ---- membership -----------------------------------------------------------------------
+
+    /// Gets this node into a cluster: nothing to do if its log says it is in one; else
+    /// bootstrap (no seeds, or the lowest id of all seeds) or join through a seed. Then
+    /// records its addresses and version (MemberUp).
+    async fn enter(self: Arc<Self>, seeds: Vec<String>, cancel: CancellationToken) {
+        let initialized = self.raft.is_initialized().await.unwrap_or(false);
+        if initialized {
+            // The only voter needs nobody's vote: lead now, not after an election timeout
+            // (a restarted single node takes CONNECTs at once).
+            let m = self.metrics().membership_config;
+            let voters: Vec<u64> = m.membership().voter_ids().collect();
+            if voters == [self.me.node_id] {
+                let _ = self.raft.trigger().elect(false).await;
+            }
+        } else {
+            loop {
+                match self.try_enter(&seeds).await {
+                    Ok(()) => break,
+                    Err(why) => tracing::info!(%why, "not in a cluster yet; retrying"),
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(JOIN_RETRY) => {}
+                }
+            }
+        }
+        // Announce this node's addresses and version (also after every restart).
+        let up = pb::Command {
+            cmd: Some(pb::command::Cmd::MemberUp(pb::MemberUp {
+                node_id: self.me.node_id,
+                grpc_addr: self.me.grpc_addr.clone(),
+                mqtt_addr: self.me.mqtt_addr.clone(),
+                version: self.me.version.clone(),
+            })),
+        };
+        loop {
+            match self.propose(up.clone()).await {
+                Ok(_) => break,
+                Err(ProposeError::Stopped) => return,
+                Err(e) => tracing::debug!(error = %e, "announcing this node failed; retrying"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(JOIN_RETRY) => {}
+            }
+        }
+        tracing::info!(node_id = self.me.node_id, leader = ?self.leader(), "member of the cluster");
+    }
+
+    /// One round of bootstrapping or joining.
+    async fn try_enter(&self, seeds: &[String]) -> Result<(), String> {
+        let others: Vec<&String> = seeds.iter().filter(|s| **s != self.me.grpc_addr).collect();
+        if others.is_empty() {
+            return self.bootstrap().await;
+        }
+        // Join through any seed that is in a cluster; note the ids of those that are not.
+        let mut lowest = true;
+        let mut missing = Vec::new();
+        for seed in &others {
+            let mut client = match self.client(seed) {
+                Ok(c) => c,
+                Err(e) => {
+                    missing.push(format!("{seed} ({e})"));
+                    continue;
+                }
+            };
+            let mut status = tonic::Request::new(pb::StatusRequest {});
+            status.set_timeout(Duration::from_secs(2));
+            let st = match client.status(status).await {
+                Ok(st) => st.into_inner(),
+                Err(s) => {
+                    missing.push(format!("{seed} ({})", s.message()));
+                    continue;
+                }
+            };
+            if st.node_id == self.me.node_id {
+                return Err(format!("seed {seed} has this node's id {}", st.node_id));
+            }
+            if st.leader_id.is_some() {
+                let mut join = tonic::Request::new(pb::JoinRequest {
+                    node_id: self.me.node_id,
+                    grpc_addr: self.me.grpc_addr.clone(),
+                    mqtt_addr: self.me.mqtt_addr.clone(),
+                    version: self.me.version.clone(),
+                });
+                join.set_timeout(Duration::from_secs(30));
+                return match client.join(join).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        tracing::info!(via = %seed, voter = r.voter, "joined the cluster");
+                        Ok(())
+                    }
+                    Err(s) => Err(format!("join through {seed}: {}", s.message())),
+                };
+            }
+            if st.node_id < self.me.node_id {
+                lowest = false;
+            }
+        }
+        if !missing.is_empty() {
+            return Err(format!("waiting for seeds to answer: {}", missing.join(", ")));
+        }
+        if lowest {
+            self.bootstrap().await
+        } else {
+            Err("waiting for the seed with the lowest id to start the cluster".to_owned())
+        }
+    }
+
+    async fn bootstrap(&self) -> Result<(), String> {
+        let mut members = BTreeMap::new();
+        members.insert(
+            self.me.node_id,
+            RaftNode {
+                grpc_addr: self.me.grpc_addr.clone(),
+            },
+        );
+        match self.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(node_id = self.me.node_id, "started a new cluster");
+                Ok(())
+            }
+            Err(e) => Err(format!("bootstrap: {e}")),
+        }
+    }
+
+    /// Leader side of a join: the node becomes a learner, then a voter while the cluster
+    /// has fewer voters than configured.
+    async fn admit(&self, req: &pb::JoinRequest) -> Result<bool, String> {
+        let _turn = self.membership.lock().await;
+        let id = req.node_id;
+        let node = RaftNode {
+            grpc_addr: req.grpc_addr.clone(),
+        };
+        let current = self.metrics().membership_config;
+        let known = current.membership().get_node(&id).cloned();
+        if known.as_ref() != Some(&node) {
+            // Blocking: returns once the learner has caught up with the log.
+            self.raft
+                .add_learner(id, node, true)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let m = self.metrics().membership_config;
+        let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+        let voter = if voters.contains(&id) {
+            true
+        } else if voters.len() < self.voters {
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+                .await
+                .map_err(|e| e.to_string())?;
+            true
+        } else {
+            false
+        };
+        Ok(voter)
+    }
+
+    /// Removes a node for good: out of the Raft membership, its routes and ownerships out
+    /// of the state; then promotes a learner if the cluster lacks voters.
+    pub async fn remove(&self, id: u64) -> Result<(), String> {
+        {
+            let _turn = self.membership.lock().await;
+            let m = self.metrics().membership_config;
+            let voters: BTreeSet<u64> = m.membership().voter_ids().collect();
+            if voters.contains(&id) {
+                if voters.len() == 1 {
+                    return Err("the last voter cannot be removed".to_owned());
+                }
+                self.raft
+                    .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            } else if m.membership().get_node(&id).is_some() {
+                self.raft
+                    .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        let rm = pb::Command {
+            cmd: Some(pb::command::Cmd::MemberRemove(pb::MemberRemove {
+                node_id: id,
+                at_ms: now_ms(),
+            })),
+        };
+        self.propose(rm).await.map_err(|e| e.to_string())?;
+        self.promote_learners().await
+    }
+
+    /// Promotes learners (lowest ids first) while there are fewer voters than configured.
+    async fn promote_learners(&self) -> Result<(), String> {
+        let _turn = self.membership.lock().await;
+        let m = self.metrics().membership_config;
+        let voters = m.membership().voter_ids().count();
+        let learners: Vec<u64> = m.membership().learner_ids().collect();
+        let want = self.voters.saturating_sub(voters);
+        let promote: BTreeSet<u64> = learners.into_iter().take(want).collect();
+        if promote.is_empty() {
+            return Ok(());
+        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(promote), true)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> pb::StatusReply {
+        let m = self.metrics();
+        let role = |id: u64| -> &'static str {
+            if m.current_leader == Some(id) {
+                "leader"
+            } else if m.membership_config.membership().voter_ids().any(|v| v == id) {
+                "follower"
+            } else {
+                "learner"
+            }
+        };
+        let my_role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Follower => "follower",
+            ServerState::Shutdown => "shutdown",
+        };
+        let st = self.sm.read();
+        let mut ids: BTreeSet<u64> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        ids.extend(st.members.keys().copied());
+        let members = ids
+            .into_iter()
+            .map(|id| {
+                let info = st.members.get(&id).cloned().unwrap_or_default();
+                let grpc = m
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.grpc_addr.clone())
+                    .unwrap_or(info.grpc_addr);
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).cloned().flatten())
+                    .map(|l| l.index)
+                    .unwrap_or(0);
+                pb::MemberStatus {
+                    node_id: id,
+                    grpc_addr: grpc,
+                    mqtt_addr: info.mqtt_addr,
+                    version: info.version,
+                    draining: info.draining,
+                    role: match m.membership_config.membership().get_node(&id) {
+                        Some(_) => role(id).to_owned(),
+                        None => "removed".to_owned(),
+                    },
+                    matched_index: matched,
+                }
+            })
+            .collect();
+        pb::StatusReply {
+            node_id: self.me.node_id,
+            leader_id: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed_index: m.local_committed.map(|l| l.index).unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            role: my_role.to_owned(),
+            members,
+        }
+    }
+
+    /// Maps a write error for a gRPC answer.
+    fn write_status(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> tonic::Status {
+        match e.forward_to_leader() {
+            Some(_) => tonic::Status::unavailable(format!("not the leader: {e}")),
+            None => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+impl Cluster {
+    /// Proposes without waiting for the outcome (a connection that ended: nobody waits).
+    fn propose_detached(&self, cmd: pb::Command) {
+        let tx = self.proposals.clone();
+        tokio::spawn(async move {
+            let (reply, _) = oneshot::channel();
+            let _ = tx.send(Proposal { cmd, reply }).await;
+        });
+    }
+}
+
+impl Claims for Cluster {
+    fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Grant, ClaimError>> {
+        Box::pin(async move {
+            let cmd = pb::Command {
+                cmd: Some(pb::command::Cmd::Claim(pb::Claim {
+                    client_id: req.client_id.to_string(),
+                    node_id: self.me.node_id,
+                    clean_start: req.clean_start,
+                    expiry_secs: req.expiry_secs,
+                    will: None,
+                    at_ms: now_ms(),
+                })),
+            };
+            let p = self
+                .propose(cmd)
+                .await
+                .map_err(|e| ClaimError::NoQuorum(e.to_string()))?;
+            let Some(pb::outcome::Result::Claimed(c)) = p.outcome.result else {
+                return Err(ClaimError::NoQuorum(format!(
+                    "unexpected outcome {:?}",
+                    p.outcome
+                )));
+            };
+            // Read what was written: this node applies the claim before it answers.
+            if !self.wait_applied(p.index, self.propose_timeout).await {
+                return Err(ClaimError::NoQuorum("the claim was not applied here in time".into()));
+            }
+            let previous_node = (c.previous_epoch != 0 && c.previous_node_id != self.me.node_id)
+                .then_some(c.previous_node_id);
+            Ok(Grant {
+                epoch: Epoch(c.epoch),
+                previous_node,
+            })
+        })
+    }
+
+    fn disconnected(&self, client_id: &Arc<str>, epoch: Epoch) {
+        self.propose_detached(pb::Command {
+            cmd: Some(pb::command::Cmd::SessionDisconnected(pb::SessionDisconnected {
+                client_id: client_id.to_string(),
+                epoch: epoch.0,
+                at_ms: now_ms(),
+                will: None,
+            })),
+        });
+    }
+
+    fn ended(&self, client_id: &Arc<str>, epoch: Epoch) {
+        self.propose_detached(pb::Command {
+            cmd: Some(pb::command::Cmd::SessionEnd(pb::SessionEnd {
+                client_id: client_id.to_string(),
+                epoch: epoch.0,
+            })),
+        });
+    }
+}

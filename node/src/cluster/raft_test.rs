@@ -1,0 +1,257 @@
+//! The Raft log's byte format is a promise to every later version: these fixtures were
+//! written by this format and must decode to the same values forever. A change that breaks
+//! one is a change that breaks an older node's log (or a rolling upgrade).
+//!
+//! `PETREL_BLESS_FIXTURES=1 cargo test -p petrel-node --lib cluster::` writes fixtures that
+//! are missing (never overwrites one).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use openraft::entry::RaftEntry;
+use openraft::EntryPayload;
+use petrel_cluster_proto::pb;
+use petrel_storage::RaftCodec;
+
+use super::*;
+use crate::cluster::sm::ClusterState;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cluster-proto/fixtures/v1")
+}
+
+fn check(name: &str, bytes: &[u8]) -> Vec<u8> {
+    let path = dir().join(name);
+    match std::fs::read(&path) {
+        Ok(fixture) => fixture,
+        Err(_) if std::env::var_os("PETREL_BLESS_FIXTURES").is_some() => {
+            std::fs::create_dir_all(dir()).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            bytes.to_vec()
+        }
+        Err(e) => panic!(
+            "fixture {} is missing ({e}); write it with PETREL_BLESS_FIXTURES=1",
+            path.display()
+        ),
+    }
+}
+
+fn id(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term), index)
+}
+
+fn cmd(c: pb::command::Cmd) -> pb::Command {
+    pb::Command { cmd: Some(c) }
+}
+
+fn will() -> pb::Will {
+    pb::Will {
+        message: bytes::Bytes::from_static(b"\x00\x01stored will"),
+        delay_secs: 30,
+    }
+}
+
+/// One command of every kind.
+fn commands() -> Vec<(&'static str, pb::Command)> {
+    use pb::command::Cmd;
+    let route = pb::Route {
+        filter: "sensors/+/temp".into(),
+        share_group: "g1".into(),
+        node_id: 2,
+    };
+    vec![
+        (
+            "member-up",
+            cmd(Cmd::MemberUp(pb::MemberUp {
+                node_id: 2,
+                grpc_addr: "petrel-2.petrel:7883".into(),
+                mqtt_addr: "petrel-2.petrel:1883".into(),
+                version: "0.1.0".into(),
+            })),
+        ),
+        (
+            "member-drain",
+            cmd(Cmd::MemberDrain(pb::MemberDrain {
+                node_id: 2,
+                draining: true,
+            })),
+        ),
+        (
+            "member-remove",
+            cmd(Cmd::MemberRemove(pb::MemberRemove {
+                node_id: 3,
+                at_ms: 1_765_000_000_000,
+            })),
+        ),
+        (
+            "route-add",
+            cmd(Cmd::RouteAdd(pb::RouteAdd {
+                route: Some(route.clone()),
+            })),
+        ),
+        (
+            "route-del",
+            cmd(Cmd::RouteDel(pb::RouteDel { route: Some(route) })),
+        ),
+        (
+            "claim",
+            cmd(Cmd::Claim(pb::Claim {
+                client_id: "device-17".into(),
+                node_id: 1,
+                clean_start: false,
+                expiry_secs: 3600,
+                will: Some(will()),
+                at_ms: 1_765_000_000_123,
+            })),
+        ),
+        (
+            "session-disconnected",
+            cmd(Cmd::SessionDisconnected(pb::SessionDisconnected {
+                client_id: "device-17".into(),
+                epoch: 9,
+                at_ms: 1_765_000_000_456,
+                will: Some(will()),
+            })),
+        ),
+        (
+            "session-end",
+            cmd(Cmd::SessionEnd(pb::SessionEnd {
+                client_id: "device-17".into(),
+                epoch: 9,
+            })),
+        ),
+        (
+            "sub-put",
+            cmd(Cmd::SubPut(pb::SubPut {
+                sub: Some(pb::Subscription {
+                    client_id: "device-17".into(),
+                    filter: "$share/g1/cmd/#".into(),
+                    options: 0b0010_0101,
+                    subscription_id: 42,
+                    acl_filtered: true,
+                }),
+            })),
+        ),
+        (
+            "sub-del",
+            cmd(Cmd::SubDel(pb::SubDel {
+                client_id: "device-17".into(),
+                filter: "cmd/#".into(),
+            })),
+        ),
+        (
+            "retain-set",
+            cmd(Cmd::RetainSet(pb::RetainSet {
+                topic: "status/device-17".into(),
+                message: bytes::Bytes::from_static(b"\x00\x01online"),
+            })),
+        ),
+        (
+            "retain-clear",
+            cmd(Cmd::RetainClear(pb::RetainClear {
+                topic: "status/device-17".into(),
+            })),
+        ),
+        (
+            "will-fired",
+            cmd(Cmd::WillFired(pb::WillFired {
+                client_id: "device-17".into(),
+                epoch: 9,
+                node_id: 2,
+            })),
+        ),
+    ]
+}
+
+fn membership() -> Membership {
+    let nodes: BTreeMap<u64, RaftNode> = (0..4)
+        .map(|i| {
+            (
+                i,
+                RaftNode {
+                    grpc_addr: format!("petrel-{i}.petrel:7883"),
+                },
+            )
+        })
+        .collect();
+    Membership::new(vec![BTreeSet::from([0, 1, 2])], nodes).unwrap()
+}
+
+#[test]
+fn every_entry_kind_decodes_from_its_fixture() {
+    let mut entries: Vec<(String, Entry)> = vec![
+        ("entry-blank.bin".into(), Entry::new_blank(id(3, 10))),
+        (
+            "entry-membership.bin".into(),
+            Entry::new_membership(id(3, 11), membership()),
+        ),
+    ];
+    for (i, (name, c)) in commands().into_iter().enumerate() {
+        let batch = Batch(pb::CommandBatch { commands: vec![c] });
+        entries.push((
+            format!("entry-cmd-{name}.bin"),
+            Entry::new(id(4, 20 + i as u64), EntryPayload::Normal(batch)),
+        ));
+    }
+    for (name, expected) in entries {
+        let encoded = Codec::encode_entry(&expected);
+        let fixture = check(&name, &encoded);
+        let decoded = Codec::decode_entry(&fixture).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(decoded.log_id, expected.log_id, "{name}");
+        assert_eq!(
+            format!("{:?}", decoded.payload),
+            format!("{:?}", expected.payload),
+            "{name}"
+        );
+        assert_eq!(fixture, encoded, "{name}: the encoding changed");
+    }
+}
+
+#[test]
+fn vote_and_log_id_decode_from_their_fixtures() {
+    let vote = Vote::new_committed(7, 2);
+    let fixture = check("vote.bin", &Codec::encode_vote(&vote));
+    assert_eq!(Codec::decode_vote(&fixture).unwrap(), vote);
+    let log_id = id(7, 12_345);
+    let fixture = check("log-id.bin", &Codec::encode_log_id(&log_id));
+    assert_eq!(Codec::decode_log_id(&fixture).unwrap(), log_id);
+}
+
+#[test]
+fn a_snapshot_decodes_from_its_fixture() {
+    let mut st = ClusterState::default();
+    for (_, c) in commands() {
+        st.apply(c);
+    }
+    // Leave something of each kind in the state.
+    for (_, c) in commands().into_iter().take(6) {
+        st.apply(c);
+    }
+    let sub = commands().remove(8).1;
+    st.apply(sub);
+    st.apply(commands().remove(10).1);
+    let meta = SnapshotMeta {
+        last_log_id: Some(id(5, 99)),
+        last_membership: StoredMembership::new(Some(id(3, 11)), membership()),
+    };
+    let encoded = st.encode_snapshot();
+    let fixture = check("snapshot.bin", &encoded);
+    let decoded = ClusterState::decode_snapshot(&fixture, &meta).unwrap();
+    assert_eq!(decoded.members, st.members);
+    assert_eq!(decoded.routes, st.routes);
+    assert_eq!(decoded.sessions, st.sessions);
+    assert_eq!(decoded.subscriptions, st.subscriptions);
+    assert_eq!(decoded.retained, st.retained);
+    assert_eq!(decoded.next_epoch, st.next_epoch);
+    assert!(!decoded.sessions.is_empty() && !decoded.retained.is_empty());
+    assert!(!decoded.members.is_empty() && !decoded.subscriptions.is_empty());
+}
+
+#[test]
+fn an_entry_of_a_newer_format_is_refused() {
+    let mut e = entry_pb(&Entry::new_blank(id(1, 1)));
+    e.format = petrel_cluster_proto::ENTRY_FORMAT + 1;
+    let bytes = prost::Message::encode_to_vec(&e);
+    let err = Codec::decode_entry(&bytes).unwrap_err();
+    assert!(err.to_string().contains("newer"), "{err}");
+}

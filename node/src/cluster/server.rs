@@ -1,0 +1,254 @@
+//! The gRPC listener's services: `Raft` (openraft's RPCs from the leader and candidates)
+//! and `Cluster` (forwarded proposals, joins, removals and status, from members and
+//! `petrel cluster`).
+
+use std::sync::Arc;
+
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, TransferLeaderError};
+use petrel_cluster_proto::pb;
+use petrel_cluster_proto::pb::cluster_server::{Cluster as ClusterService, ClusterServer};
+use petrel_cluster_proto::pb::raft_server::{Raft as RaftService, RaftServer};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::network::MAX_MESSAGE;
+use super::raft::{self, Batch, Snapshot, SnapshotMeta};
+use super::Cluster;
+
+/// Serves both services on `listener` until `cancel`.
+pub async fn serve(
+    cluster: Arc<Cluster>,
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) {
+    let raft = RaftServer::new(RaftSvc(cluster.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let members = ClusterServer::new(ClusterSvc(cluster))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let r = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(raft)
+        .add_service(members)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled_owned())
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+fn invalid(e: std::io::Error) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn fatal(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("raft stopped: {e}"))
+}
+
+struct RaftSvc(Arc<Cluster>);
+
+#[tonic::async_trait]
+impl RaftService for RaftSvc {
+    async fn vote(&self, req: Request<pb::VoteRequest>) -> Result<Response<pb::VoteReply>, Status> {
+        let req = req.into_inner();
+        let mut rpc = openraft::raft::VoteRequest::new(
+            raft::vote(req.vote).map_err(invalid)?,
+            raft::opt_log_id(req.last_log_id),
+        );
+        rpc.leadership_transfer = req.leadership_transfer;
+        let r = match req.pre_vote {
+            true => self.0.raft.pre_vote(rpc).await,
+            false => self.0.raft.vote(rpc).await,
+        }
+        .map_err(fatal)?;
+        Ok(Response::new(pb::VoteReply {
+            vote: Some(raft::vote_pb(&r.vote)),
+            vote_granted: r.vote_granted,
+            last_log_id: r.last_log_id.as_ref().map(raft::log_id_pb),
+        }))
+    }
+
+    async fn append(
+        &self,
+        req: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendReply>, Status> {
+        let req = req.into_inner();
+        let entries = req
+            .entries
+            .into_iter()
+            .map(raft::entry)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        let rpc = AppendEntriesRequest {
+            vote: raft::vote(req.vote).map_err(invalid)?,
+            prev_log_id: raft::opt_log_id(req.prev_log_id),
+            entries,
+            leader_commit: raft::opt_log_id(req.leader_commit),
+        };
+        let r = self.0.raft.append_entries(rpc).await.map_err(fatal)?;
+        use pb::append_reply::Result as R;
+        let result = match r {
+            AppendEntriesResponse::Success => R::Success(pb::Blank {}),
+            AppendEntriesResponse::PartialSuccess(Some(id)) => R::Partial(raft::log_id_pb(&id)),
+            AppendEntriesResponse::PartialSuccess(None) => R::Success(pb::Blank {}),
+            AppendEntriesResponse::Conflict => R::Conflict(pb::Blank {}),
+            AppendEntriesResponse::HigherVote(v) => R::HigherVote(raft::vote_pb(&v)),
+        };
+        Ok(Response::new(pb::AppendReply {
+            result: Some(result),
+        }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::SnapshotReply>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let Some(pb::snapshot_chunk::Payload::Meta(meta)) = first.payload else {
+            return Err(Status::invalid_argument("a snapshot stream starts with its meta"));
+        };
+        let vote = raft::vote(meta.vote).map_err(invalid)?;
+        let meta = SnapshotMeta {
+            last_log_id: raft::opt_log_id(meta.last_log_id),
+            last_membership: raft::stored_membership(meta.last_membership).map_err(invalid)?,
+        };
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            match chunk?.payload {
+                Some(pb::snapshot_chunk::Payload::Data(d)) => data.extend_from_slice(&d),
+                _ => return Err(Status::invalid_argument("a snapshot has one meta")),
+            }
+        }
+        let snapshot = Snapshot {
+            meta,
+            snapshot: data,
+        };
+        let r = self
+            .0
+            .raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(fatal)?;
+        Ok(Response::new(pb::SnapshotReply {
+            vote: Some(raft::vote_pb(&r.vote)),
+        }))
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderReply>, Status> {
+        let req = req.into_inner();
+        let rpc = openraft::raft::TransferLeaderRequest::new(
+            raft::vote(req.from_leader).map_err(invalid)?,
+            req.to_node_id,
+            raft::opt_log_id(req.last_log_id),
+        );
+        let r = self.0.raft.handle_transfer_leader(rpc).await.map_err(fatal)?;
+        use pb::transfer_leader_reply::Result as R;
+        let result = match r {
+            Ok(()) => R::Ok(pb::Blank {}),
+            Err(TransferLeaderError::VoteChanged { expected, actual }) => {
+                R::VoteChanged(pb::VoteChanged {
+                    expected: Some(raft::vote_pb(&expected)),
+                    actual: Some(raft::vote_pb(&actual)),
+                })
+            }
+            Err(TransferLeaderError::LogNotFlushed { expected, actual }) => {
+                R::LogNotFlushed(pb::LogNotFlushed {
+                    expected: expected.as_ref().map(raft::log_id_pb),
+                    actual: actual.as_ref().map(raft::log_id_pb),
+                })
+            }
+        };
+        Ok(Response::new(pb::TransferLeaderReply {
+            result: Some(result),
+        }))
+    }
+}
+
+struct ClusterSvc(Arc<Cluster>);
+
+impl ClusterSvc {
+    fn is_leader(&self) -> bool {
+        self.0.leader() == Some(self.0.me.node_id)
+    }
+
+    /// A client to the leader, for a request this node cannot serve.
+    fn leader(&self) -> Result<pb::cluster_client::ClusterClient<tonic::transport::Channel>, Status> {
+        let addr = self
+            .0
+            .leader_addr()
+            .ok_or_else(|| Status::unavailable("no leader"))?;
+        self.0
+            .client(&addr)
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterSvc {
+    async fn propose(
+        &self,
+        req: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeReply>, Status> {
+        if !self.is_leader() {
+            return Err(Status::unavailable("not the leader"));
+        }
+        let batch = req.into_inner().batch.unwrap_or_default();
+        let r = self
+            .0
+            .raft
+            .client_write(Batch(batch))
+            .await
+            .map_err(Cluster::write_status)?;
+        Ok(Response::new(pb::ProposeReply {
+            outcome: Some(r.data),
+            index: r.log_id.index,
+        }))
+    }
+
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        if !self.is_leader() {
+            return self.leader()?.join(req.into_inner()).await;
+        }
+        let req = req.into_inner();
+        let voter = self
+            .0
+            .admit(&req)
+            .await
+            .map_err(Status::unavailable)?;
+        tracing::info!(node_id = req.node_id, addr = %req.grpc_addr, voter, "node joined");
+        Ok(Response::new(pb::JoinReply { voter }))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::RemoveReply>, Status> {
+        if !self.is_leader() {
+            return self.leader()?.remove(req.into_inner()).await;
+        }
+        let id = req.into_inner().node_id;
+        self.0
+            .remove(id)
+            .await
+            .map_err(Status::failed_precondition)?;
+        tracing::info!(node_id = id, "node removed from the cluster");
+        Ok(Response::new(pb::RemoveReply {}))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        Ok(Response::new(self.0.status()))
+    }
+}

@@ -1,0 +1,574 @@
+//! The replicated state machine: the one place where replicated state changes.
+//!
+//! ```text
+//!  Raft (committed entry) ──> StateMachine::apply ──> ClusterState (members, routes,
+//!                                                     sessions, subscriptions, retained)
+//!                                 │                   applied index (watch)
+//!                                 └─ one Outcome per command, to the proposer
+//! ```
+//!
+//! `apply` is deterministic: it reads nothing but the state and the command (commands carry
+//! the proposer's wall clock where time matters), so every member computes the same state.
+//! The state lives in memory; it is made durable by the Raft log and by snapshots
+//! (length-delimited `SnapshotRecord`s, saved in the store with fsync). After a restart the
+//! node loads its last snapshot and openraft re-applies the log after it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use bytes::Bytes;
+use futures_util::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend};
+use petrel_cluster_proto::{pb, SNAPSHOT_FORMAT};
+use petrel_storage::Store;
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+
+use super::raft::{self, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+
+/// A route key: (share group, or empty; filter).
+pub type RouteKey = (String, String);
+
+/// Everything the cluster agrees on. Only [`StateMachine::apply`] and snapshot install
+/// change it.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    /// The epoch the next claim gets.
+    pub next_epoch: u64,
+    pub members: BTreeMap<u64, pb::Member>,
+    /// (group, filter) -> the nodes with at least one subscriber to it.
+    pub routes: BTreeMap<RouteKey, BTreeSet<u64>>,
+    pub sessions: HashMap<Arc<str>, pb::SessionRecord>,
+    /// client id -> filter -> subscription, for persistent sessions.
+    pub subscriptions: HashMap<Arc<str>, BTreeMap<String, pb::Subscription>>,
+    /// topic -> the stored message encoding.
+    pub retained: BTreeMap<String, Bytes>,
+}
+
+fn done() -> pb::Outcome {
+    pb::Outcome {
+        result: Some(pb::outcome::Result::Done(pb::Done {})),
+    }
+}
+
+fn stale() -> pb::Outcome {
+    pb::Outcome {
+        result: Some(pb::outcome::Result::Stale(pb::Stale {})),
+    }
+}
+
+/// Whether a disconnected session's expiry has passed at `now_ms`.
+fn expired(rec: &pb::SessionRecord, now_ms: u64) -> bool {
+    !rec.connected
+        && rec.expiry_secs != u32::MAX
+        && rec
+            .disconnected_at_ms
+            .saturating_add(u64::from(rec.expiry_secs) * 1000)
+            <= now_ms
+}
+
+impl ClusterState {
+    /// Applies one command; the outcome goes back to its proposer.
+    pub fn apply(&mut self, cmd: pb::Command) -> pb::Outcome {
+        use pb::command::Cmd;
+        let Some(cmd) = cmd.cmd else {
+            // A command kind this version does not know: the compatibility rules keep newer
+            // kinds out of the log until every member applies them.
+            return stale();
+        };
+        match cmd {
+            Cmd::MemberUp(m) => {
+                self.members.insert(
+                    m.node_id,
+                    pb::Member {
+                        node_id: m.node_id,
+                        grpc_addr: m.grpc_addr,
+                        mqtt_addr: m.mqtt_addr,
+                        version: m.version,
+                        draining: false,
+                    },
+                );
+                done()
+            }
+            Cmd::MemberDrain(d) => match self.members.get_mut(&d.node_id) {
+                Some(m) => {
+                    m.draining = d.draining;
+                    done()
+                }
+                None => stale(),
+            },
+            Cmd::MemberRemove(r) => {
+                if self.members.remove(&r.node_id).is_none() {
+                    return stale();
+                }
+                self.routes.retain(|_, nodes| {
+                    nodes.remove(&r.node_id);
+                    !nodes.is_empty()
+                });
+                let gone: Vec<Arc<str>> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.node_id == r.node_id && s.expiry_secs == 0)
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                for c in gone {
+                    self.end_session(&c);
+                }
+                for s in self.sessions.values_mut() {
+                    if s.node_id == r.node_id {
+                        s.orphaned = true;
+                        if s.connected {
+                            s.connected = false;
+                            s.disconnected_at_ms = r.at_ms;
+                        }
+                    }
+                }
+                done()
+            }
+            Cmd::RouteAdd(a) => {
+                let Some(r) = a.route else { return stale() };
+                self.routes
+                    .entry((r.share_group, r.filter))
+                    .or_default()
+                    .insert(r.node_id);
+                done()
+            }
+            Cmd::RouteDel(d) => {
+                let Some(r) = d.route else { return stale() };
+                let key = (r.share_group, r.filter);
+                if let Some(nodes) = self.routes.get_mut(&key) {
+                    nodes.remove(&r.node_id);
+                    if nodes.is_empty() {
+                        self.routes.remove(&key);
+                    }
+                }
+                done()
+            }
+            Cmd::Claim(c) => self.claim(c),
+            Cmd::SessionDisconnected(d) => {
+                let Some(rec) = self.sessions.get_mut(d.client_id.as_str()) else {
+                    return stale();
+                };
+                if rec.epoch != d.epoch {
+                    return stale();
+                }
+                if rec.expiry_secs == 0 {
+                    let c: Arc<str> = d.client_id.into();
+                    self.end_session(&c);
+                } else {
+                    rec.connected = false;
+                    rec.disconnected_at_ms = d.at_ms;
+                    rec.will = d.will;
+                }
+                done()
+            }
+            Cmd::SessionEnd(e) => match self.sessions.get(e.client_id.as_str()) {
+                Some(rec) if rec.epoch == e.epoch => {
+                    let c: Arc<str> = e.client_id.into();
+                    self.end_session(&c);
+                    done()
+                }
+                _ => stale(),
+            },
+            Cmd::SubPut(p) => {
+                let Some(sub) = p.sub else { return stale() };
+                let client: Arc<str> = sub.client_id.as_str().into();
+                self.subscriptions
+                    .entry(client)
+                    .or_default()
+                    .insert(sub.filter.clone(), sub);
+                done()
+            }
+            Cmd::SubDel(d) => {
+                if let Some(subs) = self.subscriptions.get_mut(d.client_id.as_str()) {
+                    subs.remove(&d.filter);
+                    if subs.is_empty() {
+                        self.subscriptions.remove(d.client_id.as_str());
+                    }
+                }
+                done()
+            }
+            Cmd::RetainSet(r) => {
+                self.retained.insert(r.topic, r.message);
+                done()
+            }
+            Cmd::RetainClear(r) => {
+                self.retained.remove(&r.topic);
+                done()
+            }
+            Cmd::WillFired(w) => match self.sessions.get_mut(w.client_id.as_str()) {
+                // Exactly once: only the first WillFired of an epoch is Done; its proposer
+                // publishes the will.
+                Some(rec) if rec.epoch == w.epoch && rec.will.is_some() => {
+                    rec.will = None;
+                    done()
+                }
+                _ => stale(),
+            },
+        }
+    }
+
+    fn claim(&mut self, c: pb::Claim) -> pb::Outcome {
+        let epoch = self.next_epoch.max(1);
+        self.next_epoch = epoch + 1;
+        let client: Arc<str> = c.client_id.as_str().into();
+        let previous = self.sessions.get(&client).cloned();
+        let present = !c.clean_start && previous.as_ref().is_some_and(|p| !expired(p, c.at_ms));
+        if !present {
+            self.subscriptions.remove(&client);
+        }
+        self.sessions.insert(
+            client,
+            pb::SessionRecord {
+                client_id: c.client_id,
+                node_id: c.node_id,
+                epoch,
+                expiry_secs: c.expiry_secs,
+                connected: true,
+                disconnected_at_ms: 0,
+                will: c.will,
+                orphaned: false,
+            },
+        );
+        let p = previous.unwrap_or_default();
+        pb::Outcome {
+            result: Some(pb::outcome::Result::Claimed(pb::Claimed {
+                epoch,
+                session_present: present,
+                previous_node_id: p.node_id,
+                previous_epoch: p.epoch,
+                previous_connected: p.connected,
+            })),
+        }
+    }
+
+    fn end_session(&mut self, client: &Arc<str>) {
+        self.sessions.remove(client);
+        self.subscriptions.remove(client);
+    }
+
+    /// The state as snapshot bytes: length-delimited records, the header first.
+    pub fn encode_snapshot(&self) -> Vec<u8> {
+        use pb::snapshot_record::Record;
+        let mut out = Vec::new();
+        let mut put = |r: Record| {
+            pb::SnapshotRecord { record: Some(r) }
+                .encode_length_delimited(&mut out)
+                .expect("a Vec grows");
+        };
+        put(Record::Header(pb::SnapshotHeader {
+            format: SNAPSHOT_FORMAT,
+            next_epoch: self.next_epoch,
+        }));
+        for m in self.members.values() {
+            put(Record::Member(m.clone()));
+        }
+        for ((group, filter), nodes) in &self.routes {
+            for n in nodes {
+                put(Record::Route(pb::Route {
+                    filter: filter.clone(),
+                    share_group: group.clone(),
+                    node_id: *n,
+                }));
+            }
+        }
+        for s in self.sessions.values() {
+            put(Record::Session(s.clone()));
+        }
+        for subs in self.subscriptions.values() {
+            for s in subs.values() {
+                put(Record::Subscription(s.clone()));
+            }
+        }
+        for (topic, message) in &self.retained {
+            put(Record::Retained(pb::RetainSet {
+                topic: topic.clone(),
+                message: message.clone(),
+            }));
+        }
+        out
+    }
+
+    /// Rebuilds the state from snapshot bytes (the applied log id and membership come from
+    /// the snapshot's meta).
+    pub fn decode_snapshot(mut bytes: &[u8], meta: &SnapshotMeta) -> io::Result<ClusterState> {
+        use pb::snapshot_record::Record;
+        let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+        let mut st = ClusterState {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            ..ClusterState::default()
+        };
+        let mut header = false;
+        while !bytes.is_empty() {
+            let rec = pb::SnapshotRecord::decode_length_delimited(&mut bytes)
+                .map_err(|_| bad("bad snapshot record"))?;
+            match rec.record {
+                Some(Record::Header(h)) => {
+                    if h.format != SNAPSHOT_FORMAT {
+                        return Err(bad("snapshot of a format this version does not read"));
+                    }
+                    st.next_epoch = h.next_epoch;
+                    header = true;
+                }
+                Some(Record::Member(m)) => {
+                    st.members.insert(m.node_id, m);
+                }
+                Some(Record::Route(r)) => {
+                    st.routes
+                        .entry((r.share_group, r.filter))
+                        .or_default()
+                        .insert(r.node_id);
+                }
+                Some(Record::Session(s)) => {
+                    st.sessions.insert(s.client_id.as_str().into(), s);
+                }
+                Some(Record::Subscription(s)) => {
+                    st.subscriptions
+                        .entry(s.client_id.as_str().into())
+                        .or_default()
+                        .insert(s.filter.clone(), s);
+                }
+                Some(Record::Retained(r)) => {
+                    st.retained.insert(r.topic, r.message);
+                }
+                // A record kind of a newer version: skipped (the format would have changed
+                // if skipping it were wrong).
+                None => {}
+            }
+        }
+        if !header {
+            return Err(bad("snapshot without a header"));
+        }
+        Ok(st)
+    }
+}
+
+fn meta_pb(meta: &SnapshotMeta) -> pb::SnapshotMeta {
+    pb::SnapshotMeta {
+        vote: None,
+        last_log_id: meta.last_log_id.as_ref().map(raft::log_id_pb),
+        last_membership: Some(raft::stored_membership_pb(&meta.last_membership)),
+    }
+}
+
+fn meta_from_pb(p: pb::SnapshotMeta) -> io::Result<SnapshotMeta> {
+    Ok(SnapshotMeta {
+        last_log_id: raft::opt_log_id(p.last_log_id),
+        last_membership: raft::stored_membership(p.last_membership)?,
+    })
+}
+
+/// Something applied that this node must act on.
+#[derive(Debug)]
+pub enum Effect {
+    /// Another node claimed `client_id` at `epoch`: a connection here of an older epoch goes
+    /// (DISCONNECT 0x8E).
+    ClaimedElsewhere {
+        client_id: Arc<str>,
+        epoch: u64,
+        node_id: u64,
+    },
+}
+
+/// The state machine openraft drives; cheap to clone (shared state).
+#[derive(Clone)]
+pub struct StateMachine {
+    me: u64,
+    state: Arc<RwLock<ClusterState>>,
+    store: Store,
+    applied: watch::Sender<u64>,
+    effects: mpsc::UnboundedSender<Effect>,
+}
+
+impl StateMachine {
+    /// Loads the last saved snapshot, if any. Effects of applied entries on node `me` go to
+    /// the receiver.
+    pub fn open(
+        store: Store,
+        me: u64,
+    ) -> io::Result<(StateMachine, mpsc::UnboundedReceiver<Effect>)> {
+        let mut state = ClusterState::default();
+        if let Some((meta, data)) = store.load_raft_snapshot().map_err(io::Error::other)? {
+            let meta = meta_from_pb(
+                pb::SnapshotMeta::decode(meta.as_slice())
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "snapshot meta"))?,
+            )?;
+            state = ClusterState::decode_snapshot(&data, &meta)?;
+        }
+        let applied = state.last_applied.map(|l| l.index).unwrap_or(0);
+        let (effects, rx) = mpsc::unbounded_channel();
+        let sm = StateMachine {
+            me,
+            state: Arc::new(RwLock::new(state)),
+            store,
+            applied: watch::channel(applied).0,
+            effects,
+        };
+        Ok((sm, rx))
+    }
+
+    /// Reads the state (never held across an await; apply waits for it).
+    pub fn read(&self) -> RwLockReadGuard<'_, ClusterState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, ClusterState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The index of the last applied entry, as it changes.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Applies one command and tells this node what it must act on.
+    fn apply_one(&self, st: &mut ClusterState, cmd: pb::Command) -> pb::Outcome {
+        let claim_from = match &cmd.cmd {
+            Some(pb::command::Cmd::Claim(c)) if c.node_id != self.me => {
+                Some((c.client_id.clone(), c.node_id))
+            }
+            _ => None,
+        };
+        let outcome = st.apply(cmd);
+        if let (Some((client_id, node_id)), Some(pb::outcome::Result::Claimed(c))) =
+            (claim_from, &outcome.result)
+        {
+            let _ = self.effects.send(Effect::ClaimedElsewhere {
+                client_id: client_id.into(),
+                epoch: c.epoch,
+                node_id,
+            });
+        }
+        outcome
+    }
+
+    fn current_snapshot(&self) -> io::Result<Option<Snapshot>> {
+        let Some((meta, data)) = self.store.load_raft_snapshot().map_err(io::Error::other)? else {
+            return Ok(None);
+        };
+        let meta = meta_from_pb(
+            pb::SnapshotMeta::decode(meta.as_slice())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "snapshot meta"))?,
+        )?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: data,
+        }))
+    }
+
+    fn save(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+        self.store
+            .save_raft_snapshot(&meta_pb(meta).encode_to_vec(), data)
+            .map_err(io::Error::other)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let (meta, data) = {
+            let st = self.read();
+            let meta = SnapshotMeta {
+                last_log_id: st.last_applied,
+                last_membership: st.membership.clone(),
+            };
+            (meta, st.encode_snapshot())
+        };
+        let this = self.clone();
+        let (meta, data) = tokio::task::spawn_blocking(move || {
+            this.save(&meta, &data).map(|()| (meta, data))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            bytes = data.len(),
+            "raft snapshot built"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: data,
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let st = self.read();
+        Ok((st.last_applied, st.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let mut last = None;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let outcome = {
+                let mut st = self.write();
+                st.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => pb::BatchOutcome::default(),
+                    EntryPayload::Normal(batch) => pb::BatchOutcome {
+                        outcomes: batch
+                            .0
+                            .commands
+                            .into_iter()
+                            .map(|c| self.apply_one(&mut st, c))
+                            .collect(),
+                    },
+                    EntryPayload::Membership(m) => {
+                        st.membership = StoredMembership::new(Some(entry.log_id), m);
+                        pb::BatchOutcome::default()
+                    }
+                }
+            };
+            last = Some(entry.log_id.index);
+            if let Some(r) = responder {
+                r.send(outcome);
+            }
+        }
+        if let Some(i) = last {
+            self.applied.send_replace(i);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
+        let st = ClusterState::decode_snapshot(&data, meta)?;
+        let this = self.clone();
+        let saved = meta.clone();
+        tokio::task::spawn_blocking(move || this.save(&saved, &data))
+            .await
+            .map_err(io::Error::other)??;
+        let applied = st.last_applied.map(|l| l.index).unwrap_or(0);
+        *self.write() = st;
+        self.applied.send_replace(applied);
+        tracing::info!(last_log_id = ?meta.last_log_id, "raft snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.current_snapshot())
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+#[cfg(test)]
+#[path = "sm_test.rs"]
+mod tests;

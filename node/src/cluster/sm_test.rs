@@ -1,0 +1,159 @@
+use petrel_cluster_proto::pb;
+use pb::command::Cmd;
+
+use super::ClusterState;
+
+fn c(cmd: Cmd) -> pb::Command {
+    pb::Command { cmd: Some(cmd) }
+}
+
+fn claim(client: &str, node: u64, clean: bool, expiry: u32, at_ms: u64) -> pb::Command {
+    c(Cmd::Claim(pb::Claim {
+        client_id: client.into(),
+        node_id: node,
+        clean_start: clean,
+        expiry_secs: expiry,
+        will: Some(pb::Will {
+            message: bytes::Bytes::from_static(b"will"),
+            delay_secs: 0,
+        }),
+        at_ms,
+    }))
+}
+
+fn claimed(o: pb::Outcome) -> pb::Claimed {
+    match o.result {
+        Some(pb::outcome::Result::Claimed(c)) => c,
+        other => panic!("expected Claimed, got {other:?}"),
+    }
+}
+
+fn is_done(o: &pb::Outcome) -> bool {
+    matches!(o.result, Some(pb::outcome::Result::Done(_)))
+}
+
+#[test]
+fn claims_take_growing_epochs_and_name_the_previous_owner() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim("dev", 1, false, 60, 1000)));
+    assert!(!a.session_present);
+    let b = claimed(st.apply(claim("dev", 2, false, 60, 2000)));
+    assert!(b.epoch > a.epoch);
+    assert!(b.session_present, "resumed, not clean start");
+    assert_eq!((b.previous_node_id, b.previous_epoch), (1, a.epoch));
+    assert!(b.previous_connected);
+    let c2 = claimed(st.apply(claim("dev", 2, true, 60, 3000)));
+    assert!(!c2.session_present, "clean start");
+}
+
+#[test]
+fn a_persistent_session_expires_by_the_proposers_clock() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim("dev", 1, false, 10, 1000)));
+    st.apply(c(Cmd::SubPut(pb::SubPut {
+        sub: Some(pb::Subscription {
+            client_id: "dev".into(),
+            filter: "a/#".into(),
+            ..Default::default()
+        }),
+    })));
+    let gone = c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+        client_id: "dev".into(),
+        epoch: a.epoch,
+        at_ms: 5000,
+        will: None,
+    }));
+    assert!(is_done(&st.apply(gone)));
+    // Within 10 s of the disconnect: present, subscriptions kept.
+    let b = claimed(st.apply(claim("dev", 1, false, 10, 14_999)));
+    assert!(b.session_present);
+    assert_eq!(st.subscriptions["dev"].len(), 1);
+    st.apply(c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+        client_id: "dev".into(),
+        epoch: b.epoch,
+        at_ms: 20_000,
+        will: None,
+    })));
+    // 10 s later: expired; its subscriptions go.
+    let c3 = claimed(st.apply(claim("dev", 1, false, 10, 30_000)));
+    assert!(!c3.session_present);
+    assert!(!st.subscriptions.contains_key("dev"));
+}
+
+#[test]
+fn a_clean_session_ends_with_its_connection_and_stale_epochs_are_ignored() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim("dev", 1, true, 0, 1000)));
+    let b = claimed(st.apply(claim("dev", 2, true, 0, 1001)));
+    // The first connection's end arrives after the takeover: ignored.
+    let late = c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+        client_id: "dev".into(),
+        epoch: a.epoch,
+        at_ms: 1002,
+        will: None,
+    }));
+    assert!(!is_done(&st.apply(late)));
+    assert!(st.sessions.contains_key("dev"));
+    let end = c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+        client_id: "dev".into(),
+        epoch: b.epoch,
+        at_ms: 1003,
+        will: None,
+    }));
+    assert!(is_done(&st.apply(end)));
+    assert!(!st.sessions.contains_key("dev"));
+}
+
+#[test]
+fn a_will_fires_once() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim("dev", 1, false, 60, 1000)));
+    let fire = |node| {
+        c(Cmd::WillFired(pb::WillFired {
+            client_id: "dev".into(),
+            epoch: a.epoch,
+            node_id: node,
+        }))
+    };
+    assert!(is_done(&st.apply(fire(2))));
+    assert!(!is_done(&st.apply(fire(3))), "a second firing is stale");
+}
+
+#[test]
+fn removing_a_member_takes_its_routes_and_orphans_its_sessions() {
+    let mut st = ClusterState::default();
+    for n in [1, 2] {
+        st.apply(c(Cmd::MemberUp(pb::MemberUp {
+            node_id: n,
+            ..Default::default()
+        })));
+        st.apply(c(Cmd::RouteAdd(pb::RouteAdd {
+            route: Some(pb::Route {
+                filter: "a/+".into(),
+                share_group: String::new(),
+                node_id: n,
+            }),
+        })));
+    }
+    // Idempotent.
+    st.apply(c(Cmd::RouteAdd(pb::RouteAdd {
+        route: Some(pb::Route {
+            filter: "a/+".into(),
+            share_group: String::new(),
+            node_id: 2,
+        }),
+    })));
+    st.apply(claim("clean", 2, true, 0, 1));
+    st.apply(claim("kept", 2, false, 60, 1));
+    st.apply(c(Cmd::MemberRemove(pb::MemberRemove {
+        node_id: 2,
+        at_ms: 500,
+    })));
+    let nodes = &st.routes[&(String::new(), "a/+".to_owned())];
+    assert_eq!(nodes.iter().copied().collect::<Vec<_>>(), vec![1]);
+    assert!(!st.sessions.contains_key("clean"));
+    let kept = &st.sessions["kept"];
+    assert!(kept.orphaned && !kept.connected);
+    assert_eq!(kept.disconnected_at_ms, 500);
+    assert!(!st.members.contains_key(&2));
+}

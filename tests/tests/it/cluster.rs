@@ -1,0 +1,393 @@
+//! Issue 11, the control plane: real nodes (processes on loopback ports), formed into one
+//! Raft cluster through `--join`, inspected with `petrel cluster status --json` and changed
+//! with `petrel cluster remove`. Every wait is on a condition with a deadline.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use petrel_tests::run_petrel;
+use serde_json::Value;
+
+use super::*;
+
+/// Fast elections, so leader loss is quick to test (the defaults suit real networks).
+const FAST: [(&str, &str); 2] = [
+    ("PETREL_CLUSTER__HEARTBEAT_INTERVAL_MS", "100"),
+    ("PETREL_CLUSTER__ELECTION_TIMEOUT_MS", "500"),
+];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One node of a test cluster: its id, gRPC address and data dir survive restarts.
+struct Member {
+    id: u64,
+    grpc: String,
+    data: PathBuf,
+    broker: Option<Broker>,
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    members: Vec<Member>,
+    join: String,
+    env: Vec<(String, String)>,
+}
+
+impl Cluster {
+    /// `n` members that all list the first `seeds` members as seeds; none started.
+    fn new(n: usize, seeds: usize, env: &[(&str, &str)]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("petrel-cluster-")
+            .tempdir()
+            .expect("temp dir");
+        let members: Vec<Member> = (0..n as u64)
+            .map(|id| Member {
+                id,
+                grpc: format!("127.0.0.1:{}", free_port()),
+                data: dir.path().join(format!("node{id}")),
+                broker: None,
+            })
+            .collect();
+        let join = members[..seeds]
+            .iter()
+            .map(|m| m.grpc.clone())
+            .collect::<Vec<_>>()
+            .join(",");
+        let env = FAST
+            .iter()
+            .chain(env)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Cluster {
+            _dir: dir,
+            members,
+            join,
+            env,
+        }
+    }
+
+    fn spawn(&self, i: usize) -> petrel_tests::Spawned {
+        let m = &self.members[i];
+        let mut b = Broker::builder()
+            .without_mqtt_addr_flag()
+            .without_data_dir_flag()
+            .env("PETREL_MQTT_ADDR", "127.0.0.1:0")
+            .env("PETREL_GRPC_ADDR", &m.grpc)
+            .env("PETREL_NODE_ID", &m.id.to_string())
+            .env("PETREL_JOIN", &self.join)
+            .env("PETREL_DATA_DIR", m.data.to_str().expect("utf-8 path"));
+        for (k, v) in &self.env {
+            b = b.env(k, v);
+        }
+        b.spawn()
+    }
+
+    /// Starts members `which` at the same moment.
+    async fn start(&mut self, which: &[usize]) {
+        let spawned: Vec<_> = which.iter().map(|&i| self.spawn(i)).collect();
+        for (&i, s) in which.iter().zip(spawned) {
+            self.members[i].broker = Some(s.ready().await);
+        }
+    }
+
+    fn grpc(&self, i: usize) -> &str {
+        &self.members[i].grpc
+    }
+
+    async fn kill9(&mut self, i: usize) {
+        let mut b = self.members[i].broker.take().expect("running");
+        b.kill9().await;
+    }
+}
+
+/// `petrel cluster status --json` against `addr`, or why it failed.
+async fn status(addr: &str) -> Result<Value, String> {
+    let out = run_petrel(
+        &["cluster", "--addr", addr, "status", "--json"],
+        &[],
+        WAIT,
+    )
+    .await;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+fn roles(st: &Value) -> Vec<(u64, String)> {
+    st["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m["node_id"].as_u64().unwrap_or(u64::MAX),
+                m["role"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until every node in `at` reports the same leader, `voters` voters and `learners`
+/// learners among its members, each with the MQTT address it announced; returns the leader.
+async fn wait_agreed(c: &Cluster, at: &[usize], voters: usize, learners: usize) -> u64 {
+    let addrs: Vec<String> = at.iter().map(|&i| c.grpc(i).to_owned()).collect();
+    wait_until("the members to agree on the cluster", WAIT, || {
+        let addrs = addrs.clone();
+        async move {
+            let mut leader = None;
+            for a in &addrs {
+                let st = status(a).await?;
+                let l = st["leader_id"]
+                    .as_u64()
+                    .ok_or_else(|| format!("{a}: no leader: {st}"))?;
+                if leader.is_some_and(|x| x != l) {
+                    return Err(format!("leaders differ: {leader:?} and {l}"));
+                }
+                leader = Some(l);
+                let r = roles(&st);
+                let v = r.iter().filter(|(_, r)| r == "leader" || r == "follower").count();
+                let n = r.iter().filter(|(_, r)| r == "learner").count();
+                if (v, n) != (voters, learners) {
+                    return Err(format!("{a}: {v} voters and {n} learners: {st}"));
+                }
+                let announced = st["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|m| m["role"] != "removed")
+                    .all(|m| m["mqtt_addr"].as_str().is_some_and(|s| !s.is_empty()));
+                if !announced {
+                    return Err(format!("{a}: a member has not announced itself: {st}"));
+                }
+            }
+            leader.ok_or_else(|| "no nodes".to_owned())
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn three_nodes_started_together_form_one_cluster_and_a_fourth_is_a_learner() {
+    test_timeout(async {
+        let mut c = Cluster::new(4, 3, &[]);
+        eprintln!("--- three seeds start at once: one cluster, node 0 bootstraps it");
+        c.start(&[2, 1, 0]).await;
+        let leader = wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        assert!(leader < 3);
+        eprintln!("--- a fourth node joins as a learner (3 voters by default)");
+        c.start(&[3]).await;
+        wait_agreed(&c, &[0, 1, 2, 3], 3, 1).await;
+        let st = status(c.grpc(3)).await.unwrap();
+        assert_eq!(st["role"], "learner", "{st}");
+        // The learner applies the log: its applied index reaches the leader's commit.
+        let lead = status(&c.members[leader as usize].grpc).await.unwrap();
+        let committed = lead["committed_index"].as_u64().unwrap();
+        wait_until("the learner to catch up", WAIT, || async {
+            let st = status(c.grpc(3)).await?;
+            match st["applied_index"].as_u64() {
+                Some(i) if i >= committed => Ok(()),
+                _ => Err(format!("{st}")),
+            }
+        })
+        .await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_killed_leader_is_replaced_and_rejoins_from_its_data_dir() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        let leader = wait_agreed(&c, &[0, 1, 2], 3, 0).await as usize;
+        eprintln!("--- kill -9 the leader (node {leader})");
+        let killed_at = Instant::now();
+        c.kill9(leader).await;
+        let rest: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+        let addrs: Vec<String> = rest.iter().map(|&i| c.grpc(i).to_owned()).collect();
+        let new_leader = wait_until("a new leader", WAIT, || {
+            let addrs = addrs.clone();
+            async move {
+                let mut seen = None;
+                for a in &addrs {
+                    let st = status(a).await?;
+                    match st["leader_id"].as_u64() {
+                        Some(l) if l as usize != leader && seen.is_none_or(|s| s == l) => {
+                            seen = Some(l)
+                        }
+                        other => return Err(format!("{a}: leader {other:?}")),
+                    }
+                }
+                seen.ok_or_else(|| "none".to_owned())
+            }
+        })
+        .await;
+        eprintln!(
+            "new leader {new_leader} after {:?}",
+            killed_at.elapsed()
+        );
+        eprintln!("--- the old leader restarts on its data dir, with the same flags");
+        c.start(&[leader]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_dead_node_is_removed_and_a_new_one_takes_its_vote() {
+    test_timeout(async {
+        let mut c = Cluster::new(4, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        eprintln!("--- node 2 dies and is removed through node 1");
+        c.kill9(2).await;
+        let out = run_petrel(
+            &["cluster", "--addr", c.grpc(1), "remove", "2"],
+            &[],
+            WAIT,
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "remove: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_until("node 2 to be gone", WAIT, || async {
+            let st = status(c.grpc(0)).await?;
+            let r = roles(&st);
+            match r.iter().find(|(id, _)| *id == 2) {
+                None => Ok(()),
+                Some(x) => Err(format!("still {x:?}: {st}")),
+            }
+        })
+        .await;
+        wait_agreed(&c, &[0, 1], 2, 0).await;
+        eprintln!("--- node 3 joins and becomes the third voter");
+        c.start(&[3]).await;
+        wait_agreed(&c, &[0, 1, 3], 3, 0).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_node_far_behind_installs_a_snapshot() {
+    test_timeout(async {
+        // A snapshot after every few entries, and no log kept behind it: a late joiner can
+        // only catch up from the snapshot.
+        let env = [
+            ("PETREL_CLUSTER__SNAPSHOT_AFTER_ENTRIES", "2"),
+            ("PETREL_CLUSTER__SNAPSHOT_KEEP_ENTRIES", "0"),
+        ];
+        let mut c = Cluster::new(4, 1, &env);
+        c.start(&[0]).await;
+        wait_agreed(&c, &[0], 1, 0).await;
+        c.start(&[1]).await;
+        c.start(&[2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        c.start(&[3]).await;
+        wait_agreed(&c, &[0, 1, 2, 3], 3, 1).await;
+        let log = c.members[3].broker.as_ref().unwrap().log();
+        assert!(log.contains("raft snapshot installed"), "node 3 log:\n{log}");
+        eprintln!("--- node 3 restarts from its snapshot and log");
+        c.kill9(3).await;
+        c.start(&[3]).await;
+        wait_agreed(&c, &[0, 1, 2, 3], 3, 1).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_seed_list_waits_for_the_lowest_id() {
+    test_timeout(async {
+        let mut c = Cluster::new(2, 2, &[]);
+        eprintln!("--- node 1 alone: node 0 (a lower id) is a seed, so it waits");
+        c.start(&[1]).await;
+        let st = status(c.grpc(1)).await.unwrap();
+        assert!(st["leader_id"].is_null(), "node 1 started a cluster: {st}");
+        c.start(&[0]).await;
+        wait_agreed(&c, &[0, 1], 2, 0).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_claim_on_another_node_closes_the_old_connection_with_0x8e() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mqtt = |i: usize| c.members[i].broker.as_ref().unwrap().mqtt_addr();
+        let mut first = V5Client::connect(mqtt(0), "roamer").await;
+        eprintln!("--- the same client id connects to node 1");
+        let _second = V5Client::connect(mqtt(1), "roamer").await;
+        let (code, _) = first.wait_disconnect(WAIT).await;
+        assert_eq!(code, p5::DisconnectReasonCode::SessionTakenOver);
+        eprintln!("--- and back to node 2, over node 1's connection");
+        let mut second = _second;
+        let _third = V5Client::connect(mqtt(2), "roamer").await;
+        let (code, _) = second.wait_disconnect(WAIT).await;
+        assert_eq!(code, p5::DisconnectReasonCode::SessionTakenOver);
+        let takeovers = c.members[0].broker.as_ref().unwrap();
+        assert_eq!(takeovers.metric("petrel_session_takeovers_total").await, 1.0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn without_a_quorum_a_connect_is_refused_in_bounded_time() {
+    test_timeout(async {
+        let env = [("PETREL_CLUSTER__PROPOSE_TIMEOUT_MS", "1500")];
+        let mut c = Cluster::new(3, 3, &env);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        eprintln!("--- two of three voters die: node 0 is left without a quorum");
+        c.kill9(1).await;
+        c.kill9(2).await;
+        let node0 = c.members[0].broker.take().unwrap();
+        let started = Instant::now();
+        let r = V5Client::try_connect_with(node0.mqtt_addr(), "lonely", |_| {}).await;
+        let took = started.elapsed();
+        let err = match r {
+            Ok(c) => panic!("connected without a quorum: {:?}", c.connack_props()),
+            Err(e) => e,
+        };
+        assert!(err.contains("ServerUnavailable") || err.contains("0x88") || err.contains("Unavailable"), "{err}");
+        assert!(took < Duration::from_secs(8), "refused after {took:?}");
+        eprintln!("refused after {took:?}: {err}");
+        let mut v3 = RawClient::connect(node0.mqtt_addr()).await;
+        v3.send(&pkt::Connect::v311("lonely-3").encode()).await;
+        let ack = v3.expect_packet(WAIT, "CONNACK").await;
+        assert_eq!(ack.connack().1, 3, "3.1.1 CONNACK return code 3, server unavailable");
+        assert_eq!(node0.metric("petrel_claims_refused_total").await, 2.0);
+        eprintln!("--- not ready while there is no leader");
+        wait_until("/health/ready to say 503", WAIT, || async {
+            match node0.http_get("/health/ready").await {
+                (503, _) => Ok(()),
+                other => Err(other),
+            }
+        })
+        .await;
+        eprintln!("--- a voter comes back: a quorum again, CONNECT works, ready again");
+        c.start(&[1]).await;
+        wait_until("a CONNECT to be accepted", WAIT, || async {
+            V5Client::try_connect_with(node0.mqtt_addr(), "lonely", |_| {})
+                .await
+                .map(|_| ())
+        })
+        .await;
+        wait_until("/health/ready to say 200", WAIT, || async {
+            match node0.http_get("/health/ready").await {
+                (200, _) => Ok(()),
+                other => Err(other),
+            }
+        })
+        .await;
+    })
+    .await
+}
