@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthGate;
-use crate::claim::Claims;
+use crate::control::ControlPlane;
 use crate::codec::{LastWill, QoS, SubscriptionOptions};
 use crate::config::Config;
 use crate::message::Message;
@@ -66,8 +66,8 @@ pub struct Broker {
     pub started: Instant,
     pub store: Store,
     pub auth: AuthGate,
-    /// Who owns which client id (the cluster, in the node).
-    pub claims: Arc<dyn Claims>,
+    /// Claims of client ids and route changes (the cluster, in the node).
+    pub control: Arc<dyn ControlPlane>,
     router: RwLock<SubscriptionTrie>,
     retained: RwLock<RetainedStore>,
     timers: Timers,
@@ -103,7 +103,7 @@ impl Broker {
         metrics: Metrics,
         auth: AuthGate,
         store: Store,
-        claims: Arc<dyn Claims>,
+        control: Arc<dyn ControlPlane>,
     ) -> Broker {
         let limits = QueueLimits {
             max_messages: cfg.mqtt.max_queued_messages,
@@ -124,7 +124,7 @@ impl Broker {
             started: Instant::now(),
             store,
             auth,
-            claims,
+            control,
             router: RwLock::new(SubscriptionTrie::default()),
             retained: RwLock::new(RetainedStore::default()),
             timers: Timers::default(),
@@ -451,11 +451,13 @@ impl Broker {
             acl_filtered: acl.filtered,
             acl_gen: acl.generation,
         };
-        let existed = self
-            .router
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .subscribe(f.filter, f.group, sub);
+        let mut router = self.router.write().unwrap_or_else(|e| e.into_inner());
+        let (existed, first) = router.subscribe(f.filter, f.group, sub);
+        if first {
+            // Under the lock: route changes reach the cluster in the order they happen.
+            self.control.route_added(f.group, f.filter);
+        }
+        drop(router);
         if !existed {
             self.metrics.subscriptions.inc();
         }
@@ -463,15 +465,24 @@ impl Broker {
     }
 
     pub fn unsubscribe(&self, session: SessionId, f: &ParsedFilter<'_>) -> bool {
-        let found = self
-            .router
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .unsubscribe(f.filter, f.group, session);
+        let mut router = self.router.write().unwrap_or_else(|e| e.into_inner());
+        let (found, last) = router.unsubscribe(f.filter, f.group, session);
+        if last {
+            self.control.route_removed(f.group, f.filter);
+        }
+        drop(router);
         if found {
             self.metrics.subscriptions.dec();
         }
         found
+    }
+
+    /// Calls `f` with this node's routes (every filter with a local subscriber, with its
+    /// share group), the subscription trie held so that no route change happens meanwhile.
+    pub fn with_routes<R>(&self, f: impl FnOnce(&[(Option<String>, String)]) -> R) -> R {
+        let router = self.router.read().unwrap_or_else(|e| e.into_inner());
+        let routes = router.routes();
+        f(&routes)
     }
 
     /// Retained messages matching a (non-shared) filter, expired ones left out.
@@ -667,7 +678,7 @@ impl Broker {
                 let epoch = session.epoch();
                 let (state, _) = session.end();
                 self.end_session(&session, state);
-                self.claims.ended(&client_id, epoch);
+                self.control.ended(&client_id, epoch);
             }
         }
     }

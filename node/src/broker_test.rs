@@ -29,7 +29,7 @@ fn broker(dir: &std::path::Path) -> Broker {
         Metrics::new(),
         auth,
         store,
-        Arc::new(crate::claim::LocalClaims::default()),
+        Arc::new(crate::control::LocalControl::default()),
     )
 }
 

@@ -16,7 +16,7 @@
 pub mod admin;
 pub mod auth;
 pub mod broker;
-pub mod claim;
+pub mod control;
 pub mod cluster;
 pub mod codec;
 pub mod config;

@@ -95,6 +95,34 @@ async fn apply_effects(
     }
 }
 
+/// How often the route table is checked (metrics, and a reconciliation after a failed route
+/// change).
+const ROUTE_CHECK: Duration = Duration::from_secs(2);
+
+/// Keeps this node's entries of the route table equal to its subscriptions: once it is a
+/// member with a leader (its recovered subscriptions' routes, and the removal of routes it
+/// left behind before a crash), then after any route change that failed to commit. Also
+/// updates the route metrics.
+async fn keep_routes(broker: Arc<Broker>, cluster: Arc<Cluster>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(ROUTE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if cluster.routes_dirty() && cluster.is_caught_up() {
+            let (added, removed) = broker.with_routes(|local| cluster.reconcile_routes(local));
+            if added + removed > 0 {
+                tracing::info!(added, removed, "routes reconciled with this node's subscriptions");
+            }
+        }
+        let (total, unknown) = cluster.route_counts();
+        broker.metrics.cluster_routes.set(total as i64);
+        broker.metrics.cluster_routes_unknown_node.set(unknown as i64);
+    }
+}
+
 /// How long the admin server may take to stop once the connections have drained.
 const ADMIN_STOP: Duration = Duration::from_secs(1);
 
@@ -176,8 +204,8 @@ impl Node {
         )
         .await
         .map_err(Error::Cluster)?;
-        let claims: Arc<dyn crate::claim::Claims> = cluster.clone();
-        let broker = Arc::new(Broker::new(cfg, metrics, auth, store.clone(), claims));
+        let control: Arc<dyn crate::control::ControlPlane> = cluster.clone();
+        let broker = Arc::new(Broker::new(cfg, metrics, auth, store.clone(), control));
         let recovered = recover(&broker, &store)?;
         tracing::info!(
             sessions = recovered.sessions,
@@ -201,6 +229,7 @@ impl Node {
         if let Some(effects) = cluster.take_effects() {
             tracker.spawn(apply_effects(broker.clone(), effects, cancel.clone()));
         }
+        tracker.spawn(keep_routes(broker.clone(), cluster.clone(), cancel.clone()));
         let ctx = AcceptCtx {
             broker: broker.clone(),
             tls,

@@ -82,6 +82,7 @@ fn status_json(st: &pb::StatusReply) -> serde_json::Value {
                 "draining": m.draining,
                 "role": m.role,
                 "matched_index": m.matched_index,
+                "routes": m.routes,
             })
         })
         .collect();
@@ -94,6 +95,7 @@ fn status_json(st: &pb::StatusReply) -> serde_json::Value {
         "committed_index": st.committed_index,
         "applied_index": st.applied_index,
         "members": members,
+        "routes_unknown_node": st.routes_unknown_node,
     })
 }
 

@@ -20,6 +20,7 @@ mod server;
 pub mod sm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +37,7 @@ use tonic::transport::Channel;
 
 use self::raft::{Batch, Codec, Raft, RaftNode, TypeConfig};
 use self::sm::{Effect, StateMachine};
-use crate::claim::{BoxFuture, ClaimError, ClaimRequest, Claims, Grant};
+use crate::control::{BoxFuture, ClaimError, ClaimRequest, ControlPlane, Grant};
 use crate::session::Epoch;
 use crate::config::ClusterConfig;
 
@@ -95,7 +96,12 @@ pub struct Cluster {
     voters: usize,
     raft: Raft,
     sm: StateMachine,
-    proposals: mpsc::Sender<Proposal>,
+    /// Unbounded, so that a change is queued at once, in order, by a caller that holds a
+    /// lock (route changes); what waits in it is bounded by what waits for an answer
+    /// (CONNECTs, within the propose timeout) and by the node's subscriptions.
+    proposals: mpsc::UnboundedSender<Proposal>,
+    /// A route change failed to commit: the routes are reconciled again soon.
+    routes_dirty: Arc<AtomicBool>,
     /// Cluster clients by address, reused (one HTTP/2 connection per peer).
     clients: Mutex<HashMap<String, ClusterClient<Channel>>>,
     /// Membership changes take turns on the leader (openraft refuses overlapping ones).
@@ -152,13 +158,14 @@ impl Cluster {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(16 * 1024);
+        let (tx, rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
             me,
             voters: cfg.voters,
             raft,
             sm,
             proposals: tx,
+            routes_dirty: Arc::new(AtomicBool::new(true)),
             clients: Mutex::new(HashMap::new()),
             membership: tokio::sync::Mutex::new(()),
             effects: Mutex::new(Some(effects)),
@@ -204,7 +211,6 @@ impl Cluster {
                 cmd: pb::Command { cmd: None },
                 reply,
             })
-            .await
             .map_err(|_| ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
@@ -270,7 +276,6 @@ impl Cluster {
         let (reply, rx) = oneshot::channel();
         self.proposals
             .send(Proposal { cmd, reply })
-            .await
             .map_err(|_| ProposeError::Stopped)?;
         match tokio::time::timeout(self.propose_timeout, rx).await {
             Ok(Ok(r)) => r,
@@ -289,7 +294,7 @@ impl Cluster {
 
     async fn run_proposer(
         self: Arc<Self>,
-        mut rx: mpsc::Receiver<Proposal>,
+        mut rx: mpsc::UnboundedReceiver<Proposal>,
         cancel: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(BATCH_MAX);
@@ -621,6 +626,17 @@ impl Cluster {
             ServerState::Shutdown => "shutdown",
         };
         let st = self.sm.read();
+        let mut routes: BTreeMap<u64, u64> = BTreeMap::new();
+        for nodes in st.routes.values() {
+            for n in nodes {
+                *routes.entry(*n).or_default() += 1;
+            }
+        }
+        let routes_unknown_node = routes
+            .iter()
+            .filter(|(n, _)| !st.members.contains_key(n))
+            .map(|(_, c)| c)
+            .sum();
         let mut ids: BTreeSet<u64> = m
             .membership_config
             .membership()
@@ -655,6 +671,7 @@ impl Cluster {
                         None => "removed".to_owned(),
                     },
                     matched_index: matched,
+                    routes: routes.get(&id).copied().unwrap_or(0),
                 }
             })
             .collect();
@@ -667,6 +684,7 @@ impl Cluster {
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             role: my_role.to_owned(),
             members,
+            routes_unknown_node,
         }
     }
 
@@ -680,17 +698,98 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Proposes without waiting for the outcome (a connection that ended: nobody waits).
+    /// Queues a proposal without waiting for the outcome (a connection that ended: nobody
+    /// waits).
     fn propose_detached(&self, cmd: pb::Command) {
-        let tx = self.proposals.clone();
+        let (reply, _) = oneshot::channel();
+        let _ = self.proposals.send(Proposal { cmd, reply });
+    }
+
+    /// Queues a route change; if it fails to commit, the routes are reconciled again.
+    fn propose_route(&self, cmd: pb::Command) {
+        let (reply, rx) = oneshot::channel();
+        if self.proposals.send(Proposal { cmd, reply }).is_err() {
+            return;
+        }
+        let dirty = self.routes_dirty.clone();
         tokio::spawn(async move {
-            let (reply, _) = oneshot::channel();
-            let _ = tx.send(Proposal { cmd, reply }).await;
+            if !matches!(rx.await, Ok(Ok(_))) {
+                dirty.store(true, Ordering::Relaxed);
+            }
         });
+    }
+
+    fn route(&self, group: Option<&str>, filter: &str) -> pb::Route {
+        pb::Route {
+            filter: filter.to_owned(),
+            share_group: group.unwrap_or("").to_owned(),
+            node_id: self.me.node_id,
+        }
+    }
+
+    /// Makes this node's entries of the replicated route table equal to `local` (its
+    /// filters with subscribers): adds the missing, removes the stale. Call it with the
+    /// subscription trie held (`Broker::with_routes`), so that no route change of a
+    /// connection is queued between the comparison and the proposals. Returns (added,
+    /// removed).
+    pub fn reconcile_routes(&self, local: &[(Option<String>, String)]) -> (usize, usize) {
+        self.routes_dirty.store(false, Ordering::Relaxed);
+        let me = self.me.node_id;
+        let want: BTreeSet<(String, String)> = local
+            .iter()
+            .map(|(g, f)| (g.clone().unwrap_or_default(), f.clone()))
+            .collect();
+        let have: BTreeSet<(String, String)> = self
+            .sm
+            .read()
+            .routes
+            .iter()
+            .filter(|(_, nodes)| nodes.contains(&me))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let (mut added, mut removed) = (0, 0);
+        for (g, f) in want.difference(&have) {
+            let group = (!g.is_empty()).then_some(g.as_str());
+            let route = Some(self.route(group, f));
+            self.propose_route(pb::Command {
+                cmd: Some(pb::command::Cmd::RouteAdd(pb::RouteAdd { route })),
+            });
+            added += 1;
+        }
+        for (g, f) in have.difference(&want) {
+            let group = (!g.is_empty()).then_some(g.as_str());
+            let route = Some(self.route(group, f));
+            self.propose_route(pb::Command {
+                cmd: Some(pb::command::Cmd::RouteDel(pb::RouteDel { route })),
+            });
+            removed += 1;
+        }
+        (added, removed)
+    }
+
+    /// Whether a route change failed since the last reconciliation.
+    pub fn routes_dirty(&self) -> bool {
+        self.routes_dirty.load(Ordering::Relaxed)
+    }
+
+    /// (routes in the table, routes whose node is not a member).
+    pub fn route_counts(&self) -> (usize, usize) {
+        let st = self.sm.read();
+        let mut total = 0;
+        let mut unknown = 0;
+        for nodes in st.routes.values() {
+            for n in nodes {
+                total += 1;
+                if !st.members.contains_key(n) {
+                    unknown += 1;
+                }
+            }
+        }
+        (total, unknown)
     }
 }
 
-impl Claims for Cluster {
+impl ControlPlane for Cluster {
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Grant, ClaimError>> {
         Box::pin(async move {
             let cmd = pb::Command {
@@ -743,6 +842,20 @@ impl Claims for Cluster {
                 client_id: client_id.to_string(),
                 epoch: epoch.0,
             })),
+        });
+    }
+
+    fn route_added(&self, group: Option<&str>, filter: &str) {
+        let route = Some(self.route(group, filter));
+        self.propose_route(pb::Command {
+            cmd: Some(pb::command::Cmd::RouteAdd(pb::RouteAdd { route })),
+        });
+    }
+
+    fn route_removed(&self, group: Option<&str>, filter: &str) {
+        let route = Some(self.route(group, filter));
+        self.propose_route(pb::Command {
+            cmd: Some(pb::command::Cmd::RouteDel(pb::RouteDel { route })),
         });
     }
 }

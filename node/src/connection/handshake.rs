@@ -14,7 +14,7 @@ use super::close::{self, close};
 use super::conn::{Conn, ConnParams};
 use crate::auth::PASSWORD_CHECKS;
 use crate::broker::Broker;
-use crate::claim::ClaimRequest;
+use crate::control::ClaimRequest;
 use crate::codec::{
     decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect,
     DecodeError, MqttStr, Packet, Protocol, QoS, ReasonCode,
@@ -425,7 +425,7 @@ async fn claim(
         clean_start,
         expiry_secs: expiry,
     };
-    let grant = match broker.claims.claim(request).await {
+    let grant = match broker.control.claim(request).await {
         Ok(g) => g,
         Err(e) => {
             broker.metrics.claims_refused.inc();

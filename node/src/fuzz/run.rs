@@ -90,7 +90,7 @@ async fn run(script: Script) {
         Metrics::new(),
         AuthGate::open(),
         store(),
-        Arc::new(crate::claim::LocalClaims::default()),
+        Arc::new(crate::control::LocalControl::default()),
     ));
     let mut h = Harness {
         broker: broker.clone(),

@@ -134,19 +134,31 @@ pub struct SubscriptionTrie {
 }
 
 impl SubscriptionTrie {
-    /// Adds or replaces a session's subscription. Returns whether it already existed.
-    pub fn subscribe(&mut self, filter: &str, group: Option<&str>, sub: Subscriber) -> bool {
+    /// Adds or replaces a session's subscription. Returns whether it already existed and
+    /// whether it is the first subscriber to this filter (in this share group): the node's
+    /// route to the filter starts.
+    pub fn subscribe(
+        &mut self,
+        filter: &str,
+        group: Option<&str>,
+        sub: Subscriber,
+    ) -> (bool, bool) {
         let mut node = &mut self.root;
         for level in filter.split('/') {
             node = node.children.entry(level.into()).or_default();
         }
         let id = sub.session.id();
         match group {
-            None => node.subs.insert(id, sub).is_some(),
+            None => {
+                let existed = node.subs.insert(id, sub).is_some();
+                (existed, node.subs.len() == 1 && !existed)
+            }
             Some(name) => {
+                let mut first = false;
                 let g = match node.shared.iter().position(|g| &*g.name == name) {
                     Some(i) => &mut node.shared[i],
                     None => {
+                        first = true;
                         node.shared.push(SharedGroup {
                             name: name.into(),
                             members: Vec::new(),
@@ -158,29 +170,35 @@ impl SubscriptionTrie {
                 match g.members.iter_mut().find(|m| m.session.id() == id) {
                     Some(m) => {
                         *m = sub;
-                        true
+                        (true, false)
                     }
                     None => {
                         g.members.push(sub);
-                        false
+                        (false, first)
                     }
                 }
             }
         }
     }
 
-    /// Removes a session's subscription. Returns whether it existed.
-    pub fn unsubscribe(&mut self, filter: &str, group: Option<&str>, session: SessionId) -> bool {
+    /// Removes a session's subscription. Returns whether it existed and whether it was the
+    /// last subscriber to this filter (in this share group): the node's route ends.
+    pub fn unsubscribe(
+        &mut self,
+        filter: &str,
+        group: Option<&str>,
+        session: SessionId,
+    ) -> (bool, bool) {
         fn remove<'a>(
             node: &mut Node,
             mut levels: impl Iterator<Item = &'a str>,
             group: Option<&str>,
             session: SessionId,
-        ) -> bool {
+        ) -> (bool, bool) {
             match levels.next() {
                 Some(level) => {
                     let Some(child) = node.children.get_mut(level) else {
-                        return false;
+                        return (false, false);
                     };
                     let found = remove(child, levels, group, session);
                     if child.is_empty() {
@@ -189,24 +207,53 @@ impl SubscriptionTrie {
                     found
                 }
                 None => match group {
-                    None => node.subs.remove(&session).is_some(),
+                    None => {
+                        let found = node.subs.remove(&session).is_some();
+                        (found, found && node.subs.is_empty())
+                    }
                     Some(name) => {
                         let Some(gi) = node.shared.iter().position(|g| &*g.name == name) else {
-                            return false;
+                            return (false, false);
                         };
                         let g = &mut node.shared[gi];
                         let before = g.members.len();
                         g.members.retain(|m| m.session.id() != session);
                         let found = g.members.len() != before;
-                        if g.members.is_empty() {
+                        let last = g.members.is_empty();
+                        if last {
                             node.shared.swap_remove(gi);
                         }
-                        found
+                        (found, found && last)
                     }
                 },
             }
         }
         remove(&mut self.root, filter.split('/'), group, session)
+    }
+
+    /// The node's routes: every (share group, filter) with at least one subscriber.
+    pub fn routes(&self) -> Vec<(Option<String>, String)> {
+        fn walk(node: &Node, path: &mut String, out: &mut Vec<(Option<String>, String)>) {
+            if !node.subs.is_empty() {
+                out.push((None, path.clone()));
+            }
+            for g in &node.shared {
+                out.push((Some(g.name.to_string()), path.clone()));
+            }
+            for (level, child) in &node.children {
+                let at = path.len();
+                path.push('/');
+                path.push_str(level);
+                walk(child, path, out);
+                path.truncate(at);
+            }
+        }
+        let mut out = Vec::new();
+        for (level, child) in &self.root.children {
+            let mut path = level.to_string();
+            walk(child, &mut path, &mut out);
+        }
+        out
     }
 
     /// Appends every subscription matching `topic` to `out`, one entry per subscription
@@ -290,12 +337,12 @@ mod tests {
         assert_eq!(ids(&t, "$SYS/x"), Vec::<SessionId>::new());
         t.subscribe("$SYS/#", None, sub(&a, QoS::AtMostOnce));
         assert_eq!(ids(&t, "$SYS/x"), vec![a.id()]);
-        assert!(t.unsubscribe("x/#", None, a.id()));
-        assert!(!t.unsubscribe("x/#", None, a.id()));
+        assert!(t.unsubscribe("x/#", None, a.id()).0);
+        assert!(!t.unsubscribe("x/#", None, a.id()).0);
         assert_eq!(ids(&t, "x/y/z"), vec![b.id(), b.id()]);
-        assert!(t.unsubscribe("x/+/z", None, b.id()));
-        assert!(t.unsubscribe("#", None, b.id()));
-        assert!(t.unsubscribe("$SYS/#", None, a.id()));
+        assert!(t.unsubscribe("x/+/z", None, b.id()).0);
+        assert!(t.unsubscribe("#", None, b.id()).0);
+        assert!(t.unsubscribe("$SYS/#", None, a.id()).0);
         assert!(t.is_empty(), "empty nodes are pruned");
     }
 
@@ -319,5 +366,29 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(ids(&t, "s/1"), vec![a.id()], "disconnected member skipped");
         }
+    }
+
+    #[test]
+    fn first_and_last_subscriber_of_a_filter_start_and_end_its_route() {
+        let (a, b) = (Session::new_for_test("a"), Session::new_for_test("b"));
+        let mut t = SubscriptionTrie::default();
+        assert_eq!(t.subscribe("r/+", None, sub(&a, QoS::AtMostOnce)), (false, true));
+        assert_eq!(t.subscribe("r/+", None, sub(&b, QoS::AtMostOnce)), (false, false));
+        assert_eq!(t.subscribe("r/+", None, sub(&b, QoS::AtLeastOnce)), (true, false));
+        assert_eq!(t.subscribe("r/+", Some("g"), sub(&a, QoS::AtMostOnce)), (false, true));
+        assert_eq!(t.subscribe("/lead", None, sub(&a, QoS::AtMostOnce)), (false, true));
+        let mut routes = t.routes();
+        routes.sort();
+        let want = vec![
+            (None, "/lead".to_owned()),
+            (None, "r/+".to_owned()),
+            (Some("g".to_owned()), "r/+".to_owned()),
+        ];
+        assert_eq!(routes, want);
+        assert_eq!(t.unsubscribe("r/+", None, a.id()), (true, false));
+        assert_eq!(t.unsubscribe("r/+", None, b.id()), (true, true));
+        assert_eq!(t.unsubscribe("r/+", None, b.id()), (false, false));
+        assert_eq!(t.unsubscribe("r/+", Some("g"), a.id()), (true, true));
+        assert_eq!(t.routes(), vec![(None, "/lead".to_owned())]);
     }
 }

@@ -391,3 +391,91 @@ async fn without_a_quorum_a_connect_is_refused_in_bounded_time() {
     })
     .await
 }
+
+/// Routes of node `node` in `at`'s replica.
+async fn routes_of(addr: &str, node: u64) -> Result<u64, String> {
+    let st = status(addr).await?;
+    st["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["node_id"].as_u64() == Some(node))
+        .and_then(|m| m["routes"].as_u64())
+        .ok_or_else(|| format!("no member {node}: {st}"))
+}
+
+async fn wait_routes(addr: &str, node: u64, n: u64) {
+    wait_until(&format!("node {node} to have {n} routes"), WAIT, || async {
+        match routes_of(addr, node).await? {
+            got if got == n => Ok(()),
+            got => Err(format!("{got} routes")),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn routes_follow_first_and_last_subscribers_and_survive_restarts() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mqtt = |c: &Cluster, i: usize| c.members[i].broker.as_ref().unwrap().mqtt_addr();
+        let (a0, a2) = (c.grpc(0).to_owned(), c.grpc(2).to_owned());
+        eprintln!("--- two subscribers to one filter on node 1: one route");
+        let mut s1 = V5Client::connect(mqtt(&c, 1), "route-a").await;
+        s1.subscribe("routes/+/t", Q5::AtLeastOnce).await;
+        let mut s2 = V5Client::connect(mqtt(&c, 1), "route-b").await;
+        s2.subscribe("routes/+/t", Q5::AtLeastOnce).await;
+        s2.subscribe("$share/g/routes/#", Q5::AtLeastOnce).await;
+        wait_routes(&a0, 1, 2).await;
+        wait_routes(&a2, 1, 2).await;
+        s1.unsubscribe("routes/+/t").await;
+        s2.unsubscribe("$share/g/routes/#").await;
+        wait_routes(&a0, 1, 1).await;
+        s2.unsubscribe("routes/+/t").await;
+        wait_routes(&a0, 1, 0).await;
+        eprintln!("--- a persistent and a clean subscriber, then kill -9 of node 1");
+        let mut kept = V3Client::connect_with(mqtt(&c, 1), "route-kept", |o| {
+            o.set_clean_session(false);
+        })
+        .await;
+        kept.subscribe("kept/#", Q3::AtLeastOnce).await;
+        let mut clean = V3Client::connect(mqtt(&c, 1), "route-clean").await;
+        clean.subscribe("clean/+", Q3::AtLeastOnce).await;
+        wait_routes(&a0, 1, 2).await;
+        c.kill9(1).await;
+        drop((kept, clean, s1, s2));
+        eprintln!("--- restarted: the persistent subscription's route stays, the clean one's goes");
+        c.start(&[1]).await;
+        wait_routes(&a0, 1, 1).await;
+        wait_routes(c.grpc(1), 1, 1).await;
+        let st = status(&a0).await.unwrap();
+        assert_eq!(st["routes_unknown_node"], 0, "{st}");
+        eprintln!("--- node 2 subscribes, dies and is removed: its routes go with it");
+        let mut s3 = V5Client::connect(mqtt(&c, 2), "route-c").await;
+        s3.subscribe("two/#", Q5::AtMostOnce).await;
+        wait_routes(&a0, 2, 1).await;
+        c.kill9(2).await;
+        drop(s3);
+        let out = run_petrel(&["cluster", "--addr", &a0, "remove", "2"], &[], WAIT).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        wait_until("node 2's routes to go", WAIT, || async {
+            let st = status(&a0).await?;
+            let gone = st["members"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|m| m["node_id"] != 2);
+            match (gone, st["routes_unknown_node"].as_u64()) {
+                (true, Some(0)) => Ok(()),
+                _ => Err(format!("{st}")),
+            }
+        })
+        .await;
+        let b0 = c.members[0].broker.as_ref().unwrap();
+        b0.wait_metric("petrel_cluster_routes", WAIT, |v| v == 1.0).await;
+        assert_eq!(b0.metric("petrel_cluster_routes_unknown_node").await, 0.0);
+    })
+    .await
+}
