@@ -22,9 +22,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthGate;
-use crate::control::ControlPlane;
 use crate::codec::{LastWill, QoS, SubscriptionOptions};
 use crate::config::Config;
+use crate::control::ControlPlane;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persist::value::{self, Clock};

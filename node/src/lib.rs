@@ -16,11 +16,11 @@
 pub mod admin;
 pub mod auth;
 pub mod broker;
-pub mod control;
 pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod control;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod limit;

@@ -114,12 +114,19 @@ async fn keep_routes(broker: Arc<Broker>, cluster: Arc<Cluster>, cancel: Cancell
         if cluster.routes_dirty() && cluster.is_caught_up() {
             let (added, removed) = broker.with_routes(|local| cluster.reconcile_routes(local));
             if added + removed > 0 {
-                tracing::info!(added, removed, "routes reconciled with this node's subscriptions");
+                tracing::info!(
+                    added,
+                    removed,
+                    "routes reconciled with this node's subscriptions"
+                );
             }
         }
         let (total, unknown) = cluster.route_counts();
         broker.metrics.cluster_routes.set(total as i64);
-        broker.metrics.cluster_routes_unknown_node.set(unknown as i64);
+        broker
+            .metrics
+            .cluster_routes_unknown_node
+            .set(unknown as i64);
     }
 }
 

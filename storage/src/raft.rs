@@ -21,9 +21,9 @@ use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
-use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{OptionalSend, RaftTypeConfig};
 use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions};
 
@@ -35,6 +35,7 @@ const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
 const SNAPSHOT_META: &[u8] = b"snapshot_meta";
 const SNAPSHOT_DATA: &[u8] = b"snapshot_data";
+const NODE_ID: &[u8] = b"node_id";
 
 /// How the node's Raft types become bytes and back. Decoding fails on bytes a newer,
 /// incompatible version wrote (the node refuses to start rather than guess).
@@ -89,18 +90,57 @@ impl Store {
         }
     }
 
+    /// Records the Raft node id this data dir belongs to, or checks it against the one
+    /// recorded: `Err(recorded)` if they differ (a data dir never changes its node id).
+    pub fn claim_raft_node_id(&self, id: u64) -> crate::Result<Result<(), u64>> {
+        let db = &self.shared.db;
+        let cf = crate::store::handle(db, Cf::RaftState);
+        let got = db
+            .get_cf(cf, NODE_ID)
+            .map_err(|source| crate::Error::Rocks {
+                action: "read node id",
+                source,
+            })?;
+        match got {
+            Some(v) => {
+                let recorded = v
+                    .as_slice()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(u64::MAX);
+                Ok(if recorded == id {
+                    Ok(())
+                } else {
+                    Err(recorded)
+                })
+            }
+            None => {
+                db.put_cf_opt(cf, NODE_ID, id.to_be_bytes(), &synced())
+                    .map_err(|source| crate::Error::Rocks {
+                        action: "write node id",
+                        source,
+                    })?;
+                Ok(Ok(()))
+            }
+        }
+    }
+
     /// The last snapshot saved with [`Store::save_raft_snapshot`]: (meta, data).
     pub fn load_raft_snapshot(&self) -> crate::Result<Option<(Vec<u8>, Vec<u8>)>> {
         let db = &self.shared.db;
         let cf = crate::store::handle(db, Cf::RaftState);
-        let meta = db.get_cf(cf, SNAPSHOT_META).map_err(|source| crate::Error::Rocks {
-            action: "read snapshot",
-            source,
-        })?;
-        let data = db.get_cf(cf, SNAPSHOT_DATA).map_err(|source| crate::Error::Rocks {
-            action: "read snapshot",
-            source,
-        })?;
+        let meta = db
+            .get_cf(cf, SNAPSHOT_META)
+            .map_err(|source| crate::Error::Rocks {
+                action: "read snapshot",
+                source,
+            })?;
+        let data = db
+            .get_cf(cf, SNAPSHOT_DATA)
+            .map_err(|source| crate::Error::Rocks {
+                action: "read snapshot",
+                source,
+            })?;
         Ok(meta.zip(data))
     }
 
@@ -131,7 +171,9 @@ where
     }
 
     fn read_log_id(&self, key: &[u8]) -> io::Result<Option<LogIdOf<C>>> {
-        self.get_state(key)?.map(|b| K::decode_log_id(&b)).transpose()
+        self.get_state(key)?
+            .map(|b| K::decode_log_id(&b))
+            .transpose()
     }
 
     fn last_entry(&self) -> io::Result<Option<EntryOf<C>>> {
@@ -199,7 +241,9 @@ where
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<VoteOf<C>>> {
-        self.get_state(VOTE)?.map(|b| K::decode_vote(&b)).transpose()
+        self.get_state(VOTE)?
+            .map(|b| K::decode_vote(&b))
+            .transpose()
     }
 }
 
@@ -212,7 +256,10 @@ where
 
     async fn get_log_state(&mut self) -> io::Result<LogState<C>> {
         let purged = self.read_log_id(PURGED)?;
-        let last = self.last_entry()?.map(|e| e.log_id()).or_else(|| purged.clone());
+        let last = self
+            .last_entry()?
+            .map(|e| e.log_id())
+            .or_else(|| purged.clone());
         Ok(LogState {
             last_purged_log_id: purged,
             last_log_id: last,
@@ -226,8 +273,13 @@ where
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> io::Result<()> {
         let v = K::encode_vote(vote);
         self.blocking(move |s| {
-            s.db.put_cf_opt(crate::store::handle(&s.db, Cf::RaftState), VOTE, v, &synced())
-                .map_err(rocks("write vote"))
+            s.db.put_cf_opt(
+                crate::store::handle(&s.db, Cf::RaftState),
+                VOTE,
+                v,
+                &synced(),
+            )
+            .map_err(rocks("write vote"))
         })
         .await
     }
@@ -261,7 +313,10 @@ where
             }
         }
         let r = self
-            .blocking(move |s| s.db.write_opt(batch, &synced()).map_err(rocks("append raft log")))
+            .blocking(move |s| {
+                s.db.write_opt(batch, &synced())
+                    .map_err(rocks("append raft log"))
+            })
             .await;
         match r {
             Ok(()) => {
@@ -282,7 +337,8 @@ where
             let mut b = WriteBatch::default();
             b.delete_range_cf(cf, index_key(from), index_key(u64::MAX));
             b.delete_cf(cf, index_key(u64::MAX));
-            s.db.write_opt(b, &synced()).map_err(rocks("truncate raft log"))
+            s.db.write_opt(b, &synced())
+                .map_err(rocks("truncate raft log"))
         })
         .await
     }
@@ -293,8 +349,13 @@ where
         self.blocking(move |s| {
             let mut b = WriteBatch::default();
             b.put_cf(crate::store::handle(&s.db, Cf::RaftState), PURGED, id);
-            b.delete_range_cf(crate::store::handle(&s.db, Cf::RaftLog), index_key(0), index_key(to));
-            s.db.write_opt(b, &synced()).map_err(rocks("purge raft log"))
+            b.delete_range_cf(
+                crate::store::handle(&s.db, Cf::RaftLog),
+                index_key(0),
+                index_key(to),
+            );
+            s.db.write_opt(b, &synced())
+                .map_err(rocks("purge raft log"))
         })
         .await
     }

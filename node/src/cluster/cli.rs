@@ -9,7 +9,13 @@ use petrel_cluster_proto::pb::cluster_client::ClusterClient;
 #[derive(Debug, clap::Args)]
 pub struct ClusterArgs {
     /// gRPC address of any member
-    #[arg(long, env = "PETREL_CLUSTER_ADDR", default_value = "127.0.0.1:7883", value_name = "HOST:PORT", global = true)]
+    #[arg(
+        long,
+        env = "PETREL_CLUSTER_ADDR",
+        default_value = "127.0.0.1:7883",
+        value_name = "HOST:PORT",
+        global = true
+    )]
     addr: String,
     #[command(subcommand)]
     command: ClusterCommand,
@@ -109,7 +115,7 @@ fn print_status(st: &pb::StatusReply) {
         st.node_id, st.role, st.term, st.last_log_index, st.committed_index, st.applied_index
     );
     println!(
-        "{:>6}  {:<9}  {:<24}  {:<24}  {:<10}  {}",
+        "{:>6}  {:<9}  {:<24}  {:<24}  {:<10}  {:>7}  ROUTES",
         "NODE", "ROLE", "GRPC", "MQTT", "VERSION", "MATCHED"
     );
     for m in &st.members {
@@ -119,8 +125,8 @@ fn print_status(st: &pb::StatusReply) {
             m.role.clone()
         };
         println!(
-            "{:>6}  {:<9}  {:<24}  {:<24}  {:<10}  {}",
-            m.node_id, role, m.grpc_addr, m.mqtt_addr, m.version, m.matched_index
+            "{:>6}  {:<9}  {:<24}  {:<24}  {:<10}  {:>7}  {}",
+            m.node_id, role, m.grpc_addr, m.mqtt_addr, m.version, m.matched_index, m.routes
         );
     }
 }

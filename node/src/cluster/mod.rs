@@ -2,7 +2,7 @@
 //! session ownership, persistent subscriptions and retained messages.
 //!
 //! ```text
-//!  connection code ── Cluster::propose(cmd) ──> proposer task: batch (≤ 2 ms, ≤ 256)
+//!  connection code ── Cluster::propose(cmd) ──> proposer task: batch (what queued, ≤ 256)
 //!                                                  leader?  raft.client_write(batch)
 //!                                                  else     Cluster.Propose to the leader
 //!  Raft (log in RocksDB, fsync) ──> sm::StateMachine::apply ──> ClusterState (every node)
@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::async_runtime::watch::WatchReceiver;
+use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use petrel_cluster_proto::pb;
 use petrel_cluster_proto::pb::cluster_client::ClusterClient;
@@ -37,12 +37,10 @@ use tonic::transport::Channel;
 
 use self::raft::{Batch, Codec, Raft, RaftNode, TypeConfig};
 use self::sm::{Effect, StateMachine};
+use crate::config::ClusterConfig;
 use crate::control::{BoxFuture, ClaimError, ClaimRequest, ControlPlane, Grant};
 use crate::session::Epoch;
-use crate::config::ClusterConfig;
 
-/// Longest a batch of commands may wait for more commands.
-const BATCH_LINGER: Duration = Duration::from_millis(2);
 /// Most commands in one log entry.
 const BATCH_MAX: usize = 256;
 /// Pause between two rounds of asking the seeds to join.
@@ -121,6 +119,11 @@ pub enum StartError {
     Raft(String),
     #[error("storage: {0}")]
     Storage(#[from] std::io::Error),
+    #[error(
+        "this data dir belongs to node {recorded}, not to node {configured} (--node-id): \
+         start it with --node-id {recorded}, or give node {configured} an empty data dir"
+    )]
+    NodeId { configured: u64, recorded: u64 },
 }
 
 impl Cluster {
@@ -147,6 +150,16 @@ impl Cluster {
         }
         .validate()
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        match store.claim_raft_node_id(me.node_id) {
+            Ok(Ok(())) => {}
+            Ok(Err(recorded)) => {
+                return Err(StartError::NodeId {
+                    configured: me.node_id,
+                    recorded,
+                })
+            }
+            Err(e) => return Err(StartError::Storage(std::io::Error::other(e))),
+        }
         let (sm, effects) = StateMachine::open(store.clone(), me.node_id)?;
         let log = store.raft_log::<TypeConfig, Codec>();
         let raft = Raft::new(
@@ -189,7 +202,10 @@ impl Cluster {
 
     /// What applied entries ask this node to do (the first call gets the receiver).
     pub fn take_effects(&self) -> Option<mpsc::UnboundedReceiver<Effect>> {
-        self.effects.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.effects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The replicated state, read-only.
@@ -243,7 +259,10 @@ impl Cluster {
         };
         quorum
             && m.current_leader.is_some()
-            && m.membership_config.membership().get_node(&self.me.node_id).is_some()
+            && m.membership_config
+                .membership()
+                .get_node(&self.me.node_id)
+                .is_some()
             && m.last_applied.map(|l| l.index) >= m.local_committed.map(|l| l.index)
     }
 
@@ -304,13 +323,13 @@ impl Cluster {
                 p = rx.recv() => match p { Some(p) => p, None => return },
             };
             batch.push(first);
-            let linger = tokio::time::sleep(BATCH_LINGER);
-            tokio::pin!(linger);
+            // Group commit: no waiting for company. Whatever queued up while the previous
+            // batch was being written goes into this one, so a lone claim pays one commit
+            // and a storm of them pays one commit per batch.
             while batch.len() < BATCH_MAX {
-                tokio::select! {
-                    biased;
-                    p = rx.recv() => match p { Some(p) => batch.push(p), None => break },
-                    _ = &mut linger => break,
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
                 }
             }
             let (cmds, replies): (Vec<_>, Vec<_>) =
@@ -353,8 +372,11 @@ impl Cluster {
             Err(_) => return Err("no leader".to_owned()),
         };
         if leader == Some(self.me.node_id) {
-            match tokio::time::timeout(self.propose_timeout, self.raft.client_write(Batch(batch.clone())))
-                .await
+            match tokio::time::timeout(
+                self.propose_timeout,
+                self.raft.client_write(Batch(batch.clone())),
+            )
+            .await
             {
                 Ok(Ok(r)) => return Ok((r.data.outcomes, r.log_id.index)),
                 Ok(Err(e)) => {
@@ -369,7 +391,10 @@ impl Cluster {
         let mut client = self.client(&addr).map_err(|e| e.to_string())?;
         let mut req = tonic::Request::new(pb::ProposeRequest { batch: Some(batch) });
         req.set_timeout(self.propose_timeout);
-        let reply = client.propose(req).await.map_err(|s| s.message().to_owned())?;
+        let reply = client
+            .propose(req)
+            .await
+            .map_err(|s| s.message().to_owned())?;
         let reply = reply.into_inner();
         Ok((reply.outcome.unwrap_or_default().outcomes, reply.index))
     }
@@ -497,7 +522,10 @@ impl Cluster {
             }
         }
         if !missing.is_empty() {
-            return Err(format!("waiting for seeds to answer: {}", missing.join(", ")));
+            return Err(format!(
+                "waiting for seeds to answer: {}",
+                missing.join(", ")
+            ));
         }
         if lowest {
             self.bootstrap().await
@@ -612,7 +640,12 @@ impl Cluster {
         let role = |id: u64| -> &'static str {
             if m.current_leader == Some(id) {
                 "leader"
-            } else if m.membership_config.membership().voter_ids().any(|v| v == id) {
+            } else if m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == id)
+            {
                 "follower"
             } else {
                 "learner"
@@ -814,7 +847,9 @@ impl ControlPlane for Cluster {
             };
             // Read what was written: this node applies the claim before it answers.
             if !self.wait_applied(p.index, self.propose_timeout).await {
-                return Err(ClaimError::NoQuorum("the claim was not applied here in time".into()));
+                return Err(ClaimError::NoQuorum(
+                    "the claim was not applied here in time".into(),
+                ));
             }
             let previous_node = (c.previous_epoch != 0 && c.previous_node_id != self.me.node_id)
                 .then_some(c.previous_node_id);
@@ -827,12 +862,14 @@ impl ControlPlane for Cluster {
 
     fn disconnected(&self, client_id: &Arc<str>, epoch: Epoch) {
         self.propose_detached(pb::Command {
-            cmd: Some(pb::command::Cmd::SessionDisconnected(pb::SessionDisconnected {
-                client_id: client_id.to_string(),
-                epoch: epoch.0,
-                at_ms: now_ms(),
-                will: None,
-            })),
+            cmd: Some(pb::command::Cmd::SessionDisconnected(
+                pb::SessionDisconnected {
+                    client_id: client_id.to_string(),
+                    epoch: epoch.0,
+                    at_ms: now_ms(),
+                    will: None,
+                },
+            )),
         });
     }
 

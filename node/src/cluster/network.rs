@@ -188,18 +188,20 @@ impl RaftNetworkV2<TypeConfig> for Peer {
             payload: Some(pb::snapshot_chunk::Payload::Meta(pb::SnapshotMeta {
                 vote: Some(raft::vote_pb(&vote)),
                 last_log_id: snapshot.meta.last_log_id.as_ref().map(raft::log_id_pb),
-                last_membership: Some(raft::stored_membership_pb(
-                    &snapshot.meta.last_membership,
-                )),
+                last_membership: Some(raft::stored_membership_pb(&snapshot.meta.last_membership)),
             })),
         };
         let data = bytes::Bytes::from(snapshot.snapshot);
         let chunks: Vec<pb::SnapshotChunk> = std::iter::once(meta)
-            .chain((0..data.len()).step_by(SNAPSHOT_CHUNK).map(|at| pb::SnapshotChunk {
-                payload: Some(pb::snapshot_chunk::Payload::Data(
-                    data.slice(at..data.len().min(at + SNAPSHOT_CHUNK)),
-                )),
-            }))
+            .chain(
+                (0..data.len())
+                    .step_by(SNAPSHOT_CHUNK)
+                    .map(|at| pb::SnapshotChunk {
+                        payload: Some(pb::snapshot_chunk::Payload::Data(
+                            data.slice(at..data.len().min(at + SNAPSHOT_CHUNK)),
+                        )),
+                    }),
+            )
             .collect();
         let mut client = match self.client() {
             Ok(c) => c,
@@ -218,8 +220,8 @@ impl RaftNetworkV2<TypeConfig> for Peer {
                 e => StreamingError::Network(NetworkError::new(&e)),
             })?
             .into_inner();
-        let vote = raft::vote(reply.vote)
-            .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+        let vote =
+            raft::vote(reply.vote).map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
         Ok(SnapshotResponse::new(vote))
     }
 

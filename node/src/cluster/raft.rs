@@ -51,7 +51,10 @@ pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Vec<u8>
 pub type Raft = openraft::Raft<TypeConfig, super::sm::StateMachine>;
 
 fn bad(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("bad {what} in the raft log"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("bad {what} in the raft log"),
+    )
 }
 
 // ---- openraft -> wire -------------------------------------------------------------------
@@ -216,7 +219,6 @@ impl petrel_storage::RaftCodec<TypeConfig> for Codec {
 }
 
 pub type LogStore = petrel_storage::RaftLogStore<TypeConfig, Codec>;
-
 
 #[cfg(test)]
 #[path = "raft_test.rs"]

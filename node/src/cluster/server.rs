@@ -112,7 +112,9 @@ impl RaftService for RaftSvc {
             .await
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let Some(pb::snapshot_chunk::Payload::Meta(meta)) = first.payload else {
-            return Err(Status::invalid_argument("a snapshot stream starts with its meta"));
+            return Err(Status::invalid_argument(
+                "a snapshot stream starts with its meta",
+            ));
         };
         let vote = raft::vote(meta.vote).map_err(invalid)?;
         let meta = SnapshotMeta {
@@ -151,7 +153,12 @@ impl RaftService for RaftSvc {
             req.to_node_id,
             raft::opt_log_id(req.last_log_id),
         );
-        let r = self.0.raft.handle_transfer_leader(rpc).await.map_err(fatal)?;
+        let r = self
+            .0
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(fatal)?;
         use pb::transfer_leader_reply::Result as R;
         let result = match r {
             Ok(()) => R::Ok(pb::Blank {}),
@@ -182,7 +189,9 @@ impl ClusterSvc {
     }
 
     /// A client to the leader, for a request this node cannot serve.
-    fn leader(&self) -> Result<pb::cluster_client::ClusterClient<tonic::transport::Channel>, Status> {
+    fn leader(
+        &self,
+    ) -> Result<pb::cluster_client::ClusterClient<tonic::transport::Channel>, Status> {
         let addr = self
             .0
             .leader_addr()
@@ -220,11 +229,7 @@ impl ClusterService for ClusterSvc {
             return self.leader()?.join(req.into_inner()).await;
         }
         let req = req.into_inner();
-        let voter = self
-            .0
-            .admit(&req)
-            .await
-            .map_err(Status::unavailable)?;
+        let voter = self.0.admit(&req).await.map_err(Status::unavailable)?;
         tracing::info!(node_id = req.node_id, addr = %req.grpc_addr, voter, "node joined");
         Ok(Response::new(pb::JoinReply { voter }))
     }

@@ -481,11 +481,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             (meta, st.encode_snapshot())
         };
         let this = self.clone();
-        let (meta, data) = tokio::task::spawn_blocking(move || {
-            this.save(&meta, &data).map(|()| (meta, data))
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let (meta, data) =
+            tokio::task::spawn_blocking(move || this.save(&meta, &data).map(|()| (meta, data)))
+                .await
+                .map_err(io::Error::other)??;
         tracing::info!(
             last_log_id = ?meta.last_log_id,
             bytes = data.len(),

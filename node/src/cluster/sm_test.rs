@@ -1,5 +1,5 @@
-use petrel_cluster_proto::pb;
 use pb::command::Cmd;
+use petrel_cluster_proto::pb;
 
 use super::ClusterState;
 

@@ -579,7 +579,9 @@ impl Conn {
                 .store
                 .append(|w| crate::persist::put_session(w, &self.client_id, self.expiry, since));
         }
-        broker.control.disconnected(&self.client_id, session.epoch());
+        broker
+            .control
+            .disconnected(&self.client_id, session.epoch());
         if let Some(state) = session.release(self.conn_id, self.state, expires_at, end) {
             broker.end_session(&session, Some(state));
         } else if let Some(at) = expires_at {

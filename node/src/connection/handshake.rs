@@ -14,11 +14,11 @@ use super::close::{self, close};
 use super::conn::{Conn, ConnParams};
 use crate::auth::PASSWORD_CHECKS;
 use crate::broker::Broker;
-use crate::control::ClaimRequest;
 use crate::codec::{
     decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect,
     DecodeError, MqttStr, Packet, Protocol, QoS, ReasonCode,
 };
+use crate::control::ClaimRequest;
 use crate::limit::{Permits, Refusal, REFUSAL_TIMEOUT};
 use crate::listener::Kind;
 use crate::session::{Kick, Session, SessionState};

@@ -372,11 +372,26 @@ mod tests {
     fn first_and_last_subscriber_of_a_filter_start_and_end_its_route() {
         let (a, b) = (Session::new_for_test("a"), Session::new_for_test("b"));
         let mut t = SubscriptionTrie::default();
-        assert_eq!(t.subscribe("r/+", None, sub(&a, QoS::AtMostOnce)), (false, true));
-        assert_eq!(t.subscribe("r/+", None, sub(&b, QoS::AtMostOnce)), (false, false));
-        assert_eq!(t.subscribe("r/+", None, sub(&b, QoS::AtLeastOnce)), (true, false));
-        assert_eq!(t.subscribe("r/+", Some("g"), sub(&a, QoS::AtMostOnce)), (false, true));
-        assert_eq!(t.subscribe("/lead", None, sub(&a, QoS::AtMostOnce)), (false, true));
+        assert_eq!(
+            t.subscribe("r/+", None, sub(&a, QoS::AtMostOnce)),
+            (false, true)
+        );
+        assert_eq!(
+            t.subscribe("r/+", None, sub(&b, QoS::AtMostOnce)),
+            (false, false)
+        );
+        assert_eq!(
+            t.subscribe("r/+", None, sub(&b, QoS::AtLeastOnce)),
+            (true, false)
+        );
+        assert_eq!(
+            t.subscribe("r/+", Some("g"), sub(&a, QoS::AtMostOnce)),
+            (false, true)
+        );
+        assert_eq!(
+            t.subscribe("/lead", None, sub(&a, QoS::AtMostOnce)),
+            (false, true)
+        );
         let mut routes = t.routes();
         routes.sort();
         let want = vec![

@@ -107,12 +107,7 @@ impl Cluster {
 
 /// `petrel cluster status --json` against `addr`, or why it failed.
 async fn status(addr: &str) -> Result<Value, String> {
-    let out = run_petrel(
-        &["cluster", "--addr", addr, "status", "--json"],
-        &[],
-        WAIT,
-    )
-    .await;
+    let out = run_petrel(&["cluster", "--addr", addr, "status", "--json"], &[], WAIT).await;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
@@ -151,7 +146,10 @@ async fn wait_agreed(c: &Cluster, at: &[usize], voters: usize, learners: usize) 
                 }
                 leader = Some(l);
                 let r = roles(&st);
-                let v = r.iter().filter(|(_, r)| r == "leader" || r == "follower").count();
+                let v = r
+                    .iter()
+                    .filter(|(_, r)| r == "leader" || r == "follower")
+                    .count();
                 let n = r.iter().filter(|(_, r)| r == "learner").count();
                 if (v, n) != (voters, learners) {
                     return Err(format!("{a}: {v} voters and {n} learners: {st}"));
@@ -228,10 +226,7 @@ async fn a_killed_leader_is_replaced_and_rejoins_from_its_data_dir() {
             }
         })
         .await;
-        eprintln!(
-            "new leader {new_leader} after {:?}",
-            killed_at.elapsed()
-        );
+        eprintln!("new leader {new_leader} after {:?}", killed_at.elapsed());
         eprintln!("--- the old leader restarts on its data dir, with the same flags");
         c.start(&[leader]).await;
         wait_agreed(&c, &[0, 1, 2], 3, 0).await;
@@ -247,12 +242,7 @@ async fn a_dead_node_is_removed_and_a_new_one_takes_its_vote() {
         wait_agreed(&c, &[0, 1, 2], 3, 0).await;
         eprintln!("--- node 2 dies and is removed through node 1");
         c.kill9(2).await;
-        let out = run_petrel(
-            &["cluster", "--addr", c.grpc(1), "remove", "2"],
-            &[],
-            WAIT,
-        )
-        .await;
+        let out = run_petrel(&["cluster", "--addr", c.grpc(1), "remove", "2"], &[], WAIT).await;
         assert!(
             out.status.success(),
             "remove: {}",
@@ -293,7 +283,10 @@ async fn a_node_far_behind_installs_a_snapshot() {
         c.start(&[3]).await;
         wait_agreed(&c, &[0, 1, 2, 3], 3, 1).await;
         let log = c.members[3].broker.as_ref().unwrap().log();
-        assert!(log.contains("raft snapshot installed"), "node 3 log:\n{log}");
+        assert!(
+            log.contains("raft snapshot installed"),
+            "node 3 log:\n{log}"
+        );
         eprintln!("--- node 3 restarts from its snapshot and log");
         c.kill9(3).await;
         c.start(&[3]).await;
@@ -334,7 +327,10 @@ async fn a_claim_on_another_node_closes_the_old_connection_with_0x8e() {
         let (code, _) = second.wait_disconnect(WAIT).await;
         assert_eq!(code, p5::DisconnectReasonCode::SessionTakenOver);
         let takeovers = c.members[0].broker.as_ref().unwrap();
-        assert_eq!(takeovers.metric("petrel_session_takeovers_total").await, 1.0);
+        assert_eq!(
+            takeovers.metric("petrel_session_takeovers_total").await,
+            1.0
+        );
     })
     .await
 }
@@ -357,13 +353,22 @@ async fn without_a_quorum_a_connect_is_refused_in_bounded_time() {
             Ok(c) => panic!("connected without a quorum: {:?}", c.connack_props()),
             Err(e) => e,
         };
-        assert!(err.contains("ServerUnavailable") || err.contains("0x88") || err.contains("Unavailable"), "{err}");
+        assert!(
+            err.contains("ServerUnavailable")
+                || err.contains("0x88")
+                || err.contains("Unavailable"),
+            "{err}"
+        );
         assert!(took < Duration::from_secs(8), "refused after {took:?}");
         eprintln!("refused after {took:?}: {err}");
         let mut v3 = RawClient::connect(node0.mqtt_addr()).await;
         v3.send(&pkt::Connect::v311("lonely-3").encode()).await;
         let ack = v3.expect_packet(WAIT, "CONNACK").await;
-        assert_eq!(ack.connack().1, 3, "3.1.1 CONNACK return code 3, server unavailable");
+        assert_eq!(
+            ack.connack().1,
+            3,
+            "3.1.1 CONNACK return code 3, server unavailable"
+        );
         assert_eq!(node0.metric("petrel_claims_refused_total").await, 2.0);
         eprintln!("--- not ready while there is no leader");
         wait_until("/health/ready to say 503", WAIT, || async {
@@ -459,7 +464,11 @@ async fn routes_follow_first_and_last_subscribers_and_survive_restarts() {
         c.kill9(2).await;
         drop(s3);
         let out = run_petrel(&["cluster", "--addr", &a0, "remove", "2"], &[], WAIT).await;
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         wait_until("node 2's routes to go", WAIT, || async {
             let st = status(&a0).await?;
             let gone = st["members"]
@@ -474,8 +483,30 @@ async fn routes_follow_first_and_last_subscribers_and_survive_restarts() {
         })
         .await;
         let b0 = c.members[0].broker.as_ref().unwrap();
-        b0.wait_metric("petrel_cluster_routes", WAIT, |v| v == 1.0).await;
+        b0.wait_metric("petrel_cluster_routes", WAIT, |v| v == 1.0)
+            .await;
         assert_eq!(b0.metric("petrel_cluster_routes_unknown_node").await, 0.0);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_data_dir_keeps_its_node_id() {
+    test_timeout(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().to_str().expect("utf-8 path").to_owned();
+        let mut b = start_on(dir.path(), &[("PETREL_NODE_ID", "4")]).await;
+        b.kill9().await;
+        let mut s = Broker::builder()
+            .without_data_dir_flag()
+            .arg("--data-dir")
+            .arg(&data)
+            .env("PETREL_NODE_ID", "5")
+            .spawn();
+        let status = s.wait_exit(WAIT).await;
+        assert!(!status.success(), "started with another node id: {status}");
+        let log = s.log();
+        assert!(log.contains("belongs to node 4"), "{log}");
     })
     .await
 }
