@@ -46,6 +46,20 @@ impl Clock {
         }
     }
 
+    /// [`Clock::to_unix_ms`] for a deadline: rounded up to the next millisecond, and by one
+    /// more for the millisecond `unix_ms` was truncated to, so that a deadline stored this
+    /// way never comes early after a restart (a delayed will once fired 0.14 ms before its
+    /// delay).
+    pub fn to_unix_ms_not_before(&self, t: Instant) -> u64 {
+        match t.checked_duration_since(self.now) {
+            Some(ahead) => {
+                let partial = u64::from(ahead.subsec_nanos() % 1_000_000 != 0);
+                self.unix_ms + ahead.as_millis() as u64 + partial + 1
+            }
+            None => self.to_unix_ms(t),
+        }
+    }
+
     pub fn to_instant(&self, unix_ms: u64) -> Instant {
         if unix_ms >= self.unix_ms {
             self.now + Duration::from_millis(unix_ms - self.unix_ms)
@@ -277,7 +291,7 @@ pub fn will(msg: &Message, due: Instant, clock: &Clock) -> Result<Vec<u8>, Encod
     let stored = message(msg, msg.qos, msg.retain, &[], clock)?;
     let mut v = Vec::with_capacity(HEADER + stored.len());
     v.push(VERSION);
-    v.extend_from_slice(&clock.to_unix_ms(due).to_be_bytes());
+    v.extend_from_slice(&clock.to_unix_ms_not_before(due).to_be_bytes());
     v.extend_from_slice(&stored);
     Ok(v)
 }
@@ -326,6 +340,17 @@ mod tests {
         assert_eq!(d.msg.props().user_properties, msg.props().user_properties);
         let left = d.msg.remaining_expiry(clock.now).expect("expiry kept");
         assert!((29..=30).contains(&left), "{left}");
+    }
+
+    #[test]
+    fn a_stored_deadline_never_comes_early() {
+        let clock = Clock::now();
+        for micros in [0u64, 1, 999, 1000, 1001, 1_500_000, 10_000_000] {
+            let due = clock.now + Duration::from_micros(micros);
+            let back = clock.to_instant(clock.to_unix_ms_not_before(due));
+            assert!(back >= due, "{micros} µs: {back:?} < {due:?}");
+            assert!(back - due <= Duration::from_millis(2), "{micros} µs: too late");
+        }
     }
 
     /// A message whose stored encoding at its own QoS (with a packet id) is exactly the MQTT
