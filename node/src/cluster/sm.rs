@@ -221,19 +221,27 @@ impl ClusterState {
         if !present {
             self.subscriptions.remove(&client);
         }
-        self.sessions.insert(
-            client,
-            pb::SessionRecord {
-                client_id: c.client_id,
-                node_id: c.node_id,
-                epoch,
-                expiry_secs: c.expiry_secs,
-                connected: true,
-                disconnected_at_ms: 0,
-                will: c.will,
-                orphaned: false,
-            },
-        );
+        if c.expiry_secs == 0 && c.will.is_none() {
+            // A clean session without a will leaves nothing to resume or to fire: no record
+            // (the claim still takes an epoch, and every node applying it still closes an
+            // older connection of the client id). Most clients of a fleet look like this,
+            // and every record is held by every node.
+            self.sessions.remove(&client);
+        } else {
+            self.sessions.insert(
+                client,
+                pb::SessionRecord {
+                    client_id: c.client_id,
+                    node_id: c.node_id,
+                    epoch,
+                    expiry_secs: c.expiry_secs,
+                    connected: true,
+                    disconnected_at_ms: 0,
+                    will: c.will,
+                    orphaned: false,
+                },
+            );
+        }
         let p = previous.unwrap_or_default();
         pb::Outcome {
             result: Some(pb::outcome::Result::Claimed(pb::Claimed {

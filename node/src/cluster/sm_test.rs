@@ -157,3 +157,28 @@ fn removing_a_member_takes_its_routes_and_orphans_its_sessions() {
     assert_eq!(kept.disconnected_at_ms, 500);
     assert!(!st.members.contains_key(&2));
 }
+
+#[test]
+fn a_clean_session_without_a_will_leaves_no_record() {
+    let mut st = ClusterState::default();
+    let bare = |at_ms| {
+        c(Cmd::Claim(pb::Claim {
+            client_id: "bare".into(),
+            node_id: 1,
+            clean_start: true,
+            expiry_secs: 0,
+            will: None,
+            at_ms,
+        }))
+    };
+    let a = claimed(st.apply(bare(1)));
+    assert!(st.sessions.is_empty(), "nothing to resume, nothing to fire");
+    let b = claimed(st.apply(bare(2)));
+    assert!(b.epoch > a.epoch, "epochs still grow");
+    // A persistent claim of the same id, then a bare one: the record goes.
+    st.apply(claim("bare", 2, false, 60, 3));
+    assert!(st.sessions.contains_key("bare"));
+    let d = claimed(st.apply(bare(4)));
+    assert_eq!(d.previous_node_id, 2);
+    assert!(st.sessions.is_empty());
+}

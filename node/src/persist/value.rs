@@ -349,7 +349,10 @@ mod tests {
             let due = clock.now + Duration::from_micros(micros);
             let back = clock.to_instant(clock.to_unix_ms_not_before(due));
             assert!(back >= due, "{micros} µs: {back:?} < {due:?}");
-            assert!(back - due <= Duration::from_millis(2), "{micros} µs: too late");
+            assert!(
+                back - due <= Duration::from_millis(2),
+                "{micros} µs: too late"
+            );
         }
     }
 
