@@ -353,7 +353,9 @@ pub struct LogConfig {
     /// Output format: `text` or `json`. Default `text`.
     pub format: LogFormat,
     /// Tracing `EnvFilter` directive, e.g. `info,petrel_node=debug`; the `PETREL_LOG`
-    /// environment variable overrides it. Default `info`.
+    /// environment variable overrides it. Default `info,openraft=warn` (openraft's own
+    /// INFO lines narrate every election step; the node logs joins, leaders and removals
+    /// itself).
     pub level: String,
 }
 
@@ -483,7 +485,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             format: LogFormat::Text,
-            level: "info".to_owned(),
+            level: "info,openraft=warn".to_owned(),
         }
     }
 }

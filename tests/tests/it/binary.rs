@@ -67,7 +67,10 @@ async fn print_default_config_is_documented_toml_with_the_defaults() {
         assert_eq!(get("limits", "max_retained_messages"), i(1_000_000));
         assert_eq!(get("limits", "max_retained_bytes"), i(536_870_912));
         assert_eq!(get("log", "format"), s("text"));
-        assert_eq!(get("log", "level"), s("info"));
+        assert_eq!(get("log", "level"), s("info,openraft=warn"));
+        assert_eq!(get("cluster", "grpc_addr"), s("0.0.0.0:7883"));
+        assert_eq!(get("cluster", "voters"), i(3));
+        assert_eq!(get("cluster", "propose_timeout_ms"), i(5000));
 
         eprintln!("--- every setting is documented by a comment");
         let mut after_comment = false;
