@@ -192,25 +192,12 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn node_id(&self) -> u64 {
-        self.me.node_id
-    }
-
-    pub fn identity(&self) -> &Identity {
-        &self.me
-    }
-
     /// What applied entries ask this node to do (the first call gets the receiver).
     pub fn take_effects(&self) -> Option<mpsc::UnboundedReceiver<Effect>> {
         self.effects
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
-    }
-
-    /// The replicated state, read-only.
-    pub fn state(&self) -> &StateMachine {
-        &self.sm
     }
 
     /// Waits (at most `within`) until the proposals queued so far have been answered.
@@ -264,22 +251,6 @@ impl Cluster {
                 .get_node(&self.me.node_id)
                 .is_some()
             && m.last_applied.map(|l| l.index) >= m.local_committed.map(|l| l.index)
-    }
-
-    /// Waits until this node is a member of a cluster with a leader.
-    pub async fn wait_member(&self, timeout: Duration) -> bool {
-        let id = self.me.node_id;
-        self.raft
-            .wait(Some(timeout))
-            .metrics(
-                |m| {
-                    m.current_leader.is_some()
-                        && m.membership_config.membership().get_node(&id).is_some()
-                },
-                "member with a leader",
-            )
-            .await
-            .is_ok()
     }
 
     /// Raft's metrics now.
@@ -738,8 +709,20 @@ impl Cluster {
         let _ = self.proposals.send(Proposal { cmd, reply });
     }
 
-    /// Queues a route change; if it fails to commit, the routes are reconciled again.
-    fn propose_route(&self, cmd: pb::Command) {
+    /// Queues the addition (`add`) or removal of this node's route to `filter` in `group`;
+    /// if it fails to commit, the routes are reconciled again.
+    fn propose_route(&self, add: bool, group: Option<&str>, filter: &str) {
+        let route = Some(pb::Route {
+            filter: filter.to_owned(),
+            share_group: group.unwrap_or("").to_owned(),
+            node_id: self.me.node_id,
+        });
+        let cmd = pb::Command {
+            cmd: Some(match add {
+                true => pb::command::Cmd::RouteAdd(pb::RouteAdd { route }),
+                false => pb::command::Cmd::RouteDel(pb::RouteDel { route }),
+            }),
+        };
         let (reply, rx) = oneshot::channel();
         if self.proposals.send(Proposal { cmd, reply }).is_err() {
             return;
@@ -750,14 +733,6 @@ impl Cluster {
                 dirty.store(true, Ordering::Relaxed);
             }
         });
-    }
-
-    fn route(&self, group: Option<&str>, filter: &str) -> pb::Route {
-        pb::Route {
-            filter: filter.to_owned(),
-            share_group: group.unwrap_or("").to_owned(),
-            node_id: self.me.node_id,
-        }
     }
 
     /// Makes this node's entries of the replicated route table equal to `local` (its
@@ -782,19 +757,11 @@ impl Cluster {
             .collect();
         let (mut added, mut removed) = (0, 0);
         for (g, f) in want.difference(&have) {
-            let group = (!g.is_empty()).then_some(g.as_str());
-            let route = Some(self.route(group, f));
-            self.propose_route(pb::Command {
-                cmd: Some(pb::command::Cmd::RouteAdd(pb::RouteAdd { route })),
-            });
+            self.propose_route(true, (!g.is_empty()).then_some(g.as_str()), f);
             added += 1;
         }
         for (g, f) in have.difference(&want) {
-            let group = (!g.is_empty()).then_some(g.as_str());
-            let route = Some(self.route(group, f));
-            self.propose_route(pb::Command {
-                cmd: Some(pb::command::Cmd::RouteDel(pb::RouteDel { route })),
-            });
+            self.propose_route(false, (!g.is_empty()).then_some(g.as_str()), f);
             removed += 1;
         }
         (added, removed)
@@ -883,16 +850,10 @@ impl ControlPlane for Cluster {
     }
 
     fn route_added(&self, group: Option<&str>, filter: &str) {
-        let route = Some(self.route(group, filter));
-        self.propose_route(pb::Command {
-            cmd: Some(pb::command::Cmd::RouteAdd(pb::RouteAdd { route })),
-        });
+        self.propose_route(true, group, filter);
     }
 
     fn route_removed(&self, group: Option<&str>, filter: &str) {
-        let route = Some(self.route(group, filter));
-        self.propose_route(pb::Command {
-            cmd: Some(pb::command::Cmd::RouteDel(pb::RouteDel { route })),
-        });
+        self.propose_route(false, group, filter);
     }
 }

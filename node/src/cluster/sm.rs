@@ -383,6 +383,19 @@ pub enum Effect {
     },
 }
 
+/// The last snapshot saved in the store.
+fn saved_snapshot(store: &Store) -> io::Result<Option<Snapshot>> {
+    let Some((meta, data)) = store.load_raft_snapshot().map_err(io::Error::other)? else {
+        return Ok(None);
+    };
+    let meta = pb::SnapshotMeta::decode(meta.as_slice())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "snapshot meta"))?;
+    Ok(Some(Snapshot {
+        meta: meta_from_pb(meta)?,
+        snapshot: data,
+    }))
+}
+
 /// The state machine openraft drives; cheap to clone (shared state).
 #[derive(Clone)]
 pub struct StateMachine {
@@ -400,14 +413,10 @@ impl StateMachine {
         store: Store,
         me: u64,
     ) -> io::Result<(StateMachine, mpsc::UnboundedReceiver<Effect>)> {
-        let mut state = ClusterState::default();
-        if let Some((meta, data)) = store.load_raft_snapshot().map_err(io::Error::other)? {
-            let meta = meta_from_pb(
-                pb::SnapshotMeta::decode(meta.as_slice())
-                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "snapshot meta"))?,
-            )?;
-            state = ClusterState::decode_snapshot(&data, &meta)?;
-        }
+        let state = match saved_snapshot(&store)? {
+            Some(s) => ClusterState::decode_snapshot(&s.snapshot, &s.meta)?,
+            None => ClusterState::default(),
+        };
         let applied = state.last_applied.map(|l| l.index).unwrap_or(0);
         let (effects, rx) = mpsc::unbounded_channel();
         let sm = StateMachine {
@@ -453,20 +462,6 @@ impl StateMachine {
             });
         }
         outcome
-    }
-
-    fn current_snapshot(&self) -> io::Result<Option<Snapshot>> {
-        let Some((meta, data)) = self.store.load_raft_snapshot().map_err(io::Error::other)? else {
-            return Ok(None);
-        };
-        let meta = meta_from_pb(
-            pb::SnapshotMeta::decode(meta.as_slice())
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "snapshot meta"))?,
-        )?;
-        Ok(Some(Snapshot {
-            meta,
-            snapshot: data,
-        }))
     }
 
     fn save(&self, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
@@ -570,7 +565,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.current_snapshot())
+        tokio::task::spawn_blocking(move || saved_snapshot(&this.store))
             .await
             .map_err(io::Error::other)?
     }
