@@ -29,7 +29,7 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persist::value::{self, Clock};
 use crate::router::{
-    AclStamp, Match, ParsedFilter, RetainedLimits, RetainedStore, Subscriber, SubscriptionTrie,
+    AclStamp, Match, ParsedFilter, RetainedLimits, SharedRetained, Subscriber, SubscriptionTrie,
 };
 use crate::session::{
     Delivery, DropReason, Enqueued, QueueLimits, Session, SessionId, SessionRegistry, SessionState,
@@ -47,6 +47,9 @@ pub struct Routed {
     /// The message was refused, with nothing routed, retained or written: a stored copy would
     /// pass the MQTT size limit (see `value::message_fits`).
     pub unstorable: bool,
+    /// The control plane's mark the publisher's acknowledgement waits for (a retained
+    /// message is on every node once it settles); 0: none.
+    pub mark: u64,
 }
 
 /// One planned delivery of a publish: the index of its first match, the delivery, and its
@@ -68,8 +71,12 @@ pub struct Broker {
     pub auth: AuthGate,
     /// Claims of client ids and route changes (the cluster, in the node).
     pub control: Arc<dyn ControlPlane>,
+    /// Sessions surrendered to other nodes and hand-overs taken here.
+    pub takeovers: crate::takeover::Takeovers,
     router: RwLock<SubscriptionTrie>,
-    retained: RwLock<RetainedStore>,
+    /// Shared with the cluster's state machine, which applies the replicated retained
+    /// messages to it.
+    retained: Arc<SharedRetained>,
     timers: Timers,
     pending_wills: Mutex<HashMap<Arc<str>, PendingWill>>,
     next_conn_id: AtomicU64,
@@ -104,6 +111,7 @@ impl Broker {
         auth: AuthGate,
         store: Store,
         control: Arc<dyn ControlPlane>,
+        retained: Arc<SharedRetained>,
     ) -> Broker {
         let limits = QueueLimits {
             max_messages: cfg.mqtt.max_queued_messages,
@@ -125,8 +133,9 @@ impl Broker {
             store,
             auth,
             control,
+            takeovers: Default::default(),
             router: RwLock::new(SubscriptionTrie::default()),
-            retained: RwLock::new(RetainedStore::default()),
+            retained,
             timers: Timers::default(),
             pending_wills: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
@@ -175,9 +184,14 @@ impl Broker {
                 ticket: None,
                 congested: None,
                 unstorable: true,
+                mark: 0,
             };
         }
-        if !stored && !msg.retain && inbound.is_none() {
+        let mark = match msg.retain {
+            true => self.retain(&msg),
+            false => 0,
+        };
+        if !stored && inbound.is_none() {
             // Nothing of this publish is stored (the common case of clean sessions or QoS
             // 0): one pass, each delivery queued as it is made.
             let mut delivered = 0;
@@ -196,25 +210,18 @@ impl Broker {
                 ticket: None,
                 congested,
                 unstorable: false,
+                mark,
             };
         }
         let mut plan = PLAN.take();
         let any_stored =
             self.plan_deliveries(&msg, scratch, |at, d, value| plan.push((at, d, value)));
-        // `storable` passed: the retained record encodes.
-        let retained_value = (msg.retain && !msg.payload.is_empty())
-            .then(|| value::message(&msg, msg.qos, true, &[], &Clock::now()).ok())
-            .flatten();
         // One atomic write for everything this publish stores; nothing is taken when the
         // message goes only to clean sessions.
-        let mut txn = (any_stored || msg.retain || inbound.is_some()).then(|| self.store.begin());
+        let mut txn = (any_stored || inbound.is_some()).then(|| self.store.begin());
         if let (Some(txn), Some((client_id, packet_id))) = (txn.as_mut(), inbound) {
             txn.writer()
                 .put(Cf::Inbound, &keys::inbound_key(client_id, packet_id), &[]);
-        }
-        if msg.retain {
-            let txn = txn.as_mut().expect("taken for retained messages");
-            self.set_retained(&msg, retained_value.as_deref(), txn);
         }
         let mut delivered = 0;
         let mut congested = None;
@@ -238,6 +245,7 @@ impl Broker {
             ticket: txn.map(Txn::commit),
             congested,
             unstorable: false,
+            mark,
         }
     }
 
@@ -341,7 +349,6 @@ impl Broker {
         let limit = self
             .retained
             .read()
-            .unwrap_or_else(|e| e.into_inner())
             .over_limit(topic, payload.len(), self.retained_limits());
         if let Some(limit) = limit {
             self.metrics.limit_hit(limit);
@@ -357,31 +364,32 @@ impl Broker {
     }
 
     /// Retains `msg` (or clears its topic), unless a cap forbids it: then the message is
-    /// only delivered. Returns whether it was retained.
-    fn set_retained(&self, msg: &Arc<Message>, encoded: Option<&[u8]>, txn: &mut Txn<'_>) -> bool {
+    /// only delivered. The node's own `$SYS` topics are set here; every other topic through
+    /// the control plane, which applies the change on every node (the publisher's
+    /// acknowledgement waits for the returned mark; 0: nothing to wait for).
+    fn retain(&self, msg: &Arc<Message>) -> u64 {
         // Kept past delivery: its own allocation, not a slice of a connection's read buffer.
-        let kept = match msg.payload.is_empty() {
+        let kept = || match msg.payload.is_empty() {
             true => msg.clone(),
             false => Message::kept(msg),
         };
-        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(limit) =
-            retained.over_limit(&msg.topic, msg.payload.len(), self.retained_limits())
-        {
+        if msg.topic.starts_with("$SYS/") {
+            self.retained.update(|r| r.set(kept()));
+            return 0;
+        }
+        if msg.payload.is_empty() {
+            return self.control.retain(&msg.topic, None);
+        }
+        if let Some(limit) = self.retained_over_limit_of(&msg.topic, &msg.payload) {
             // A race with another publisher past the check in `on_publish`, or a will.
-            drop(retained);
-            self.metrics.limit_hit(limit);
-            return false;
+            tracing::debug!(topic = %msg.topic, limit, "retained cap reached; delivered only");
+            return 0;
         }
-        retained.set(kept);
-        self.metrics.retained.set(retained.len() as i64);
-        self.metrics.retained_bytes.set(retained.bytes() as i64);
-        let mut w = txn.writer();
-        match encoded {
-            Some(v) => w.put(Cf::Retained, msg.topic.as_bytes(), v),
-            None => w.delete(Cf::Retained, msg.topic.as_bytes()),
+        // `storable` passed: the record encodes.
+        match value::message(msg, msg.qos, true, &[], &Clock::now()) {
+            Ok(v) => self.control.retain(&msg.topic, Some(v.into())),
+            Err(_) => 0,
         }
-        true
     }
 
     /// Queues one delivery, counting what the overflow policy drops. `stored`: the open
@@ -477,6 +485,14 @@ impl Broker {
         found
     }
 
+    /// Whether this node has a subscriber to `f` already (its route exists).
+    pub fn has_route(&self, f: &ParsedFilter<'_>) -> bool {
+        self.router
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .has_route(f.filter, f.group)
+    }
+
     /// Calls `f` with this node's routes (every filter with a local subscriber, with its
     /// share group), the subscription trie held so that no route change happens meanwhile.
     pub fn with_routes<R>(&self, f: impl FnOnce(&[(Option<String>, String)]) -> R) -> R {
@@ -488,19 +504,13 @@ impl Broker {
     /// Retained messages matching a (non-shared) filter, expired ones left out.
     pub fn retained_matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
-        self.retained
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .collect(filter, &mut out);
+        self.retained.read().collect(filter, &mut out);
         out.retain(|m| !m.is_expired(now));
         out
     }
 
     pub fn retained_count(&self) -> usize {
-        self.retained
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.retained.read().len()
     }
 
     /// Removes an ended session's subscriptions and registry entry and fires its pending will.
@@ -643,14 +653,6 @@ impl Broker {
         self.metrics.wills_published.inc();
         tracing::debug!(topic = %msg.topic, "publishing will");
         self.publish(Arc::new(msg), &mut Vec::new(), None);
-    }
-
-    /// Restores a retained message at start, without writing it back.
-    pub fn restore_retained(&self, msg: Arc<Message>) {
-        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
-        retained.set(msg);
-        self.metrics.retained.set(retained.len() as i64);
-        self.metrics.retained_bytes.set(retained.bytes() as i64);
     }
 
     pub fn schedule_session_expiry(&self, session: &Session, at: Instant) {

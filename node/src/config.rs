@@ -97,6 +97,12 @@ pub struct ClusterConfig {
     /// it); past it the CONNECT is refused with CONNACK 0x88 Server unavailable (3 in MQTT
     /// 3.x). Default `5000`.
     pub propose_timeout_ms: u64,
+    /// Longest a member may lag before acknowledgements stop waiting for it: a SUBACK (and
+    /// UNSUBACK, and a retained message's PUBACK) goes out once every live member has
+    /// applied the change, but a member whose applied index has not reached, within this
+    /// time, what this node had applied when it fell behind (stopped, cut off, overloaded) is
+    /// left out until it catches up. Default `1000`.
+    pub apply_wait_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -112,6 +118,7 @@ impl Default for ClusterConfig {
             snapshot_after_entries: 20_000,
             snapshot_keep_entries: 1000,
             propose_timeout_ms: 5000,
+            apply_wait_ms: 1000,
         }
     }
 }
@@ -647,6 +654,9 @@ impl Config {
         }
         if cluster.propose_timeout_ms == 0 {
             problems.push("cluster.propose_timeout_ms must be at least 1".to_owned());
+        }
+        if cluster.apply_wait_ms == 0 {
+            problems.push("cluster.apply_wait_ms must be at least 1".to_owned());
         }
         if cluster.snapshot_after_entries == 0 {
             problems.push("cluster.snapshot_after_entries must be at least 1".to_owned());

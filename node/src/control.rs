@@ -13,6 +13,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use tokio::sync::watch;
+
 use crate::session::Epoch;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -27,11 +30,83 @@ pub struct ClaimRequest {
 }
 
 /// A successful claim.
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct Grant {
     pub epoch: Epoch,
-    /// Another node owned the client id before (it closes its connection itself).
+    /// Another node owned the client id before (it closes its connection itself, and hands
+    /// over what it held of a persistent session).
     pub previous_node: Option<u64>,
+    /// The cluster holds a session for the client id that this claim resumes (not a clean
+    /// start, not expired): its subscriptions are in the replicated state.
+    pub session_present: bool,
+    /// A resumed session that another node held: what it is made of here.
+    pub moved: Option<Box<Moved>>,
+}
+
+/// A persistent session resumed on this node that another node held.
+#[derive(Debug, Default)]
+pub struct Moved {
+    /// Its subscriptions, from the replicated state.
+    pub subscriptions: Vec<ReplicaSubscription>,
+    /// What the old owner held of it; `None`: it could not be reached (it hands the
+    /// messages over when it is back).
+    pub handed: Option<HandedOver>,
+}
+
+/// A subscription of a persistent session as the cluster replicates it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaSubscription {
+    /// As the client sent it (`$share/group/` included).
+    pub filter: String,
+    /// The SUBSCRIBE's options byte.
+    pub options: u8,
+    /// v5 subscription identifier; 0: none.
+    pub subscription_id: u32,
+    /// The ACL allowed it only in part (every message is checked at delivery).
+    pub acl_filtered: bool,
+}
+
+/// A message of a handed-over session queue.
+#[derive(Clone, Debug)]
+pub struct HandedMessage {
+    /// The stored-message encoding.
+    pub message: Bytes,
+    /// In flight to the client under this packet id; 0: not sent.
+    pub packet_id: u16,
+    /// A QoS 2 message whose PUBREC came (PUBREL sent).
+    pub released: bool,
+}
+
+/// What one node held of a persistent session: its queue and in-flight state.
+#[derive(Clone, Debug, Default)]
+pub struct HandedOver {
+    pub from_node: u64,
+    /// The epoch the old owner held it at: a hand-over is taken at most once per (client id,
+    /// from_epoch).
+    pub from_epoch: u64,
+    /// In order, in-flight messages first.
+    pub queued: Vec<HandedMessage>,
+    /// Inbound QoS 2 packet ids whose PUBREL has not come.
+    pub inbound_qos2: Vec<u16>,
+}
+
+/// What the cluster asks of this node's sessions (the node implements it; see
+/// `takeover.rs`).
+pub trait SessionHost: Send + Sync + 'static {
+    /// Gives up this node's session of `client_id` if it is older than `epoch` (another
+    /// node claimed it): its connection closed, its subscriptions out of the router, and
+    /// what it held returned. The stored copy stays until [`SessionHost::forget`]. Asked
+    /// again, it returns the same.
+    fn surrender(&self, client_id: &str, epoch: u64) -> BoxFuture<'_, Option<HandedOver>>;
+
+    /// The new owner stored what was handed over at `from_epoch`: the copy here goes.
+    fn forget(&self, client_id: &str, from_epoch: u64);
+
+    /// Another node pushes what it held of a session this node owns (it was down when the
+    /// session moved, or its hand-over was not confirmed): the messages join the session's
+    /// queue. Returns whether the sender may delete its copy (taken, taken before, or the
+    /// session is gone).
+    fn absorb(&self, client_id: &str, handed: HandedOver) -> bool;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,13 +134,57 @@ pub trait ControlPlane: Send + Sync + 'static {
 
     /// This node lost its last subscriber to `filter` (in `group`); as `route_added`.
     fn route_removed(&self, group: Option<&str>, filter: &str);
+
+    /// Retains `message` (the stored-message encoding) under `topic`, or clears the topic
+    /// (`None`), on every node: the change is applied to each node's retained store (the
+    /// one the broker reads). Does not wait; returns the mark to wait for (see `settled`).
+    fn retain(&self, topic: &str, message: Option<Bytes>) -> u64;
+
+    /// A mark that is settled once every change this node has queued so far (routes,
+    /// retained messages) is applied on every live member: an acknowledgement that promises
+    /// such a change (SUBACK, UNSUBACK, a retained message's PUBACK) waits for it.
+    fn barrier(&self) -> u64;
+
+    /// The highest settled mark, as it moves.
+    fn settled(&self) -> watch::Receiver<u64>;
+
+    /// The highest settled mark now.
+    fn settled_now(&self) -> u64;
+
+    /// Whether a change proposed now can commit: the node is in a cluster whose leader hears
+    /// from a quorum. Without one, a SUBSCRIBE that needs a new route is refused.
+    fn has_quorum(&self) -> bool;
+
+    /// A persistent session (claimed at `epoch`) subscribed: replicated, so that another
+    /// node can resume it. Does not wait.
+    fn subscription_put(&self, client_id: &Arc<str>, epoch: Epoch, sub: ReplicaSubscription);
+
+    /// A persistent session unsubscribed from `filter`. Does not wait.
+    fn subscription_del(&self, client_id: &Arc<str>, epoch: Epoch, filter: &str);
+
+    /// What `from_node` handed over (at `from_epoch`) is stored here: it may delete its
+    /// copy. Does not wait.
+    fn handover_taken(&self, client_id: &Arc<str>, from_node: u64, from_epoch: u64);
 }
 
-/// Claims inside one process: epochs from a counter, nothing else to tell.
+/// The control plane of one process without a cluster: epochs from a counter, retained
+/// messages set at once, every change settled at once.
 #[cfg(any(test, feature = "fuzzing"))]
-#[derive(Default)]
 pub struct LocalControl {
     next: std::sync::atomic::AtomicU64,
+    retained: Arc<crate::router::SharedRetained>,
+    settled: watch::Sender<u64>,
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+impl LocalControl {
+    pub fn new(retained: Arc<crate::router::SharedRetained>) -> LocalControl {
+        LocalControl {
+            next: Default::default(),
+            retained,
+            settled: watch::channel(0).0,
+        }
+    }
 }
 
 #[cfg(any(test, feature = "fuzzing"))]
@@ -75,6 +194,8 @@ impl ControlPlane for LocalControl {
         Box::pin(std::future::ready(Ok(Grant {
             epoch: Epoch(epoch),
             previous_node: None,
+            session_present: false,
+            moved: None,
         })))
     }
 
@@ -85,4 +206,37 @@ impl ControlPlane for LocalControl {
     fn route_added(&self, _group: Option<&str>, _filter: &str) {}
 
     fn route_removed(&self, _group: Option<&str>, _filter: &str) {}
+
+    fn retain(&self, topic: &str, message: Option<Bytes>) -> u64 {
+        let clock = crate::persist::value::Clock::now();
+        match message.and_then(|m| crate::persist::value::delivery(&m, &clock)) {
+            Some(d) => self.retained.update(|r| r.set(d.msg)),
+            None => {
+                self.retained.update(|r| r.remove(topic));
+            }
+        }
+        0
+    }
+
+    fn barrier(&self) -> u64 {
+        0
+    }
+
+    fn settled(&self) -> watch::Receiver<u64> {
+        self.settled.subscribe()
+    }
+
+    fn settled_now(&self) -> u64 {
+        0
+    }
+
+    fn has_quorum(&self) -> bool {
+        true
+    }
+
+    fn subscription_put(&self, _client_id: &Arc<str>, _epoch: Epoch, _sub: ReplicaSubscription) {}
+
+    fn subscription_del(&self, _client_id: &Arc<str>, _epoch: Epoch, _filter: &str) {}
+
+    fn handover_taken(&self, _client_id: &Arc<str>, _from_node: u64, _from_epoch: u64) {}
 }

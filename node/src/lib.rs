@@ -8,6 +8,9 @@
 //! - [`session`]: what outlives a connection: queue, in-flight window, subscriptions.
 //! - [`router`]: topic filters, the subscription trie, retained messages.
 //! - [`broker`]: shared state and the publish path; delayed wills and session expiry.
+//! - [`control`]: the control plane as the MQTT side sees it (claims, routes, retained
+//!   messages, marks); [`cluster`]: the control plane (Raft) that implements it.
+//! - [`takeover`]: claims and takeovers, and sessions moving between nodes.
 //! - [`persist`]: sessions, retained messages and wills in `petrel-storage`; recovery.
 //! - [`sys`]: `$SYS` topics. [`metrics`]: Prometheus metrics. [`admin`]: the admin API backend.
 //! - [`node`]: `Node::start` and `NodeHandle`.
@@ -32,6 +35,7 @@ pub mod persist;
 pub mod router;
 pub mod session;
 pub mod sys;
+pub mod takeover;
 pub mod transport;
 
 use std::net::SocketAddr;

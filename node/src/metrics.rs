@@ -21,6 +21,8 @@ pub struct Metrics {
     pub retained_bytes: IntGauge,
     pub takeovers: IntCounter,
     pub claims_refused: IntCounter,
+    pub subscribes_refused: IntCounter,
+    pub handovers: IntCounterVec,
     pub cluster_routes: IntGauge,
     pub cluster_routes_unknown_node: IntGauge,
     pub sessions_expired: IntCounter,
@@ -99,6 +101,13 @@ impl Metrics {
             cluster_routes: gauge(&r, "petrel_cluster_routes", "Entries of the replicated route table (filter, node)"),
             cluster_routes_unknown_node: gauge(&r, "petrel_cluster_routes_unknown_node", "Entries of the route table whose node is not a member (should be 0)"),
             claims_refused: counter(&r, "petrel_claims_refused_total", "CONNECTs refused (CONNACK 0x88 / 3) because the cluster could not confirm the claim in time"),
+            handovers: counter_vec(
+                &r,
+                "petrel_session_handovers_total",
+                "Persistent sessions moved between nodes: out (handed to the new owner), in (taken before CONNACK), late_in (pushed by a node that was away), resumed_without (the old owner was unreachable)",
+                "direction",
+            ),
+            subscribes_refused: counter(&r, "petrel_subscribes_refused_total", "Subscriptions refused (SUBACK 0x80) because they needed a new route while the node had no quorum"),
             sessions_expired: counter(&r, "petrel_sessions_expired_total", "Offline sessions ended by their expiry interval (mqtt.session_expiry_max_secs, persistent_session_expiry_secs)"),
             wills_published: counter(&r, "petrel_wills_published_total", "Will messages published"),
             auth_failures: counter_vec(
@@ -144,6 +153,9 @@ impl Metrics {
         };
         for reason in ["queue_full", "expired", "too_large"] {
             m.queue_dropped.with_label_values(&[reason]);
+        }
+        for direction in ["out", "in", "late_in", "resumed_without"] {
+            m.handovers.with_label_values(&[direction]);
         }
         m
     }

@@ -20,7 +20,9 @@ use crate::limit::Admission;
 use crate::listener::{accept_loop, AcceptCtx, Listeners};
 use crate::metrics::Metrics;
 use crate::persist::recover::recover;
+use crate::router::SharedRetained;
 use crate::session::Kick;
+use crate::takeover::{keep_sessions, Host};
 use crate::transport::{TlsAcceptorHandle, TlsSettings};
 use crate::{sys, Error};
 
@@ -201,10 +203,15 @@ impl Node {
             mqtt_addr: advertised("", addrs.mqtt),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
+        let retained = Arc::new(SharedRetained::new(
+            metrics.retained.clone(),
+            metrics.retained_bytes.clone(),
+        ));
         let cluster = Cluster::start(
             &cfg.cluster,
             me,
             store.clone(),
+            retained.clone(),
             grpc_listener,
             &cluster_tasks,
             cluster_stop.clone(),
@@ -212,7 +219,14 @@ impl Node {
         .await
         .map_err(Error::Cluster)?;
         let control: Arc<dyn crate::control::ControlPlane> = cluster.clone();
-        let broker = Arc::new(Broker::new(cfg, metrics, auth, store.clone(), control));
+        let broker = Arc::new(Broker::new(
+            cfg,
+            metrics,
+            auth,
+            store.clone(),
+            control,
+            retained,
+        ));
         let recovered = recover(&broker, &store)?;
         tracing::info!(
             sessions = recovered.sessions,
@@ -237,6 +251,17 @@ impl Node {
             tracker.spawn(apply_effects(broker.clone(), effects, cancel.clone()));
         }
         tracker.spawn(keep_routes(broker.clone(), cluster.clone(), cancel.clone()));
+        let host = Arc::new(Host {
+            broker: broker.clone(),
+            node_id: broker.cfg.cluster.node_id,
+        });
+        cluster.set_host(host.clone());
+        tracker.spawn(keep_sessions(
+            broker.clone(),
+            cluster.clone(),
+            host,
+            cancel.clone(),
+        ));
         let ctx = AcceptCtx {
             broker: broker.clone(),
             tls,

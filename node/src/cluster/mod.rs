@@ -14,15 +14,19 @@
 //! lives in this module (and in the storage crate's Raft store).
 
 pub mod cli;
+pub mod handover;
 mod network;
 pub mod raft;
 mod server;
+mod settle;
 pub mod sm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
 
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
@@ -30,15 +34,19 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use petrel_cluster_proto::pb;
 use petrel_cluster_proto::pb::cluster_client::ClusterClient;
 use petrel_storage::Store;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
 use self::raft::{Batch, Codec, Raft, RaftNode, TypeConfig};
+use self::settle::Settle;
 use self::sm::{Effect, StateMachine};
 use crate::config::ClusterConfig;
-use crate::control::{BoxFuture, ClaimError, ClaimRequest, ControlPlane, Grant};
+use crate::control::{
+    BoxFuture, ClaimError, ClaimRequest, ControlPlane, Grant, ReplicaSubscription,
+};
+use crate::router::SharedRetained;
 use crate::session::Epoch;
 
 /// Most commands in one log entry.
@@ -66,8 +74,26 @@ pub struct Proposed {
 
 struct Proposal {
     cmd: pb::Command,
+    /// Its place in the queue (see `settle`).
+    mark: u64,
     reply: oneshot::Sender<Result<Proposed, ProposeError>>,
 }
+
+/// The proposal queue's sender and the mark of the last proposal sent, under one lock so
+/// that marks follow the queue's order.
+struct Queue {
+    tx: mpsc::UnboundedSender<Proposal>,
+    last: u64,
+}
+
+/// How often the peers' applied-index streams are checked against the membership.
+const PEER_CHECK: Duration = Duration::from_secs(1);
+/// Pause before an applied-index stream to a peer is opened again.
+const PEER_RETRY: Duration = Duration::from_millis(500);
+/// Pause before a failed proposal is submitted again.
+const SUBMIT_RETRY: Duration = Duration::from_millis(100);
+/// How often settling looks at lagging peers again.
+const SETTLE_TICK: Duration = Duration::from_millis(50);
 
 /// Milliseconds since the Unix epoch (the clock carried by commands).
 pub fn now_ms() -> u64 {
@@ -97,7 +123,16 @@ pub struct Cluster {
     /// Unbounded, so that a change is queued at once, in order, by a caller that holds a
     /// lock (route changes); what waits in it is bounded by what waits for an answer
     /// (CONNECTs, within the propose timeout) and by the node's subscriptions.
-    proposals: mpsc::UnboundedSender<Proposal>,
+    proposals: Mutex<Queue>,
+    /// Which queued changes every live member has applied.
+    settle: Settle,
+    /// When an append from a leader last arrived (ms since `started`; 0: never).
+    leader_contact: AtomicU64,
+    started: Instant,
+    /// Cancelled when the control plane stops (ends the peers' streams).
+    stop: CancellationToken,
+    /// The node's sessions, for hand-overs (set once the node has built them).
+    host: std::sync::OnceLock<Arc<dyn crate::control::SessionHost>>,
     /// A route change failed to commit: the routes are reconciled again soon.
     routes_dirty: Arc<AtomicBool>,
     /// Cluster clients by address, reused (one HTTP/2 connection per peer).
@@ -133,6 +168,7 @@ impl Cluster {
         cfg: &ClusterConfig,
         me: Identity,
         store: Store,
+        retained: Arc<SharedRetained>,
         listener: tokio::net::TcpListener,
         tracker: &TaskTracker,
         cancel: CancellationToken,
@@ -160,7 +196,7 @@ impl Cluster {
             }
             Err(e) => return Err(StartError::Storage(std::io::Error::other(e))),
         }
-        let (sm, effects) = StateMachine::open(store.clone(), me.node_id)?;
+        let (sm, effects) = StateMachine::open(store.clone(), me.node_id, retained)?;
         let log = store.raft_log::<TypeConfig, Codec>();
         let raft = Raft::new(
             me.node_id,
@@ -177,7 +213,12 @@ impl Cluster {
             voters: cfg.voters,
             raft,
             sm,
-            proposals: tx,
+            proposals: Mutex::new(Queue { tx, last: 0 }),
+            settle: Settle::new(Duration::from_millis(cfg.apply_wait_ms)),
+            leader_contact: AtomicU64::new(0),
+            started: Instant::now(),
+            stop: cancel.clone(),
+            host: std::sync::OnceLock::new(),
             routes_dirty: Arc::new(AtomicBool::new(true)),
             clients: Mutex::new(HashMap::new()),
             membership: tokio::sync::Mutex::new(()),
@@ -187,6 +228,8 @@ impl Cluster {
         });
         tracker.spawn(server::serve(cluster.clone(), listener, cancel.clone()));
         tracker.spawn(cluster.clone().run_proposer(rx, cancel.clone()));
+        tracker.spawn(cluster.clone().run_settle(cancel.clone()));
+        tracker.spawn(cluster.clone().follow_peers(cancel.clone()));
         let seeds = cfg.seeds();
         tracker.spawn(cluster.clone().enter(seeds, cancel));
         Ok(cluster)
@@ -209,13 +252,22 @@ impl Cluster {
 
     async fn propose_flush(&self) -> Result<Proposed, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.proposals
-            .send(Proposal {
-                cmd: pb::Command { cmd: None },
-                reply,
-            })
-            .map_err(|_| ProposeError::Stopped)?;
+        self.enqueue(pb::Command { cmd: None }, reply)
+            .ok_or(ProposeError::Stopped)?;
         rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Queues a proposal; returns its mark (`None`: the proposer has stopped).
+    fn enqueue(
+        &self,
+        cmd: pb::Command,
+        reply: oneshot::Sender<Result<Proposed, ProposeError>>,
+    ) -> Option<u64> {
+        let mut q = self.proposals.lock().unwrap_or_else(|e| e.into_inner());
+        let mark = q.last + 1;
+        q.tx.send(Proposal { cmd, mark, reply }).ok()?;
+        q.last = mark;
+        Some(mark)
     }
 
     /// Stops Raft (after the connections are gone).
@@ -235,22 +287,43 @@ impl Cluster {
     /// a quorum has answered it within two election timeouts (a leader cut off from the
     /// others still believes it leads until then).
     pub fn is_caught_up(&self) -> bool {
-        use openraft::Instant as _;
         let m = self.metrics();
-        let quorum = match m.state {
+        self.leads_or_follows(&m)
+            && m.last_applied.map(|l| l.index) >= m.local_committed.map(|l| l.index)
+    }
+
+    /// Whether this node is a member with a leader that a quorum follows: the leader has
+    /// heard from a quorum, or a follower from the leader, within two election timeouts (a
+    /// node cut off from the others still believes in its leader until then).
+    fn leads_or_follows(&self, m: &openraft::RaftMetrics<TypeConfig>) -> bool {
+        use openraft::Instant as _;
+        let fresh = match m.state {
             ServerState::Leader => m
                 .last_quorum_acked
                 .as_ref()
                 .is_some_and(|t| t.elapsed() < self.lease),
-            _ => true,
+            _ => {
+                let at = self.leader_contact.load(Ordering::Relaxed);
+                at > 0
+                    && self
+                        .started
+                        .elapsed()
+                        .saturating_sub(Duration::from_millis(at))
+                        < self.lease
+            }
         };
-        quorum
+        fresh
             && m.current_leader.is_some()
             && m.membership_config
                 .membership()
                 .get_node(&self.me.node_id)
                 .is_some()
-            && m.last_applied.map(|l| l.index) >= m.local_committed.map(|l| l.index)
+    }
+
+    /// Notes that an append from the leader arrived (heartbeats are appends).
+    fn heard_from_leader(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.leader_contact.store(ms.max(1), Ordering::Relaxed);
     }
 
     /// Raft's metrics now.
@@ -264,9 +337,7 @@ impl Cluster {
     /// necessarily here yet: see [`Cluster::wait_applied`]).
     pub async fn propose(&self, cmd: pb::Command) -> Result<Proposed, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.proposals
-            .send(Proposal { cmd, reply })
-            .map_err(|_| ProposeError::Stopped)?;
+        self.enqueue(cmd, reply).ok_or(ProposeError::Stopped)?;
         match tokio::time::timeout(self.propose_timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ProposeError::Stopped),
@@ -303,10 +374,20 @@ impl Cluster {
                     Err(_) => break,
                 }
             }
+            let mark = batch.last().map_or(0, |p: &Proposal| p.mark);
             let (cmds, replies): (Vec<_>, Vec<_>) =
                 batch.drain(..).map(|p| (p.cmd, p.reply)).unzip();
             let n = cmds.len();
-            let r = self.submit(pb::CommandBatch { commands: cmds }).await;
+            let r = self
+                .submit_retrying(pb::CommandBatch { commands: cmds })
+                .await;
+            self.settle.committed(
+                mark,
+                match &r {
+                    Ok((outcomes, index)) if outcomes.len() == n => Some(*index),
+                    _ => None,
+                },
+            );
             match r {
                 Ok((outcomes, index)) if outcomes.len() == n => {
                     for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -327,6 +408,30 @@ impl Cluster {
                     }
                 }
             }
+        }
+    }
+
+    /// [`Cluster::submit`], again and again (an election in progress, a leader that just
+    /// died) until it succeeds or `cluster.propose_timeout_ms` has passed. A retry after an
+    /// answer that was lost can commit a batch twice: every command applies idempotently or
+    /// as a newer epoch.
+    async fn submit_retrying(
+        &self,
+        batch: pb::CommandBatch,
+    ) -> Result<(Vec<pb::Outcome>, u64), String> {
+        let deadline = tokio::time::Instant::now() + self.propose_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let e = match tokio::time::timeout(left, self.submit(batch.clone())).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) => e,
+                Err(_) => return Err("no answer in time".to_owned()),
+            };
+            if tokio::time::Instant::now() + SUBMIT_RETRY >= deadline {
+                return Err(e);
+            }
+            tracing::debug!(error = %e, "proposal failed; retrying");
+            tokio::time::sleep(SUBMIT_RETRY).await;
         }
     }
 
@@ -704,9 +809,9 @@ impl Cluster {
 impl Cluster {
     /// Queues a proposal without waiting for the outcome (a connection that ended: nobody
     /// waits).
-    fn propose_detached(&self, cmd: pb::Command) {
+    fn propose_detached(&self, cmd: pb::Command) -> u64 {
         let (reply, _) = oneshot::channel();
-        let _ = self.proposals.send(Proposal { cmd, reply });
+        self.enqueue(cmd, reply).unwrap_or(0)
     }
 
     /// Queues the addition (`add`) or removal of this node's route to `filter` in `group`;
@@ -724,7 +829,7 @@ impl Cluster {
             }),
         };
         let (reply, rx) = oneshot::channel();
-        if self.proposals.send(Proposal { cmd, reply }).is_err() {
+        if self.enqueue(cmd, reply).is_none() {
             return;
         }
         let dirty = self.routes_dirty.clone();
@@ -765,6 +870,104 @@ impl Cluster {
             removed += 1;
         }
         (added, removed)
+    }
+
+    // ---- settling ----------------------------------------------------------------------
+
+    /// Feeds this node's applied index to settling, and lets it look at lagging peers.
+    async fn run_settle(self: Arc<Self>, cancel: CancellationToken) {
+        let mut applied = self.sm.applied();
+        let mut tick = tokio::time::interval(SETTLE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = applied.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let index = *applied.borrow_and_update();
+                    self.settle.applied_here(index);
+                }
+                _ = tick.tick() => self.settle.tick(),
+            }
+        }
+    }
+
+    /// Keeps one applied-index stream open to every other member of the Raft membership.
+    async fn follow_peers(self: Arc<Self>, cancel: CancellationToken) {
+        let mut following: HashMap<u64, (String, CancellationToken)> = HashMap::new();
+        // Changes with the membership (and the server state); the tick is a safety net.
+        let mut server = self.raft.server_metrics();
+        let mut tick = tokio::time::interval(PEER_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+                r = server.changed() => if r.is_err() { return },
+            }
+            let m = self.metrics().membership_config;
+            let peers: HashMap<u64, String> = m
+                .membership()
+                .nodes()
+                .filter(|(id, _)| **id != self.me.node_id)
+                .map(|(id, n)| (*id, n.grpc_addr.clone()))
+                .collect();
+            following.retain(|id, (addr, stop)| {
+                let keep = peers.get(id) == Some(addr);
+                if !keep {
+                    stop.cancel();
+                    self.settle.forget_peer(*id);
+                }
+                keep
+            });
+            for (id, addr) in peers {
+                if following.contains_key(&id) {
+                    continue;
+                }
+                let stop = cancel.child_token();
+                tokio::spawn(self.clone().follow_peer(id, addr.clone(), stop.clone()));
+                following.insert(id, (addr, stop));
+            }
+        }
+    }
+
+    /// Reads peer `id`'s applied index from its stream, reconnecting until `cancel`.
+    async fn follow_peer(self: Arc<Self>, id: u64, addr: String, cancel: CancellationToken) {
+        loop {
+            let follow = async {
+                let mut client = self.client(&addr).map_err(|e| e.to_string())?;
+                let mut stream = client
+                    .applied(pb::AppliedRequest {
+                        node_id: self.me.node_id,
+                    })
+                    .await
+                    .map_err(|s| s.message().to_owned())?
+                    .into_inner();
+                while let Some(a) = stream.message().await.map_err(|s| s.message().to_owned())? {
+                    self.settle.peer(id, Some(a.index));
+                }
+                Ok::<(), String>(())
+            };
+            let r = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = follow => r,
+            };
+            self.settle.peer(id, None);
+            if let Err(e) = r {
+                tracing::debug!(peer = id, error = %e, "applied-index stream ended");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(PEER_RETRY) => {}
+            }
+        }
+    }
+
+    /// Peers whose applied index counts for settling now (for tests and status).
+    pub fn counted_peers(&self) -> Vec<u64> {
+        self.settle.counted_peers()
     }
 
     /// Whether a route change failed since the last reconciliation.
@@ -820,9 +1023,18 @@ impl ControlPlane for Cluster {
             }
             let previous_node = (c.previous_epoch != 0 && c.previous_node_id != self.me.node_id)
                 .then_some(c.previous_node_id);
+            let moved = match (c.session_present, previous_node) {
+                (true, Some(from)) => Some(Box::new(
+                    self.moved_session(&req.client_id, c.epoch, p.index, from)
+                        .await,
+                )),
+                _ => None,
+            };
             Ok(Grant {
                 epoch: Epoch(c.epoch),
                 previous_node,
+                session_present: c.session_present,
+                moved,
             })
         })
     }
@@ -855,5 +1067,63 @@ impl ControlPlane for Cluster {
 
     fn route_removed(&self, group: Option<&str>, filter: &str) {
         self.propose_route(false, group, filter);
+    }
+
+    fn retain(&self, topic: &str, message: Option<Bytes>) -> u64 {
+        let topic = topic.to_owned();
+        self.propose_detached(pb::Command {
+            cmd: Some(match message {
+                Some(message) => pb::command::Cmd::RetainSet(pb::RetainSet { topic, message }),
+                None => pb::command::Cmd::RetainClear(pb::RetainClear { topic }),
+            }),
+        })
+    }
+
+    fn barrier(&self) -> u64 {
+        self.proposals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last
+    }
+
+    fn settled(&self) -> watch::Receiver<u64> {
+        self.settle.settled()
+    }
+
+    fn settled_now(&self) -> u64 {
+        self.settle.settled_now()
+    }
+
+    fn has_quorum(&self) -> bool {
+        self.leads_or_follows(&self.metrics())
+    }
+
+    fn subscription_put(&self, client_id: &Arc<str>, epoch: Epoch, sub: ReplicaSubscription) {
+        self.propose_detached(pb::Command {
+            cmd: Some(pb::command::Cmd::SubPut(pb::SubPut {
+                sub: Some(pb::Subscription {
+                    client_id: client_id.to_string(),
+                    filter: sub.filter,
+                    options: u32::from(sub.options),
+                    subscription_id: sub.subscription_id,
+                    acl_filtered: sub.acl_filtered,
+                    epoch: epoch.0,
+                }),
+            })),
+        });
+    }
+
+    fn subscription_del(&self, client_id: &Arc<str>, epoch: Epoch, filter: &str) {
+        self.propose_detached(pb::Command {
+            cmd: Some(pb::command::Cmd::SubDel(pb::SubDel {
+                client_id: client_id.to_string(),
+                filter: filter.to_owned(),
+                epoch: epoch.0,
+            })),
+        });
+    }
+
+    fn handover_taken(&self, client_id: &Arc<str>, from_node: u64, from_epoch: u64) {
+        self.send_handover_done(client_id, from_node, from_epoch);
     }
 }

@@ -129,6 +129,8 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                     options: 0b0010_0101,
                     subscription_id: 42,
                     acl_filtered: true,
+                    // As the first version wrote it (no epoch).
+                    epoch: 0,
                 }),
             })),
         ),
@@ -137,6 +139,7 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
             cmd(Cmd::SubDel(pb::SubDel {
                 client_id: "device-17".into(),
                 filter: "cmd/#".into(),
+                epoch: 0,
             })),
         ),
         (
@@ -158,6 +161,27 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 client_id: "device-17".into(),
                 epoch: 9,
                 node_id: 2,
+            })),
+        ),
+        (
+            "sub-put-epoch",
+            cmd(Cmd::SubPut(pb::SubPut {
+                sub: Some(pb::Subscription {
+                    client_id: "device-17".into(),
+                    filter: "cmd/#".into(),
+                    options: 0b0000_0001,
+                    subscription_id: 0,
+                    acl_filtered: false,
+                    epoch: 12,
+                }),
+            })),
+        ),
+        (
+            "sub-del-epoch",
+            cmd(Cmd::SubDel(pb::SubDel {
+                client_id: "device-17".into(),
+                filter: "cmd/#".into(),
+                epoch: 12,
             })),
         ),
     ]
@@ -229,21 +253,39 @@ fn a_snapshot_decodes_from_its_fixture() {
     }
     let sub = commands().remove(8).1;
     st.apply(sub);
-    st.apply(commands().remove(10).1);
+    // Retained messages are applied to the node's retained store, not to the state.
+    let retained = match commands().remove(10).1.cmd {
+        Some(pb::command::Cmd::RetainSet(r)) => vec![(r.topic, r.message)],
+        other => panic!("expected RetainSet, got {other:?}"),
+    };
     let meta = SnapshotMeta {
         last_log_id: Some(id(5, 99)),
         last_membership: StoredMembership::new(Some(id(3, 11)), membership()),
     };
-    let encoded = st.encode_snapshot();
-    let fixture = check("snapshot.bin", &encoded);
-    let decoded = ClusterState::decode_snapshot(&fixture, &meta).unwrap();
+    // The first version's records had no `started_epoch`: its fixture still decodes, to the
+    // same state but for that field.
+    let mut first = st.clone();
+    for r in first.sessions.values_mut() {
+        r.started_epoch = 0;
+    }
+    let fixture = check("snapshot.bin", &first.encode_snapshot(&retained));
+    let (old, _) = ClusterState::decode_snapshot(&fixture, &meta).unwrap();
+    assert_eq!(old.sessions, first.sessions);
+    assert!(st.sessions.values().all(|r| r.started_epoch != 0));
+    let encoded = st.encode_snapshot(&retained);
+    let fixture = check("snapshot-started-epoch.bin", &encoded);
+    let (decoded, decoded_retained) = ClusterState::decode_snapshot(&fixture, &meta).unwrap();
     assert_eq!(decoded.members, st.members);
     assert_eq!(decoded.routes, st.routes);
     assert_eq!(decoded.sessions, st.sessions);
     assert_eq!(decoded.subscriptions, st.subscriptions);
-    assert_eq!(decoded.retained, st.retained);
+    let decoded_retained: Vec<_> = decoded_retained
+        .into_iter()
+        .map(|r| (r.topic, r.message))
+        .collect();
+    assert_eq!(decoded_retained, retained);
     assert_eq!(decoded.next_epoch, st.next_epoch);
-    assert!(!decoded.sessions.is_empty() && !decoded.retained.is_empty());
+    assert!(!decoded.sessions.is_empty() && !retained.is_empty());
     assert!(!decoded.members.is_empty() && !decoded.subscriptions.is_empty());
 }
 

@@ -9,7 +9,7 @@ use petrel_cluster_proto::pb;
 use petrel_cluster_proto::pb::cluster_server::{Cluster as ClusterService, ClusterServer};
 use petrel_cluster_proto::pb::raft_server::{Raft as RaftService, RaftServer};
 use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -89,6 +89,9 @@ impl RaftService for RaftSvc {
             leader_commit: raft::opt_log_id(req.leader_commit),
         };
         let r = self.0.raft.append_entries(rpc).await.map_err(fatal)?;
+        if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+            self.0.heard_from_leader();
+        }
         use pb::append_reply::Result as R;
         let result = match r {
             AppendEntriesResponse::Success => R::Success(pb::Blank {}),
@@ -255,5 +258,54 @@ impl ClusterService for ClusterSvc {
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusReply>, Status> {
         Ok(Response::new(self.0.status()))
+    }
+
+    type AppliedStream =
+        std::pin::Pin<Box<dyn Stream<Item = Result<pb::AppliedIndex, Status>> + Send + 'static>>;
+
+    /// This node's applied index now and after every change, until the node stops.
+    async fn applied(
+        &self,
+        _req: Request<pb::AppliedRequest>,
+    ) -> Result<Response<Self::AppliedStream>, Status> {
+        let rx = self.0.sm.applied();
+        let stop = self.0.stop.clone();
+        let s =
+            futures_util::stream::unfold((rx, stop, true), |(mut rx, stop, first)| async move {
+                if !first {
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        r = rx.changed() => r.ok()?,
+                    }
+                }
+                let index = *rx.borrow_and_update();
+                Some((Ok(pb::AppliedIndex { index }), (rx, stop, false)))
+            });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn handover(
+        &self,
+        req: Request<pb::HandoverRequest>,
+    ) -> Result<Response<pb::HandoverReply>, Status> {
+        let session = self.0.serve_handover(req.into_inner()).await?;
+        Ok(Response::new(pb::HandoverReply { session }))
+    }
+
+    async fn handover_done(
+        &self,
+        req: Request<pb::HandoverDoneRequest>,
+    ) -> Result<Response<pb::HandoverDoneReply>, Status> {
+        let req = req.into_inner();
+        self.0.handover_done(&req.client_id, req.from_epoch);
+        Ok(Response::new(pb::HandoverDoneReply {}))
+    }
+
+    async fn push_session(
+        &self,
+        req: Request<pb::SessionHandover>,
+    ) -> Result<Response<pb::PushSessionReply>, Status> {
+        let taken = self.0.take_pushed(req.into_inner())?;
+        Ok(Response::new(pb::PushSessionReply { taken }))
     }
 }

@@ -27,6 +27,8 @@ use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 
 use super::raft::{self, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::persist::value::{self, Clock};
+use crate::router::SharedRetained;
 
 /// A route key: (share group, or empty; filter).
 pub type RouteKey = (String, String);
@@ -45,8 +47,8 @@ pub struct ClusterState {
     pub sessions: HashMap<Arc<str>, pb::SessionRecord>,
     /// client id -> filter -> subscription, for persistent sessions.
     pub subscriptions: HashMap<Arc<str>, BTreeMap<String, pb::Subscription>>,
-    /// topic -> the stored message encoding.
-    pub retained: BTreeMap<String, Bytes>,
+    // Retained messages are not here: `StateMachine` applies them to the node's retained
+    // store, the one SUBSCRIBE reads (one copy of each message per node).
 }
 
 fn done() -> pb::Outcome {
@@ -176,6 +178,9 @@ impl ClusterState {
             },
             Cmd::SubPut(p) => {
                 let Some(sub) = p.sub else { return stale() };
+                if !self.epoch_is(&sub.client_id, sub.epoch) {
+                    return stale();
+                }
                 let client: Arc<str> = sub.client_id.as_str().into();
                 self.subscriptions
                     .entry(client)
@@ -184,6 +189,9 @@ impl ClusterState {
                 done()
             }
             Cmd::SubDel(d) => {
+                if !self.epoch_is(&d.client_id, d.epoch) {
+                    return stale();
+                }
                 if let Some(subs) = self.subscriptions.get_mut(d.client_id.as_str()) {
                     subs.remove(&d.filter);
                     if subs.is_empty() {
@@ -192,14 +200,8 @@ impl ClusterState {
                 }
                 done()
             }
-            Cmd::RetainSet(r) => {
-                self.retained.insert(r.topic, r.message);
-                done()
-            }
-            Cmd::RetainClear(r) => {
-                self.retained.remove(&r.topic);
-                done()
-            }
+            // Applied by `StateMachine::apply_one` to the retained store.
+            Cmd::RetainSet(_) | Cmd::RetainClear(_) => done(),
             Cmd::WillFired(w) => match self.sessions.get_mut(w.client_id.as_str()) {
                 // Exactly once: only the first WillFired of an epoch is Done; its proposer
                 // publishes the will.
@@ -228,6 +230,10 @@ impl ClusterState {
             // and every record is held by every node.
             self.sessions.remove(&client);
         } else {
+            let started_epoch = match (&previous, present) {
+                (Some(p), true) => p.started_epoch,
+                _ => epoch,
+            };
             self.sessions.insert(
                 client,
                 pb::SessionRecord {
@@ -239,6 +245,7 @@ impl ClusterState {
                     disconnected_at_ms: 0,
                     will: c.will,
                     orphaned: false,
+                    started_epoch,
                 },
             );
         }
@@ -254,13 +261,20 @@ impl ClusterState {
         }
     }
 
+    /// Whether a change made by the session of `client` at `epoch` still applies: its
+    /// record has that epoch (0: a change of the first version, always applied).
+    fn epoch_is(&self, client: &str, epoch: u64) -> bool {
+        epoch == 0 || self.sessions.get(client).is_some_and(|r| r.epoch == epoch)
+    }
+
     fn end_session(&mut self, client: &Arc<str>) {
         self.sessions.remove(client);
         self.subscriptions.remove(client);
     }
 
-    /// The state as snapshot bytes: length-delimited records, the header first.
-    pub fn encode_snapshot(&self) -> Vec<u8> {
+    /// The state and the retained messages (topic, stored encoding) as snapshot bytes:
+    /// length-delimited records, the header first.
+    pub fn encode_snapshot(&self, retained: &[(String, Bytes)]) -> Vec<u8> {
         use pb::snapshot_record::Record;
         let mut out = Vec::new();
         let mut put = |r: Record| {
@@ -292,7 +306,7 @@ impl ClusterState {
                 put(Record::Subscription(s.clone()));
             }
         }
-        for (topic, message) in &self.retained {
+        for (topic, message) in retained {
             put(Record::Retained(pb::RetainSet {
                 topic: topic.clone(),
                 message: message.clone(),
@@ -301,9 +315,12 @@ impl ClusterState {
         out
     }
 
-    /// Rebuilds the state from snapshot bytes (the applied log id and membership come from
-    /// the snapshot's meta).
-    pub fn decode_snapshot(mut bytes: &[u8], meta: &SnapshotMeta) -> io::Result<ClusterState> {
+    /// Rebuilds the state and the retained messages from snapshot bytes (the applied log id
+    /// and membership come from the snapshot's meta).
+    pub fn decode_snapshot(
+        mut bytes: &[u8],
+        meta: &SnapshotMeta,
+    ) -> io::Result<(ClusterState, Vec<pb::RetainSet>)> {
         use pb::snapshot_record::Record;
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
         let mut st = ClusterState {
@@ -312,6 +329,7 @@ impl ClusterState {
             ..ClusterState::default()
         };
         let mut header = false;
+        let mut retained = Vec::new();
         while !bytes.is_empty() {
             let rec = pb::SnapshotRecord::decode_length_delimited(&mut bytes)
                 .map_err(|_| bad("bad snapshot record"))?;
@@ -341,9 +359,7 @@ impl ClusterState {
                         .or_default()
                         .insert(s.filter.clone(), s);
                 }
-                Some(Record::Retained(r)) => {
-                    st.retained.insert(r.topic, r.message);
-                }
+                Some(Record::Retained(r)) => retained.push(r),
                 // A record kind of a newer version: skipped (the format would have changed
                 // if skipping it were wrong).
                 None => {}
@@ -352,7 +368,7 @@ impl ClusterState {
         if !header {
             return Err(bad("snapshot without a header"));
         }
-        Ok(st)
+        Ok((st, retained))
     }
 }
 
@@ -383,6 +399,36 @@ pub enum Effect {
     },
 }
 
+/// Replaces the replicated retained messages of `store` with `messages` (a snapshot's).
+fn replace_retained(store: &SharedRetained, messages: Vec<pb::RetainSet>) {
+    let clock = Clock::now();
+    store.update(|r| {
+        r.clear_replicated();
+        for m in messages {
+            if let Some(d) = value::delivery(&m.message, &clock) {
+                if !d.msg.is_expired(clock.now) {
+                    r.set(d.msg);
+                }
+            }
+        }
+    });
+}
+
+/// The replicated retained messages of `store`, encoded for a snapshot (expired ones left
+/// out).
+fn encoded_retained(store: &SharedRetained) -> Vec<(String, Bytes)> {
+    let messages = store.read().replicated();
+    let clock = Clock::now();
+    messages
+        .into_iter()
+        .filter(|m| !m.is_expired(clock.now))
+        .filter_map(|m| {
+            let v = value::message(&m, m.qos, true, &[], &clock).ok()?;
+            Some((m.topic.to_string(), Bytes::from(v)))
+        })
+        .collect()
+}
+
 /// The last snapshot saved in the store.
 fn saved_snapshot(store: &Store) -> io::Result<Option<Snapshot>> {
     let Some((meta, data)) = store.load_raft_snapshot().map_err(io::Error::other)? else {
@@ -401,6 +447,8 @@ fn saved_snapshot(store: &Store) -> io::Result<Option<Snapshot>> {
 pub struct StateMachine {
     me: u64,
     state: Arc<RwLock<ClusterState>>,
+    /// The node's retained messages: the replicated ones are applied here.
+    retained: Arc<SharedRetained>,
     store: Store,
     applied: watch::Sender<u64>,
     effects: mpsc::UnboundedSender<Effect>,
@@ -412,16 +460,19 @@ impl StateMachine {
     pub fn open(
         store: Store,
         me: u64,
+        retained: Arc<SharedRetained>,
     ) -> io::Result<(StateMachine, mpsc::UnboundedReceiver<Effect>)> {
-        let state = match saved_snapshot(&store)? {
+        let (state, messages) = match saved_snapshot(&store)? {
             Some(s) => ClusterState::decode_snapshot(&s.snapshot, &s.meta)?,
-            None => ClusterState::default(),
+            None => (ClusterState::default(), Vec::new()),
         };
+        replace_retained(&retained, messages);
         let applied = state.last_applied.map(|l| l.index).unwrap_or(0);
         let (effects, rx) = mpsc::unbounded_channel();
         let sm = StateMachine {
             me,
             state: Arc::new(RwLock::new(state)),
+            retained,
             store,
             applied: watch::channel(applied).0,
             effects,
@@ -445,6 +496,27 @@ impl StateMachine {
 
     /// Applies one command and tells this node what it must act on.
     fn apply_one(&self, st: &mut ClusterState, cmd: pb::Command) -> pb::Outcome {
+        match &cmd.cmd {
+            Some(pb::command::Cmd::RetainSet(r)) => {
+                let clock = Clock::now();
+                match value::delivery(&r.message, &clock) {
+                    Some(d)
+                        if !d.msg.is_expired(clock.now) && &*d.msg.topic == r.topic.as_str() =>
+                    {
+                        self.retained.update(|store| store.set(d.msg))
+                    }
+                    // Expired on the way (or unreadable): the topic is cleared all the same,
+                    // as it would have been by the message.
+                    _ => {
+                        self.retained.update(|store| store.remove(&r.topic));
+                    }
+                }
+            }
+            Some(pb::command::Cmd::RetainClear(r)) => {
+                self.retained.update(|store| store.remove(&r.topic));
+            }
+            _ => {}
+        }
         let claim_from = match &cmd.cmd {
             Some(pb::command::Cmd::Claim(c)) if c.node_id != self.me => {
                 Some((c.client_id.clone(), c.node_id))
@@ -476,12 +548,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let (meta, data) = {
+            // Held while the retained store is read: nothing is applied meanwhile.
             let st = self.read();
             let meta = SnapshotMeta {
                 last_log_id: st.last_applied,
                 last_membership: st.membership.clone(),
             };
-            (meta, st.encode_snapshot())
+            (meta, st.encode_snapshot(&encoded_retained(&self.retained)))
         };
         let this = self.clone();
         let (meta, data) =
@@ -550,14 +623,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
-        let st = ClusterState::decode_snapshot(&data, meta)?;
+        let (st, messages) = ClusterState::decode_snapshot(&data, meta)?;
         let this = self.clone();
         let saved = meta.clone();
         tokio::task::spawn_blocking(move || this.save(&saved, &data))
             .await
             .map_err(io::Error::other)??;
         let applied = st.last_applied.map(|l| l.index).unwrap_or(0);
-        *self.write() = st;
+        let mut state = self.write();
+        *state = st;
+        replace_retained(&self.retained, messages);
+        drop(state);
         self.applied.send_replace(applied);
         tracing::info!(last_log_id = ?meta.last_log_id, "raft snapshot installed");
         Ok(())

@@ -182,3 +182,36 @@ fn a_clean_session_without_a_will_leaves_no_record() {
     assert_eq!(d.previous_node_id, 2);
     assert!(st.sessions.is_empty());
 }
+
+#[test]
+fn a_subscription_change_of_an_older_epoch_is_stale() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim("dev", 1, false, 60, 1000)));
+    let put = |epoch, filter: &str| {
+        c(Cmd::SubPut(pb::SubPut {
+            sub: Some(pb::Subscription {
+                client_id: "dev".into(),
+                filter: filter.into(),
+                epoch,
+                ..Default::default()
+            }),
+        }))
+    };
+    assert!(is_done(&st.apply(put(a.epoch, "a"))));
+    // Taken over with a clean start on node 2: node 1's late change must not come back.
+    let b = claimed(st.apply(claim("dev", 2, true, 60, 2000)));
+    assert!(!st.subscriptions.contains_key("dev"));
+    assert!(!is_done(&st.apply(put(a.epoch, "late"))));
+    assert!(is_done(&st.apply(put(b.epoch, "b"))));
+    let del = |epoch, filter: &str| {
+        c(Cmd::SubDel(pb::SubDel {
+            client_id: "dev".into(),
+            filter: filter.into(),
+            epoch,
+        }))
+    };
+    assert!(!is_done(&st.apply(del(a.epoch, "b"))));
+    assert_eq!(st.subscriptions["dev"].len(), 1);
+    assert!(is_done(&st.apply(del(b.epoch, "b"))));
+    assert!(!st.subscriptions.contains_key("dev"));
+}

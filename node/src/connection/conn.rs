@@ -72,8 +72,9 @@ pub(super) struct Conn {
     pub out_window: usize,
     /// Topic aliases in both directions, made on first use (3.1.1 clients never use them).
     pub aliases: Option<Box<Aliases>>,
-    /// Acknowledgements waiting for their store writes, in the order they must be sent.
-    pub pending_acks: VecDeque<(Ticket, Packet)>,
+    /// Acknowledgements waiting for their store writes and control-plane marks (see
+    /// `ControlPlane::settled`), in the order they must be sent.
+    pub pending_acks: VecDeque<(Ticket, u64, Packet)>,
     /// PUBACKs in `pending_acks`: inbound QoS 1 messages the client has no answer to yet,
     /// counted against the server's Receive Maximum with the inbound QoS 2 ones.
     pub pending_pubacks: usize,
@@ -217,17 +218,23 @@ impl Conn {
     /// Sends an acknowledgement once `ticket` is durable (at once if nothing waits). Keeps
     /// acknowledgements in the order of the packets they answer.
     pub fn send_after(&mut self, ticket: Option<Ticket>, ack: Packet) {
+        self.send_after_mark(ticket, 0, ack);
+    }
+
+    /// Sends `ack` once the store has passed `ticket` and the control plane has settled
+    /// `mark` (0: no mark), never ahead of an earlier one.
+    pub fn send_after_mark(&mut self, ticket: Option<Ticket>, mark: u64, ack: Packet) {
         // Only an ack that depends on a store write looks at the watermark (a lock read).
         // Once the store has failed, even `durable_acks = false` holds it: it would never
         // be written.
         let wait = ticket.is_some_and(|t| {
             let c = self.broker.store.committed_now();
             t > c.ticket && (self.durable_acks || c.failed)
-        });
+        }) || (mark > 0 && mark > self.broker.control.settled_now());
         if wait || !self.pending_acks.is_empty() {
             self.pending_pubacks += matches!(ack, Packet::PubAck(_)) as usize;
             self.pending_acks
-                .push_back((ticket.unwrap_or_default(), ack));
+                .push_back((ticket.unwrap_or_default(), mark, ack));
         } else {
             self.send(&ack);
         }
@@ -237,12 +244,13 @@ impl Conn {
     /// anything still waiting never will be: the connection ends without those acks.
     fn release_acks(&mut self) -> Result<(), ConnError> {
         let c = self.broker.store.committed_now();
-        while self
-            .pending_acks
-            .front()
-            .is_some_and(|(t, _)| *t <= c.ticket)
-        {
-            let (_, ack) = self.pending_acks.pop_front().expect("front exists");
+        let mut settled = None;
+        while self.pending_acks.front().is_some_and(|(t, mark, _)| {
+            *t <= c.ticket
+                && (*mark == 0
+                    || *mark <= *settled.get_or_insert_with(|| self.broker.control.settled_now()))
+        }) {
+            let (_, _, ack) = self.pending_acks.pop_front().expect("front exists");
             self.pending_pubacks -= matches!(ack, Packet::PubAck(_)) as usize;
             self.send(&ack);
         }
@@ -409,9 +417,24 @@ impl Conn {
     /// Sets `slot` to wait for the next move of the committed watermark after the one
     /// seen now (reusing the slot's allocation).
     fn arm_store_wait(&self, slot: &mut Option<StoreWait>) {
-        // A new receiver has seen the current value: it wakes on the next commit.
+        // A new receiver has seen the current value: it wakes on the next commit (or, while
+        // an acknowledgement waits for a control-plane mark, on the next settled mark).
         let mut rx = self.broker.store.committed();
-        let wait = async move { rx.changed().await.is_ok() };
+        let settled = self.broker.control.settled_now();
+        let mut marks = self
+            .pending_acks
+            .iter()
+            .any(|(_, mark, _)| *mark > settled)
+            .then(|| self.broker.control.settled());
+        let wait = async move {
+            match marks.as_mut() {
+                None => rx.changed().await.is_ok(),
+                Some(marks) => tokio::select! {
+                    r = rx.changed() => r.is_ok(),
+                    _ = marks.changed() => true,
+                },
+            }
+        };
         match slot {
             Some(f) => f.set(wait),
             None => *slot = Some(ReusableBoxFuture::new(wait)),
@@ -575,9 +598,10 @@ impl Conn {
         let session = self.session.clone();
         if session.is_persistent() && !end {
             let since = crate::persist::value::Clock::now().unix_ms;
-            broker
-                .store
-                .append(|w| crate::persist::put_session(w, &self.client_id, self.expiry, since));
+            let epoch = session.epoch().0;
+            broker.store.append(|w| {
+                crate::persist::put_session(w, &self.client_id, self.expiry, since, epoch)
+            });
         }
         broker
             .control

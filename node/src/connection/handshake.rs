@@ -18,13 +18,9 @@ use crate::codec::{
     decode_packet, encode_packet, read_remaining_length, ConnAck, ConnAckProperties, Connect,
     DecodeError, MqttStr, Packet, Protocol, QoS, ReasonCode,
 };
-use crate::control::ClaimRequest;
 use crate::limit::{Permits, Refusal, REFUSAL_TIMEOUT};
 use crate::listener::Kind;
-use crate::session::{Kick, Session, SessionState};
-
-/// How long a CONNECT waits for the previous connection of its client id to let go.
-const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::session::Kick;
 
 /// What the transport learned before MQTT started.
 #[derive(Clone, Debug)]
@@ -196,7 +192,7 @@ where
         return Err(refuse(protocol, rc));
     }
     let conn_id = broker.next_conn_id();
-    let claim = claim(
+    let claim = crate::takeover::claim(
         broker,
         &accepted.client_id,
         connect.clean_start,
@@ -403,94 +399,6 @@ fn accept(c: &Connect, broker: &Broker) -> Result<Accepted, ReasonCode> {
         keep_alive,
         server_keep_alive,
     })
-}
-
-/// Claims the client id: first through the claim service (the cluster: a Raft command that
-/// gives a new epoch and makes another node that owned it close its connection), then here:
-/// takes over a connected session, resumes or replaces it.
-///
-/// Claims of one client id take turns (`lock_claim`), so each sees the outcome of the one
-/// before; the registry's compare-and-set in `create` keeps one session per client id even
-/// against the timer task ending sessions meanwhile.
-async fn claim(
-    broker: &Broker,
-    client_id: &Arc<str>,
-    clean_start: bool,
-    expiry: u32,
-    conn_id: u64,
-) -> Result<(Arc<Session>, Box<SessionState>, bool), ReasonCode> {
-    let _turn = broker.sessions.lock_claim(client_id).await;
-    let request = ClaimRequest {
-        client_id: client_id.clone(),
-        clean_start,
-        expiry_secs: expiry,
-    };
-    let grant = match broker.control.claim(request).await {
-        Ok(g) => g,
-        Err(e) => {
-            broker.metrics.claims_refused.inc();
-            tracing::info!(%client_id, error = %e, "claim refused: the cluster is unreachable");
-            return Err(ReasonCode::SERVER_UNAVAILABLE);
-        }
-    };
-    if let Some(node) = grant.previous_node {
-        tracing::info!(%client_id, from_node = node, epoch = %grant.epoch, "client id taken over from another node");
-    }
-    for _ in 0..4 {
-        let existing = broker.sessions.get(client_id);
-        if let Some(old) = &existing {
-            if old.kick(Kick::TakenOver) {
-                broker.metrics.takeovers.inc();
-                tracing::info!(%client_id, epoch = %old.epoch(), "session taken over");
-                if !old.wait_released(TAKEOVER_TIMEOUT).await {
-                    return Err(ReasonCode::SERVER_BUSY);
-                }
-                // Look again: the old connection's end may have ended or replaced the session
-                // while we waited.
-                continue;
-            }
-        }
-        let (session, present) = match existing {
-            Some(old) if !clean_start && !old.is_ended() => {
-                broker.cancel_will(client_id, old.id());
-                old.set_expiry_secs(expiry);
-                (old, true)
-            }
-            old => {
-                let expected = old.as_ref().map(|s| s.id());
-                let Some((session, replaced)) =
-                    broker.sessions.create(client_id.clone(), expiry, expected)
-                else {
-                    continue;
-                };
-                match replaced {
-                    Some(old) => broker.replace_session(&old),
-                    None => broker.metrics.sessions.inc(),
-                }
-                (session, false)
-            }
-        };
-        if let Some(state) = session.attach(conn_id, grant.epoch) {
-            persist_claim(broker, &session, expiry);
-            return Ok((session, state, present));
-        }
-    }
-    Err(ReasonCode::SERVER_BUSY)
-}
-
-/// Stores a persistent session's record, or forgets a stored session that is no longer
-/// persistent (resumed with expiry 0: it ends when this connection does).
-fn persist_claim(broker: &Broker, session: &Session, expiry: u32) {
-    let client_id = session.client_id();
-    if expiry > 0 {
-        session.set_persistent(true);
-        broker
-            .store
-            .append(|w| crate::persist::put_session(w, client_id, expiry, 0));
-    } else if session.is_persistent() {
-        session.set_persistent(false);
-        broker.store.append(|w| w.delete_client(client_id));
-    }
 }
 
 fn connack(c: &Connect, broker: &Broker, a: &Accepted, present: bool) -> ConnAck {

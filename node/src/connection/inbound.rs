@@ -13,6 +13,7 @@ use crate::codec::{
     SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::config::PublishRatePolicy;
+use crate::control::ReplicaSubscription;
 use crate::limit;
 use crate::message::Message;
 use crate::persist::{self, value};
@@ -216,7 +217,7 @@ impl Conn {
         // Emptied now rather than at the next publish: no session is kept alive by it.
         matches.clear();
         MATCHES.set(matches);
-        let (n, ticket) = (routed.delivered, routed.ticket);
+        let (n, ticket, mark) = (routed.delivered, routed.ticket, routed.mark);
         if let Some(session) = routed.congested {
             // Stop reading until that subscriber catches up (or the wait runs out).
             let wait = Duration::from_millis(cfg.mqtt.backpressure_max_wait_ms);
@@ -244,7 +245,7 @@ impl Conn {
             } else {
                 Packet::PubRec(resp)
             };
-            self.send_after(ticket, ack);
+            self.send_after_mark(ticket, mark, ack);
         }
         Ok(())
     }
@@ -358,6 +359,13 @@ impl Conn {
                     continue;
                 }
             };
+            if !self.broker.has_route(&parsed) && !self.broker.control.has_quorum() {
+                // A new route cannot be made known to the cluster now (no leader, or cut
+                // off from the quorum): refused rather than granted on this node only.
+                self.broker.metrics.subscribes_refused.inc();
+                codes.push(ReasonCode::UNSPECIFIED_ERROR);
+                continue;
+            }
             let mut options = *asked;
             options.qos = asked.qos.min(max_qos);
             let acl = AclStamp {
@@ -375,6 +383,17 @@ impl Conn {
                 },
             );
             if self.session.is_persistent() {
+                // Replicated, so that another node can resume the session.
+                self.broker.control.subscription_put(
+                    &self.client_id,
+                    self.session.epoch(),
+                    ReplicaSubscription {
+                        filter: raw.to_string(),
+                        options: value::options_byte(&options),
+                        subscription_id: sub_id.unwrap_or(0),
+                        acl_filtered,
+                    },
+                );
                 let (key, value) = (
                     keys::subscription_key(&self.client_id, raw),
                     value::subscription(&options, sub_id),
@@ -409,12 +428,18 @@ impl Conn {
             }
         }
         let properties = AckProperties::default();
+        // Granted ones are known cluster-wide once every live member has applied the route
+        // changes queued so far (this node's, or an earlier subscriber's still in flight).
+        let mark = match codes.iter().any(|c| !c.is_error()) {
+            true => self.broker.control.barrier(),
+            false => 0,
+        };
         let suback = Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             properties,
             reason_codes: codes,
         });
-        self.send_after(durable, suback);
+        self.send_after_mark(durable, mark, suback);
         // Paced by the in-flight window ahead of the queue (`Conn::pump`), not pushed through
         // the bounded queue.
         self.state.retained_backlog.extend(retained);
@@ -433,6 +458,11 @@ impl Conn {
                     if self.state.subscriptions.remove(raw).is_some()
                         && self.session.is_persistent()
                     {
+                        self.broker.control.subscription_del(
+                            &self.client_id,
+                            self.session.epoch(),
+                            raw,
+                        );
                         let key = keys::subscription_key(&self.client_id, raw);
                         let t = self
                             .broker
@@ -451,12 +481,14 @@ impl Conn {
             codes.push(rc);
         }
         let properties = AckProperties::default();
+        // Like SUBACK: nothing is forwarded here from publishes that start after UNSUBACK.
+        let mark = self.broker.control.barrier();
         let unsuback = Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
             properties,
             reason_codes: codes,
         });
-        self.send_after(durable, unsuback);
+        self.send_after_mark(durable, mark, unsuback);
     }
 
     fn on_disconnect(&mut self, d: Disconnect) -> Result<Exit, ConnError> {

@@ -85,12 +85,14 @@ struct Harness {
 }
 
 async fn run(script: Script) {
+    let retained = Arc::new(crate::router::SharedRetained::default());
     let broker = Arc::new(Broker::new(
         script.config,
         Metrics::new(),
         AuthGate::open(),
         store(),
-        Arc::new(crate::control::LocalControl::default()),
+        Arc::new(crate::control::LocalControl::new(retained.clone())),
+        retained,
     ));
     let mut h = Harness {
         broker: broker.clone(),

@@ -25,12 +25,19 @@ use petrel_storage::{keys, BatchWriter, Cf};
 
 use crate::session::{Delivery, Stage};
 
-/// Writes the record of a persistent session.
-pub fn put_session(w: &mut BatchWriter<'_>, client_id: &str, expiry: u32, disconnected_ms: u64) {
+/// Writes the record of a persistent session (`epoch`: of the claim that attached its
+/// last connection).
+pub fn put_session(
+    w: &mut BatchWriter<'_>,
+    client_id: &str,
+    expiry: u32,
+    disconnected_ms: u64,
+    epoch: u64,
+) {
     w.put(
         Cf::Sessions,
         client_id.as_bytes(),
-        &value::session(expiry, disconnected_ms),
+        &value::session(expiry, disconnected_ms, epoch),
     );
 }
 

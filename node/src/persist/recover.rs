@@ -34,6 +34,7 @@ pub struct Recovered {
 struct Pending {
     expiry: u32,
     disconnected_ms: u64,
+    epoch: u64,
     state: Box<SessionState>,
     queue: Vec<(u64, Delivery)>,
 }
@@ -45,7 +46,7 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
     let mut sessions: HashMap<String, Pending> = HashMap::new();
     for row in store.scan(Cf::Sessions) {
         let (k, v) = row?;
-        let (Ok(client_id), Some((expiry, disconnected_ms))) =
+        let (Ok(client_id), Some((expiry, disconnected_ms, epoch))) =
             (std::str::from_utf8(&k), value::parse_session(&v))
         else {
             r.orphans += 1;
@@ -54,6 +55,7 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
         let pending = Pending {
             expiry,
             disconnected_ms,
+            epoch,
             state: Box::default(),
             queue: Vec::new(),
         };
@@ -168,6 +170,7 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
         let session = broker.sessions.restore(client_id, |id, client_id| {
             Session::restore(id, client_id, p.expiry, p.state, queue, next_seq)
         });
+        session.set_epoch(crate::session::Epoch(p.epoch));
         broker.metrics.sessions.inc();
         for (filter, sub) in filters {
             if let Ok(parsed) = topic::parse_filter(&filter, max_levels) {
@@ -195,15 +198,9 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
         }
     }
 
-    for row in store.scan(Cf::Retained) {
-        let (_, v) = row?;
-        if let Some(d) = value::delivery(&v, &clock) {
-            if !d.msg.is_expired(clock.now) {
-                broker.restore_retained(d.msg);
-                r.retained += 1;
-            }
-        }
-    }
+    // Retained messages are replicated state: the cluster's snapshot and log bring them
+    // back (the `retained` column family of older versions is no longer read).
+    r.retained = broker.retained_count();
     for row in store.scan(Cf::Wills) {
         let (k, v) = row?;
         let (Ok(client_id), Some(will)) = (

@@ -180,42 +180,38 @@ pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
 }
 
 /// Session record: version, expiry interval, when it went offline (0: it was connected).
-pub fn session(expiry: u32, disconnected_ms: u64) -> [u8; 13] {
-    let mut v = [0u8; 13];
+pub fn session(expiry: u32, disconnected_ms: u64, epoch: u64) -> [u8; 21] {
+    let mut v = [0u8; 21];
     v[0] = VERSION;
     v[1..5].copy_from_slice(&expiry.to_be_bytes());
     v[5..13].copy_from_slice(&disconnected_ms.to_be_bytes());
+    v[13..21].copy_from_slice(&epoch.to_be_bytes());
     v
 }
 
-pub fn parse_session(mut b: &[u8]) -> Option<(u32, u64)> {
-    if b.len() != 13 || b.get_u8() != VERSION {
+/// (expiry, disconnected at, epoch); records of versions before the cluster have no epoch
+/// (0).
+pub fn parse_session(mut b: &[u8]) -> Option<(u32, u64, u64)> {
+    if !(b.len() == 13 || b.len() == 21) || b.get_u8() != VERSION {
         return None;
     }
-    Some((b.get_u32(), b.get_u64()))
+    let (expiry, disconnected) = (b.get_u32(), b.get_u64());
+    let epoch = if b.is_empty() { 0 } else { b.get_u64() };
+    Some((expiry, disconnected, epoch))
 }
 
-/// Subscription record: version, the v5 options byte, subscription identifier (0: none).
-pub fn subscription(o: &SubscriptionOptions, id: Option<u32>) -> [u8; 6] {
-    let opts = o.qos as u8
+/// The v5 SUBSCRIBE options byte of `o`.
+pub fn options_byte(o: &SubscriptionOptions) -> u8 {
+    o.qos as u8
         | (o.no_local as u8) << 2
         | (o.retain_as_published as u8) << 3
-        | (o.retain_handling as u8) << 4;
-    let mut v = [0u8; 6];
-    v[0] = VERSION;
-    v[1] = opts;
-    v[2..6].copy_from_slice(&id.unwrap_or(0).to_be_bytes());
-    v
+        | (o.retain_handling as u8) << 4
 }
 
-pub fn parse_subscription(mut b: &[u8]) -> Option<(SubscriptionOptions, Option<u32>)> {
+/// Subscription options from a v5 SUBSCRIBE options byte.
+pub fn options_from_byte(o: u8) -> Option<SubscriptionOptions> {
     use crate::codec::RetainHandling;
-    if b.len() != 6 || b.get_u8() != VERSION {
-        return None;
-    }
-    let o = b.get_u8();
-    let id = b.get_u32();
-    let options = SubscriptionOptions {
+    Some(SubscriptionOptions {
         qos: QoS::from_u8(o & 3)?,
         no_local: o & 4 != 0,
         retain_as_published: o & 8 != 0,
@@ -224,7 +220,24 @@ pub fn parse_subscription(mut b: &[u8]) -> Option<(SubscriptionOptions, Option<u
             1 => RetainHandling::SendIfNew,
             _ => RetainHandling::DoNotSend,
         },
-    };
+    })
+}
+
+/// Subscription record: version, the v5 options byte, subscription identifier (0: none).
+pub fn subscription(o: &SubscriptionOptions, id: Option<u32>) -> [u8; 6] {
+    let mut v = [0u8; 6];
+    v[0] = VERSION;
+    v[1] = options_byte(o);
+    v[2..6].copy_from_slice(&id.unwrap_or(0).to_be_bytes());
+    v
+}
+
+pub fn parse_subscription(mut b: &[u8]) -> Option<(SubscriptionOptions, Option<u32>)> {
+    if b.len() != 6 || b.get_u8() != VERSION {
+        return None;
+    }
+    let options = options_from_byte(b.get_u8())?;
+    let id = b.get_u32();
     Some((options, (id != 0).then_some(id)))
 }
 
@@ -434,7 +447,10 @@ mod tests {
 
     #[test]
     fn small_records_round_trip() {
-        assert_eq!(parse_session(&session(3600, 42)), Some((3600, 42)));
+        assert_eq!(parse_session(&session(3600, 42, 7)), Some((3600, 42, 7)));
+        // A record written before sessions had an epoch.
+        let old = &session(3600, 42, 7)[..13];
+        assert_eq!(parse_session(old), Some((3600, 42, 0)));
         let o = SubscriptionOptions {
             qos: QoS::ExactlyOnce,
             no_local: true,

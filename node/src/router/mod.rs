@@ -9,6 +9,6 @@ pub mod retained;
 pub mod topic;
 pub mod trie;
 
-pub use retained::{RetainedLimits, RetainedStore};
+pub use retained::{RetainedLimits, RetainedStore, SharedRetained};
 pub use topic::{FilterError, ParsedFilter};
 pub use trie::{AclStamp, Match, Subscriber, SubscriptionTrie};

@@ -2,9 +2,52 @@
 //! theirs without scanning every retained topic.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use prometheus::IntGauge;
 
 use crate::message::Message;
+
+/// The node's retained messages, shared by the cluster's state machine (which applies the
+/// replicated ones) and the broker (which reads them for SUBSCRIBE and keeps the node's own
+/// `$SYS` topics in it). Every change updates the two gauges.
+pub struct SharedRetained {
+    store: RwLock<RetainedStore>,
+    count: IntGauge,
+    bytes: IntGauge,
+}
+
+impl Default for SharedRetained {
+    /// With gauges that no registry reports (tests).
+    fn default() -> SharedRetained {
+        let gauge = || IntGauge::new("unregistered", "unregistered").expect("valid name");
+        SharedRetained::new(gauge(), gauge())
+    }
+}
+
+impl SharedRetained {
+    pub fn new(count: IntGauge, bytes: IntGauge) -> SharedRetained {
+        SharedRetained {
+            store: RwLock::new(RetainedStore::default()),
+            count,
+            bytes,
+        }
+    }
+
+    /// Reads the store (never held across an await).
+    pub fn read(&self) -> RwLockReadGuard<'_, RetainedStore> {
+        self.store.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the store, then updates the gauges.
+    pub fn update<R>(&self, f: impl FnOnce(&mut RetainedStore) -> R) -> R {
+        let mut store = self.store.write().unwrap_or_else(|e| e.into_inner());
+        let r = f(&mut store);
+        self.count.set(store.len() as i64);
+        self.bytes.set(store.bytes() as i64);
+        r
+    }
+}
 
 #[derive(Default)]
 struct Node {
@@ -140,6 +183,25 @@ impl RetainedStore {
     pub fn collect(&self, filter: &str, out: &mut Vec<Arc<Message>>) {
         walk(&self.root, filter.split('/'), true, out);
     }
+
+    /// Every message the cluster replicates: all but the node's own `$SYS` topics.
+    pub fn replicated(&self) -> Vec<Arc<Message>> {
+        let mut out = Vec::with_capacity(self.count - self.sys.0);
+        for (name, child) in &self.root.children {
+            if &**name != "$SYS" {
+                out.extend(child.message.iter().cloned());
+                all(child, false, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Forgets every replicated message (a snapshot replaces them); `$SYS` stays.
+    pub fn clear_replicated(&mut self) {
+        self.root.children.retain(|name, _| &**name == "$SYS");
+        self.root.message = None;
+        (self.count, self.bytes) = self.sys;
+    }
 }
 
 fn walk<'a>(
@@ -214,6 +276,23 @@ mod tests {
         assert_eq!(s.len(), 4);
         assert!(s.get("a/b").is_none());
         assert_eq!(topics(&s, "a/+/c"), vec!["a/b/c"]);
+    }
+
+    #[test]
+    fn replicated_leaves_out_sys_and_clearing_keeps_it() {
+        let mut s = RetainedStore::default();
+        for t in ["a", "a/b", "$SYS/up", "$other/x", "/lead"] {
+            s.set(Message::for_test(t, b"v"));
+        }
+        let mut got: Vec<String> = s.replicated().iter().map(|m| m.topic.to_string()).collect();
+        got.sort();
+        assert_eq!(got, vec!["$other/x", "/lead", "a", "a/b"]);
+        s.clear_replicated();
+        assert_eq!((s.len(), s.bytes()), (1, "$SYS/up".len() + 1));
+        assert!(s.replicated().is_empty());
+        assert!(s.get("$SYS/up").is_some());
+        s.set(Message::for_test("a", b"w"));
+        assert_eq!(s.len(), 2);
     }
 
     #[test]

@@ -258,6 +258,24 @@ impl SubscriptionTrie {
 
     /// Appends every subscription matching `topic` to `out`, one entry per subscription
     /// (and one chosen member per shared group).
+    /// Whether some session subscribes to `filter` (in `group`): its route exists.
+    pub fn has_route(&self, filter: &str, group: Option<&str>) -> bool {
+        let mut node = &self.root;
+        for level in filter.split('/') {
+            match node.children.get(level) {
+                Some(child) => node = child,
+                None => return false,
+            }
+        }
+        match group {
+            None => !node.subs.is_empty(),
+            Some(name) => node
+                .shared
+                .iter()
+                .any(|g| &*g.name == name && !g.members.is_empty()),
+        }
+    }
+
     pub fn collect(&self, topic: &str, out: &mut Vec<Match>) {
         let dollar = topic.starts_with('$');
         walk(&self.root, topic.split('/'), !dollar, out);
@@ -400,10 +418,13 @@ mod tests {
             (Some("g".to_owned()), "r/+".to_owned()),
         ];
         assert_eq!(routes, want);
+        assert!(t.has_route("r/+", None) && t.has_route("r/+", Some("g")));
+        assert!(!t.has_route("r/+", Some("h")) && !t.has_route("r", None));
         assert_eq!(t.unsubscribe("r/+", None, a.id()), (true, false));
         assert_eq!(t.unsubscribe("r/+", None, b.id()), (true, true));
         assert_eq!(t.unsubscribe("r/+", None, b.id()), (false, false));
         assert_eq!(t.unsubscribe("r/+", Some("g"), a.id()), (true, true));
         assert_eq!(t.routes(), vec![(None, "/lead".to_owned())]);
+        assert!(!t.has_route("r/+", None) && !t.has_route("r/+", Some("g")));
     }
 }

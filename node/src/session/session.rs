@@ -478,6 +478,42 @@ impl Session {
         self.lock().expires_at
     }
 
+    /// Sets the epoch of a session restored from the store (the last claim that attached it).
+    pub fn set_epoch(&self, epoch: Epoch) {
+        self.epoch.store(epoch.0, Ordering::Release);
+    }
+
+    /// Allocates the next position in the stored queue, for a message stored outside
+    /// [`Session::enqueue`] (one handed over in flight).
+    pub fn alloc_seq(&self) -> u64 {
+        let mut inner = self.lock();
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        seq
+    }
+
+    /// Changes the parked state of a session no connection holds (one being built).
+    pub fn with_parked<R>(&self, f: impl FnOnce(&mut SessionState) -> R) -> Option<R> {
+        self.lock().state.as_deref_mut().map(f)
+    }
+
+    /// Ends a session no connection holds and takes everything it held: its parked state and
+    /// its queue (a session handed over to another node). `None` if a connection holds it
+    /// or it has ended.
+    pub fn take_all(&self) -> Option<(Box<SessionState>, VecDeque<Delivery>)> {
+        let mut inner = self.lock();
+        if inner.link.is_some() || inner.ended {
+            return None;
+        }
+        let state = inner.state.take()?;
+        inner.ended = true;
+        let queue = std::mem::take(&mut inner.queue);
+        inner.queued_bytes = 0;
+        self.count_queue(0, queue.len());
+        self.drained.notify_waiters();
+        Some((state, queue))
+    }
+
     /// Marks the session ended and returns its parked state (None if a connection holds it)
     /// and the number of messages that were still queued.
     pub fn end(&self) -> (Option<Box<SessionState>>, usize) {

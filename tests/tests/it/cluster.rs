@@ -510,3 +510,283 @@ async fn a_data_dir_keeps_its_node_id() {
     })
     .await
 }
+
+fn persistent(o: &mut rumqttc::v5::MqttOptions) {
+    o.set_clean_start(false);
+    set_session_expiry(o, 300);
+}
+
+fn node(c: &Cluster, i: usize) -> &Broker {
+    c.members[i].broker.as_ref().expect("running")
+}
+
+#[tokio::test]
+async fn a_persistent_session_moves_to_another_node_with_its_queue() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut sub = V5Client::connect_with(node(&c, 0).mqtt_addr(), "mover", persistent).await;
+        sub.subscribe("mv/t", Q5::ExactlyOnce).await;
+        sub.subscribe("mv/+/x", Q5::AtLeastOnce).await;
+        sub.disconnect().await;
+        eprintln!("--- queued on node 0 while the client is away");
+        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "mover-pub").await;
+        for (i, q) in [1u8, 2, 1].into_iter().enumerate() {
+            publ.publish("mv/t", q5(q), false, format!("m{i}")).await;
+        }
+        publ.publish("mv/a/x", Q5::AtLeastOnce, false, "m3").await;
+        eprintln!("--- the client comes back on node 1");
+        let mut sub = V5Client::connect_with(node(&c, 1).mqtt_addr(), "mover", persistent).await;
+        assert!(
+            sub.connack.session_present,
+            "session present on the new node"
+        );
+        let got: Vec<(String, u8)> = sub
+            .recv_publishes(4)
+            .await
+            .iter()
+            .map(|p| (text(&p.payload), n5(p.qos)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("m0".into(), 1),
+                ("m1".into(), 2),
+                ("m2".into(), 1),
+                ("m3".into(), 1)
+            ]
+        );
+        let moved = |dir: &str| format!("petrel_session_handovers_total{{direction=\"{dir}\"}}");
+        assert_eq!(
+            node(&c, 1).metric(&moved("in")).await,
+            1.0,
+            "handed over before CONNACK"
+        );
+        assert_eq!(node(&c, 0).metric(&moved("out")).await, 1.0);
+        eprintln!("--- its subscriptions came from the replica: node 1 delivers");
+        let mut publ1 = V5Client::connect(node(&c, 1).mqtt_addr(), "mover-pub1").await;
+        publ1
+            .publish("mv/b/x", Q5::AtLeastOnce, false, "here")
+            .await;
+        assert_eq!(text(&sub.recv_publish().await.payload), "here");
+        sub.assert_no_publish_before_marker().await;
+        eprintln!("--- node 0 let go: no session, no route for it");
+        wait_routes(c.grpc(0), 0, 0).await;
+        // mv/t, mv/+/x and the marker's topic.
+        wait_routes(c.grpc(2), 1, 3).await;
+        node(&c, 0)
+            .wait_metric("petrel_sessions", WAIT, |v| v == 1.0)
+            .await;
+        eprintln!("--- and a clean start elsewhere leaves nothing to resume");
+        sub.disconnect().await;
+        let clean = V5Client::connect_with(node(&c, 2).mqtt_addr(), "mover", |o| {
+            set_session_expiry(o, 300);
+        })
+        .await;
+        assert!(!clean.connack.session_present);
+        clean.disconnect().await;
+        let back = V5Client::connect_with(node(&c, 1).mqtt_addr(), "mover", persistent).await;
+        assert!(
+            back.connack.session_present,
+            "the clean start's session (expiry 300)"
+        );
+        // The clean start dropped every subscription (the marker's too), and node 1 let go
+        // of its stale copy.
+        wait_routes(c.grpc(1), 1, 0).await;
+        node(&c, 1)
+            .wait_metric("petrel_sessions", WAIT, |v| v == 2.0)
+            .await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_session_of_a_dead_node_resumes_elsewhere_and_its_messages_follow_when_it_returns() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut sub = V5Client::connect_with(node(&c, 0).mqtt_addr(), "phoenix", persistent).await;
+        sub.subscribe("px/#", Q5::AtLeastOnce).await;
+        sub.disconnect().await;
+        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "phoenix-pub").await;
+        publ.publish("px/1", Q5::AtLeastOnce, false, "old-1").await;
+        publ.publish("px/2", Q5::ExactlyOnce, false, "old-2").await;
+        drop(publ);
+        eprintln!("--- node 0 dies with the queue; the client resumes on node 2");
+        c.kill9(0).await;
+        let mut sub = V5Client::connect_with(node(&c, 2).mqtt_addr(), "phoenix", persistent).await;
+        assert!(sub.connack.session_present);
+        let mut publ = V5Client::connect(node(&c, 2).mqtt_addr(), "phoenix-pub2").await;
+        publ.publish("px/3", Q5::AtLeastOnce, false, "new").await;
+        assert_eq!(text(&sub.recv_publish().await.payload), "new");
+        eprintln!("--- node 0 returns and hands the old messages over");
+        c.start(&[0]).await;
+        let mut got: Vec<String> = sub
+            .recv_publishes(2)
+            .await
+            .iter()
+            .map(|p| text(&p.payload))
+            .collect();
+        got.sort();
+        assert_eq!(got, ["old-1", "old-2"]);
+        let moved = |dir: &str| format!("petrel_session_handovers_total{{direction=\"{dir}\"}}");
+        assert_eq!(node(&c, 2).metric(&moved("resumed_without")).await, 1.0);
+        assert_eq!(node(&c, 2).metric(&moved("late_in")).await, 1.0);
+        sub.assert_no_publish_before_marker().await;
+        node(&c, 0)
+            .wait_metric("petrel_sessions", WAIT, |v| v == 0.0)
+            .await;
+        wait_routes(c.grpc(2), 0, 0).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn retained_messages_are_set_and_cleared_cluster_wide() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "ret-pub").await;
+        publ.publish("ret/a", Q5::AtLeastOnce, true, "kept").await;
+        eprintln!("--- acknowledged on node 0: seen by subscribers on nodes 1 and 2 at once");
+        for i in [1, 2] {
+            let mut s = V5Client::connect(node(&c, i).mqtt_addr(), &format!("ret-sub{i}")).await;
+            s.subscribe("ret/#", Q5::AtLeastOnce).await;
+            let p = s.recv_publish().await;
+            assert_eq!((text(&p.payload), p.retain), ("kept".into(), true));
+            s.assert_no_publish_before_marker().await;
+        }
+        eprintln!("--- cleared on node 2: gone everywhere");
+        let mut publ2 = V5Client::connect(node(&c, 2).mqtt_addr(), "ret-pub2").await;
+        publ2.publish("ret/a", Q5::AtLeastOnce, true, "").await;
+        for i in [0, 1] {
+            let mut s = V5Client::connect(node(&c, i).mqtt_addr(), &format!("ret-late{i}")).await;
+            s.subscribe("ret/#", Q5::AtLeastOnce).await;
+            s.assert_no_publish_before_marker().await;
+        }
+        eprintln!("--- a restarted node has them from the log");
+        publ2.publish("ret/b", Q5::AtLeastOnce, true, "again").await;
+        c.kill9(1).await;
+        c.start(&[1]).await;
+        let mut s = V5Client::connect(node(&c, 1).mqtt_addr(), "ret-restart").await;
+        s.subscribe("ret/#", Q5::AtLeastOnce).await;
+        assert_eq!(text(&s.recv_publish().await.payload), "again");
+    })
+    .await
+}
+
+/// Route entries of `node` in `addr`'s replica, read once (no waiting).
+async fn routes_now(addr: &str, node: u64) -> u64 {
+    routes_of(addr, node).await.expect("status")
+}
+
+#[tokio::test]
+async fn a_suback_means_every_live_member_has_the_route() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[("PETREL_CLUSTER__APPLY_WAIT_MS", "1000")]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut s = V5Client::connect(node(&c, 2).mqtt_addr(), "suback").await;
+        let mut took = Vec::new();
+        for i in 0..20u64 {
+            let started = Instant::now();
+            s.subscribe(&format!("sa/{i}"), Q5::AtLeastOnce).await;
+            took.push(started.elapsed());
+            // Read right after the SUBACK, without waiting: every replica has the route.
+            for at in [0, 1] {
+                assert_eq!(
+                    routes_now(c.grpc(at), 2).await,
+                    i + 1,
+                    "node {at} after SUBACK {i}"
+                );
+            }
+        }
+        took.sort();
+        eprintln!(
+            "SUBACK of a new route on a 3-node cluster: median {:?}, max {:?}",
+            took[took.len() / 2],
+            took[took.len() - 1]
+        );
+        for i in 0..20u64 {
+            s.unsubscribe(&format!("sa/{i}")).await;
+            for at in [0, 1] {
+                assert_eq!(
+                    routes_now(c.grpc(at), 2).await,
+                    19 - i,
+                    "node {at} after UNSUBACK {i}"
+                );
+            }
+        }
+        eprintln!("--- a stopped member holds a SUBACK for at most cluster.apply_wait_ms");
+        let stopped = node(&c, 1).pid().to_string();
+        let signal = |sig: &str| {
+            let ok = std::process::Command::new("kill")
+                .args([sig, &stopped])
+                .status()
+                .expect("kill runs")
+                .success();
+            assert!(ok, "kill {sig} {stopped}");
+        };
+        signal("-STOP");
+        let started = Instant::now();
+        s.subscribe("sa/while-stopped", Q5::AtLeastOnce).await;
+        let waited = started.elapsed();
+        signal("-CONT");
+        eprintln!("SUBACK with a stopped member: {waited:?}");
+        assert!(waited < Duration::from_secs(4), "{waited:?}");
+        assert_eq!(routes_now(c.grpc(0), 2).await, 1);
+        wait_routes(c.grpc(1), 2, 1).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn without_a_quorum_a_subscribe_that_needs_a_new_route_is_refused() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut s = V5Client::connect(node(&c, 0).mqtt_addr(), "minority").await;
+        s.subscribe("mi/old", Q5::AtLeastOnce).await;
+        let mut other = V5Client::connect(node(&c, 0).mqtt_addr(), "minority-2").await;
+        // A raw client: rumqttc treats a refused filter as the end of the connection.
+        let mut raw = RawClient::connect(node(&c, 0).mqtt_addr()).await;
+        raw.send(&pkt::Connect::v5("minority-raw").encode()).await;
+        raw.expect_packet(WAIT, "CONNACK").await;
+        c.kill9(1).await;
+        c.kill9(2).await;
+        wait_until("node 0 to lose its quorum", WAIT, || async {
+            match node(&c, 0).http_get("/health/ready").await {
+                (503, _) => Ok(()),
+                other => Err(other),
+            }
+        })
+        .await;
+        let started = Instant::now();
+        raw.send(&pkt::subscribe(
+            true,
+            7,
+            &[("mi/new", 1), ("mi/old", 1)],
+            &[],
+        ))
+        .await;
+        let ack = raw.expect_packet(WAIT, "SUBACK").await;
+        assert_eq!(ack.suback_codes(true), [0x80, 0x01]);
+        eprintln!("minority SUBACK after {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(8));
+        assert_eq!(
+            other.subscribe("mi/old", Q5::AtMostOnce).await,
+            p5::SubscribeReasonCode::Success(Q5::AtMostOnce),
+            "a route this node has needs no quorum"
+        );
+        drop(s);
+        assert_eq!(
+            node(&c, 0).metric("petrel_subscribes_refused_total").await,
+            1.0
+        );
+    })
+    .await
+}

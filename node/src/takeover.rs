@@ -1,0 +1,562 @@
+//! Claims and takeovers: the service below `connection/` that makes a CONNECT the owner of
+//! its client id cluster-wide, and moves persistent sessions between nodes.
+//!
+//! ```text
+//!  handshake ── claim() ── ControlPlane::claim (Raft: new epoch, session present?, previous
+//!                 │                              node, and from it what it held: Moved)
+//!                 ├─ a connection here of the client id: kicked (0x8E), waited for
+//!                 ├─ resumed here, or a new session; a moved one gets its subscriptions
+//!                 │  from the replica and the old owner's messages (`adopt`)
+//!                 └─ attached: (session, state, session present) to the connection
+//!
+//!  cluster (old owner) ── SessionHost::surrender/forget ──> Takeovers::parked
+//!  cluster (owner)     ── SessionHost::absorb ──> a late push joins the session's queue
+//!  keep_sessions (every 2 s): sessions held here that another node owns are surrendered,
+//!                             what is parked is pushed to the owner until it is taken
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use petrel_storage::{keys, Cf, Ticket};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::cluster::Cluster;
+use crate::codec::{MqttStr, PacketId, QoS, ReasonCode};
+use crate::control::{BoxFuture, ClaimRequest, HandedMessage, HandedOver, Moved, SessionHost};
+use crate::persist::{self, value};
+use crate::router::{topic, AclStamp};
+use crate::session::{
+    Delivery, Epoch, Inflight, Kick, Session, SessionState, Stage, StoredSubscription,
+};
+
+/// How long a CONNECT waits for the previous connection of its client id to let go.
+pub const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often sessions held here are checked against the replicated ownership.
+const SESSION_CHECK: Duration = Duration::from_secs(2);
+
+/// How long a surrendered session waits for its new owner's confirmation before it is
+/// pushed to the owner instead.
+const PUSH_AFTER: Duration = Duration::from_secs(3);
+
+/// Sessions handed over by this node and not confirmed yet, and hand-overs taken here.
+#[derive(Default)]
+pub struct Takeovers {
+    parked: Mutex<HashMap<Arc<str>, Parked>>,
+    /// (client id, from epoch) of every hand-over taken here: a repeated one adds nothing.
+    taken: Mutex<HashSet<(Arc<str>, u64)>>,
+}
+
+struct Parked {
+    handed: HandedOver,
+    since: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Takeovers {
+    /// Notes a hand-over taken here; false if it was taken before.
+    fn note_taken(&self, client_id: &Arc<str>, from_epoch: u64) -> bool {
+        lock(&self.taken).insert((client_id.clone(), from_epoch))
+    }
+
+    fn is_parked(&self, client_id: &str) -> bool {
+        lock(&self.parked).contains_key(client_id)
+    }
+
+    /// Sessions surrendered here and not confirmed (for status and tests).
+    pub fn parked_count(&self) -> usize {
+        lock(&self.parked).len()
+    }
+}
+
+/// Claims the client id: first through the claim service (the cluster: a Raft command that
+/// gives a new epoch and makes another node that owned it close its connection), then here:
+/// takes over a connected session, resumes or replaces it, or builds a session another node
+/// held.
+///
+/// Claims of one client id take turns (`lock_claim`), so each sees the outcome of the one
+/// before; the registry's compare-and-set in `create` keeps one session per client id even
+/// against the timer task ending sessions meanwhile.
+pub async fn claim(
+    broker: &Broker,
+    client_id: &Arc<str>,
+    clean_start: bool,
+    expiry: u32,
+    conn_id: u64,
+) -> Result<(Arc<Session>, Box<SessionState>, bool), ReasonCode> {
+    let _turn = broker.sessions.lock_claim(client_id).await;
+    let request = ClaimRequest {
+        client_id: client_id.clone(),
+        clean_start,
+        expiry_secs: expiry,
+    };
+    let mut grant = match broker.control.claim(request).await {
+        Ok(g) => g,
+        Err(e) => {
+            broker.metrics.claims_refused.inc();
+            tracing::info!(%client_id, error = %e, "claim refused: the cluster is unreachable");
+            return Err(ReasonCode::SERVER_UNAVAILABLE);
+        }
+    };
+    if let Some(node) = grant.previous_node {
+        tracing::info!(%client_id, from_node = node, epoch = %grant.epoch, "client id taken over from another node");
+    }
+    let mut moved = grant.moved.take();
+    for _ in 0..4 {
+        let existing = broker.sessions.get(client_id);
+        if let Some(old) = &existing {
+            if old.kick(Kick::TakenOver) {
+                broker.metrics.takeovers.inc();
+                tracing::info!(%client_id, epoch = %old.epoch(), "session taken over");
+                if !old.wait_released(TAKEOVER_TIMEOUT).await {
+                    return Err(ReasonCode::SERVER_BUSY);
+                }
+                // Look again: the old connection's end may have ended or replaced the session
+                // while we waited.
+                continue;
+            }
+        }
+        let (session, present) = match existing {
+            // A session another node held supersedes what this node may still have of it.
+            Some(old) if !clean_start && !old.is_ended() && moved.is_none() => {
+                broker.cancel_will(client_id, old.id());
+                old.set_expiry_secs(expiry);
+                (old, true)
+            }
+            old => {
+                let expected = old.as_ref().map(|s| s.id());
+                let Some((session, replaced)) =
+                    broker.sessions.create(client_id.clone(), expiry, expected)
+                else {
+                    continue;
+                };
+                match replaced {
+                    Some(old) => {
+                        if moved.is_some() && old.queue_len() > 0 {
+                            tracing::warn!(%client_id, dropped = old.queue_len(), "a stale copy of a moved session replaced");
+                        }
+                        broker.replace_session(&old)
+                    }
+                    None => {
+                        broker.metrics.sessions.inc();
+                        if broker.takeovers.is_parked(client_id) {
+                            // Back here before the new owner confirmed: the stored copy of
+                            // the surrendered session goes (its parked copy is still pushed),
+                            // so that it does not come back inside this one after a restart.
+                            broker.store.append(|w| w.delete_client(client_id));
+                        }
+                    }
+                }
+                let present = match moved.take() {
+                    Some(m) => {
+                        adopt(broker, &session, *m, expiry > 0);
+                        true
+                    }
+                    None => false,
+                };
+                (session, present)
+            }
+        };
+        if let Some(state) = session.attach(conn_id, grant.epoch) {
+            persist_claim(broker, &session, expiry, grant.epoch);
+            return Ok((session, state, present));
+        }
+    }
+    Err(ReasonCode::SERVER_BUSY)
+}
+
+/// Stores a persistent session's record, or forgets a stored session that is no longer
+/// persistent (resumed with expiry 0: it ends when this connection does).
+fn persist_claim(broker: &Broker, session: &Session, expiry: u32, epoch: Epoch) {
+    let client_id = session.client_id();
+    if expiry > 0 {
+        session.set_persistent(true);
+        broker
+            .store
+            .append(|w| persist::put_session(w, client_id, expiry, 0, epoch.0));
+    } else if session.is_persistent() {
+        session.set_persistent(false);
+        broker.store.append(|w| w.delete_client(client_id));
+    }
+}
+
+/// Builds a new (unattached) session from what another node held: the replica's
+/// subscriptions and the old owner's messages, stored here if the session is `persistent`.
+/// Once the store has it, the old owner is told it may delete its copy.
+fn adopt(broker: &Broker, session: &Arc<Session>, moved: Moved, persistent: bool) {
+    let client_id = session.client_id().clone();
+    let mut txn = broker.store.begin();
+    let mut subscriptions = 0;
+    for sub in &moved.subscriptions {
+        let (Ok(raw), Ok(parsed), Some(options)) = (
+            MqttStr::new(&sub.filter),
+            // Stored filters were valid when stored; a lowered depth limit does not drop them.
+            topic::parse_filter(&sub.filter, usize::MAX),
+            value::options_from_byte(sub.options),
+        ) else {
+            continue;
+        };
+        let id = (sub.subscription_id != 0).then_some(sub.subscription_id);
+        // The ACL may have changed, and the connection may be another user's: checked at
+        // delivery, as a recovered subscription is.
+        broker.subscribe(session, &parsed, options, id, AclStamp::UNDECIDED);
+        if persistent {
+            txn.writer().put(
+                Cf::Subscriptions,
+                &keys::subscription_key(&client_id, &raw),
+                &value::subscription(&options, id),
+            );
+        }
+        session.with_parked(|st| {
+            st.subscriptions.insert(
+                raw,
+                StoredSubscription {
+                    options,
+                    subscription_id: id,
+                },
+            )
+        });
+        subscriptions += 1;
+    }
+    let Some(handed) = moved.handed else {
+        broker
+            .metrics
+            .handovers
+            .with_label_values(&["resumed_without"])
+            .inc();
+        txn.commit();
+        tracing::info!(%client_id, subscriptions, "session resumed from the replica");
+        return;
+    };
+    let taken_before = !broker.takeovers.note_taken(&client_id, handed.from_epoch);
+    let messages = match taken_before {
+        true => 0,
+        false => take_messages(broker, session, &handed, persistent, &mut txn),
+    };
+    let ticket = txn.commit();
+    broker.metrics.handovers.with_label_values(&["in"]).inc();
+    tracing::info!(%client_id, subscriptions, messages, from_node = handed.from_node, "session moved here");
+    confirm_after(
+        broker,
+        ticket,
+        client_id,
+        handed.from_node,
+        handed.from_epoch,
+    );
+}
+
+/// Puts handed-over messages into `session`: those in flight (with their packet ids) into
+/// its state, the others at the end of its queue. Returns how many it took.
+fn take_messages(
+    broker: &Broker,
+    session: &Arc<Session>,
+    handed: &HandedOver,
+    persistent: bool,
+    txn: &mut petrel_storage::Txn<'_>,
+) -> usize {
+    let client_id = session.client_id().clone();
+    let clock = value::Clock::now();
+    let mut taken = 0;
+    for m in &handed.queued {
+        let Some(mut d) = value::delivery(&m.message, &clock) else {
+            continue;
+        };
+        if d.msg.is_expired(clock.now) {
+            continue;
+        }
+        let inflight = PacketId::new(m.packet_id).filter(|_| d.qos != QoS::AtMostOnce);
+        let parked = match inflight {
+            Some(packet_id) => {
+                let stage = match m.released {
+                    true => Stage::Released,
+                    false => Stage::Published,
+                };
+                if persistent {
+                    d.seq = session.alloc_seq();
+                    let mut w = txn.writer();
+                    w.put(Cf::Queue, &keys::queue_key(&client_id, d.seq), &m.message);
+                    if d.qos == QoS::ExactlyOnce {
+                        persist::put_inflight(&mut w, &client_id, &d, packet_id.get(), stage);
+                    }
+                }
+                let f = Inflight {
+                    packet_id,
+                    delivery: d,
+                    stage,
+                };
+                session
+                    .with_parked(move |st| {
+                        st.inflight.push_back(f);
+                        st.next_packet_id = packet_id.next().max(st.next_packet_id);
+                    })
+                    .is_some()
+            }
+            None => {
+                let stored = persistent.then(|| (&mut *txn, m.message.to_vec()));
+                matches!(
+                    session.enqueue(d, &broker.limits, stored),
+                    crate::session::Enqueued::Queued { .. }
+                )
+            }
+        };
+        taken += parked as usize;
+    }
+    let inbound = handed.inbound_qos2.clone();
+    if persistent {
+        for id in &inbound {
+            txn.writer()
+                .put(Cf::Inbound, &keys::inbound_key(&client_id, *id), &[]);
+        }
+    }
+    session.with_parked(|st| st.inbound_qos2.extend(inbound));
+    taken
+}
+
+/// Tells `from_node` that its hand-over is here, once the store has it.
+fn confirm_after(
+    broker: &Broker,
+    ticket: Ticket,
+    client_id: Arc<str>,
+    from_node: u64,
+    from_epoch: u64,
+) {
+    let store = broker.store.clone();
+    let control = broker.control.clone();
+    tokio::spawn(async move {
+        if store.wait(ticket).await.is_ok() {
+            control.handover_taken(&client_id, from_node, from_epoch);
+        }
+    });
+}
+
+/// Encodes what a session held for another node: in-flight messages (with their packet
+/// ids) first, then its queue.
+fn hand_over(
+    from_node: u64,
+    from_epoch: u64,
+    state: &SessionState,
+    queue: &VecDeque<Delivery>,
+) -> HandedOver {
+    let clock = value::Clock::now();
+    let encode = |d: &Delivery| {
+        if d.msg.is_expired(clock.now) {
+            return None;
+        }
+        value::message(
+            &d.msg,
+            d.qos,
+            d.retain,
+            d.subscription_ids.as_slice(),
+            &clock,
+        )
+        .ok()
+        .map(bytes::Bytes::from)
+    };
+    let inflight = state.inflight.iter().filter_map(|f| {
+        Some(HandedMessage {
+            message: encode(&f.delivery)?,
+            packet_id: f.packet_id.get(),
+            released: f.stage == Stage::Released,
+        })
+    });
+    let queued = queue.iter().filter_map(|d| {
+        Some(HandedMessage {
+            message: encode(d)?,
+            packet_id: 0,
+            released: false,
+        })
+    });
+    HandedOver {
+        from_node,
+        from_epoch,
+        queued: inflight.chain(queued).collect(),
+        inbound_qos2: state.inbound_qos2.iter().copied().collect(),
+    }
+}
+
+/// The node's sessions as the cluster sees them.
+pub struct Host {
+    pub broker: Arc<Broker>,
+    pub node_id: u64,
+}
+
+impl Host {
+    /// Takes this node's session of `client_id` (older than `epoch`) out of the router and
+    /// the registry, parks what it held and returns it.
+    async fn surrender_now(&self, client_id: &str, epoch: u64) -> Option<HandedOver> {
+        let broker = &self.broker;
+        if let Some(p) = lock(&broker.takeovers.parked).get(client_id) {
+            return Some(p.handed.clone());
+        }
+        let client: Arc<str> = client_id.into();
+        let _turn = broker.sessions.lock_claim(&client).await;
+        let session = broker.sessions.get(client_id)?;
+        if session.epoch().0 >= epoch {
+            return None;
+        }
+        if session.kick(Kick::TakenOver) {
+            broker.metrics.takeovers.inc();
+            tracing::info!(%client_id, epoch, "session taken over by another node");
+        }
+        if !session.wait_released(TAKEOVER_TIMEOUT).await || !session.is_persistent() {
+            // A clean session ends with its connection: nothing to hand over.
+            return None;
+        }
+        let (state, queue) = session.take_all()?;
+        for filter in state.subscriptions.keys() {
+            if let Ok(parsed) = topic::parse_filter(filter, usize::MAX) {
+                broker.unsubscribe(session.id(), &parsed);
+            }
+        }
+        if broker.sessions.remove(&session) {
+            broker.metrics.sessions.dec();
+        }
+        let handed = hand_over(self.node_id, session.epoch().0, &state, &queue);
+        broker.metrics.handovers.with_label_values(&["out"]).inc();
+        lock(&broker.takeovers.parked).insert(
+            client.clone(),
+            Parked {
+                handed: handed.clone(),
+                since: Instant::now(),
+            },
+        );
+        Some(handed)
+    }
+}
+
+impl SessionHost for Host {
+    fn surrender(&self, client_id: &str, epoch: u64) -> BoxFuture<'_, Option<HandedOver>> {
+        let client_id = client_id.to_owned();
+        Box::pin(async move { self.surrender_now(&client_id, epoch).await })
+    }
+
+    fn forget(&self, client_id: &str, from_epoch: u64) {
+        let broker = &self.broker;
+        let mut parked = lock(&broker.takeovers.parked);
+        if parked
+            .get(client_id)
+            .is_none_or(|p| p.handed.from_epoch != from_epoch)
+        {
+            return;
+        }
+        parked.remove(client_id);
+        drop(parked);
+        // The stored copy goes, unless the client came back here meanwhile (its new
+        // session's keys share the prefix; the old copy's then went when it was created).
+        if broker.sessions.get(client_id).is_none() {
+            broker.store.append(|w| w.delete_client(client_id));
+        }
+    }
+
+    fn absorb(&self, client_id: &str, handed: HandedOver) -> bool {
+        let broker = &self.broker;
+        let client: Arc<str> = client_id.into();
+        let Some(session) = broker.sessions.get(client_id).filter(|s| !s.is_ended()) else {
+            // The session ended here (or never came): nothing to deliver the messages to.
+            return true;
+        };
+        if !broker.takeovers.note_taken(&client, handed.from_epoch) {
+            return true;
+        }
+        let persistent = session.is_persistent();
+        let clock = value::Clock::now();
+        let mut txn = broker.store.begin();
+        let mut n = 0;
+        // Late: after whatever the session got meanwhile, each message as new (in-flight
+        // ones of the old owner are sent again with new packet ids).
+        for m in &handed.queued {
+            let Some(d) = value::delivery(&m.message, &clock) else {
+                continue;
+            };
+            if d.msg.is_expired(clock.now) {
+                continue;
+            }
+            let stored = persistent.then(|| (&mut txn, m.message.to_vec()));
+            n += matches!(
+                session.enqueue(d, &broker.limits, stored),
+                crate::session::Enqueued::Queued { .. }
+            ) as usize;
+        }
+        txn.commit();
+        broker
+            .metrics
+            .handovers
+            .with_label_values(&["late_in"])
+            .inc();
+        tracing::info!(%client_id, messages = n, from_node = handed.from_node, "late hand-over taken");
+        true
+    }
+}
+
+/// Keeps the sessions held here consistent with the replicated ownership: a persistent
+/// session that another node claimed while this node was away (or cut off) is surrendered,
+/// and what is parked and not confirmed is pushed to the owner until it is taken.
+pub async fn keep_sessions(
+    broker: Arc<Broker>,
+    cluster: Arc<Cluster>,
+    host: Arc<Host>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(SESSION_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let me = host.node_id;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !cluster.is_caught_up() {
+            continue;
+        }
+        // Held here, owned elsewhere at a later epoch.
+        let held: Vec<(Arc<str>, u64)> = broker
+            .sessions
+            .lock()
+            .values()
+            .filter(|s| s.is_persistent() && !s.is_connected() && !s.is_ended())
+            .map(|s| (s.client_id().clone(), s.epoch().0))
+            .collect();
+        for (client_id, epoch) in held {
+            if let Some(o) = cluster.session_owner(&client_id) {
+                if o.node != me && o.epoch > epoch {
+                    host.surrender_now(&client_id, o.epoch).await;
+                }
+            }
+        }
+        // Parked long enough without a confirmation: pushed.
+        let due: Vec<(Arc<str>, HandedOver)> = lock(&broker.takeovers.parked)
+            .iter()
+            .filter(|(_, p)| p.since.elapsed() >= PUSH_AFTER)
+            .map(|(c, p)| (c.clone(), p.handed.clone()))
+            .collect();
+        for (client_id, handed) in due {
+            let from_epoch = handed.from_epoch;
+            let taken = match cluster.session_owner(&client_id) {
+                // The session ended cluster-wide, or a clean start replaced it: nobody to
+                // give the messages to.
+                None => true,
+                Some(o) if !o.continues(from_epoch) => true,
+                Some(o) if o.node == me => host.absorb(&client_id, handed),
+                Some(o) => match cluster.push_session(o.node, &client_id, handed).await {
+                    Ok(taken) => taken,
+                    Err(e) => {
+                        tracing::debug!(%client_id, owner = o.node, error = %e, "session push failed; retrying");
+                        false
+                    }
+                },
+            };
+            if taken {
+                tracing::debug!(%client_id, from_epoch, "parked session released");
+            }
+            if taken {
+                host.forget(&client_id, from_epoch);
+            }
+        }
+    }
+}
