@@ -298,10 +298,17 @@ impl Cluster {
     fn leads_or_follows(&self, m: &openraft::RaftMetrics<TypeConfig>) -> bool {
         use openraft::Instant as _;
         let fresh = match m.state {
-            ServerState::Leader => m
-                .last_quorum_acked
-                .as_ref()
-                .is_some_and(|t| t.elapsed() < self.lease),
+            // The only voter is a quorum by itself (openraft keeps its quorum-acked time at
+            // the moment it became leader).
+            ServerState::Leader => {
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .eq([self.me.node_id])
+                    || m.last_quorum_acked
+                        .as_ref()
+                        .is_some_and(|t| t.elapsed() < self.lease)
+            }
             _ => {
                 let at = self.leader_contact.load(Ordering::Relaxed);
                 at > 0
@@ -1095,7 +1102,8 @@ impl ControlPlane for Cluster {
     }
 
     fn has_quorum(&self) -> bool {
-        self.leads_or_follows(&self.metrics())
+        // Just started (an election may be under way): not known to be cut off yet.
+        self.started.elapsed() < self.lease || self.leads_or_follows(&self.metrics())
     }
 
     fn subscription_put(&self, client_id: &Arc<str>, epoch: Epoch, sub: ReplicaSubscription) {

@@ -790,3 +790,22 @@ async fn without_a_quorum_a_subscribe_that_needs_a_new_route_is_refused() {
     })
     .await
 }
+
+#[tokio::test]
+async fn an_idle_single_node_stays_ready_and_takes_subscriptions() {
+    test_timeout(async {
+        // One voter is a quorum by itself: its lease never runs out (openraft keeps a lone
+        // leader's quorum-acked time at its election).
+        let mut c = Cluster::new(1, 1, &[]);
+        c.start(&[0]).await;
+        // Two election timeouts (500 ms each here) and then some, without a Raft write.
+        let_time_pass(Duration::from_millis(1500)).await;
+        assert_eq!(node(&c, 0).http_get("/health/ready").await.0, 200);
+        let mut s = V5Client::connect(node(&c, 0).mqtt_addr(), "idle").await;
+        assert_eq!(
+            s.subscribe("idle/t", Q5::AtLeastOnce).await,
+            p5::SubscribeReasonCode::Success(Q5::AtLeastOnce)
+        );
+    })
+    .await
+}
