@@ -172,6 +172,11 @@ pub struct ConnArgs {
     /// How long to hold the connections open once all are up.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub duration: Duration,
+    /// Each connection also subscribes, at QoS 1, to a filter of its own
+    /// (`<prefix>/c<i>`) and counts as up once its SUBACK is in: a subscribe storm of new
+    /// routes (a clustered broker makes each known cluster-wide).
+    #[arg(long)]
+    pub subscribe: bool,
 }
 
 #[derive(Debug, Clone, Args)]

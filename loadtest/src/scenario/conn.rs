@@ -1,10 +1,12 @@
 //! `conn`: open N connections (at most --concurrency attempts at once, optionally paced to
-//! --rate per second), hold them idle for --duration, answer keep-alive, close.
+//! --rate per second; with --subscribe each also subscribes to a filter of its own), hold them
+//! idle for --duration, answer keep-alive, close.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Buf;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -65,9 +67,16 @@ pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
         let addr = settings.brokers[broker].clone();
         let opts = settings.client_options('c', i, None);
         let (progress, hold) = (progress.clone(), hold.clone());
+        let filter = a.subscribe.then(|| format!("{}/c{i}", settings.prefix));
         handles.push(tokio::spawn(async move {
             let start = now_ns();
-            let conn = Conn::connect(&addr, &opts, IDLE_BUF).await;
+            let conn = match Conn::connect(&addr, &opts, IDLE_BUF).await {
+                Ok(conn) => match filter {
+                    Some(filter) => subscribe(conn, &filter).await,
+                    None => Ok(conn),
+                },
+                Err(e) => Err(e),
+            };
             drop(permit);
             match conn {
                 Ok(conn) => {
@@ -155,6 +164,25 @@ pub async fn run(settings: Settings, a: &ConnArgs) -> anyhow::Result<Report> {
         errors,
         ..Report::default()
     })
+}
+
+/// Subscribes `conn` to `filter` at QoS 1 and waits for a SUBACK that grants it.
+async fn subscribe(mut conn: Conn, filter: &str) -> anyhow::Result<Conn> {
+    codec::encode_subscribe(&mut conn.wbuf, conn.version, 1, filter, 1);
+    conn.flush().await?;
+    loop {
+        let f = conn.read_frame().await?;
+        let body = f.body(&conn.rbuf).to_vec();
+        conn.rbuf.advance(f.packet_len());
+        if f.kind != codec::kind::SUBACK {
+            continue;
+        }
+        // The last byte is the reason code of the one filter (after a v5 property block).
+        match body.last() {
+            Some(&rc) if rc < 0x80 => return Ok(conn),
+            rc => anyhow::bail!("SUBACK refused {filter}: {rc:?}"),
+        }
+    }
 }
 
 /// Keeps a connection open until `hold` fires, sending PINGREQ when it is due; returns true

@@ -78,6 +78,8 @@ pub(super) struct Conn {
     /// PUBACKs in `pending_acks`: inbound QoS 1 messages the client has no answer to yet,
     /// counted against the server's Receive Maximum with the inbound QoS 2 ones.
     pub pending_pubacks: usize,
+    /// SUBACKs in `pending_acks`: retained messages of a SUBSCRIBE wait behind its SUBACK.
+    pub pending_subacks: u32,
     /// A 3.x client reached the Receive Maximum with QoS 1: reading waits until the store
     /// releases acknowledgements (3.x has no way to be told; v5 gets DISCONNECT 0x93).
     pub inbound_full: bool,
@@ -167,6 +169,7 @@ impl Conn {
             problem_info: props.request_problem_information.unwrap_or(true),
             queue_pending: true,
             pending_acks: VecDeque::new(),
+            pending_subacks: 0,
             pending_pubacks: 0,
             inbound_full: false,
             write_barrier: Ticket::default(),
@@ -233,6 +236,7 @@ impl Conn {
         }) || (mark > 0 && mark > self.broker.control.settled_now());
         if wait || !self.pending_acks.is_empty() {
             self.pending_pubacks += matches!(ack, Packet::PubAck(_)) as usize;
+            self.pending_subacks += matches!(ack, Packet::SubAck(_)) as u32;
             self.pending_acks
                 .push_back((ticket.unwrap_or_default(), mark, ack));
         } else {
@@ -252,6 +256,11 @@ impl Conn {
         }) {
             let (_, _, ack) = self.pending_acks.pop_front().expect("front exists");
             self.pending_pubacks -= matches!(ack, Packet::PubAck(_)) as usize;
+            if matches!(ack, Packet::SubAck(_)) {
+                self.pending_subacks -= 1;
+                // Its retained messages may go now.
+                self.queue_pending = true;
+            }
             self.send(&ack);
         }
         if c.failed && (!self.pending_acks.is_empty() || self.write_barrier > c.ticket) {

@@ -14,9 +14,12 @@ const BATCH: usize = 256;
 impl Conn {
     /// Moves queued messages into the write buffer while the window and buffer allow.
     pub(super) fn pump(&mut self) {
-        if !self.state.retained_backlog.is_empty() && !self.pump_retained() {
-            // Retained messages from a SUBSCRIBE go first; the queue waits behind them (order
-            // per session stays total). An ack or a write brings us back.
+        if !self.state.retained_backlog.is_empty()
+            && (self.pending_subacks > 0 || !self.pump_retained())
+        {
+            // Retained messages from a SUBSCRIBE go first, and never ahead of its SUBACK
+            // (which may wait for the store or the cluster); the queue waits behind them
+            // (order per session stays total). An ack or a write brings us back.
             return;
         }
         let mut batch = BATCH_SCRATCH.take();

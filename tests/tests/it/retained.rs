@@ -188,3 +188,32 @@ async fn retained_message_expiry_v5() {
     })
     .await
 }
+
+#[tokio::test]
+async fn retained_messages_follow_the_suback() {
+    test_timeout(async {
+        let b = Broker::start().await;
+        let mut publ = V3Client::connect(b.mqtt_addr(), "ret-order-pub").await;
+        publ.publish("ret-order/t", Q3::AtLeastOnce, true, "kept")
+            .await;
+        for v5 in [false, true] {
+            let mut raw = RawClient::connect(b.mqtt_addr()).await;
+            let id = format!("ret-order-{v5}");
+            let connect = match v5 {
+                true => pkt::Connect::v5(&id),
+                false => pkt::Connect::v311(&id),
+            };
+            raw.send(&connect.encode()).await;
+            raw.expect_packet(WAIT, "CONNACK").await;
+            raw.send(&pkt::subscribe(v5, 1, &[("ret-order/#", 1)], &[]))
+                .await;
+            // The SUBACK may wait for the store or the cluster; the retained message waits
+            // for it (a client that sees PUBLISH before SUBACK may drop it).
+            let first = raw.expect_packet(WAIT, "SUBACK").await;
+            assert_eq!(first.kind, kind::SUBACK, "v5={v5}: {first:?}");
+            let second = raw.expect_packet(WAIT, "the retained PUBLISH").await;
+            assert_eq!(second.kind, kind::PUBLISH, "v5={v5}: {second:?}");
+        }
+    })
+    .await
+}
