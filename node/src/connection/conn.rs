@@ -80,6 +80,9 @@ pub(super) struct Conn {
     pub pending_pubacks: usize,
     /// SUBACKs in `pending_acks`: retained messages of a SUBSCRIBE wait behind its SUBACK.
     pub pending_subacks: u32,
+    /// An acknowledgement that waits for a control-plane mark was queued since the wait for
+    /// the store was armed: arm it again, watching the marks too.
+    pub marks_changed: bool,
     /// A 3.x client reached the Receive Maximum with QoS 1: reading waits until the store
     /// releases acknowledgements (3.x has no way to be told; v5 gets DISCONNECT 0x93).
     pub inbound_full: bool,
@@ -170,6 +173,7 @@ impl Conn {
             queue_pending: true,
             pending_acks: VecDeque::new(),
             pending_subacks: 0,
+            marks_changed: false,
             pending_pubacks: 0,
             inbound_full: false,
             write_barrier: Ticket::default(),
@@ -230,10 +234,13 @@ impl Conn {
         // Only an ack that depends on a store write looks at the watermark (a lock read).
         // Once the store has failed, even `durable_acks = false` holds it: it would never
         // be written.
-        let wait = ticket.is_some_and(|t| {
-            let c = self.broker.store.committed_now();
-            t > c.ticket && (self.durable_acks || c.failed)
-        }) || (mark > 0 && mark > self.broker.control.settled_now());
+        let unsettled = mark > 0 && mark > self.broker.control.settled_now();
+        let wait = unsettled
+            || ticket.is_some_and(|t| {
+                let c = self.broker.store.committed_now();
+                t > c.ticket && (self.durable_acks || c.failed)
+            });
+        self.marks_changed |= unsettled;
         if wait || !self.pending_acks.is_empty() {
             self.pending_pubacks += matches!(ack, Packet::PubAck(_)) as usize;
             self.pending_subacks += matches!(ack, Packet::SubAck(_)) as u32;
@@ -314,6 +321,10 @@ impl Conn {
             // Connections that never stored an outbound QoS 2 packet id skip the watermark.
             let barrier_open = self.write_barrier == Ticket::default()
                 || self.write_barrier <= self.broker.store.committed_now().ticket;
+            if std::mem::take(&mut self.marks_changed) {
+                // The armed wait may watch the store only.
+                store_armed = false;
+            }
             if (!self.pending_acks.is_empty() || !barrier_open) && !store_armed {
                 // Armed first, then looked at: a commit in between is not missed.
                 self.arm_store_wait(&mut store_wait);

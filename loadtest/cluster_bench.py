@@ -1,0 +1,354 @@
+#!/usr/bin/env python3
+"""Cluster figures of issue 11, measured on one machine (nodes on loopback ports).
+
+    python3 loadtest/cluster_bench.py [--nodes 3] [--clients 5000] [--subscribers 10000]
+                                      [--routes 1000000] [--only connect,subscribe,routes]
+
+- connect: clean-session and persistent-session connects/s (petrel-bench conn, clients
+  spread over the nodes) on one node and on a cluster of --nodes, the same run each;
+- subscribe: a subscribe storm (petrel-bench conn --subscribe: every client subscribes to a
+  filter of its own, a new route each) on one node and on the cluster: subscriptions/s, and
+  the Raft log entries it took;
+- routes: --routes distinct filters subscribed on node 0 of the cluster (raw MQTT, 100
+  filters per SUBSCRIBE); the RSS growth of a node that holds only the replica, per route;
+  the snapshot's size; and how long a new node takes to join and catch up from it.
+
+Binaries: PETREL_BIN and PETREL_BENCH (default: the release builds under CARGO_TARGET_DIR,
+~/.cache/petrel-target). Prints a Markdown table and the raw figures as JSON on stdout.
+Needs a quiet machine; nothing here is an assertion (measurements, not tests).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.expanduser("~/.cache/petrel-target"))
+PETREL = os.environ.get("PETREL_BIN", os.path.join(TARGET, "release", "petrel"))
+BENCH = os.environ.get("PETREL_BENCH", os.path.join(TARGET, "release", "petrel-bench"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(what, cond, within=60.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+class Node:
+    def __init__(self, root, node_id, seeds, env):
+        self.id = node_id
+        self.dir = os.path.join(root, f"node{node_id}")
+        os.makedirs(self.dir, exist_ok=True)
+        self.grpc = f"127.0.0.1:{free_port()}"
+        self.seeds = seeds
+        self.env = env
+        self.proc = None
+
+    def start(self, seeds=None):
+        ready = os.path.join(self.dir, "ready.json")
+        if os.path.exists(ready):
+            os.remove(ready)
+        # Snapshot sizes come from the state machine's log line.
+        env = dict(os.environ, PETREL_LOG="warn,petrel_node::cluster::sm=info", **self.env)
+        args = [PETREL, "--node-id", str(self.id), "--mqtt-addr", "127.0.0.1:0",
+                "--admin-addr", "127.0.0.1:0", "--grpc-addr", self.grpc,
+                "--data-dir", os.path.join(self.dir, "data"), "--ready-file", ready]
+        seeds = self.seeds if seeds is None else seeds
+        if seeds:
+            args += ["--join", ",".join(seeds)]
+        self.log = open(os.path.join(self.dir, "log"), "ab")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log, env=env)
+        info = wait(f"node {self.id} ready file", lambda: read_json(ready))
+        self.mqtt = info["mqtt"]
+        self.admin = info["admin"]
+        return self
+
+    def status(self):
+        out = subprocess.run([PETREL, "cluster", "--addr", self.grpc, "status", "--json"],
+                             capture_output=True, timeout=30)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def rss_kb(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def ready(self):
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://{self.admin}/health/ready", timeout=2) as r:
+                return r.status == 200
+        except Exception:
+            return False
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class Cluster:
+    def __init__(self, n, env=None):
+        self.root = tempfile.mkdtemp(prefix="petrel-cbench-")
+        self.env = env or {}
+        self.nodes = []
+        seeds = []
+        for i in range(n):
+            node = Node(self.root, i, None, self.env)
+            seeds.append(node.grpc)
+            self.nodes.append(node)
+        for node in self.nodes:
+            node.seeds = seeds if n > 1 else []
+        # Started together, as a StatefulSet would.
+        procs = []
+        for node in self.nodes:
+            procs.append(node)
+        for node in procs:
+            node.start()
+        wait("every node ready", lambda: all(nd.ready() for nd in self.nodes), 120)
+
+    def add(self, node_id):
+        node = Node(self.root, node_id, [self.nodes[0].grpc], self.env)
+        self.nodes.append(node)
+        return node
+
+    def close(self):
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def bench(args):
+    out = subprocess.run([BENCH] + args + ["--json", "--quiet"], capture_output=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"petrel-bench {' '.join(args)} failed: {out.stderr.decode()[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def brokers(c):
+    args = []
+    for node in c.nodes:
+        args += ["--broker", node.mqtt]
+    return args + ["--placement", "spread"]
+
+
+def connects(c, clients, extra):
+    r = bench(["conn", "--clients", str(clients), "--duration", "1s"] + brokers(c) + extra)
+    s = r["connects"]
+    return {"per_s": s["per_sec"], "succeeded": s["succeeded"], "failed": s["failed"],
+            "p50_ms": s["latency"].get("p50_us", 0) / 1000, "p99_ms": s["latency"].get("p99_us", 0) / 1000}
+
+
+def log_index(c):
+    st = c.nodes[0].status()
+    return st["last_log_index"] if st else 0
+
+
+def run_connect(n, clients):
+    rows = {}
+    for label, nodes in (("1 node", 1), (f"{n} nodes", n)):
+        c = Cluster(nodes)
+        try:
+            rows[f"clean, {label}"] = connects(c, clients, [])
+            rows[f"persistent, {label}"] = connects(c, clients, ["--persistent"])
+        finally:
+            c.close()
+    return rows
+
+
+def run_subscribe(n, subscribers):
+    rows = {}
+    for label, nodes in (("1 node", 1), (f"{n} nodes", n)):
+        c = Cluster(nodes)
+        try:
+            before = log_index(c)
+            row = connects(c, subscribers, ["--subscribe"])
+            row["raft_entries"] = log_index(c) - before
+            rows[f"subscribe storm, {label}"] = row
+        finally:
+            c.close()
+    return rows
+
+
+def mqtt_str(s):
+    b = s.encode()
+    return struct.pack("!H", len(b)) + b
+
+
+def varint(n):
+    out = bytearray()
+    while True:
+        d, n = n % 128, n // 128
+        out.append(d | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def packet(first, body):
+    return bytes([first]) + varint(len(body)) + body
+
+
+def subscribe_many(addr, client_id, filters, per_packet=100):
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)))
+    s.sendall(packet(0x10, mqtt_str("MQTT") + bytes([4, 2]) + struct.pack("!H", 600) + mqtt_str(client_id)))
+    buf = b""
+    while len(buf) < 4:
+        buf += s.recv(4096)
+    buf = buf[4:]
+    pid = 0
+    sent = 0
+    for i in range(0, len(filters), per_packet):
+        pid = pid % 65535 + 1
+        body = struct.pack("!H", pid) + b"".join(mqtt_str(f) + b"\x00" for f in filters[i:i + per_packet])
+        s.sendall(packet(0x82, body))
+        sent += 1
+    # One SUBACK per SUBSCRIBE: read them all (they come in order once the routes settle).
+    acks = 0
+    while acks < sent:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            raise SystemExit("connection closed while subscribing")
+        buf += chunk
+        while len(buf) >= 2:
+            n, shift, i = 0, 0, 1
+            while True:
+                if i >= len(buf):
+                    break
+                b = buf[i]
+                n |= (b & 0x7F) << shift
+                shift += 7
+                i += 1
+                if not b & 0x80:
+                    break
+            else:
+                pass
+            if i + n > len(buf) or (buf[i - 1] & 0x80):
+                break
+            if buf[0] >> 4 == 9:
+                acks += 1
+            buf = buf[i + n:]
+    return s
+
+
+def run_routes(n, routes):
+    env = {"PETREL_CLUSTER__SNAPSHOT_AFTER_ENTRIES": "1000", "PETREL_LIMITS__MAX_SUBSCRIPTIONS_PER_CLIENT": "0"}
+    c = Cluster(n, env)
+    try:
+        replica = c.nodes[-1]
+        rss0 = replica.rss_kb()
+        t0 = time.monotonic()
+        per_client = 100_000
+        socks = []
+        for k in range(0, routes, per_client):
+            filters = [f"fleet/{k // per_client}/dev{i}/+/status" for i in range(k, min(k + per_client, routes))]
+            socks.append(subscribe_many(c.nodes[0].mqtt, f"routes-{k}", filters))
+        took = time.monotonic() - t0
+        wait("every replica to hold the routes",
+             lambda: (replica.status() or {}).get("members") and
+             sum(m["routes"] for m in replica.status()["members"]) >= routes, 600)
+        time.sleep(1)
+        rss1 = replica.rss_kb()
+        snaps = []
+        for node in c.nodes:
+            p = os.path.join(node.dir, "data")
+            snaps.append(du(p))
+        # A new node joins: a learner, caught up from the snapshot.
+        t1 = time.monotonic()
+        newcomer = c.add(n).start()
+        wait("the new node to be ready", newcomer.ready, 600)
+        catch_up = time.monotonic() - t1
+        new_routes = sum(m["routes"] for m in newcomer.status()["members"])
+        snapshot_bytes = snapshot_size(c)
+        for s in socks:
+            s.close()
+        return {"routes": routes, "subscribe_s": round(took, 1),
+                "routes_per_s": round(routes / took),
+                "replica_rss_growth_kb": rss1 - rss0,
+                "bytes_per_route_replica": round((rss1 - rss0) * 1024 / routes),
+                "new_node_catch_up_s": round(catch_up, 1), "new_node_routes": new_routes,
+                "snapshot_bytes": snapshot_bytes,
+                "data_dirs_bytes": snaps}
+    finally:
+        c.close()
+
+
+def du(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def snapshot_size(c):
+    """The largest snapshot any node built or installed, from the logs ("bytes=N")."""
+    best = 0
+    for node in c.nodes:
+        for line in open(os.path.join(node.dir, "log"), errors="replace"):
+            if "raft snapshot built" in line and "bytes=" in line:
+                best = max(best, int(line.split("bytes=")[1].split()[0]))
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=5000)
+    ap.add_argument("--subscribers", type=int, default=10000)
+    ap.add_argument("--routes", type=int, default=1_000_000)
+    ap.add_argument("--only", default="connect,subscribe,routes")
+    a = ap.parse_args()
+    only = set(a.only.split(","))
+    results = {}
+    if "connect" in only:
+        results["connect"] = run_connect(a.nodes, a.clients)
+    if "subscribe" in only:
+        results["subscribe"] = run_subscribe(a.nodes, a.subscribers)
+    if "routes" in only:
+        results["routes"] = run_routes(a.nodes, a.routes)
+    print(json.dumps(results, indent=2))
+    for section in ("connect", "subscribe"):
+        if section in results:
+            print(f"\n| {section} | per s | p50 ms | p99 ms | failed | raft entries |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: |")
+            for k, v in results[section].items():
+                print(f"| {k} | {v['per_s']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['failed']} | {v.get('raft_entries', '')} |")
+
+
+if __name__ == "__main__":
+    main()
