@@ -4,6 +4,7 @@ credentials, the connection metrics and the admin health endpoints."""
 import time
 
 import rawmqtt as raw
+from harness import wait_until
 from mqttclient import unique_id
 
 
@@ -88,7 +89,8 @@ def test_message_metrics(broker, clients, version):
 
 def test_health_endpoints(broker):
     assert broker.http_get("/health/live")[0] == 200
-    assert broker.http_get("/health/ready")[0] == 200
+    # Ready once the node leads its cluster of one: a few ms after the ready file.
+    wait_until("/health/ready to say 200", lambda: broker.http_get("/health/ready")[0] == 200)
     status, body = broker.http_get("/metrics")
     assert status == 200
     for name in ("petrel_mqtt_connections", "petrel_mqtt_connections_total",

@@ -1,4 +1,5 @@
-//! Persistence of sessions, retained messages and delayed wills in `petrel-storage`.
+//! Persistence of sessions and delayed wills in `petrel-storage` (retained messages are
+//! replicated state: the cluster's Raft log and snapshots keep them).
 //!
 //! - [`value`]: the byte encodings of what is stored (messages reuse the MQTT v5 PUBLISH
 //!   encoding, so there is one serialisation of a message, not two).
@@ -9,7 +10,7 @@
 //! | event | write | the client waits for it |
 //! |---|---|---|
 //! | QoS 1/2 message queued for a persistent session | queue put | yes: PUBACK/PUBREC to the publisher |
-//! | retained message set or cleared | retained put/delete | yes |
+//! | retained message set or cleared | (a Raft command: the log, fsync) | yes: PUBACK once every live node applied it |
 //! | inbound QoS 2 PUBLISH | inbound put | yes: PUBREC |
 //! | outbound QoS 2 PUBLISH gets a packet id | inflight put | yes: the PUBLISH is not written to the socket before |
 //! | PUBACK / PUBCOMP from the subscriber | queue + inflight delete | no |
