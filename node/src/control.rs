@@ -194,7 +194,8 @@ impl ControlPlane for LocalControl {
         Box::pin(std::future::ready(Ok(Grant {
             epoch: Epoch(epoch),
             previous_node: None,
-            session_present: false,
+            // No cluster to say otherwise: whatever this process holds is the session.
+            session_present: true,
             moved: None,
         })))
     }

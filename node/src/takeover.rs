@@ -123,8 +123,12 @@ pub async fn claim(
             }
         }
         let (session, present) = match existing {
-            // A session another node held supersedes what this node may still have of it.
-            Some(old) if !clean_start && !old.is_ended() && moved.is_none() => {
+            // Resumed only if the cluster holds the session (a clean start on another node, or
+            // its expiry, ended it everywhere), and a session another node held supersedes what
+            // this node may still have of it.
+            Some(old)
+                if !clean_start && !old.is_ended() && grant.session_present && moved.is_none() =>
+            {
                 broker.cancel_will(client_id, old.id());
                 old.set_expiry_secs(expiry);
                 (old, true)
@@ -409,6 +413,9 @@ impl Host {
             return None;
         }
         let (state, queue) = session.take_all()?;
+        // The session goes on elsewhere: a delayed will of its last connection here must not
+        // fire (its client came back within the delay).
+        broker.cancel_will(client_id, session.id());
         for filter in state.subscriptions.keys() {
             if let Ok(parsed) = topic::parse_filter(filter, usize::MAX) {
                 broker.unsubscribe(session.id(), &parsed);

@@ -1031,10 +1031,23 @@ impl ControlPlane for Cluster {
             let previous_node = (c.previous_epoch != 0 && c.previous_node_id != self.me.node_id)
                 .then_some(c.previous_node_id);
             let moved = match (c.session_present, previous_node) {
-                (true, Some(from)) => Some(Box::new(
-                    self.moved_session(&req.client_id, c.epoch, p.index, from)
-                        .await,
-                )),
+                (true, Some(from)) => {
+                    let m = self
+                        .moved_session(&req.client_id, c.epoch, p.index, from)
+                        .await;
+                    // The hand-over took time: a newer claim (on another node) may have been
+                    // applied meanwhile, and with no session here yet nothing was kicked.
+                    // (A resumed session always has a record: none means a newer claim.)
+                    if self
+                        .session_owner(&req.client_id)
+                        .is_none_or(|o| o.epoch != c.epoch)
+                    {
+                        return Err(ClaimError::NoQuorum(
+                            "claimed again elsewhere while the session moved".into(),
+                        ));
+                    }
+                    Some(Box::new(m))
+                }
                 _ => None,
             };
             Ok(Grant {

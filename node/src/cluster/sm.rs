@@ -223,11 +223,13 @@ impl ClusterState {
         if !present {
             self.subscriptions.remove(&client);
         }
-        if c.expiry_secs == 0 && c.will.is_none() {
-            // A clean session without a will leaves nothing to resume or to fire: no record
-            // (the claim still takes an epoch, and every node applying it still closes an
-            // older connection of the client id). Most clients of a fleet look like this,
-            // and every record is held by every node.
+        if c.expiry_secs == 0 && c.will.is_none() && !present {
+            // A new session that ends with its connection and has no will leaves nothing to
+            // resume or to fire: no record (the claim still takes an epoch, and every node
+            // applying it still closes an older connection of the client id). Most clients
+            // of a fleet look like this, and every record is held by every node. (One that
+            // resumes a present session keeps a record while connected: its subscriptions
+            // hang off it, and its disconnect ends both.)
             self.sessions.remove(&client);
         } else {
             let started_epoch = match (&previous, present) {

@@ -215,3 +215,36 @@ fn a_subscription_change_of_an_older_epoch_is_stale() {
     assert!(is_done(&st.apply(del(b.epoch, "b"))));
     assert!(!st.subscriptions.contains_key("dev"));
 }
+
+#[test]
+fn resuming_with_expiry_0_keeps_the_subscriptions_until_the_disconnect() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim("dev", 1, false, 60, 1000)));
+    st.apply(c(Cmd::SubPut(pb::SubPut {
+        sub: Some(pb::Subscription {
+            client_id: "dev".into(),
+            filter: "a/#".into(),
+            epoch: a.epoch,
+            ..Default::default()
+        }),
+    })));
+    let mut resume = claim("dev", 2, false, 0, 2000);
+    if let Some(Cmd::Claim(cl)) = resume.cmd.as_mut() {
+        cl.will = None;
+    }
+    let b = claimed(st.apply(resume));
+    assert!(b.session_present);
+    assert_eq!(
+        st.subscriptions["dev"].len(),
+        1,
+        "resumed with its subscriptions"
+    );
+    assert_eq!(st.sessions["dev"].node_id, 2);
+    st.apply(c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+        client_id: "dev".into(),
+        epoch: b.epoch,
+        at_ms: 3000,
+        will: None,
+    })));
+    assert!(!st.sessions.contains_key("dev") && !st.subscriptions.contains_key("dev"));
+}

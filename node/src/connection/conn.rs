@@ -332,6 +332,14 @@ impl Conn {
                 if let Err(e) = self.release_acks() {
                     return Exit::Error(e);
                 }
+                if self.inbound_full && self.pending_acks.is_empty() {
+                    // Everything went out here: the armed wait would only come back with the
+                    // next commit, so the PUBLISHes read but held go on now.
+                    self.inbound_full = false;
+                    if let Some(exit) = self.decode_all(&mut rbuf, max_in) {
+                        return exit;
+                    }
+                }
                 continue;
             }
             let can_write = !self.out.is_empty() && barrier_open;

@@ -175,6 +175,20 @@ impl Conn {
             self.ack(&p, rc, Some("not authorized"));
             return Ok(());
         }
+        if p.retain && !self.broker.control.has_quorum() {
+            // The change cannot reach the cluster now (no leader, or cut off from the
+            // quorum): v5 is told, 3.x (and QoS 0) gets the message delivered, not retained.
+            self.broker.metrics.retained_refused.inc();
+            if self.v5() && p.qos != QoS::AtMostOnce {
+                self.ack(
+                    &p,
+                    ReasonCode::UNSPECIFIED_ERROR,
+                    Some("no quorum: retained messages cannot change now"),
+                );
+                return Ok(());
+            }
+            p.retain = false;
+        }
         if p.retain {
             if let Some(limit) = self.broker.retained_over_limit_of(&p.topic, &p.payload) {
                 if self.v5() && p.qos != QoS::AtMostOnce {

@@ -787,6 +787,15 @@ async fn without_a_quorum_a_subscribe_that_needs_a_new_route_is_refused() {
             node(&c, 0).metric("petrel_subscribes_refused_total").await,
             1.0
         );
+        eprintln!("--- a retained message cannot change there either: PUBACK 0x80");
+        raw.send(&pkt::publish(true, "mi/kept", b"x", 1, 9, true, false, &[]))
+            .await;
+        let (ack, _) = raw.expect_kind(kind::PUBACK, WAIT).await;
+        assert_eq!(ack.body[..3], [0, 9, 0x80], "{ack:?}");
+        assert_eq!(
+            node(&c, 0).metric("petrel_retained_refused_total").await,
+            1.0
+        );
     })
     .await
 }
