@@ -29,11 +29,20 @@ pub async fn serve(
     let members = ClusterServer::new(ClusterSvc(cluster))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
+    // The builder's `tcp_nodelay` applies only to sockets it accepts itself: these come from
+    // our listener, so each gets it here. Without it a small answer (an append's ack, a
+    // proposal's outcome) waits for the peer's delayed ACK: 40 ms stalls on loopback.
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        s.and_then(|s| {
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+    });
     let r = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(raft)
         .add_service(members)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled_owned())
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await;
     if let Err(e) = r {
         tracing::error!(error = %e, "gRPC server failed");
