@@ -527,12 +527,26 @@ def report(results_dir, out_md):
     w("")
     w(f"Raw data (petrel-bench JSON, /proc samples, broker logs): `{machine.get('results_dir', results_dir)}`.")
     w("")
+    # The cluster figures (loadtest/cluster_bench.py --out) live after a marker: kept.
+    kept = ""
+    try:
+        with open(out_md) as f:
+            old = f.read()
+        if CLUSTER_MARKER in old:
+            kept = old[old.index(CLUSTER_MARKER):]
+    except OSError:
+        pass
     with open(out_md, "w") as f:
         f.write("\n".join(L))
+        if kept:
+            f.write("\n" + kept)
     # A short summary for the terminal.
     failed = sum(1 for r in runs if r.bench is None or r.meta.get("bench_rc") != "0")
     print(f"{len(runs)} runs, {failed} failed; wrote {out_md}")
     return 1 if failed else 0
+
+
+CLUSTER_MARKER = "<!-- cluster_bench.py: everything below is written by it -->"
 
 
 def main(argv):

@@ -332,6 +332,8 @@ def main():
     ap.add_argument("--subscribers", type=int, default=10000)
     ap.add_argument("--routes", type=int, default=1_000_000)
     ap.add_argument("--only", default="connect,subscribe,routes")
+    ap.add_argument("--out", help="also write the tables into this Markdown file "
+                    "(loadtest/RESULTS.md), replacing what follows the cluster marker")
     a = ap.parse_args()
     only = set(a.only.split(","))
     results = {}
@@ -342,12 +344,51 @@ def main():
     if "routes" in only:
         results["routes"] = run_routes(a.nodes, a.routes)
     print(json.dumps(results, indent=2))
+    md = markdown(results, a)
+    print(md)
+    if a.out:
+        write_section(a.out, md)
+
+
+MARKER = "<!-- cluster_bench.py: everything below is written by it -->"
+
+
+def markdown(results, a):
+    L = [MARKER, "", "## Cluster (loadtest/cluster_bench.py)", "",
+         f"Nodes on loopback ports of this machine (the same 2 cores as the load generator), "
+         f"release build, `{' '.join(sys.argv)}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+         f"Clients are spread over the nodes in turn (`--placement spread`).", ""]
     for section in ("connect", "subscribe"):
         if section in results:
-            print(f"\n| {section} | per s | p50 ms | p99 ms | failed | raft entries |")
-            print("| --- | ---: | ---: | ---: | ---: | ---: |")
+            L.append(f"| {section} | per s | p50 ms | p99 ms | failed | Raft entries |")
+            L.append("| --- | ---: | ---: | ---: | ---: | ---: |")
             for k, v in results[section].items():
-                print(f"| {k} | {v['per_s']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {v['failed']} | {v.get('raft_entries', '')} |")
+                L.append(f"| {k} | {v['per_s']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
+                         f"{v['failed']} | {v.get('raft_entries', '')} |")
+            L.append("")
+    if "routes" in results:
+        r = results["routes"]
+        L += ["| route table | figure |", "| --- | ---: |",
+              f"| distinct filters (routes) | {r['routes']:,} |",
+              f"| subscribed in | {r['subscribe_s']} s ({r['routes_per_s']:,}/s) |",
+              f"| RSS growth of a node holding only the replica | {r['replica_rss_growth_kb']:,} KB |",
+              f"| bytes per route per node | {r['bytes_per_route_replica']} |",
+              f"| largest snapshot | {r['snapshot_bytes']:,} bytes |",
+              f"| a new node joins and is ready in | {r['new_node_catch_up_s']} s |",
+              f"| routes in the new node's replica | {r['new_node_routes']:,} |", ""]
+    return "\n".join(L)
+
+
+def write_section(path, md):
+    try:
+        with open(path) as f:
+            old = f.read()
+    except OSError:
+        old = ""
+    if MARKER in old:
+        old = old[:old.index(MARKER)]
+    with open(path, "w") as f:
+        f.write(old.rstrip("\n") + "\n\n" + md + "\n")
 
 
 if __name__ == "__main__":

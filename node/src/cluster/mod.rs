@@ -865,7 +865,7 @@ impl Cluster {
             .routes
             .iter()
             .filter(|(_, nodes)| nodes.contains(&me))
-            .map(|(k, _)| k.clone())
+            .map(|((g, f), _)| (g.to_string(), f.to_string()))
             .collect();
         let (mut added, mut removed) = (0, 0);
         for (g, f) in want.difference(&have) {

@@ -13,7 +13,7 @@
 //! (length-delimited `SnapshotRecord`s, saved in the store with fsync). After a restart the
 //! node loads its last snapshot and openraft re-applies the log after it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -30,8 +30,79 @@ use super::raft::{self, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeCon
 use crate::persist::value::{self, Clock};
 use crate::router::SharedRetained;
 
-/// A route key: (share group, or empty; filter).
-pub type RouteKey = (String, String);
+/// A route key: (share group, or empty; filter). Boxed strings: every node holds every
+/// route, a million of them in a big fleet.
+pub type RouteKey = (Box<str>, Box<str>);
+
+/// The nodes of one route: almost always one, so one is held inline (a `BTreeSet` would
+/// allocate a whole tree node for it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodeSet {
+    #[default]
+    Empty,
+    One(u64),
+    /// Sorted, two or more.
+    Many(Vec<u64>),
+}
+
+impl NodeSet {
+    pub fn as_slice(&self) -> &[u64] {
+        match self {
+            NodeSet::Empty => &[],
+            NodeSet::One(n) => std::slice::from_ref(n),
+            NodeSet::Many(v) => v,
+        }
+    }
+
+    pub fn contains(&self, n: &u64) -> bool {
+        self.as_slice().contains(n)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, NodeSet::Empty)
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, u64> {
+        self.as_slice().iter()
+    }
+
+    pub fn insert(&mut self, n: u64) {
+        *self = match std::mem::take(self) {
+            NodeSet::Empty => NodeSet::One(n),
+            NodeSet::One(m) if m == n => NodeSet::One(m),
+            NodeSet::One(m) => NodeSet::Many(if m < n { vec![m, n] } else { vec![n, m] }),
+            NodeSet::Many(mut v) => {
+                if let Err(at) = v.binary_search(&n) {
+                    v.insert(at, n);
+                }
+                NodeSet::Many(v)
+            }
+        };
+    }
+
+    pub fn remove(&mut self, n: &u64) {
+        *self = match std::mem::take(self) {
+            NodeSet::One(m) if m == *n => NodeSet::Empty,
+            NodeSet::Many(mut v) => {
+                v.retain(|m| m != n);
+                match v.as_slice() {
+                    [one] => NodeSet::One(*one),
+                    _ => NodeSet::Many(v),
+                }
+            }
+            other => other,
+        };
+    }
+}
+
+impl<'a> IntoIterator for &'a NodeSet {
+    type Item = &'a u64;
+    type IntoIter = std::slice::Iter<'a, u64>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
 
 /// Everything the cluster agrees on. Only [`StateMachine::apply`] and snapshot install
 /// change it.
@@ -43,7 +114,7 @@ pub struct ClusterState {
     pub next_epoch: u64,
     pub members: BTreeMap<u64, pb::Member>,
     /// (group, filter) -> the nodes with at least one subscriber to it.
-    pub routes: BTreeMap<RouteKey, BTreeSet<u64>>,
+    pub routes: BTreeMap<RouteKey, NodeSet>,
     pub sessions: HashMap<Arc<str>, pb::SessionRecord>,
     /// client id -> filter -> subscription, for persistent sessions.
     pub subscriptions: HashMap<Arc<str>, BTreeMap<String, pb::Subscription>>,
@@ -134,14 +205,14 @@ impl ClusterState {
             Cmd::RouteAdd(a) => {
                 let Some(r) = a.route else { return stale() };
                 self.routes
-                    .entry((r.share_group, r.filter))
+                    .entry((r.share_group.into(), r.filter.into()))
                     .or_default()
                     .insert(r.node_id);
                 done()
             }
             Cmd::RouteDel(d) => {
                 let Some(r) = d.route else { return stale() };
-                let key = (r.share_group, r.filter);
+                let key: RouteKey = (r.share_group.into(), r.filter.into());
                 if let Some(nodes) = self.routes.get_mut(&key) {
                     nodes.remove(&r.node_id);
                     if nodes.is_empty() {
@@ -294,8 +365,8 @@ impl ClusterState {
         for ((group, filter), nodes) in &self.routes {
             for n in nodes {
                 put(Record::Route(pb::Route {
-                    filter: filter.clone(),
-                    share_group: group.clone(),
+                    filter: filter.to_string(),
+                    share_group: group.to_string(),
                     node_id: *n,
                 }));
             }
@@ -348,7 +419,7 @@ impl ClusterState {
                 }
                 Some(Record::Route(r)) => {
                     st.routes
-                        .entry((r.share_group, r.filter))
+                        .entry((r.share_group.into(), r.filter.into()))
                         .or_default()
                         .insert(r.node_id);
                 }

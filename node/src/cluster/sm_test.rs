@@ -149,7 +149,7 @@ fn removing_a_member_takes_its_routes_and_orphans_its_sessions() {
         node_id: 2,
         at_ms: 500,
     })));
-    let nodes = &st.routes[&(String::new(), "a/+".to_owned())];
+    let nodes = &st.routes[&("".into(), "a/+".into())];
     assert_eq!(nodes.iter().copied().collect::<Vec<_>>(), vec![1]);
     assert!(!st.sessions.contains_key("clean"));
     let kept = &st.sessions["kept"];
@@ -247,4 +247,25 @@ fn resuming_with_expiry_0_keeps_the_subscriptions_until_the_disconnect() {
         will: None,
     })));
     assert!(!st.sessions.contains_key("dev") && !st.subscriptions.contains_key("dev"));
+}
+
+#[test]
+fn a_node_set_holds_one_inline_and_many_sorted() {
+    use super::NodeSet;
+    let mut s = NodeSet::default();
+    assert!(s.is_empty());
+    s.insert(5);
+    s.insert(5);
+    assert_eq!(s, NodeSet::One(5));
+    s.insert(2);
+    s.insert(9);
+    assert_eq!(s.as_slice(), [2, 5, 9]);
+    s.remove(&5);
+    s.remove(&7);
+    assert_eq!(s.as_slice(), [2, 9]);
+    s.remove(&2);
+    assert_eq!(s, NodeSet::One(9));
+    assert!(s.contains(&9) && !s.contains(&2));
+    s.remove(&9);
+    assert!(s.is_empty());
 }
