@@ -61,7 +61,7 @@ class Node:
         self.env = env
         self.proc = None
 
-    def start(self, seeds=None):
+    def start(self):
         ready = os.path.join(self.dir, "ready.json")
         if os.path.exists(ready):
             os.remove(ready)
@@ -70,9 +70,8 @@ class Node:
         args = [PETREL, "--node-id", str(self.id), "--mqtt-addr", "127.0.0.1:0",
                 "--admin-addr", "127.0.0.1:0", "--grpc-addr", self.grpc,
                 "--data-dir", os.path.join(self.dir, "data"), "--ready-file", ready]
-        seeds = self.seeds if seeds is None else seeds
-        if seeds:
-            args += ["--join", ",".join(seeds)]
+        if self.seeds:
+            args += ["--join", ",".join(self.seeds)]
         self.log = open(os.path.join(self.dir, "log"), "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log, env=env)
         info = wait(f"node {self.id} ready file", lambda: read_json(ready))
@@ -130,11 +129,7 @@ class Cluster:
             self.nodes.append(node)
         for node in self.nodes:
             node.seeds = seeds if n > 1 else []
-        # Started together, as a StatefulSet would.
-        procs = []
         for node in self.nodes:
-            procs.append(node)
-        for node in procs:
             node.start()
         wait("every node ready", lambda: all(nd.ready() for nd in self.nodes), 120)
 
@@ -219,6 +214,19 @@ def packet(first, body):
     return bytes([first]) + varint(len(body)) + body
 
 
+def frame_len(buf):
+    """Length of the first whole MQTT packet in `buf`, or None if it is not all there."""
+    n, shift, i = 0, 0, 1
+    while i < len(buf):
+        b = buf[i]
+        n |= (b & 0x7F) << shift
+        shift += 7
+        i += 1
+        if not b & 0x80:
+            return i + n if i + n <= len(buf) else None
+    return None
+
+
 def subscribe_many(addr, client_id, filters, per_packet=100):
     host, port = addr.rsplit(":", 1)
     s = socket.create_connection((host, int(port)))
@@ -241,24 +249,13 @@ def subscribe_many(addr, client_id, filters, per_packet=100):
         if not chunk:
             raise SystemExit("connection closed while subscribing")
         buf += chunk
-        while len(buf) >= 2:
-            n, shift, i = 0, 0, 1
-            while True:
-                if i >= len(buf):
-                    break
-                b = buf[i]
-                n |= (b & 0x7F) << shift
-                shift += 7
-                i += 1
-                if not b & 0x80:
-                    break
-            else:
-                pass
-            if i + n > len(buf) or (buf[i - 1] & 0x80):
+        while True:
+            size = frame_len(buf)
+            if size is None:
                 break
             if buf[0] >> 4 == 9:
                 acks += 1
-            buf = buf[i + n:]
+            buf = buf[size:]
     return s
 
 

@@ -268,12 +268,9 @@ fn take_messages(
     let clock = value::Clock::now();
     let mut taken = 0;
     for m in &handed.queued {
-        let Some(mut d) = value::delivery(&m.message, &clock) else {
+        let Some(mut d) = live(m, &clock) else {
             continue;
         };
-        if d.msg.is_expired(clock.now) {
-            continue;
-        }
         let inflight = PacketId::new(m.packet_id).filter(|_| d.qos != QoS::AtMostOnce);
         let parked = match inflight {
             Some(packet_id) => {
@@ -301,13 +298,7 @@ fn take_messages(
                     })
                     .is_some()
             }
-            None => {
-                let stored = persistent.then(|| (&mut *txn, m.message.to_vec()));
-                matches!(
-                    session.enqueue(d, &broker.limits, stored),
-                    crate::session::Enqueued::Queued { .. }
-                )
-            }
+            None => queue_last(broker, session, d, m, persistent.then_some(&mut *txn)),
         };
         taken += parked as usize;
     }
@@ -320,6 +311,27 @@ fn take_messages(
     }
     session.with_parked(|st| st.inbound_qos2.extend(inbound));
     taken
+}
+
+/// A handed-over message as a delivery, unless it is unreadable or has expired.
+fn live(m: &HandedMessage, clock: &value::Clock) -> Option<Delivery> {
+    value::delivery(&m.message, clock).filter(|d| !d.msg.is_expired(clock.now))
+}
+
+/// Appends a handed-over message to `session`'s queue (stored in `txn` for a persistent
+/// session); returns whether it was queued.
+fn queue_last(
+    broker: &Broker,
+    session: &Session,
+    d: Delivery,
+    m: &HandedMessage,
+    txn: Option<&mut petrel_storage::Txn<'_>>,
+) -> bool {
+    let stored = txn.map(|t| (t, m.message.to_vec()));
+    matches!(
+        session.enqueue(d, &broker.limits, stored),
+        crate::session::Enqueued::Queued { .. }
+    )
 }
 
 /// Tells `from_node` that its hand-over is here, once the store has it.
@@ -478,17 +490,10 @@ impl SessionHost for Host {
         // Late: after whatever the session got meanwhile, each message as new (in-flight
         // ones of the old owner are sent again with new packet ids).
         for m in &handed.queued {
-            let Some(d) = value::delivery(&m.message, &clock) else {
-                continue;
-            };
-            if d.msg.is_expired(clock.now) {
-                continue;
+            if let Some(d) = live(m, &clock) {
+                let stored = persistent.then_some(&mut txn);
+                n += queue_last(broker, &session, d, m, stored) as usize;
             }
-            let stored = persistent.then(|| (&mut txn, m.message.to_vec()));
-            n += matches!(
-                session.enqueue(d, &broker.limits, stored),
-                crate::session::Enqueued::Queued { .. }
-            ) as usize;
         }
         txn.commit();
         broker

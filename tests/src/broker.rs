@@ -413,6 +413,28 @@ impl Broker {
         .await
     }
 
+    /// Waits until `/health/ready` answers `status` (200: ready; 503: not ready).
+    pub async fn wait_ready(&self, status: u16) {
+        let what = format!("/health/ready to say {status}");
+        wait_until(&what, WAIT, || async {
+            match self.http_get("/health/ready").await {
+                (got, _) if got == status => Ok(()),
+                other => Err(other),
+            }
+        })
+        .await
+    }
+
+    /// Stops the process (SIGSTOP): it keeps its sockets and answers nothing.
+    pub fn sigstop(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a stopped process go on (SIGCONT).
+    pub fn sigcont(&self) {
+        self.signal("-CONT");
+    }
+
     fn signal(&self, sig: &str) {
         let status = std::process::Command::new("kill")
             .args([sig, &self.pid.to_string()])

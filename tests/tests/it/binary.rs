@@ -218,13 +218,7 @@ async fn ready_file_log_line_and_health() {
         assert_eq!(b.http_get("/health/live").await.0, 200);
         // Ready once the node leads its cluster of one (an election of a few ms after the
         // listeners are up, which the ready file reports).
-        wait_until("/health/ready to say 200", WAIT, || async {
-            match b.http_get("/health/ready").await {
-                (200, _) => Ok(()),
-                other => Err(other),
-            }
-        })
-        .await;
+        b.wait_ready(200).await;
         let m = b.metrics().await;
         for family in [
             "petrel_mqtt_connections",

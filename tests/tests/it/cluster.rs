@@ -371,13 +371,7 @@ async fn without_a_quorum_a_connect_is_refused_in_bounded_time() {
         );
         assert_eq!(node0.metric("petrel_claims_refused_total").await, 2.0);
         eprintln!("--- not ready while there is no leader");
-        wait_until("/health/ready to say 503", WAIT, || async {
-            match node0.http_get("/health/ready").await {
-                (503, _) => Ok(()),
-                other => Err(other),
-            }
-        })
-        .await;
+        node0.wait_ready(503).await;
         eprintln!("--- a voter comes back: a quorum again, CONNECT works, ready again");
         c.start(&[1]).await;
         wait_until("a CONNECT to be accepted", WAIT, || async {
@@ -386,13 +380,7 @@ async fn without_a_quorum_a_connect_is_refused_in_bounded_time() {
                 .map(|_| ())
         })
         .await;
-        wait_until("/health/ready to say 200", WAIT, || async {
-            match node0.http_get("/health/ready").await {
-                (200, _) => Ok(()),
-                other => Err(other),
-            }
-        })
-        .await;
+        node0.wait_ready(200).await;
     })
     .await
 }
@@ -721,20 +709,11 @@ async fn a_suback_means_every_live_member_has_the_route() {
             }
         }
         eprintln!("--- a stopped member holds a SUBACK for at most cluster.apply_wait_ms");
-        let stopped = node(&c, 1).pid().to_string();
-        let signal = |sig: &str| {
-            let ok = std::process::Command::new("kill")
-                .args([sig, &stopped])
-                .status()
-                .expect("kill runs")
-                .success();
-            assert!(ok, "kill {sig} {stopped}");
-        };
-        signal("-STOP");
+        node(&c, 1).sigstop();
         let started = Instant::now();
         s.subscribe("sa/while-stopped", Q5::AtLeastOnce).await;
         let waited = started.elapsed();
-        signal("-CONT");
+        node(&c, 1).sigcont();
         eprintln!("SUBACK with a stopped member: {waited:?}");
         assert!(waited < Duration::from_secs(4), "{waited:?}");
         assert_eq!(routes_now(c.grpc(0), 2).await, 1);
@@ -758,13 +737,7 @@ async fn without_a_quorum_a_subscribe_that_needs_a_new_route_is_refused() {
         raw.expect_packet(WAIT, "CONNACK").await;
         c.kill9(1).await;
         c.kill9(2).await;
-        wait_until("node 0 to lose its quorum", WAIT, || async {
-            match node(&c, 0).http_get("/health/ready").await {
-                (503, _) => Ok(()),
-                other => Err(other),
-            }
-        })
-        .await;
+        node(&c, 0).wait_ready(503).await;
         let started = Instant::now();
         raw.send(&pkt::subscribe(
             true,

@@ -190,13 +190,7 @@ async fn t90_issue_10_full_disk_refuses_the_ack_goes_unready_exits_74_and_recove
         eprintln!("--- free the disk and restart on the same directory");
         std::fs::remove_file(&filler).expect("remove filler");
         let mut broker = start_on(&data).await;
-        wait_until("/health/ready to say 200", WAIT, || async {
-            match broker.http_get("/health/ready").await {
-                (200, _) => Ok(()),
-                other => Err(other),
-            }
-        })
-        .await;
+        broker.wait_ready(200).await;
         let mut sub = RawClient::connect(broker.mqtt_addr()).await;
         sub.send(&persistent_v5("sf-sub").encode()).await;
         let (present, code) = sub.expect_packet(WAIT, "CONNACK").await.connack();
