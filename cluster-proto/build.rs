@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/petrel/cluster/v1/raft.proto",
                 "proto/petrel/cluster/v1/state.proto",
+                "proto/petrel/cluster/v1/forward.proto",
             ],
             &["proto"],
         )?;

@@ -4,7 +4,9 @@
 //! - `raft.proto`: the Raft log entry, vote, membership and the `Raft` service (vote, append,
 //!   snapshot stream, leader transfer);
 //! - `state.proto`: the state machine's commands, outcomes, snapshot records and the
-//!   `Cluster` service (forwarded proposals, join, remove, status).
+//!   `Cluster` service (forwarded proposals, join, remove, status);
+//! - `forward.proto`: the data plane's `Forward` service (publishes forwarded between nodes
+//!   in batches, acknowledged cumulatively).
 //!
 //! Everything in the Raft log and on the wire between nodes is one of these messages, so
 //! nodes of versions N and N+1 understand each other (the compatibility rules are at the top

@@ -24,17 +24,45 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::AuthGate;
 use crate::codec::{LastWill, QoS, SubscriptionOptions};
 use crate::config::Config;
-use crate::control::ControlPlane;
+use crate::control::{ControlPlane, DataPlane};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persist::value::{self, Clock};
 use crate::router::{
-    AclStamp, Match, ParsedFilter, RetainedLimits, SharedRetained, Subscriber, SubscriptionTrie,
+    AclStamp, Match, ParsedFilter, RetainedLimits, RouteTable, SharedRetained, Subscriber,
+    SubscriptionTrie, Target,
 };
 use crate::session::{
     Delivery, DropReason, Enqueued, QueueLimits, Session, SessionId, SessionRegistry, SessionState,
     SubIds,
 };
+
+/// The cluster as the broker reaches it (in the node: the cluster's control and data planes
+/// and what its state machine writes; in unit tests, a process alone).
+pub struct Planes {
+    /// Claims of client ids and route changes.
+    pub control: Arc<dyn ControlPlane>,
+    /// The retained messages (the state machine applies the replicated ones).
+    pub retained: Arc<SharedRetained>,
+    /// The route table (the state machine writes it).
+    pub routes: Arc<RouteTable>,
+    /// Publishes to other nodes.
+    pub forward: Arc<dyn DataPlane>,
+}
+
+impl Planes {
+    /// A process alone: no cluster, epochs from a counter, nothing forwarded.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn alone() -> Planes {
+        let retained = Arc::new(SharedRetained::default());
+        Planes {
+            control: Arc::new(crate::control::LocalControl::new(retained.clone())),
+            retained,
+            routes: Arc::new(RouteTable::new(0)),
+            forward: Arc::new(crate::control::NoForwarding::default()),
+        }
+    }
+}
 
 /// What [`Broker::publish`] did with a message.
 pub struct Routed {
@@ -50,6 +78,22 @@ pub struct Routed {
     /// The control plane's mark the publisher's acknowledgement waits for (a retained
     /// message is on every node once it settles); 0: none.
     pub mark: u64,
+    /// The data plane's mark the publisher's acknowledgement waits for (every node the
+    /// message was forwarded to has it); 0: none.
+    pub forwarded: u64,
+}
+
+impl Routed {
+    fn refused() -> Routed {
+        Routed {
+            delivered: 0,
+            ticket: None,
+            congested: None,
+            unstorable: true,
+            mark: 0,
+            forwarded: 0,
+        }
+    }
 }
 
 /// One planned delivery of a publish: the index of its first match, the delivery, and its
@@ -59,6 +103,9 @@ type Planned = (usize, Delivery, Option<Vec<u8>>);
 thread_local! {
     /// The deliveries of the publish a worker thread is routing (reused, empty between).
     static PLAN: Cell<Vec<Planned>> = const { Cell::new(Vec::new()) };
+    /// The other nodes the publish a worker thread is routing goes to (reused, empty
+    /// between).
+    static TARGETS: Cell<Vec<Target>> = const { Cell::new(Vec::new()) };
 }
 
 pub struct Broker {
@@ -73,6 +120,10 @@ pub struct Broker {
     pub control: Arc<dyn ControlPlane>,
     /// Sessions surrendered to other nodes and hand-overs taken here.
     pub takeovers: crate::takeover::Takeovers,
+    /// Publishes to other nodes (the cluster's data plane, in the node).
+    pub forward: Arc<dyn DataPlane>,
+    /// The replicated route table (the cluster's state machine writes it).
+    routes: Arc<RouteTable>,
     router: RwLock<SubscriptionTrie>,
     /// Shared with the cluster's state machine, which applies the replicated retained
     /// messages to it.
@@ -110,9 +161,14 @@ impl Broker {
         metrics: Metrics,
         auth: AuthGate,
         store: Store,
-        control: Arc<dyn ControlPlane>,
-        retained: Arc<SharedRetained>,
+        planes: Planes,
     ) -> Broker {
+        let Planes {
+            control,
+            retained,
+            routes,
+            forward,
+        } = planes;
         let limits = QueueLimits {
             max_messages: cfg.mqtt.max_queued_messages,
             max_bytes: cfg.mqtt.max_queued_bytes,
@@ -134,6 +190,8 @@ impl Broker {
             auth,
             control,
             takeovers: Default::default(),
+            forward,
+            routes,
             router: RwLock::new(SubscriptionTrie::default()),
             retained,
             timers: Timers::default(),
@@ -167,6 +225,60 @@ impl Broker {
             .unwrap_or_else(|e| e.into_inner())
             .collect(&msg.topic, scratch);
         scratch.retain(|m| !(m.no_local && m.session.id() == msg.origin));
+        if !self.local_storable(&msg, scratch) {
+            return Routed::refused();
+        }
+        let mark = match msg.retain {
+            true => self.retain(&msg),
+            false => 0,
+        };
+        // The node's own `$SYS` topics stay here.
+        let (forwarded, nodes) = match self.routes.has_remote() && !msg.topic.starts_with("$SYS/") {
+            true => self.forward_to_peers(&msg),
+            false => (0, 0),
+        };
+        let mut routed = self.route_local(msg, scratch, inbound);
+        routed.mark = mark;
+        routed.forwarded = forwarded;
+        routed.delivered += nodes;
+        routed
+    }
+
+    /// Delivers a message another node forwarded to this node's matching sessions: its
+    /// ordinary subscriptions if `plain`, and one member of each of the `shared` (group,
+    /// filter) share groups. Neither retained (the control plane did that) nor forwarded
+    /// again.
+    pub fn deliver_forwarded<'a>(
+        &self,
+        msg: Arc<Message>,
+        plain: bool,
+        shared: impl IntoIterator<Item = (&'a str, &'a str)>,
+        scratch: &mut Vec<Match>,
+    ) -> Routed {
+        scratch.clear();
+        self.router
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .collect_forwarded(&msg.topic, plain, shared, scratch);
+        if !self.local_storable(&msg, scratch) {
+            return Routed::refused();
+        }
+        self.route_local(msg, scratch, None)
+    }
+
+    /// Drops stale sessions from the local matches, sorts them and checks that every copy
+    /// they store can be encoded; if not the publish is refused (counted) before anything is
+    /// written or routed.
+    fn local_storable(&self, msg: &Message, scratch: &mut Vec<Match>) -> bool {
+        // A stored session another node took over (this node is away or just back, and has
+        // not surrendered it yet) gets nothing new: the owner's node delivers its own copy.
+        scratch.retain(|m| {
+            m.session.is_connected()
+                || !m.session.is_persistent()
+                || !self
+                    .control
+                    .owned_elsewhere(m.session.client_id(), m.session.epoch())
+        });
         if scratch.len() > 1 {
             scratch.sort_unstable_by_key(|m| (m.session.id(), m.shared));
         }
@@ -174,23 +286,42 @@ impl Broker {
             && scratch
                 .iter()
                 .any(|m| m.qos != QoS::AtMostOnce && m.session.is_persistent());
-        if (stored || msg.retain) && !self.storable(&msg, scratch) {
+        if (stored || msg.retain) && !self.storable(msg, scratch) {
             // Refused before the transaction opens: nothing half-written, nothing half-routed.
             scratch.clear();
             self.count_unstorable();
             tracing::debug!(topic = %msg.topic, "message too large to store; refused");
-            return Routed {
-                delivered: 0,
-                ticket: None,
-                congested: None,
-                unstorable: true,
-                mark: 0,
-            };
+            return false;
         }
-        let mark = match msg.retain {
-            true => self.retain(&msg),
-            false => 0,
+        true
+    }
+
+    /// Forwards `msg` to the other nodes with matching routes: (the data plane's mark,
+    /// how many nodes).
+    fn forward_to_peers(&self, msg: &Message) -> (u64, usize) {
+        let mut targets = TARGETS.take();
+        self.routes.collect(&msg.topic, &mut targets);
+        let out = match targets.is_empty() {
+            true => (0, 0),
+            false => (self.forward.forward(msg, &targets), targets.len()),
         };
+        targets.clear();
+        TARGETS.set(targets);
+        out
+    }
+
+    /// Queues `msg` for the matched local sessions (`scratch`, sorted by
+    /// [`Broker::local_storable`]) and stores the persistent sessions' copies.
+    fn route_local(
+        &self,
+        msg: Arc<Message>,
+        scratch: &mut Vec<Match>,
+        inbound: Option<(&str, u16)>,
+    ) -> Routed {
+        let stored = msg.qos != QoS::AtMostOnce
+            && scratch
+                .iter()
+                .any(|m| m.qos != QoS::AtMostOnce && m.session.is_persistent());
         if !stored && inbound.is_none() {
             // Nothing of this publish is stored (the common case of clean sessions or QoS
             // 0): one pass, each delivery queued as it is made.
@@ -210,7 +341,8 @@ impl Broker {
                 ticket: None,
                 congested,
                 unstorable: false,
-                mark,
+                mark: 0,
+                forwarded: 0,
             };
         }
         let mut plan = PLAN.take();
@@ -245,7 +377,8 @@ impl Broker {
             ticket: txn.map(Txn::commit),
             congested,
             unstorable: false,
-            mark,
+            mark: 0,
+            forwarded: 0,
         }
     }
 

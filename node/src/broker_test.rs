@@ -24,14 +24,12 @@ fn broker(dir: &std::path::Path) -> Broker {
     })
     .expect("open store");
     let auth = AuthGate::from_config(&cfg.auth).expect("no auth files");
-    let retained = Arc::new(crate::router::SharedRetained::default());
     Broker::new(
         cfg,
         Metrics::new(),
         auth,
         store,
-        Arc::new(crate::control::LocalControl::new(retained.clone())),
-        retained,
+        crate::broker::Planes::alone(),
     )
 }
 

@@ -103,6 +103,16 @@ pub struct ClusterConfig {
     /// time, what this node had applied when it fell behind (stopped, cut off, overloaded) is
     /// left out until it catches up. Default `1000`.
     pub apply_wait_ms: u64,
+    /// Longest a QoS 1/2 PUBACK/PUBREC waits for the other nodes the message was forwarded
+    /// to: past it, a node that has not acknowledged its copy (stopped, cut off, overloaded)
+    /// no longer holds the publisher, and the copy waits in the outbox until the node takes
+    /// it. Default `1000`.
+    pub forward_ack_timeout_ms: u64,
+    /// Bytes of forwarded messages one peer may hold unacknowledged in this node's outbox;
+    /// past it the oldest QoS 1/2 copies are dropped (counted in
+    /// `petrel_forward_dropped_total{reason="outbox_full"}`), and QoS 0 copies are dropped
+    /// (reason `slow_peer`) once a quarter of it waits. Default `67108864` (64 MiB).
+    pub forward_outbox_bytes: usize,
 }
 
 impl Default for ClusterConfig {
@@ -119,6 +129,8 @@ impl Default for ClusterConfig {
             snapshot_keep_entries: 1000,
             propose_timeout_ms: 5000,
             apply_wait_ms: 1000,
+            forward_ack_timeout_ms: 1000,
+            forward_outbox_bytes: 64 << 20,
         }
     }
 }
@@ -657,6 +669,15 @@ impl Config {
         }
         if cluster.apply_wait_ms == 0 {
             problems.push("cluster.apply_wait_ms must be at least 1".to_owned());
+        }
+        if cluster.forward_ack_timeout_ms == 0 {
+            problems.push("cluster.forward_ack_timeout_ms must be at least 1".to_owned());
+        }
+        if cluster.forward_outbox_bytes < 1 << 20 {
+            problems.push(format!(
+                "cluster.forward_outbox_bytes must be at least 1048576 (1 MiB), got {}",
+                cluster.forward_outbox_bytes
+            ));
         }
         if cluster.snapshot_after_entries == 0 {
             problems.push("cluster.snapshot_after_entries must be at least 1".to_owned());

@@ -165,6 +165,50 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// What `from_node` handed over (at `from_epoch`) is stored here: it may delete its
     /// copy. Does not wait.
     fn handover_taken(&self, client_id: &Arc<str>, from_node: u64, from_epoch: u64);
+
+    /// Whether another node owns `client_id` at a later epoch than `epoch`: this node's
+    /// session of it is a stale copy (it is surrendered soon), which takes no new message
+    /// (the owner's node gets its own copy of each).
+    fn owned_elsewhere(&self, client_id: &str, epoch: Epoch) -> bool;
+}
+
+/// The data plane as the broker sees it: a publish that matches routes of other nodes is
+/// forwarded there (in the node: `cluster::forward::Forwarder`).
+pub trait DataPlane: Send + Sync + 'static {
+    /// Forwards `msg` to `targets` (one per node). Does not wait; returns the mark a QoS 1/2
+    /// publisher's acknowledgement waits for (every target has acknowledged its copy, or has
+    /// not within the acknowledgement timeout and its copy waits in the node's outbox); 0:
+    /// nothing to wait for.
+    fn forward(&self, msg: &crate::message::Message, targets: &[crate::router::Target]) -> u64;
+
+    /// The highest settled forwarding mark, as it moves.
+    fn forwarded(&self) -> watch::Receiver<u64>;
+
+    /// The highest settled forwarding mark now.
+    fn forwarded_now(&self) -> u64;
+}
+
+/// A data plane with no other node: nothing is ever forwarded.
+pub struct NoForwarding(watch::Sender<u64>);
+
+impl Default for NoForwarding {
+    fn default() -> Self {
+        NoForwarding(watch::channel(0).0)
+    }
+}
+
+impl DataPlane for NoForwarding {
+    fn forward(&self, _msg: &crate::message::Message, _targets: &[crate::router::Target]) -> u64 {
+        0
+    }
+
+    fn forwarded(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+
+    fn forwarded_now(&self) -> u64 {
+        0
+    }
 }
 
 /// The control plane of one process without a cluster: epochs from a counter, retained
@@ -240,4 +284,8 @@ impl ControlPlane for LocalControl {
     fn subscription_del(&self, _client_id: &Arc<str>, _epoch: Epoch, _filter: &str) {}
 
     fn handover_taken(&self, _client_id: &Arc<str>, _from_node: u64, _from_epoch: u64) {}
+
+    fn owned_elsewhere(&self, _client_id: &str, _epoch: Epoch) -> bool {
+        false
+    }
 }

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub handovers: IntCounterVec,
     pub cluster_routes: IntGauge,
     pub cluster_routes_unknown_node: IntGauge,
+    pub forward: crate::cluster::forward::ForwardMetrics,
     pub sessions_expired: IntCounter,
     pub wills_published: IntCounter,
     pub auth_failures: IntCounterVec,
@@ -100,6 +101,24 @@ impl Metrics {
             ),
             takeovers: counter(&r, "petrel_session_takeovers_total", "Connections closed by a newer connection with the same client id"),
             cluster_routes: gauge(&r, "petrel_cluster_routes", "Entries of the replicated route table (filter, node)"),
+            forward: crate::cluster::forward::ForwardMetrics {
+                messages: counter_vec(
+                    &r,
+                    "petrel_forward_messages_total",
+                    "Publishes forwarded between nodes: out (copies sent to a peer, retransmits included), in (copies received and delivered here)",
+                    "direction",
+                ),
+                dropped: counter_vec(
+                    &r,
+                    "petrel_forward_dropped_total",
+                    "Copies not forwarded: outbox_full (oldest QoS 1/2 copies past cluster.forward_outbox_bytes), slow_peer (QoS 0 to a peer that is behind), unknown_node, peer_removed, too_large, unreadable",
+                    "reason",
+                ),
+                duplicates: counter(&r, "petrel_forward_duplicates_total", "Retransmitted copies a receiving node had already delivered (skipped)"),
+                ack_timeouts: counter(&r, "petrel_forward_ack_timeouts_total", "QoS 1/2 copies whose peer did not acknowledge within cluster.forward_ack_timeout_ms (the publisher was acknowledged; the copy stays in the outbox)"),
+                outbox_messages: gauge(&r, "petrel_forward_outbox_messages", "Forwarded copies not yet acknowledged by their peer"),
+                outbox_bytes: gauge(&r, "petrel_forward_outbox_bytes", "Bytes of forwarded copies not yet acknowledged by their peer"),
+            },
             cluster_routes_unknown_node: gauge(&r, "petrel_cluster_routes_unknown_node", "Entries of the route table whose node is not a member (should be 0)"),
             claims_refused: counter(&r, "petrel_claims_refused_total", "CONNECTs refused (CONNACK 0x88 / 3) because the cluster could not confirm the claim in time"),
             handovers: counter_vec(

@@ -12,15 +12,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::auth::{AuthGate, PasswordChecks};
-use crate::broker::Broker;
+use crate::broker::{Broker, Planes};
 use crate::cluster::sm::Effect;
-use crate::cluster::{Cluster, Identity};
+use crate::cluster::{Cluster, Identity, Shared};
 use crate::config::Config;
 use crate::limit::Admission;
 use crate::listener::{accept_loop, AcceptCtx, Listeners};
 use crate::metrics::Metrics;
 use crate::persist::recover::recover;
-use crate::router::SharedRetained;
+use crate::router::{RouteTable, SharedRetained};
 use crate::session::Kick;
 use crate::takeover::{keep_sessions, Host};
 use crate::transport::{TlsAcceptorHandle, TlsSettings};
@@ -207,11 +207,16 @@ impl Node {
             metrics.retained.clone(),
             metrics.retained_bytes.clone(),
         ));
+        let routes = Arc::new(RouteTable::new(cfg.cluster.node_id));
         let cluster = Cluster::start(
             &cfg.cluster,
             me,
             store.clone(),
-            retained.clone(),
+            Shared {
+                retained: retained.clone(),
+                routes: routes.clone(),
+                forward_metrics: metrics.forward.clone(),
+            },
             grpc_listener,
             &cluster_tasks,
             cluster_stop.clone(),
@@ -224,10 +229,16 @@ impl Node {
             metrics,
             auth,
             store.clone(),
-            control,
-            retained,
+            Planes {
+                control,
+                retained,
+                routes,
+                forward: cluster.forwarder().clone(),
+            },
         ));
         let recovered = recover(&broker, &store)?;
+        // Forwarded publishes are delivered from now on (the recovered sessions are here).
+        cluster.forwarder().set_broker(broker.clone());
         tracing::info!(
             sessions = recovered.sessions,
             subscriptions = recovered.subscriptions,

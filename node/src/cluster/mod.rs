@@ -14,6 +14,7 @@
 //! lives in this module (and in the storage crate's Raft store).
 
 pub mod cli;
+pub mod forward;
 pub mod handover;
 mod network;
 pub mod raft;
@@ -145,6 +146,16 @@ pub struct Cluster {
     propose_timeout: Duration,
     /// How long a leader counts as leading without hearing from a quorum.
     lease: Duration,
+    /// The data plane: publishes forwarded to the other members.
+    forward: Arc<forward::Forwarder>,
+}
+
+/// What the cluster shares with the rest of the node: the stores its state machine writes
+/// (the broker reads them) and the data plane's metrics.
+pub struct Shared {
+    pub retained: Arc<SharedRetained>,
+    pub routes: Arc<crate::router::RouteTable>,
+    pub forward_metrics: forward::ForwardMetrics,
 }
 
 /// Why the cluster plane could not start.
@@ -168,7 +179,7 @@ impl Cluster {
         cfg: &ClusterConfig,
         me: Identity,
         store: Store,
-        retained: Arc<SharedRetained>,
+        shared: Shared,
         listener: tokio::net::TcpListener,
         tracker: &TaskTracker,
         cancel: CancellationToken,
@@ -196,7 +207,14 @@ impl Cluster {
             }
             Err(e) => return Err(StartError::Storage(std::io::Error::other(e))),
         }
-        let (sm, effects) = StateMachine::open(store.clone(), me.node_id, retained)?;
+        let (sm, effects) =
+            StateMachine::open(store.clone(), me.node_id, shared.retained, shared.routes)?;
+        let forward = Arc::new(forward::Forwarder::new(
+            me.node_id,
+            Duration::from_millis(cfg.forward_ack_timeout_ms),
+            cfg.forward_outbox_bytes,
+            shared.forward_metrics,
+        ));
         let log = store.raft_log::<TypeConfig, Codec>();
         let raft = Raft::new(
             me.node_id,
@@ -225,7 +243,9 @@ impl Cluster {
             effects: Mutex::new(Some(effects)),
             propose_timeout: Duration::from_millis(cfg.propose_timeout_ms),
             lease: Duration::from_millis(2 * cfg.election_timeout_ms),
+            forward,
         });
+        tracker.spawn(cluster.forward.clone().run_timers(cancel.clone()));
         tracker.spawn(server::serve(cluster.clone(), listener, cancel.clone()));
         tracker.spawn(cluster.clone().run_proposer(rx, cancel.clone()));
         tracker.spawn(cluster.clone().run_settle(cancel.clone()));
@@ -233,6 +253,11 @@ impl Cluster {
         let seeds = cfg.seeds();
         tracker.spawn(cluster.clone().enter(seeds, cancel));
         Ok(cluster)
+    }
+
+    /// The data plane (the broker forwards through it; it delivers through the broker).
+    pub fn forwarder(&self) -> &Arc<forward::Forwarder> {
+        &self.forward
     }
 
     /// What applied entries ask this node to do (the first call gets the receiver).
@@ -272,6 +297,7 @@ impl Cluster {
 
     /// Stops Raft (after the connections are gone).
     pub async fn shutdown(&self) {
+        self.forward.stop();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not stop cleanly");
         }
@@ -921,6 +947,7 @@ impl Cluster {
                 .filter(|(id, _)| **id != self.me.node_id)
                 .map(|(id, n)| (*id, n.grpc_addr.clone()))
                 .collect();
+            self.forward.set_peers(&peers);
             following.retain(|id, (addr, stop)| {
                 let keep = peers.get(id) == Some(addr);
                 if !keep {
@@ -1146,5 +1173,10 @@ impl ControlPlane for Cluster {
 
     fn handover_taken(&self, client_id: &Arc<str>, from_node: u64, from_epoch: u64) {
         self.send_handover_done(client_id, from_node, from_epoch);
+    }
+
+    fn owned_elsewhere(&self, client_id: &str, epoch: Epoch) -> bool {
+        self.session_owner(client_id)
+            .is_some_and(|o| o.node != self.me.node_id && o.epoch > epoch.0)
     }
 }

@@ -1,12 +1,13 @@
 //! The gRPC listener's services: `Raft` (openraft's RPCs from the leader and candidates)
 //! and `Cluster` (forwarded proposals, joins, removals and status, from members and
-//! `petrel cluster`).
+//! `petrel cluster`), and the data plane's `Forward` (publishes from other members).
 
 use std::sync::Arc;
 
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, TransferLeaderError};
 use petrel_cluster_proto::pb;
 use petrel_cluster_proto::pb::cluster_server::{Cluster as ClusterService, ClusterServer};
+use petrel_cluster_proto::pb::forward_server::{Forward as ForwardService, ForwardServer};
 use petrel_cluster_proto::pb::raft_server::{Raft as RaftService, RaftServer};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
@@ -26,6 +27,9 @@ pub async fn serve(
     let raft = RaftServer::new(RaftSvc(cluster.clone()))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
+    let forward = ForwardServer::new(ForwardSvc(cluster.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
     let members = ClusterServer::new(ClusterSvc(cluster))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -42,6 +46,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .add_service(raft)
         .add_service(members)
+        .add_service(forward)
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await;
     if let Err(e) = r {
@@ -55,6 +60,30 @@ fn invalid(e: std::io::Error) -> Status {
 
 fn fatal(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("raft stopped: {e}"))
+}
+
+struct ForwardSvc(Arc<Cluster>);
+
+#[tonic::async_trait]
+impl ForwardService for ForwardSvc {
+    type StreamStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ForwardAck, Status>>;
+
+    /// A peer's forwarded publishes: delivered here, acknowledged cumulatively.
+    async fn stream(
+        &self,
+        req: Request<Streaming<pb::ForwardBatch>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        if !self.0.is_caught_up() {
+            // Its sessions may be stale copies of sessions other nodes took meanwhile: the
+            // sender keeps the messages until this node knows.
+            return Err(Status::unavailable("catching up with the cluster"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(self.0.forward.clone().receive(req.into_inner(), tx));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
 }
 
 struct RaftSvc(Arc<Cluster>);

@@ -28,81 +28,12 @@ use tokio::sync::{mpsc, watch};
 
 use super::raft::{self, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::persist::value::{self, Clock};
-use crate::router::SharedRetained;
+pub use crate::router::NodeSet;
+use crate::router::{RouteTable, SharedRetained};
 
 /// A route key: (share group, or empty; filter). Boxed strings: every node holds every
 /// route, a million of them in a big fleet.
 pub type RouteKey = (Box<str>, Box<str>);
-
-/// The nodes of one route: almost always one, so one is held inline (a `BTreeSet` would
-/// allocate a whole tree node for it).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum NodeSet {
-    #[default]
-    Empty,
-    One(u64),
-    /// Sorted, two or more.
-    Many(Vec<u64>),
-}
-
-impl NodeSet {
-    pub fn as_slice(&self) -> &[u64] {
-        match self {
-            NodeSet::Empty => &[],
-            NodeSet::One(n) => std::slice::from_ref(n),
-            NodeSet::Many(v) => v,
-        }
-    }
-
-    pub fn contains(&self, n: &u64) -> bool {
-        self.as_slice().contains(n)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        matches!(self, NodeSet::Empty)
-    }
-
-    pub fn iter(&self) -> std::slice::Iter<'_, u64> {
-        self.as_slice().iter()
-    }
-
-    pub fn insert(&mut self, n: u64) {
-        *self = match std::mem::take(self) {
-            NodeSet::Empty => NodeSet::One(n),
-            NodeSet::One(m) if m == n => NodeSet::One(m),
-            NodeSet::One(m) => NodeSet::Many(if m < n { vec![m, n] } else { vec![n, m] }),
-            NodeSet::Many(mut v) => {
-                if let Err(at) = v.binary_search(&n) {
-                    v.insert(at, n);
-                }
-                NodeSet::Many(v)
-            }
-        };
-    }
-
-    pub fn remove(&mut self, n: &u64) {
-        *self = match std::mem::take(self) {
-            NodeSet::One(m) if m == *n => NodeSet::Empty,
-            NodeSet::Many(mut v) => {
-                v.retain(|m| m != n);
-                match v.as_slice() {
-                    [one] => NodeSet::One(*one),
-                    _ => NodeSet::Many(v),
-                }
-            }
-            other => other,
-        };
-    }
-}
-
-impl<'a> IntoIterator for &'a NodeSet {
-    type Item = &'a u64;
-    type IntoIter = std::slice::Iter<'a, u64>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
 
 /// Everything the cluster agrees on. Only [`StateMachine::apply`] and snapshot install
 /// change it.
@@ -336,6 +267,15 @@ impl ClusterState {
 
     /// Whether a change made by the session of `client` at `epoch` still applies: its
     /// record has that epoch (0: a change of the first version, always applied).
+    /// Makes `table` hold exactly the routes of this state.
+    pub fn copy_routes_to(&self, table: &RouteTable) {
+        table.replace(
+            self.routes
+                .iter()
+                .map(|((g, f), nodes)| (&**g, &**f, nodes)),
+        );
+    }
+
     fn epoch_is(&self, client: &str, epoch: u64) -> bool {
         epoch == 0 || self.sessions.get(client).is_some_and(|r| r.epoch == epoch)
     }
@@ -522,6 +462,8 @@ pub struct StateMachine {
     state: Arc<RwLock<ClusterState>>,
     /// The node's retained messages: the replicated ones are applied here.
     retained: Arc<SharedRetained>,
+    /// The route table the publish path matches against (a copy of `ClusterState::routes`).
+    routes: Arc<RouteTable>,
     store: Store,
     applied: watch::Sender<u64>,
     effects: mpsc::UnboundedSender<Effect>,
@@ -534,18 +476,21 @@ impl StateMachine {
         store: Store,
         me: u64,
         retained: Arc<SharedRetained>,
+        routes: Arc<RouteTable>,
     ) -> io::Result<(StateMachine, mpsc::UnboundedReceiver<Effect>)> {
         let (state, messages) = match saved_snapshot(&store)? {
             Some(s) => ClusterState::decode_snapshot(&s.snapshot, &s.meta)?,
             None => (ClusterState::default(), Vec::new()),
         };
         replace_retained(&retained, messages);
+        state.copy_routes_to(&routes);
         let applied = state.last_applied.map(|l| l.index).unwrap_or(0);
         let (effects, rx) = mpsc::unbounded_channel();
         let sm = StateMachine {
             me,
             state: Arc::new(RwLock::new(state)),
             retained,
+            routes,
             store,
             applied: watch::channel(applied).0,
             effects,
@@ -596,7 +541,23 @@ impl StateMachine {
             }
             _ => None,
         };
+        let routes = match &cmd.cmd {
+            Some(pb::command::Cmd::RouteAdd(pb::RouteAdd { route: Some(r) })) => {
+                Some((true, r.clone()))
+            }
+            Some(pb::command::Cmd::RouteDel(pb::RouteDel { route: Some(r) })) => {
+                Some((false, r.clone()))
+            }
+            _ => None,
+        };
+        let member_removed = matches!(&cmd.cmd, Some(pb::command::Cmd::MemberRemove(_)));
         let outcome = st.apply(cmd);
+        match routes {
+            Some((true, r)) => self.routes.add(&r.share_group, &r.filter, r.node_id),
+            Some((false, r)) => self.routes.remove(&r.share_group, &r.filter, r.node_id),
+            None if member_removed => st.copy_routes_to(&self.routes),
+            None => {}
+        }
         if let (Some((client_id, node_id)), Some(pb::outcome::Result::Claimed(c))) =
             (claim_from, &outcome.result)
         {
@@ -706,6 +667,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut state = self.write();
         *state = st;
         replace_retained(&self.retained, messages);
+        state.copy_routes_to(&self.routes);
         drop(state);
         self.applied.send_replace(applied);
         tracing::info!(last_log_id = ?meta.last_log_id, "raft snapshot installed");

@@ -74,7 +74,7 @@ pub(super) struct Conn {
     pub aliases: Option<Box<Aliases>>,
     /// Acknowledgements waiting for their store writes and control-plane marks (see
     /// `ControlPlane::settled`), in the order they must be sent.
-    pub pending_acks: VecDeque<(Ticket, u64, Packet)>,
+    pub pending_acks: VecDeque<(AckWait, Packet)>,
     /// PUBACKs in `pending_acks`: inbound QoS 1 messages the client has no answer to yet,
     /// counted against the server's Receive Maximum with the inbound QoS 2 ones.
     pub pending_pubacks: usize,
@@ -133,6 +133,29 @@ thread_local! {
 
 /// Waits for the store's committed watermark to move. Boxed and made the first time an
 /// acknowledgement waits for the store: most connections never need one.
+/// What an acknowledgement waits for before it goes out.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AckWait {
+    /// The store's write of everything it promises.
+    pub ticket: Ticket,
+    /// The control plane's mark (0: none).
+    pub mark: u64,
+    /// The data plane's mark (0: none).
+    pub forwarded: u64,
+}
+
+/// The next change of a watched mark; never, without one.
+async fn changed(rx: Option<&mut tokio::sync::watch::Receiver<u64>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 type StoreWait = ReusableBoxFuture<'static, bool>;
 
 impl Conn {
@@ -231,10 +254,23 @@ impl Conn {
     /// Sends `ack` once the store has passed `ticket` and the control plane has settled
     /// `mark` (0: no mark), never ahead of an earlier one.
     pub fn send_after_mark(&mut self, ticket: Option<Ticket>, mark: u64, ack: Packet) {
+        self.send_after_all(ticket, mark, 0, ack);
+    }
+
+    /// As [`Conn::send_after_mark`], and once the data plane has settled `forwarded` (every
+    /// other node the message went to has it; 0: none).
+    pub fn send_after_all(
+        &mut self,
+        ticket: Option<Ticket>,
+        mark: u64,
+        forwarded: u64,
+        ack: Packet,
+    ) {
         // Only an ack that depends on a store write looks at the watermark (a lock read).
         // Once the store has failed, even `durable_acks = false` holds it: it would never
         // be written.
-        let unsettled = mark > 0 && mark > self.broker.control.settled_now();
+        let unsettled = (mark > 0 && mark > self.broker.control.settled_now())
+            || (forwarded > 0 && forwarded > self.broker.forward.forwarded_now());
         let wait = unsettled
             || ticket.is_some_and(|t| {
                 let c = self.broker.store.committed_now();
@@ -244,8 +280,12 @@ impl Conn {
         if wait || !self.pending_acks.is_empty() {
             self.pending_pubacks += matches!(ack, Packet::PubAck(_)) as usize;
             self.pending_subacks += matches!(ack, Packet::SubAck(_)) as u32;
-            self.pending_acks
-                .push_back((ticket.unwrap_or_default(), mark, ack));
+            let w = AckWait {
+                ticket: ticket.unwrap_or_default(),
+                mark,
+                forwarded,
+            };
+            self.pending_acks.push_back((w, ack));
         } else {
             self.send(&ack);
         }
@@ -256,12 +296,16 @@ impl Conn {
     fn release_acks(&mut self) -> Result<(), ConnError> {
         let c = self.broker.store.committed_now();
         let mut settled = None;
-        while self.pending_acks.front().is_some_and(|(t, mark, _)| {
-            *t <= c.ticket
-                && (*mark == 0
-                    || *mark <= *settled.get_or_insert_with(|| self.broker.control.settled_now()))
+        let mut forwarded = None;
+        while self.pending_acks.front().is_some_and(|(w, _)| {
+            w.ticket <= c.ticket
+                && (w.mark == 0
+                    || w.mark <= *settled.get_or_insert_with(|| self.broker.control.settled_now()))
+                && (w.forwarded == 0
+                    || w.forwarded
+                        <= *forwarded.get_or_insert_with(|| self.broker.forward.forwarded_now()))
         }) {
-            let (_, _, ack) = self.pending_acks.pop_front().expect("front exists");
+            let (_, ack) = self.pending_acks.pop_front().expect("front exists");
             self.pending_pubacks -= matches!(ack, Packet::PubAck(_)) as usize;
             if matches!(ack, Packet::SubAck(_)) {
                 self.pending_subacks -= 1;
@@ -449,17 +493,24 @@ impl Conn {
         // an acknowledgement waits for a control-plane mark, on the next settled mark).
         let mut rx = self.broker.store.committed();
         let settled = self.broker.control.settled_now();
+        let forwarded = self.broker.forward.forwarded_now();
         let mut marks = self
             .pending_acks
             .iter()
-            .any(|(_, mark, _)| *mark > settled)
+            .any(|(w, _)| w.mark > settled)
             .then(|| self.broker.control.settled());
+        let mut fwd = self
+            .pending_acks
+            .iter()
+            .any(|(w, _)| w.forwarded > forwarded)
+            .then(|| self.broker.forward.forwarded());
         let wait = async move {
-            match marks.as_mut() {
-                None => rx.changed().await.is_ok(),
-                Some(marks) => tokio::select! {
+            match (marks.as_mut(), fwd.as_mut()) {
+                (None, None) => rx.changed().await.is_ok(),
+                (marks, fwd) => tokio::select! {
                     r = rx.changed() => r.is_ok(),
-                    _ = marks.changed() => true,
+                    _ = changed(marks) => true,
+                    _ = changed(fwd) => true,
                 },
             }
         };

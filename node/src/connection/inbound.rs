@@ -231,7 +231,12 @@ impl Conn {
         // Emptied now rather than at the next publish: no session is kept alive by it.
         matches.clear();
         MATCHES.set(matches);
-        let (n, ticket, mark) = (routed.delivered, routed.ticket, routed.mark);
+        let (n, ticket, mark, fwd) = (
+            routed.delivered,
+            routed.ticket,
+            routed.mark,
+            routed.forwarded,
+        );
         if let Some(session) = routed.congested {
             // Stop reading until that subscriber catches up (or the wait runs out).
             let wait = Duration::from_millis(cfg.mqtt.backpressure_max_wait_ms);
@@ -259,7 +264,7 @@ impl Conn {
             } else {
                 Packet::PubRec(resp)
             };
-            self.send_after_mark(ticket, mark, ack);
+            self.send_after_all(ticket, mark, fwd, ack);
         }
         Ok(())
     }

@@ -85,14 +85,12 @@ struct Harness {
 }
 
 async fn run(script: Script) {
-    let retained = Arc::new(crate::router::SharedRetained::default());
     let broker = Arc::new(Broker::new(
         script.config,
         Metrics::new(),
         AuthGate::open(),
         store(),
-        Arc::new(crate::control::LocalControl::new(retained.clone())),
-        retained,
+        crate::broker::Planes::alone(),
     ));
     let mut h = Harness {
         broker: broker.clone(),

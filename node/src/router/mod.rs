@@ -2,13 +2,15 @@
 //!
 //! ```text
 //!  PUBLISH a/b/c ──> SubscriptionTrie::collect ──> [Match{session, qos, ..}] ──> Session queues
-//!                         (local subscribers)          (later: + route table -> peer nodes)
+//!          RouteTable::collect ──> [Target{node, ..}] ──> forwarded to peer nodes
 //! ```
 
 pub mod retained;
+pub mod routes;
 pub mod topic;
 pub mod trie;
 
 pub use retained::{RetainedLimits, RetainedStore, SharedRetained};
+pub use routes::{NodeSet, RouteTable, Target};
 pub use topic::{FilterError, ParsedFilter};
 pub use trie::{AclStamp, Match, Subscriber, SubscriptionTrie};

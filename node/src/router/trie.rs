@@ -81,7 +81,7 @@ impl Node {
         self.children.is_empty() && self.subs.is_empty() && self.shared.is_empty()
     }
 
-    fn add_to(&self, out: &mut Vec<Match>) {
+    fn add_to(&self, out: &mut Vec<Match>, shared: bool) {
         for s in self.subs.values() {
             out.push(Match {
                 session: s.session.clone(),
@@ -94,24 +94,31 @@ impl Node {
                 acl_gen: s.acl_gen,
             });
         }
-        for g in &self.shared {
-            if let Some(s) = g.pick() {
-                out.push(Match {
-                    session: s.session.clone(),
-                    qos: s.options.qos,
-                    no_local: false,
-                    retain_as_published: s.options.retain_as_published,
-                    subscription_id: s.subscription_id,
-                    shared: true,
-                    acl_filtered: s.acl_filtered,
-                    acl_gen: s.acl_gen,
-                });
+        if shared {
+            for g in &self.shared {
+                g.pick_into(out);
             }
         }
     }
 }
 
 impl SharedGroup {
+    /// Appends the member [`SharedGroup::pick`] chooses.
+    fn pick_into(&self, out: &mut Vec<Match>) {
+        if let Some(s) = self.pick() {
+            out.push(Match {
+                session: s.session.clone(),
+                qos: s.options.qos,
+                no_local: false,
+                retain_as_published: s.options.retain_as_published,
+                subscription_id: s.subscription_id,
+                shared: true,
+                acl_filtered: s.acl_filtered,
+                acl_gen: s.acl_gen,
+            });
+        }
+    }
+
     /// Round robin over the members, skipping those that are not connected; if none is
     /// connected the message goes to the next member's queue.
     fn pick(&self) -> Option<&Subscriber> {
@@ -278,7 +285,32 @@ impl SubscriptionTrie {
 
     pub fn collect(&self, topic: &str, out: &mut Vec<Match>) {
         let dollar = topic.starts_with('$');
-        walk(&self.root, topic.split('/'), !dollar, out);
+        walk(&self.root, topic.split('/'), !dollar, true, out);
+    }
+
+    /// As [`SubscriptionTrie::collect`] for a message another node forwarded: the ordinary
+    /// subscriptions matching `topic` if `plain`, and one member of each share group in
+    /// `shared` ((group, filter): the sending node chose this node for it).
+    pub fn collect_forwarded<'a>(
+        &self,
+        topic: &str,
+        plain: bool,
+        shared: impl IntoIterator<Item = (&'a str, &'a str)>,
+        out: &mut Vec<Match>,
+    ) {
+        if plain {
+            let dollar = topic.starts_with('$');
+            walk(&self.root, topic.split('/'), !dollar, false, out);
+        }
+        for (group, filter) in shared {
+            let mut node = Some(&self.root);
+            for level in filter.split('/') {
+                node = node.and_then(|n| n.children.get(level));
+            }
+            if let Some(g) = node.and_then(|n| n.shared.iter().find(|g| &*g.name == group)) {
+                g.pick_into(out);
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -290,27 +322,28 @@ fn walk<'a>(
     node: &Node,
     mut levels: std::str::Split<'a, char>,
     wildcards: bool,
+    shared: bool,
     out: &mut Vec<Match>,
 ) {
     match levels.next() {
         None => {
-            node.add_to(out);
+            node.add_to(out, shared);
             // "a/#" also matches "a".
             if let Some(hash) = node.children.get("#") {
-                hash.add_to(out);
+                hash.add_to(out, shared);
             }
         }
         Some(level) => {
             if wildcards {
                 if let Some(hash) = node.children.get("#") {
-                    hash.add_to(out);
+                    hash.add_to(out, shared);
                 }
                 if let Some(plus) = node.children.get("+") {
-                    walk(plus, levels.clone(), true, out);
+                    walk(plus, levels.clone(), true, shared, out);
                 }
             }
             if let Some(child) = node.children.get(level) {
-                walk(child, levels, true, out);
+                walk(child, levels, true, shared, out);
             }
         }
     }

@@ -791,3 +791,216 @@ async fn an_idle_single_node_stays_ready_and_takes_subscriptions() {
     })
     .await
 }
+
+// ---- Issue 12: the data plane -------------------------------------------------------------
+
+/// Waits until `at`'s route table holds `n` routes of every node in `of`.
+async fn wait_routes_of_all(c: &Cluster, at: &[usize], of: &[(u64, u64)]) {
+    for &i in at {
+        for &(node, n) in of {
+            wait_routes(c.grpc(i), node, n).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_publish_reaches_subscribers_on_every_node_with_its_properties_in_order() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut s1 = V5Client::connect(node(&c, 1).mqtt_addr(), "fw-sub1").await;
+        s1.subscribe("fw/+/t", Q5::ExactlyOnce).await;
+        let mut s2 = V5Client::connect(node(&c, 2).mqtt_addr(), "fw-sub2").await;
+        s2.subscribe("fw/#", Q5::AtLeastOnce).await;
+        // The SUBACK promised it: node 0 has both routes already.
+        assert_eq!(routes_now(c.grpc(0), 1).await, 1);
+        assert_eq!(routes_now(c.grpc(0), 2).await, 1);
+        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "fw-pub").await;
+        let props = p5::PublishProperties {
+            payload_format_indicator: Some(1),
+            message_expiry_interval: Some(600),
+            response_topic: Some("fw/reply".into()),
+            correlation_data: Some(bytes::Bytes::from_static(b"corr")),
+            user_properties: vec![("k".into(), "v".into()), ("k".into(), "w".into())],
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        publ.publish_with("fw/a/t", Q5::ExactlyOnce, false, "first", props)
+            .await;
+        for i in 0..30u8 {
+            publ.publish("fw/a/t", q5(i % 3), false, format!("m{i}"))
+                .await;
+        }
+        for (s, max) in [(&mut s1, 2u8), (&mut s2, 1)] {
+            let first = s.recv_publish().await;
+            assert_eq!(text(&first.payload), "first");
+            assert_eq!(n5(first.qos), max);
+            let p = first.properties.expect("properties forwarded");
+            assert_eq!(p.payload_format_indicator, Some(1));
+            assert!(
+                matches!(p.message_expiry_interval, Some(599 | 600)),
+                "{p:?}"
+            );
+            assert_eq!(p.response_topic.as_deref(), Some("fw/reply"));
+            assert_eq!(p.correlation_data.as_deref(), Some(&b"corr"[..]));
+            assert_eq!(p.content_type.as_deref(), Some("text/plain"));
+            assert_eq!(
+                p.user_properties,
+                vec![("k".into(), "v".into()), ("k".into(), "w".into())]
+            );
+            let got: Vec<(String, u8)> = s
+                .recv_publishes(30)
+                .await
+                .iter()
+                .map(|p| (text(&p.payload), n5(p.qos)))
+                .collect();
+            let want: Vec<(String, u8)> = (0..30u8)
+                .map(|i| (format!("m{i}"), (i % 3).min(max)))
+                .collect();
+            assert_eq!(
+                got, want,
+                "every message once, in order, at the granted QoS"
+            );
+            s.assert_no_publish_before_marker().await;
+        }
+        let forwarded_in = "petrel_forward_messages_total{direction=\"in\"}";
+        assert!(node(&c, 1).metric(forwarded_in).await >= 31.0);
+        assert!(node(&c, 2).metric(forwarded_in).await >= 31.0);
+        assert_eq!(
+            node(&c, 0).metric_sum("petrel_forward_dropped_total").await,
+            0.0
+        );
+        eprintln!("--- one copy per node, whatever its number of subscribers");
+        let mut s1b = V5Client::connect(node(&c, 1).mqtt_addr(), "fw-sub1b").await;
+        s1b.subscribe("fw/b/t", Q5::AtLeastOnce).await;
+        let out = "petrel_forward_messages_total{direction=\"out\"}";
+        let before = node(&c, 0).metric(out).await;
+        publ.publish("fw/b/t", Q5::AtLeastOnce, false, "once").await;
+        assert_eq!(text(&s1.recv_publish().await.payload), "once");
+        assert_eq!(text(&s1b.recv_publish().await.payload), "once");
+        assert_eq!(text(&s2.recv_publish().await.payload), "once");
+        assert_eq!(node(&c, 0).metric(out).await - before, 2.0, "nodes 1 and 2");
+        eprintln!("--- after UNSUBACK nothing more is forwarded there");
+        s2.unsubscribe("fw/#").await;
+        publ.publish("fw/a/t", Q5::AtLeastOnce, false, "after")
+            .await;
+        assert_eq!(text(&s1.recv_publish().await.payload), "after");
+        s2.assert_no_publish_before_marker().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_stopped_peer_does_not_hold_publishers_and_gets_its_messages_when_back() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[("PETREL_CLUSTER__FORWARD_ACK_TIMEOUT_MS", "300")]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut s2 = V5Client::connect_with(node(&c, 2).mqtt_addr(), "fw-stopped", |o| {
+            o.set_keep_alive(Duration::from_secs(60));
+        })
+        .await;
+        s2.subscribe("st/#", Q5::AtLeastOnce).await;
+        let mut s1 = V5Client::connect(node(&c, 1).mqtt_addr(), "fw-live").await;
+        s1.subscribe("st/#", Q5::AtLeastOnce).await;
+        wait_routes_of_all(&c, &[0], &[(1, 1), (2, 1)]).await;
+        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "fw-pub2").await;
+        publ.publish("st/x", Q5::AtLeastOnce, false, "warm").await;
+        assert_eq!(text(&s2.recv_publish().await.payload), "warm");
+        assert_eq!(text(&s1.recv_publish().await.payload), "warm");
+        node(&c, 2).sigstop();
+        let started = Instant::now();
+        for i in 0..10 {
+            publ.publish("st/x", Q5::AtLeastOnce, false, format!("p{i}"))
+                .await;
+        }
+        let took = started.elapsed();
+        eprintln!("10 QoS 1 publishes with a stopped peer: {took:?}");
+        // One acknowledgement timeout (300 ms) for the stall, not one per message.
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        let live: Vec<String> = s1
+            .recv_publishes(10)
+            .await
+            .iter()
+            .map(|p| text(&p.payload))
+            .collect();
+        assert_eq!(live, (0..10).map(|i| format!("p{i}")).collect::<Vec<_>>());
+        assert!(
+            node(&c, 0)
+                .metric("petrel_forward_ack_timeouts_total")
+                .await
+                >= 1.0
+        );
+        node(&c, 2).sigcont();
+        let late: Vec<String> = s2
+            .recv_publishes(10)
+            .await
+            .iter()
+            .map(|p| text(&p.payload))
+            .collect();
+        assert_eq!(late, (0..10).map(|i| format!("p{i}")).collect::<Vec<_>>());
+        // Back in the cluster before it takes a new route (the marker's).
+        node(&c, 2).wait_ready(200).await;
+        s2.assert_no_publish_before_marker().await;
+        node(&c, 0)
+            .wait_metric("petrel_forward_outbox_messages", WAIT, |v| v == 0.0)
+            .await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_share_group_across_nodes_gets_each_message_once() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut m1 = V5Client::connect(node(&c, 1).mqtt_addr(), "sh-1").await;
+        m1.subscribe("$share/g/sh/+", Q5::AtLeastOnce).await;
+        let mut m2 = V5Client::connect(node(&c, 2).mqtt_addr(), "sh-2").await;
+        m2.subscribe("$share/g/sh/+", Q5::AtLeastOnce).await;
+        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "sh-pub").await;
+        for i in 0..20 {
+            publ.publish("sh/x", Q5::AtLeastOnce, false, format!("s{i}"))
+                .await;
+        }
+        let mut got: Vec<String> = Vec::new();
+        let mut per_member = Vec::new();
+        for m in [&mut m1, &mut m2] {
+            let mine: Vec<String> = m
+                .publishes_before_marker()
+                .await
+                .iter()
+                .map(|p| text(&p.payload))
+                .collect();
+            per_member.push(mine.len());
+            got.extend(mine);
+        }
+        got.sort();
+        let mut want: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+        want.sort();
+        assert_eq!(got, want, "each message to exactly one member");
+        assert!(
+            per_member.iter().all(|&n| n > 0),
+            "both nodes take turns: {per_member:?}"
+        );
+        eprintln!("--- with a member on the publishing node, it is served there (local first)");
+        let mut m0 = V5Client::connect(node(&c, 0).mqtt_addr(), "sh-0").await;
+        m0.subscribe("$share/g/sh/+", Q5::AtLeastOnce).await;
+        for i in 0..5 {
+            publ.publish("sh/x", Q5::AtLeastOnce, false, format!("l{i}"))
+                .await;
+        }
+        let local: Vec<String> = m0
+            .recv_publishes(5)
+            .await
+            .iter()
+            .map(|p| text(&p.payload))
+            .collect();
+        assert_eq!(local, (0..5).map(|i| format!("l{i}")).collect::<Vec<_>>());
+        m1.assert_no_publish_before_marker().await;
+        m2.assert_no_publish_before_marker().await;
+    })
+    .await
+}
