@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::AuthGate;
 use crate::codec::{LastWill, QoS, SubscriptionOptions};
 use crate::config::Config;
-use crate::control::{ControlPlane, DataPlane};
+use crate::control::{ControlPlane, DataPlane, Forwarded};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persist::value::{self, Clock};
@@ -235,12 +235,16 @@ impl Broker {
         // The node's own `$SYS` topics stay here.
         let (forwarded, nodes) = match self.routes.has_remote() && !msg.topic.starts_with("$SYS/") {
             true => self.forward_to_peers(&msg),
-            false => (0, 0),
+            false => (Forwarded::default(), 0),
         };
         let mut routed = self.route_local(msg, scratch, inbound);
         routed.mark = mark;
-        routed.forwarded = forwarded;
+        routed.forwarded = forwarded.mark;
         routed.delivered += nodes;
+        if let Some(t) = forwarded.ticket {
+            // Tickets are points in one commit order: the later covers both.
+            routed.ticket = Some(routed.ticket.map_or(t, |l| l.max(t)));
+        }
         routed
     }
 
@@ -296,13 +300,13 @@ impl Broker {
         true
     }
 
-    /// Forwards `msg` to the other nodes with matching routes: (the data plane's mark,
-    /// how many nodes).
-    fn forward_to_peers(&self, msg: &Message) -> (u64, usize) {
+    /// Forwards `msg` to the other nodes with matching routes: (what the publisher's
+    /// acknowledgement waits for, how many nodes).
+    fn forward_to_peers(&self, msg: &Message) -> (Forwarded, usize) {
         let mut targets = TARGETS.take();
         self.routes.collect(&msg.topic, &mut targets);
         let out = match targets.is_empty() {
-            true => (0, 0),
+            true => (Forwarded::default(), 0),
             false => (self.forward.forward(msg, &targets), targets.len()),
         };
         targets.clear();

@@ -175,17 +175,30 @@ pub trait ControlPlane: Send + Sync + 'static {
 /// The data plane as the broker sees it: a publish that matches routes of other nodes is
 /// forwarded there (in the node: `cluster::forward::Forwarder`).
 pub trait DataPlane: Send + Sync + 'static {
-    /// Forwards `msg` to `targets` (one per node). Does not wait; returns the mark a QoS 1/2
-    /// publisher's acknowledgement waits for (every target has acknowledged its copy, or has
-    /// not within the acknowledgement timeout and its copy waits in the node's outbox); 0:
-    /// nothing to wait for.
-    fn forward(&self, msg: &crate::message::Message, targets: &[crate::router::Target]) -> u64;
+    /// Forwards `msg` to `targets` (one per node). Does not wait; returns what a QoS 1/2
+    /// publisher's acknowledgement waits for.
+    fn forward(
+        &self,
+        msg: &crate::message::Message,
+        targets: &[crate::router::Target],
+    ) -> Forwarded;
 
     /// The highest settled forwarding mark, as it moves.
     fn forwarded(&self) -> watch::Receiver<u64>;
 
     /// The highest settled forwarding mark now.
     fn forwarded_now(&self) -> u64;
+}
+
+/// What a forwarded publish's acknowledgement waits for.
+#[derive(Debug, Default)]
+pub struct Forwarded {
+    /// Every target has acknowledged its copy, or has not within the acknowledgement
+    /// timeout and its copy waits in the node's stored outbox; 0: nothing to wait for.
+    pub mark: u64,
+    /// Copies for targets that are behind are stored in the outbox at once: this store
+    /// write.
+    pub ticket: Option<petrel_storage::Ticket>,
 }
 
 /// A data plane with no other node: nothing is ever forwarded.
@@ -198,8 +211,12 @@ impl Default for NoForwarding {
 }
 
 impl DataPlane for NoForwarding {
-    fn forward(&self, _msg: &crate::message::Message, _targets: &[crate::router::Target]) -> u64 {
-        0
+    fn forward(
+        &self,
+        _msg: &crate::message::Message,
+        _targets: &[crate::router::Target],
+    ) -> Forwarded {
+        Forwarded::default()
     }
 
     fn forwarded(&self) -> watch::Receiver<u64> {

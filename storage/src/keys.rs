@@ -26,10 +26,13 @@ pub enum Cf {
     RaftLog,
     /// Raft vote, committed and purged log ids, and the last snapshot.
     RaftState,
+    /// peer node id (u64 big-endian), id (u64 big-endian) -> a forwarded message the peer
+    /// has not acknowledged although its publisher was (the data plane's outbox).
+    Outbox,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 11] = [
         Cf::Meta,
         Cf::Sessions,
         Cf::Subscriptions,
@@ -40,6 +43,7 @@ impl Cf {
         Cf::Wills,
         Cf::RaftLog,
         Cf::RaftState,
+        Cf::Outbox,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -54,11 +58,28 @@ impl Cf {
             Cf::Wills => "wills",
             Cf::RaftLog => "raft_log",
             Cf::RaftState => "raft_state",
+            Cf::Outbox => "forward_outbox",
         }
     }
 
     /// Column families whose keys start with a client id prefix.
     pub const PER_CLIENT: [Cf; 4] = [Cf::Subscriptions, Cf::Queue, Cf::Inflight, Cf::Inbound];
+}
+
+/// Key of a stored outbox entry: peer, then id, both big-endian (in order).
+pub fn outbox_key(peer: u64, id: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&peer.to_be_bytes());
+    k[8..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// (peer, id) of an outbox key.
+pub fn parse_outbox_key(k: &[u8]) -> Option<(u64, u64)> {
+    let k: &[u8; 16] = k.try_into().ok()?;
+    let peer = u64::from_be_bytes(k[..8].try_into().ok()?);
+    let id = u64::from_be_bytes(k[8..].try_into().ok()?);
+    Some((peer, id))
 }
 
 /// Key of the format version in [`Cf::Meta`].

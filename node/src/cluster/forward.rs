@@ -24,13 +24,16 @@
 //! own restart loses them (see ARCHITECTURE.md "Forwarding").
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use petrel_cluster_proto::pb;
 use petrel_cluster_proto::pb::forward_client::ForwardClient;
+use petrel_storage::{keys, Cf, Store, Ticket};
 use prometheus::{IntCounter, IntCounterVec, IntGauge};
+use prost::Message as _;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +41,7 @@ use tonic::{Status, Streaming};
 
 use crate::broker::Broker;
 use crate::codec::QoS;
-use crate::control::DataPlane;
+use crate::control::{DataPlane, Forwarded};
 use crate::message::Message;
 use crate::persist::value::{self, Clock};
 use crate::router::Target;
@@ -56,6 +59,16 @@ const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// What an outbox entry costs besides its message bytes (for the byte bound).
 const ENTRY_OVERHEAD: usize = 64;
+
+/// What an outbox entry of `msg` counts for (against `cluster.forward_outbox_bytes`).
+fn entry_size(msg: &pb::ForwardedMessage) -> usize {
+    let shared: usize = msg
+        .shared
+        .iter()
+        .map(|s| s.group.len() + s.filter.len() + 8)
+        .sum();
+    msg.message.len() + shared + ENTRY_OVERHEAD
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -85,6 +98,8 @@ struct Entry {
     qos0: bool,
     size: usize,
     deadline: Instant,
+    /// Its id in the stored outbox (`Cf::Outbox`); 0: only in memory.
+    stored: u64,
 }
 
 /// What [`Forwarder::forward`] queues for each target.
@@ -110,12 +125,16 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// Removes the first `n` entries, returning the marks they held.
-    fn pop_front(&mut self, n: usize, released: &mut Vec<u64>) {
+    /// Removes the first `n` entries, adding the marks they held to `released` and their
+    /// stored ids to `unstore`.
+    fn pop_front(&mut self, n: usize, released: &mut Vec<u64>, unstore: &mut Vec<u64>) {
         for e in self.entries.drain(..n) {
             self.bytes -= e.size;
             if e.mark != 0 {
                 released.push(e.mark);
+            }
+            if e.stored != 0 {
+                unstore.push(e.stored);
             }
         }
         self.sent = self.sent.saturating_sub(n);
@@ -150,10 +169,54 @@ struct Marks {
 struct Received {
     incarnation: u64,
     seq: u64,
+    /// The last seq delivered under the sender's earlier incarnations (the most recent
+    /// few): its stored outbox resends copies under their first (incarnation, seq).
+    earlier: BTreeMap<u64, u64>,
+}
+
+/// Earlier incarnations of a sender remembered for deduplication.
+const EARLIER_KEPT: usize = 8;
+
+impl Received {
+    /// Whether `m` (of a batch of the current incarnation) is new here; records it.
+    fn is_new(&mut self, m: &pb::ForwardedMessage) -> bool {
+        if m.seq <= self.seq {
+            return false;
+        }
+        self.seq = m.seq;
+        if m.first_incarnation != 0 && m.first_incarnation != self.incarnation {
+            let last = self.earlier.entry(m.first_incarnation).or_default();
+            if m.first_seq <= *last {
+                // Delivered before the sender restarted.
+                return false;
+            }
+            *last = m.first_seq;
+        }
+        true
+    }
+
+    /// The sender restarted: a new incarnation.
+    fn restart(&mut self, incarnation: u64) {
+        if self.incarnation != 0 {
+            self.earlier.insert(self.incarnation, self.seq);
+            while self.earlier.len() > EARLIER_KEPT {
+                self.earlier.pop_first();
+            }
+        }
+        self.incarnation = incarnation;
+        self.seq = 0;
+    }
 }
 
 pub struct Forwarder {
     me: u64,
+    /// Holds the copies whose publishers were acknowledged before their peer acknowledged
+    /// them (the outbox of a peer that is behind), so that a restart keeps them.
+    store: Store,
+    /// The id of the last entry stored in `Cf::Outbox`.
+    last_stored: AtomicU64,
+    /// Stored entries read at start, by peer, until the peer's link exists.
+    restored: Mutex<HashMap<u64, Vec<(u64, pb::ForwardedMessage)>>>,
     /// Sequence numbers restart with every start of the process.
     incarnation: u64,
     ack_timeout: Duration,
@@ -169,19 +232,46 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
+    /// A forwarder of node `me`, with the outbox entries `store` kept from before.
     pub fn new(
         me: u64,
+        store: Store,
         ack_timeout: Duration,
         outbox_limit: usize,
         metrics: ForwardMetrics,
-    ) -> Forwarder {
+    ) -> std::io::Result<Forwarder> {
+        let mut restored: HashMap<u64, Vec<(u64, pb::ForwardedMessage)>> = HashMap::new();
+        let mut last = 0;
+        for kv in store.scan(Cf::Outbox) {
+            let (k, v) = kv.map_err(std::io::Error::other)?;
+            let (Some((peer, id)), Ok(m)) = (
+                keys::parse_outbox_key(&k),
+                pb::ForwardedMessage::decode(&*v),
+            ) else {
+                tracing::warn!("unreadable outbox entry skipped");
+                continue;
+            };
+            last = last.max(id);
+            restored.entry(peer).or_default().push((id, m));
+        }
+        let n: usize = restored.values().map(Vec::len).sum();
+        if n > 0 {
+            tracing::info!(
+                messages = n,
+                peers = restored.len(),
+                "forwarded messages kept for peers that had not taken them"
+            );
+        }
         let incarnation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             .max(1);
-        Forwarder {
+        Ok(Forwarder {
             me,
+            store,
+            last_stored: AtomicU64::new(last),
+            restored: Mutex::new(restored),
             incarnation,
             ack_timeout,
             outbox_limit,
@@ -191,7 +281,46 @@ impl Forwarder {
             broker: OnceLock::new(),
             received: Mutex::new(HashMap::new()),
             metrics,
+        })
+    }
+
+    /// Stores the entries `ids` of `link`'s outbox (their publishers are acknowledged before
+    /// the peer takes them: a restart must keep them). Called with the outbox locked, so a
+    /// delete after the peer's ack is always appended after the put.
+    fn store_entries(&self, link: &Link, o: &mut Outbox, at: &[usize]) -> Option<Ticket> {
+        if at.is_empty() {
+            return None;
         }
+        let mut txn = self.store.begin();
+        let mut w = txn.writer();
+        for &i in at {
+            let id = self.last_stored.fetch_add(1, Ordering::Relaxed) + 1;
+            let e = &mut o.entries[i];
+            e.stored = id;
+            if e.msg.first_incarnation == 0 {
+                // Resent after a restart under a new incarnation, it keeps this identity.
+                e.msg.first_incarnation = self.incarnation;
+                e.msg.first_seq = e.msg.seq;
+            }
+            w.put(
+                Cf::Outbox,
+                &keys::outbox_key(link.node, id),
+                &e.msg.encode_to_vec(),
+            );
+        }
+        Some(txn.commit())
+    }
+
+    /// Deletes stored entries of `peer` (acknowledged, dropped, or their peer removed).
+    fn unstore(&self, peer: u64, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        self.store.append(|w| {
+            for &id in ids {
+                w.delete(Cf::Outbox, &keys::outbox_key(peer, id));
+            }
+        });
     }
 
     /// The broker forwarded messages are delivered through (set once it is built and its
@@ -200,21 +329,30 @@ impl Forwarder {
         let _ = self.broker.set(broker);
     }
 
-    /// Keeps one link to every peer in `peers` (node id -> gRPC address): new ones start,
-    /// gone ones stop and drop their outbox (counted), moved ones keep it.
+    /// Keeps one link to every peer in `peers` (node id -> gRPC address): new ones start
+    /// (with what the stored outbox kept for them), gone ones stop and drop their outbox
+    /// (counted), moved ones keep it.
     pub fn set_peers(self: &Arc<Self>, peers: &HashMap<u64, String>) {
         let mut links = self.links.write().unwrap_or_else(|e| e.into_inner());
         let mut released = Vec::new();
+        let mut moved = HashMap::new();
         links.retain(|id, link| {
             if peers.get(id) == Some(&link.addr) {
                 return true;
             }
             link.stop.cancel();
-            if !peers.contains_key(id) {
-                let mut o = lock(&link.outbox);
+            let mut o = lock(&link.outbox);
+            if peers.contains_key(id) {
+                // A new address: the outbox goes to the new link, all of it unsent.
+                let mut kept = std::mem::take(&mut *o);
+                kept.sent = 0;
+                moved.insert(*id, kept);
+            } else {
                 let n = o.entries.len();
                 self.count_dropped("peer_removed", n as u64);
-                o.pop_front(n, &mut released);
+                let mut unstore = Vec::new();
+                o.pop_front(n, &mut released, &mut unstore);
+                self.unstore(*id, &unstore);
             }
             false
         });
@@ -222,10 +360,14 @@ impl Forwarder {
             if id == self.me || links.contains_key(&id) {
                 continue;
             }
+            let outbox = match moved.remove(&id) {
+                Some(o) => o,
+                None => self.restored_outbox(id),
+            };
             let link = Arc::new(Link {
                 node: id,
                 addr: addr.clone(),
-                outbox: Mutex::new(Outbox::default()),
+                outbox: Mutex::new(outbox),
                 wake: Notify::new(),
                 stop: CancellationToken::new(),
             });
@@ -236,6 +378,35 @@ impl Forwarder {
         drop(links);
         self.release(&released);
         self.update_outbox_gauges();
+    }
+
+    /// The outbox of a new link to `peer`: what the stored outbox kept for it, first in
+    /// line. Its publishers were acknowledged long ago, so it holds none, and the peer
+    /// counts as behind until it has taken them.
+    fn restored_outbox(&self, peer: u64) -> Outbox {
+        let mut o = Outbox::default();
+        let Some(mut kept) = lock(&self.restored).remove(&peer) else {
+            return o;
+        };
+        kept.sort_by_key(|(id, _)| *id);
+        let now = Instant::now();
+        for (id, mut msg) in kept {
+            o.next_seq += 1;
+            msg.seq = o.next_seq;
+            let size = entry_size(&msg);
+            o.bytes += size;
+            o.entries.push_back(Entry {
+                msg,
+                mark: 0,
+                qos0: false,
+                size,
+                deadline: now,
+                stored: id,
+            });
+        }
+        o.expired = o.entries.len();
+        o.lagging = true;
+        o
     }
 
     /// Stops every link (the node is going down).
@@ -302,7 +473,13 @@ impl Forwarder {
 
     /// Queues a copy for `link`; returns whether it holds its mark (queued, to a peer that
     /// keeps up). The oldest entries make room for it if need be (their marks let go).
-    fn push(&self, link: &Link, message: &Bytes, target: &Target, copy: Copy) -> bool {
+    fn push(
+        &self,
+        link: &Link,
+        message: &Bytes,
+        target: &Target,
+        copy: Copy,
+    ) -> (bool, Option<Ticket>) {
         let Copy {
             mark,
             qos0,
@@ -319,14 +496,15 @@ impl Forwarder {
             // QoS 0 never waits: a peer that is behind does not get it.
             drop(o);
             self.count_dropped("slow_peer", 1);
-            return false;
+            return (false, None);
         }
         let mut dropped = 0;
-        let mut released = Vec::new();
+        let (mut released, mut unstore) = (Vec::new(), Vec::new());
         while o.bytes + size > self.outbox_limit && !o.entries.is_empty() {
-            o.pop_front(1, &mut released);
+            o.pop_front(1, &mut released, &mut unstore);
             dropped += 1;
         }
+        self.unstore(link.node, &unstore);
         // A peer that is behind holds no publisher: the copy waits in the outbox all the same.
         let (mark, holds) = match o.lagging {
             true => (0, false),
@@ -345,6 +523,8 @@ impl Forwarder {
                     filter: f.to_string(),
                 })
                 .collect(),
+            first_incarnation: 0,
+            first_seq: 0,
         };
         o.entries.push_back(Entry {
             msg,
@@ -352,8 +532,18 @@ impl Forwarder {
             qos0,
             size,
             deadline,
+            stored: 0,
         });
         o.bytes += size;
+        // Its publisher will not wait for the peer: stored first, and the acknowledgement
+        // waits for that.
+        let ticket = match holds || qos0 {
+            true => None,
+            false => {
+                let at = o.entries.len() - 1;
+                self.store_entries(link, &mut o, &[at])
+            }
+        };
         let unsent = o.entries.len() - o.sent;
         drop(o);
         if dropped > 0 {
@@ -364,7 +554,7 @@ impl Forwarder {
             // The link task sleeps only with nothing to send.
             link.wake.notify_one();
         }
-        holds
+        (holds, ticket)
     }
 
     /// Takes the next batch of `link`'s outbox (entries not sent on this stream), if any.
@@ -418,18 +608,20 @@ impl Forwarder {
 
     /// The peer has everything up to `seq`.
     fn acked(&self, link: &Link, seq: u64) {
-        let mut released = Vec::new();
+        let (mut released, mut unstore) = (Vec::new(), Vec::new());
         let mut o = lock(&link.outbox);
         let n = o.entries.iter().take_while(|e| e.msg.seq <= seq).count();
-        o.pop_front(n, &mut released);
+        o.pop_front(n, &mut released, &mut unstore);
+        self.unstore(link.node, &unstore);
         drop(o);
         self.release(&released);
     }
 
-    /// Lets go of the marks of entries whose acknowledgement timeout has passed.
-    fn expire(&self, now: Instant) {
+    /// Lets go of the marks of entries whose acknowledgement timeout has passed, once
+    /// they are stored (their publishers are acknowledged without the peer).
+    fn expire(self: &Arc<Self>, now: Instant) {
         let mut released = Vec::new();
-        let mut timed_out = 0;
+        let mut ticket: Option<Ticket> = None;
         for link in self
             .links
             .read()
@@ -437,21 +629,40 @@ impl Forwarder {
             .values()
         {
             let mut o = lock(&link.outbox);
+            let mut to_store = Vec::new();
             while o.expired < o.entries.len() && o.entries[o.expired].deadline <= now {
                 let at = o.expired;
-                let mark = std::mem::take(&mut o.entries[at].mark);
+                let e = &mut o.entries[at];
+                let mark = std::mem::take(&mut e.mark);
                 if mark != 0 {
                     released.push(mark);
-                    timed_out += 1;
+                    if e.stored == 0 {
+                        to_store.push(at);
+                    }
                 }
                 o.expired += 1;
                 o.lagging = true;
             }
+            if let Some(t) = self.store_entries(link, &mut o, &to_store) {
+                ticket = Some(ticket.map_or(t, |x| x.max(t)));
+            }
         }
-        if timed_out > 0 {
-            self.metrics.ack_timeouts.inc_by(timed_out);
+        if released.is_empty() {
+            return;
         }
-        self.release(&released);
+        self.metrics.ack_timeouts.inc_by(released.len() as u64);
+        match ticket {
+            None => self.release(&released),
+            Some(t) => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    // A failed store releases nothing: the node goes down.
+                    if this.store.wait(t).await.is_ok() {
+                        this.release(&released);
+                    }
+                });
+            }
+        }
     }
 
     /// Checks the acknowledgement timeouts and the outbox gauges until `cancel`.
@@ -563,21 +774,17 @@ impl Forwarder {
                 .clone();
             let mut st = state.lock().await;
             if st.incarnation != batch.incarnation {
-                *st = Received {
-                    incarnation: batch.incarnation,
-                    seq: 0,
-                };
+                st.restart(batch.incarnation);
             }
             let clock = Clock::now();
             let mut ticket = None;
             let mut congested = None;
             let (mut delivered, mut duplicates) = (0, 0);
             for m in batch.messages {
-                if m.seq <= st.seq {
+                if !st.is_new(&m) {
                     duplicates += 1;
                     continue;
                 }
-                st.seq = m.seq;
                 delivered += 1;
                 let Some(d) = value::delivery(&m.message, &clock) else {
                     self.count_dropped("unreadable", 1);
@@ -630,13 +837,13 @@ impl Forwarder {
 }
 
 impl DataPlane for Forwarder {
-    fn forward(&self, msg: &Message, targets: &[Target]) -> u64 {
+    fn forward(&self, msg: &Message, targets: &[Target]) -> Forwarded {
         let message = match value::message(msg, msg.qos, msg.retain, &[], &Clock::now()) {
             Ok(v) => Bytes::from(v),
             Err(_) => {
                 // Arrived within the packet limit, but grew past it (never in practice).
                 self.count_dropped("too_large", targets.len() as u64);
-                return 0;
+                return Forwarded::default();
             }
         };
         let qos0 = msg.qos == QoS::AtMostOnce;
@@ -652,6 +859,7 @@ impl DataPlane for Forwarder {
         };
         let deadline = Instant::now() + self.ack_timeout;
         let mut released = Vec::new();
+        let mut ticket = None;
         let links = self.links.read().unwrap_or_else(|e| e.into_inner());
         for t in targets {
             let holds = match links.get(&t.node) {
@@ -661,7 +869,11 @@ impl DataPlane for Forwarder {
                         qos0,
                         deadline,
                     };
-                    self.push(link, &message, t, copy)
+                    let (holds, stored) = self.push(link, &message, t, copy);
+                    if let Some(s) = stored {
+                        ticket = Some(ticket.map_or(s, |x: Ticket| x.max(s)));
+                    }
+                    holds
                 }
                 None => {
                     // A route of a node that is not (or not yet) a member.
@@ -675,7 +887,7 @@ impl DataPlane for Forwarder {
         }
         drop(links);
         self.release(&released);
-        mark
+        Forwarded { mark, ticket }
     }
 
     fn forwarded(&self) -> watch::Receiver<u64> {

@@ -24,18 +24,60 @@ fn plain(node: u64) -> Target {
     }
 }
 
+fn store(dir: &tempfile::TempDir) -> Store {
+    Store::open(petrel_storage::StoreOptions {
+        path: dir.path().join("db"),
+        fsync: false,
+    })
+    .expect("open store")
+}
+
+fn peers() -> HashMap<u64, String> {
+    HashMap::from([(2, "127.0.0.1:1".to_owned()), (3, "127.0.0.1:1".to_owned())])
+}
+
 /// A forwarder of node 1 with links to nodes 2 and 3 (whose addresses refuse connections,
-/// so nothing is ever acknowledged unless the test says so).
-fn forwarder(outbox: usize) -> Arc<Forwarder> {
-    let f = Arc::new(Forwarder::new(
+/// so nothing is ever acknowledged unless the test says so), on `store`.
+fn forwarder_on(store: Store, outbox: usize) -> Arc<Forwarder> {
+    let f = Forwarder::new(
         1,
+        store,
         Duration::from_millis(100),
         outbox,
         Metrics::new().forward,
-    ));
-    let peers = HashMap::from([(2, "127.0.0.1:1".to_owned()), (3, "127.0.0.1:1".to_owned())]);
-    f.set_peers(&peers);
+    )
+    .expect("forwarder");
+    let f = Arc::new(f);
+    f.set_peers(&peers());
     f
+}
+
+fn forwarder(outbox: usize) -> Arc<Forwarder> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = forwarder_on(store(&dir), outbox);
+    // The store stays open (the directory goes when the test ends).
+    std::mem::forget(dir);
+    f
+}
+
+fn mark(f: &Forwarder, m: Message, to: &[Target]) -> u64 {
+    f.forward(&m, to).mark
+}
+
+/// Waits (a little) until the forwarding watermark reaches `m`.
+async fn settles(f: &Forwarder, m: u64) {
+    let mut rx = f.forwarded();
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| *s >= m))
+        .await
+        .expect("settled in time")
+        .expect("forwarder alive");
+}
+
+fn stored_keys(store: &Store) -> Vec<(u64, u64)> {
+    store
+        .scan(Cf::Outbox)
+        .map(|kv| keys::parse_outbox_key(&kv.expect("scan").0).expect("outbox key"))
+        .collect()
 }
 
 fn link(f: &Forwarder, node: u64) -> Arc<Link> {
@@ -51,8 +93,8 @@ fn outbox_seqs(f: &Forwarder, node: u64) -> Vec<u64> {
 #[tokio::test]
 async fn a_mark_settles_once_every_target_acknowledged() {
     let f = forwarder(1 << 20);
-    let m1 = f.forward(&msg(QoS::AtLeastOnce, b"a"), &[plain(2), plain(3)]);
-    let m2 = f.forward(&msg(QoS::AtLeastOnce, b"b"), &[plain(2)]);
+    let m1 = mark(&f, msg(QoS::AtLeastOnce, b"a"), &[plain(2), plain(3)]);
+    let m2 = mark(&f, msg(QoS::AtLeastOnce, b"b"), &[plain(2)]);
     assert_eq!((m1, m2), (1, 2));
     assert_eq!(f.forwarded_now(), 0);
     f.acked(&link(&f, 2), 2);
@@ -60,7 +102,7 @@ async fn a_mark_settles_once_every_target_acknowledged() {
     f.acked(&link(&f, 3), 1);
     assert_eq!(f.forwarded_now(), 2);
     assert_eq!(
-        f.forward(&msg(QoS::AtMostOnce, b"c"), &[plain(2)]),
+        mark(&f, msg(QoS::AtMostOnce, b"c"), &[plain(2)]),
         0,
         "QoS 0 waits for nothing"
     );
@@ -70,17 +112,17 @@ async fn a_mark_settles_once_every_target_acknowledged() {
 #[tokio::test]
 async fn an_unanswered_copy_stops_holding_after_the_timeout_but_stays_queued() {
     let f = forwarder(1 << 20);
-    let m = f.forward(&msg(QoS::ExactlyOnce, b"a"), &[plain(2)]);
+    let m = mark(&f, msg(QoS::ExactlyOnce, b"a"), &[plain(2)]);
     f.expire(Instant::now());
     assert_eq!(f.forwarded_now(), 0, "not yet");
     f.expire(Instant::now() + Duration::from_millis(150));
-    assert_eq!(f.forwarded_now(), m);
+    settles(&f, m).await;
     assert_eq!(
         outbox_seqs(&f, 2),
         vec![1],
         "still sent when the peer is back"
     );
-    let m2 = f.forward(&msg(QoS::AtLeastOnce, b"b"), &[plain(2)]);
+    let m2 = mark(&f, msg(QoS::AtLeastOnce, b"b"), &[plain(2)]);
     assert_eq!(
         f.forwarded_now(),
         m2,
@@ -90,7 +132,7 @@ async fn an_unanswered_copy_stops_holding_after_the_timeout_but_stays_queued() {
     f.acked(&link(&f, 2), 1);
     assert_eq!(outbox_seqs(&f, 2), vec![2]);
     assert_eq!(f.forwarded_now(), m2, "a late ack releases nothing twice");
-    let m3 = f.forward(&msg(QoS::AtLeastOnce, b"c"), &[plain(2)]);
+    let m3 = mark(&f, msg(QoS::AtLeastOnce, b"c"), &[plain(2)]);
     assert_eq!(
         f.forwarded_now(),
         m2,
@@ -104,7 +146,7 @@ async fn an_unanswered_copy_stops_holding_after_the_timeout_but_stays_queued() {
 #[tokio::test]
 async fn unknown_nodes_hold_nothing() {
     let f = forwarder(1 << 20);
-    let m = f.forward(&msg(QoS::AtLeastOnce, b"a"), &[plain(9)]);
+    let m = mark(&f, msg(QoS::AtLeastOnce, b"a"), &[plain(9)]);
     assert_eq!(f.forwarded_now(), m);
     f.stop();
 }
@@ -114,14 +156,14 @@ async fn a_full_outbox_drops_its_oldest_and_qos0_early() {
     let f = forwarder(1 << 20);
     static BIG: [u8; 300_000] = [0; 300_000];
     for _ in 0..5 {
-        f.forward(&msg(QoS::AtLeastOnce, &BIG), &[plain(2)]);
+        mark(&f, msg(QoS::AtLeastOnce, &BIG), &[plain(2)]);
     }
     // 1 MiB holds three of them.
     assert_eq!(outbox_seqs(&f, 2), vec![3, 4, 5]);
     assert_eq!(f.forwarded_now(), 2, "the dropped ones hold nothing");
     let dropped = &f.metrics.dropped;
     assert_eq!(dropped.with_label_values(&["outbox_full"]).get(), 2);
-    f.forward(&msg(QoS::AtMostOnce, b"x"), &[plain(2)]);
+    mark(&f, msg(QoS::AtMostOnce, b"x"), &[plain(2)]);
     assert_eq!(dropped.with_label_values(&["slow_peer"]).get(), 1);
     assert_eq!(outbox_seqs(&f, 2), vec![3, 4, 5]);
     f.stop();
@@ -130,11 +172,11 @@ async fn a_full_outbox_drops_its_oldest_and_qos0_early() {
 #[tokio::test]
 async fn batches_send_qos0_once_and_everything_else_again_after_a_reconnect() {
     let f = forwarder(1 << 20);
-    f.forward(&msg(QoS::AtLeastOnce, b"a"), &[plain(2)]);
-    f.forward(&msg(QoS::AtMostOnce, b"b"), &[plain(2)]);
+    mark(&f, msg(QoS::AtLeastOnce, b"a"), &[plain(2)]);
+    mark(&f, msg(QoS::AtMostOnce, b"b"), &[plain(2)]);
     let mut t = plain(2);
     t.shared.push(("g".into(), "t/+".into()));
-    f.forward(&msg(QoS::AtLeastOnce, b"c"), &[t]);
+    mark(&f, msg(QoS::AtLeastOnce, b"c"), &[t]);
     let l = link(&f, 2);
     let b = f.take_batch(&l).expect("a batch");
     assert_eq!(b.node_id, 1);
@@ -158,11 +200,79 @@ async fn batches_send_qos0_once_and_everything_else_again_after_a_reconnect() {
 #[tokio::test]
 async fn a_removed_peer_takes_its_outbox_with_it() {
     let f = forwarder(1 << 20);
-    let m = f.forward(&msg(QoS::AtLeastOnce, b"a"), &[plain(2), plain(3)]);
+    let m = mark(&f, msg(QoS::AtLeastOnce, b"a"), &[plain(2), plain(3)]);
     f.acked(&link(&f, 3), 1);
     f.set_peers(&HashMap::from([(3, "127.0.0.1:1".to_owned())]));
     assert_eq!(f.forwarded_now(), m);
     let dropped = f.metrics.dropped.with_label_values(&["peer_removed"]).get();
     assert_eq!(dropped, 1);
     f.stop();
+}
+
+#[tokio::test]
+async fn copies_acknowledged_without_their_peer_are_stored_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = store(&dir);
+    let f = forwarder_on(st.clone(), 1 << 20);
+    let m1 = mark(&f, msg(QoS::AtLeastOnce, b"a"), &[plain(2)]);
+    mark(&f, msg(QoS::AtMostOnce, b"q0"), &[plain(2)]);
+    assert!(
+        stored_keys(&st).is_empty(),
+        "a peer that keeps up: nothing stored"
+    );
+    f.expire(Instant::now() + Duration::from_millis(150));
+    settles(&f, m1).await;
+    assert_eq!(
+        stored_keys(&st),
+        vec![(2, 1)],
+        "stored before its publisher was released"
+    );
+    // Behind now: the next copy is stored at once and its publisher waits for that write.
+    let fw = f.forward(&msg(QoS::ExactlyOnce, b"b"), &[plain(2)]);
+    let ticket = fw.ticket.expect("stored");
+    st.wait(ticket).await.expect("written");
+    assert_eq!(stored_keys(&st), vec![(2, 1), (2, 2)]);
+    f.stop();
+    drop(f);
+    eprintln!("--- a restart: the stored copies come first, to the same peer");
+    let f = forwarder_on(st.clone(), 1 << 20);
+    let l = link(&f, 2);
+    let b = f.take_batch(&l).expect("restored");
+    let payloads: Vec<Vec<u8>> = b
+        .messages
+        .iter()
+        .map(|m| {
+            let d = value::delivery(&m.message, &Clock::now()).expect("decodes");
+            d.msg.payload.to_vec()
+        })
+        .collect();
+    assert_eq!(payloads, vec![b"a".to_vec(), b"b".to_vec()]);
+    let m = mark(&f, msg(QoS::AtLeastOnce, b"c"), &[plain(2)]);
+    assert_eq!(f.forwarded_now(), m, "still behind: holds nobody");
+    f.acked(&l, 3);
+    let ticket = st.append(|_| {});
+    st.wait(ticket).await.expect("written");
+    assert!(stored_keys(&st).is_empty(), "taken: deleted");
+    f.stop();
+}
+
+#[test]
+fn a_receiver_skips_retransmits_and_copies_it_had_before_the_sender_restarted() {
+    let m = |seq, first_incarnation, first_seq| pb::ForwardedMessage {
+        seq,
+        first_incarnation,
+        first_seq,
+        ..Default::default()
+    };
+    let mut r = Received::default();
+    r.restart(100);
+    assert!(r.is_new(&m(1, 0, 0)));
+    assert!(r.is_new(&m(2, 100, 2)), "stored, first sent now");
+    assert!(!r.is_new(&m(2, 100, 2)), "a retransmit");
+    assert!(r.is_new(&m(3, 0, 0)));
+    r.restart(200);
+    assert!(!r.is_new(&m(1, 100, 2)), "delivered before the restart");
+    assert!(r.is_new(&m(2, 100, 4)), "never delivered");
+    assert!(r.is_new(&m(3, 0, 0)));
+    assert!(!r.is_new(&m(3, 0, 0)));
 }

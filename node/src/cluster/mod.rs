@@ -211,10 +211,11 @@ impl Cluster {
             StateMachine::open(store.clone(), me.node_id, shared.retained, shared.routes)?;
         let forward = Arc::new(forward::Forwarder::new(
             me.node_id,
+            store.clone(),
             Duration::from_millis(cfg.forward_ack_timeout_ms),
             cfg.forward_outbox_bytes,
             shared.forward_metrics,
-        ));
+        )?);
         let log = store.raft_log::<TypeConfig, Codec>();
         let raft = Raft::new(
             me.node_id,

@@ -1004,3 +1004,41 @@ async fn a_share_group_across_nodes_gets_each_message_once() {
     })
     .await
 }
+
+#[tokio::test]
+async fn copies_for_a_stopped_peer_survive_a_kill_9_of_the_publishing_node() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[("PETREL_CLUSTER__FORWARD_ACK_TIMEOUT_MS", "300")]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut s2 = V5Client::connect_with(node(&c, 2).mqtt_addr(), "kept-sub", |o| {
+            o.set_keep_alive(Duration::from_secs(60));
+        })
+        .await;
+        s2.subscribe("kept/#", Q5::ExactlyOnce).await;
+        wait_routes(c.grpc(0), 2, 1).await;
+        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "kept-pub").await;
+        publ.publish("kept/x", Q5::AtLeastOnce, false, "warm").await;
+        assert_eq!(text(&s2.recv_publish().await.payload), "warm");
+        node(&c, 2).sigstop();
+        for i in 0..10u8 {
+            publ.publish("kept/x", q5(1 + i % 2), false, format!("k{i}"))
+                .await;
+        }
+        eprintln!("--- every PUBACK/PUBCOMP came; the node that has the copies dies");
+        c.kill9(0).await;
+        c.start(&[0]).await;
+        node(&c, 2).sigcont();
+        let got: Vec<String> = s2
+            .recv_publishes(10)
+            .await
+            .iter()
+            .map(|p| text(&p.payload))
+            .collect();
+        assert_eq!(got, (0..10).map(|i| format!("k{i}")).collect::<Vec<_>>());
+        node(&c, 0)
+            .wait_metric("petrel_forward_outbox_messages", WAIT, |v| v == 0.0)
+            .await;
+    })
+    .await
+}
