@@ -19,9 +19,10 @@
 //! acknowledged, with the same sequence numbers; the receiver skips what it has delivered
 //! (per sender and incarnation), so a reconnect doubles nothing.
 //!
-//! The outbox is memory: a peer that is down keeps its copies here (up to
-//! `cluster.forward_outbox_bytes`, then the oldest go, counted) until it is back. This node's
-//! own restart loses them (see ARCHITECTURE.md "Forwarding").
+//! The outbox is memory, bounded per peer by `cluster.forward_outbox_bytes` (then the oldest
+//! go, counted); every copy whose publisher is acknowledged before its peer took it (ack
+//! timeout, a peer that is behind) is also stored (`Cf::Outbox`) first, so a restart of this
+//! node keeps it (see ARCHITECTURE.md "Forwarding").
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -18,6 +18,7 @@
 //! | CONNECT, DISCONNECT, SUBSCRIBE, UNSUBSCRIBE | session / subscription records | no |
 //! | session ends | every key of the client | no |
 //! | will with a delay | will put, delete when fired or cancelled | no |
+//! | a forwarded copy whose peer has not acknowledged it in time (or is behind) | outbox put (`cluster/forward.rs`), delete when the peer acknowledges | yes: PUBACK/PUBREC to the publisher |
 
 pub mod recover;
 pub mod value;
