@@ -5,6 +5,7 @@
 #   2. cargo test --workspace       unit, property and Rust end-to-end tests
 #   3. fuzz                         the codec and whole connections, a time budget each
 #   4. pytest tests/python          paho-mqtt (3.1.1 and 5.0) against the binary, raw bad input
+#      pytest tests/cluster_check   the black-box cross-node suite against a 3-node cluster
 #   5. tests/interop/*.sh           mosquitto_pub / mosquitto_sub against the binary
 #
 # Every step runs even when an earlier one failed (except those that need the binary when it
@@ -143,9 +144,12 @@ else
 fi
 
 # --- 4. pytest ----------------------------------------------------------------------------------------
-if [ "$have_bin" -eq 1 ]; then
-    banner "pytest tests/python"
-    timeout --signal=INT --kill-after=30 25m python3 -m pytest tests/python -p no:cacheprovider -rfEs \
+# run_pytest NAME MINUTES PYTEST-ARGS...: one pytest run as a step, counted from its JUnit report.
+run_pytest() {
+    local name="$1" minutes="$2" rc p f s d
+    shift 2
+    banner "$name"
+    timeout --signal=INT --kill-after=30 "${minutes}m" python3 -m pytest -p no:cacheprovider -rfEs \
         --junitxml="$logs/pytest.xml" "$@" 2>&1 | tee "$logs/pytest.log"
     rc=${PIPESTATUS[0]}
     # Passed, failed (failures + errors) and skipped from the JUnit report; deselected tests are
@@ -171,7 +175,7 @@ EOF
     )
     add_counts "$p" "$f" "$s" "$d"
     while read -r skip; do
-        skipped_names+=("pytest: $skip")
+        skipped_names+=("$name: $skip")
     done < <(python3 - "$logs/pytest.xml" <<'EOF' 2>/dev/null
 import sys
 import xml.etree.ElementTree as ET
@@ -183,11 +187,17 @@ for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
 EOF
     )
     if [ "$rc" -eq 0 ]; then
-        record pytest ok "$(counts "$p" "$f" "$s" "$d")"
+        record "$name" ok "$(counts "$p" "$f" "$s" "$d")"
     else
         # exit 5 = no test collected: that is a failure here too
-        record pytest FAILED "$(counts "$p" "$f" "$s" "$d"), exit $rc"
+        record "$name" FAILED "$(counts "$p" "$f" "$s" "$d"), exit $rc"
     fi
+}
+
+if [ "$have_bin" -eq 1 ]; then
+    run_pytest pytest 25 tests/python "$@"
+    # The black-box cross-node suite, against a 3-node cluster of this binary.
+    run_pytest "cluster check" 10 tests/cluster_check --local-cluster 3
 else
     record pytest FAILED "not run: no binary"
 fi

@@ -6,13 +6,37 @@
 
 Every broker is stopped when the test ends; the test fails if a broker died under it, and
 the broker's log is printed when the test failed.
+
+With PETREL_TEST_CLUSTER=N (N >= 2) every broker is a cluster of N nodes
+(`harness.ClusterBroker`) and each new connection goes to the next node, so publisher,
+subscriber and a resumed session sit on different nodes. Tests marked `single_node` (they
+restart the broker, read one node's own figures, or test the command line) are skipped
+then.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from harness import Broker
+from harness import Broker, ClusterBroker
+
+CLUSTER = int(os.environ.get("PETREL_TEST_CLUSTER", "0") or 0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "single_node: meaningful on one node only; skipped with PETREL_TEST_CLUSTER")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CLUSTER < 2:
+        return
+    skip = pytest.mark.skip(reason="single_node test (PETREL_TEST_CLUSTER is set)")
+    for item in items:
+        if item.get_closest_marker("single_node"):
+            item.add_marker(skip)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -27,7 +51,11 @@ def broker_factory(request, tmp_path):
     brokers: list[Broker] = []
 
     def start(env: dict[str, str] | None = None, args: list[str] | None = None) -> Broker:
-        b = Broker(tmp_path / f"broker{len(brokers)}", env=env, args=args)
+        workdir = tmp_path / f"broker{len(brokers)}"
+        if CLUSTER >= 2:
+            b = ClusterBroker(workdir, CLUSTER, env=env, args=args)
+        else:
+            b = Broker(workdir, env=env, args=args)
         brokers.append(b)
         return b.start()
 

@@ -80,8 +80,9 @@ class Broker:
     """One petrel process with its own data dir, on loopback ports chosen by the kernel."""
 
     def __init__(self, workdir: Path, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, grpc_addr: str = "127.0.0.1:0") -> None:
         self.workdir = workdir
+        self.grpc_addr = grpc_addr
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = workdir / "data"
         self.ready_file = workdir / "ready.json"
@@ -111,7 +112,7 @@ class Broker:
         cmd = [str(binary),
                "--mqtt-addr", "127.0.0.1:0",
                "--admin-addr", "127.0.0.1:0",
-               "--grpc-addr", "127.0.0.1:0",
+               "--grpc-addr", self.grpc_addr,
                "--data-dir", str(self.data_dir),
                "--ready-file", str(self.ready_file),
                *self.extra_args]
@@ -218,3 +219,123 @@ class Broker:
             samples = {f"{n}{dict(lbls)}": v for (n, lbls), v in self.metrics().items()
                        if n == name}
             raise AssertionError(f"{err}; samples of {name}: {samples or 'none'}") from None
+
+
+def free_port() -> int:
+    """A port the kernel says is free now (for addresses nodes must know before they start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ClusterBroker:
+    """Several petrel nodes formed into one cluster, standing in for one `Broker`.
+
+    Every new MQTT connection goes to the next node in turn (`addr` and `port` rotate), so a
+    test's publisher, subscriber and resumed session land on different nodes. Metrics are
+    summed over the nodes; the admin API is node 0's. Selected with PETREL_TEST_CLUSTER=N
+    (see conftest.py); tests that only make sense on one node are marked `single_node`.
+    """
+
+    def __init__(self, workdir: Path, n: int, env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
+        grpc = [f"127.0.0.1:{free_port()}" for _ in range(n)]
+        seeds = ",".join(grpc)
+        self.nodes = []
+        for i in range(n):
+            node_env = dict(env or {})
+            node_env.update({"PETREL_NODE_ID": str(i), "PETREL_JOIN": seeds})
+            self.nodes.append(Broker(workdir / f"node{i}", env=node_env, args=args,
+                                     grpc_addr=grpc[i]))
+        self._next = 0
+        self.host = "127.0.0.1"
+
+    def start(self, timeout: float = 60.0) -> "ClusterBroker":
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda b: b.start(timeout), self.nodes))
+        for i, b in enumerate(self.nodes):
+            wait_until(f"node {i} ready", lambda b=b: b.http_get("/health/ready")[0] == 200,
+                       timeout)
+        return self
+
+    # --- one broker's interface, over the nodes ----------------------------------------------
+
+    def _take(self) -> "Broker":
+        b = self.nodes[self._next % len(self.nodes)]
+        self._next += 1
+        return b
+
+    @property
+    def port(self) -> int:
+        return self._take().port
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return self._take().addr
+
+    @property
+    def admin_port(self) -> int | None:
+        return self.nodes[0].admin_port
+
+    @property
+    def proc(self):
+        return self.nodes[0].proc
+
+    @property
+    def exit_code(self) -> int | None:
+        codes = [b.exit_code for b in self.nodes if b.exit_code]
+        return codes[0] if codes else self.nodes[0].exit_code
+
+    @property
+    def pid(self) -> int:
+        return self.nodes[0].pid
+
+    def listener_port(self, name: str) -> int:
+        return self._take().listener_port(name)
+
+    def alive(self) -> bool:
+        return all(b.alive() for b in self.nodes)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        # All at once: a node stopping after the others would wait for a quorum that is gone.
+        for b in self.nodes:
+            if b.proc is not None and b.proc.poll() is None:
+                b.proc.send_signal(sig)
+        codes = [b.stop(sig, timeout) for b in self.nodes]
+        return next((c for c in codes if c), codes[0])
+
+    def kill(self) -> None:
+        for b in self.nodes:
+            b.kill()
+
+    def log(self) -> str:
+        return "\n".join(f"===== node {i} =====\n{b.log()}" for i, b in enumerate(self.nodes))
+
+    def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        return self.nodes[0].http_get(path, timeout)
+
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        total: dict[tuple[str, frozenset], float] = {}
+        for b in self.nodes:
+            for k, v in b.metrics().items():
+                total[k] = total.get(k, 0.0) + v
+        return total
+
+    def metric(self, name: str, **labels: str) -> float:
+        return sum(b.metric(name, **labels) for b in self.nodes)
+
+    def wait_metric(self, what: str, name: str, predicate: Callable[[float], bool],
+                    timeout: float = DEFAULT_TIMEOUT, **labels: str) -> float:
+        def probe():
+            value = self.metric(name, **labels)
+            return (True, value) if predicate(value) else None
+
+        try:
+            return wait_until(what, probe, timeout)[1]
+        except AssertionError as err:
+            per_node = [b.metric(name, **labels) for b in self.nodes]
+            raise AssertionError(f"{err}; {name} per node: {per_node}") from None
