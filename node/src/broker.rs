@@ -131,11 +131,28 @@ pub struct Broker {
     timers: Timers,
     pending_wills: Mutex<HashMap<Arc<str>, PendingWill>>,
     next_conn_id: AtomicU64,
+    /// This broker, for the tasks it starts (a will waits for the cluster's word).
+    this: std::sync::Weak<Broker>,
 }
 
 struct PendingWill {
     session: SessionId,
+    of: WillOf,
     msg: Message,
+}
+
+/// Whose will is due, which says how the cluster is asked before it is published.
+#[derive(Clone, Copy, Debug)]
+pub enum WillOf {
+    /// The connection claimed at this epoch ended without a normal DISCONNECT: published
+    /// once the cluster confirms it is the first to (`WillFired`).
+    Connection(crate::session::Epoch),
+    /// A connection taken over by a newer one: the ownership record is the new
+    /// connection's now, and nobody else publishes this will; published as is.
+    TakenOver,
+    /// A client that was connected when this node died (found armed at start): published
+    /// only if no other node did meanwhile.
+    Crash,
 }
 
 #[derive(Clone, Debug)]
@@ -162,7 +179,7 @@ impl Broker {
         auth: AuthGate,
         store: Store,
         planes: Planes,
-    ) -> Broker {
+    ) -> Arc<Broker> {
         let Planes {
             control,
             retained,
@@ -180,7 +197,8 @@ impl Broker {
                 0
             },
         };
-        Broker {
+        Arc::new_cyclic(|this| Broker {
+            this: this.clone(),
             cfg,
             metrics,
             sessions: SessionRegistry::default(),
@@ -197,7 +215,7 @@ impl Broker {
             timers: Timers::default(),
             pending_wills: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
-        }
+        })
     }
 
     pub fn next_conn_id(&self) -> u64 {
@@ -716,18 +734,19 @@ impl Broker {
         &self,
         client_id: &Arc<str>,
         session: SessionId,
+        of: WillOf,
         msg: Message,
         delay: Duration,
     ) {
         if delay.is_zero() {
             self.disarm_will(client_id);
-            self.publish_will(msg);
+            self.release_will(client_id, of, msg);
             return;
         }
         let due = Instant::now() + delay;
         let stored = value::will(&msg, due, &Clock::now());
         let mut wills = lock(&self.pending_wills);
-        wills.insert(client_id.clone(), PendingWill { session, msg });
+        wills.insert(client_id.clone(), PendingWill { session, of, msg });
         match &stored {
             Ok(v) => {
                 self.store
@@ -749,7 +768,12 @@ impl Broker {
         msg: Message,
         due: Instant,
     ) {
-        lock(&self.pending_wills).insert(client_id.clone(), PendingWill { session, msg });
+        let will = PendingWill {
+            session,
+            of: WillOf::Crash,
+            msg,
+        };
+        lock(&self.pending_wills).insert(client_id.clone(), will);
         self.timers.add(due, TimerEvent::Will(client_id, session));
     }
 
@@ -776,7 +800,45 @@ impl Broker {
             }
         };
         if let Some(w) = will {
-            self.publish_will(w.msg);
+            let client_id: Arc<str> = client_id.into();
+            self.release_will(&client_id, w.of, w.msg);
+        }
+    }
+
+    /// Publishes a due will once the cluster says this node is the one that does (exactly
+    /// once in the cluster: a node that died with the client connected may come back with
+    /// the will while another node has published it already).
+    fn release_will(&self, client_id: &Arc<str>, of: WillOf, msg: Message) {
+        let epoch = match of {
+            // One process alone (tests, the fuzzer): its word is final.
+            _ if !self.control.wills_need_agreement() => return self.publish_will(msg),
+            WillOf::TakenOver => return self.publish_will(msg),
+            WillOf::Connection(epoch) => Some(epoch),
+            WillOf::Crash => None,
+        };
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
+        // Asked now, so the answer comes before whatever the caller changes next (the
+        // session's end).
+        let confirmed = self.control.fire_will(client_id, epoch);
+        let client_id = client_id.clone();
+        tokio::spawn(async move {
+            if confirmed.await {
+                this.publish_will(msg);
+            } else {
+                this.metrics.wills_skipped.inc();
+                tracing::debug!(%client_id, "will not published: fired elsewhere, or the client is back");
+            }
+        });
+    }
+
+    /// Publishes the will of a client of a node that died, once this node won its
+    /// `WillFired` (`message`: the stored-message encoding).
+    pub fn publish_dead_nodes_will(&self, message: &[u8]) {
+        let clock = Clock::now();
+        if let Some(msg) = value::delivery(message, &clock).and_then(|d| Arc::into_inner(d.msg)) {
+            self.publish_will(msg);
         }
     }
 

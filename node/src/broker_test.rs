@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::router::topic::parse_filter;
 use crate::session::{Session, SessionId};
 
-fn broker(dir: &std::path::Path) -> Broker {
+fn broker(dir: &std::path::Path) -> Arc<Broker> {
     let cfg = Config::default();
     let store = Store::open(StoreOptions {
         path: dir.join("db"),

@@ -113,6 +113,10 @@ pub struct ClusterConfig {
     /// `petrel_forward_dropped_total{reason="outbox_full"}`), and QoS 0 copies are dropped
     /// (reason `slow_peer`) once a quarter of it waits. Default `67108864` (64 MiB).
     pub forward_outbox_bytes: usize,
+    /// How long a node must be unreachable before another node (the leader) publishes the
+    /// wills of the clients that were connected to it (exactly once, even if it comes back:
+    /// then it does not). A node restarted within it publishes them itself. Default `10000`.
+    pub will_grace_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -131,6 +135,7 @@ impl Default for ClusterConfig {
             apply_wait_ms: 1000,
             forward_ack_timeout_ms: 1000,
             forward_outbox_bytes: 64 << 20,
+            will_grace_ms: 10_000,
         }
     }
 }

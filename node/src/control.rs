@@ -27,6 +27,9 @@ pub struct ClaimRequest {
     pub clean_start: bool,
     /// Session expiry interval in seconds; 0: the session ends with its connection.
     pub expiry_secs: u32,
+    /// The CONNECT's will (the stored-message encoding) and its delay in seconds: part of
+    /// the ownership record, so that another node can publish it if this one dies.
+    pub will: Option<(Bytes, u32)>,
 }
 
 /// A successful claim.
@@ -102,6 +105,10 @@ pub trait SessionHost: Send + Sync + 'static {
     /// The new owner stored what was handed over at `from_epoch`: the copy here goes.
     fn forget(&self, client_id: &str, from_epoch: u64);
 
+    /// Publishes the will of a client of a node that died (this node won its WillFired):
+    /// `message` is the stored-message encoding.
+    fn publish_will(&self, message: Bytes);
+
     /// Another node pushes what it held of a session this node owns (it was down when the
     /// session moved, or its hand-over was not confirmed): the messages join the session's
     /// queue. Returns whether the sender may delete its copy (taken, taken before, or the
@@ -121,8 +128,24 @@ pub trait ControlPlane: Send + Sync + 'static {
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Grant, ClaimError>>;
 
     /// The connection that claimed `client_id` at `epoch` ended; a session with an expiry
-    /// stays (owned here) until it expires. Does not wait.
-    fn disconnected(&self, client_id: &Arc<str>, epoch: Epoch);
+    /// stays (owned here) until it expires. `will_pending`: its will is to be published (now
+    /// or after its delay, through [`ControlPlane::fire_will`]), so the record keeps it.
+    /// Does not wait.
+    fn disconnected(&self, client_id: &Arc<str>, epoch: Epoch, will_pending: bool);
+
+    /// Whether this node may publish the will of `client_id` claimed at `epoch` (`None`:
+    /// the epoch the ownership record has, if this node owns it): true for exactly one
+    /// caller in the cluster, and never once the client has connected again. With an epoch,
+    /// the question is queued before this returns (so it is decided before any change this
+    /// node queues afterwards, such as the session's end); the answer waits for the cluster
+    /// (retrying while there is no quorum).
+    fn fire_will(&self, client_id: &Arc<str>, epoch: Option<Epoch>) -> BoxFuture<'static, bool>;
+
+    /// Whether [`ControlPlane::fire_will`] must be asked (a cluster); without one a due
+    /// will is published at once.
+    fn wills_need_agreement(&self) -> bool {
+        true
+    }
 
     /// The session claimed at `epoch` ended (expired). Does not wait.
     fn ended(&self, client_id: &Arc<str>, epoch: Epoch);
@@ -261,7 +284,15 @@ impl ControlPlane for LocalControl {
         })))
     }
 
-    fn disconnected(&self, _client_id: &Arc<str>, _epoch: Epoch) {}
+    fn disconnected(&self, _client_id: &Arc<str>, _epoch: Epoch, _will_pending: bool) {}
+
+    fn fire_will(&self, _client_id: &Arc<str>, _epoch: Option<Epoch>) -> BoxFuture<'static, bool> {
+        Box::pin(std::future::ready(true))
+    }
+
+    fn wills_need_agreement(&self) -> bool {
+        false
+    }
 
     fn ended(&self, _client_id: &Arc<str>, _epoch: Epoch) {}
 

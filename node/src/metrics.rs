@@ -29,6 +29,7 @@ pub struct Metrics {
     pub forward: crate::cluster::forward::ForwardMetrics,
     pub sessions_expired: IntCounter,
     pub wills_published: IntCounter,
+    pub wills_skipped: IntCounter,
     pub auth_failures: IntCounterVec,
     pub password_checks_running: IntGauge,
     pub password_checks_waiting: IntGauge,
@@ -131,6 +132,7 @@ impl Metrics {
             subscribes_refused: counter(&r, "petrel_subscribes_refused_total", "Subscriptions refused (SUBACK 0x80) because they needed a new route while the node had no quorum"),
             sessions_expired: counter(&r, "petrel_sessions_expired_total", "Offline sessions ended by their expiry interval (mqtt.session_expiry_max_secs, persistent_session_expiry_secs)"),
             wills_published: counter(&r, "petrel_wills_published_total", "Will messages published"),
+            wills_skipped: counter(&r, "petrel_wills_skipped_total", "Due wills this node did not publish: another node did (it found this node unreachable), or the client had connected again"),
             auth_failures: counter_vec(
                 &r,
                 "petrel_auth_failures_total",

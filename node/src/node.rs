@@ -224,7 +224,7 @@ impl Node {
         .await
         .map_err(Error::Cluster)?;
         let control: Arc<dyn crate::control::ControlPlane> = cluster.clone();
-        let broker = Arc::new(Broker::new(
+        let broker = Broker::new(
             cfg,
             metrics,
             auth,
@@ -235,7 +235,7 @@ impl Node {
                 routes,
                 forward: cluster.forwarder().clone(),
             },
-        ));
+        );
         let recovered = recover(&broker, &store)?;
         // Forwarded publishes are delivered from now on (the recovered sessions are here).
         cluster.forwarder().set_broker(broker.clone());

@@ -88,6 +88,7 @@ pub async fn claim(
     client_id: &Arc<str>,
     clean_start: bool,
     expiry: u32,
+    will: Option<(bytes::Bytes, u32)>,
     conn_id: u64,
 ) -> Result<(Arc<Session>, Box<SessionState>, bool), ReasonCode> {
     let _turn = broker.sessions.lock_claim(client_id).await;
@@ -95,6 +96,7 @@ pub async fn claim(
         client_id: client_id.clone(),
         clean_start,
         expiry_secs: expiry,
+        will,
     };
     let mut grant = match broker.control.claim(request).await {
         Ok(g) => g,
@@ -450,6 +452,10 @@ impl Host {
 }
 
 impl SessionHost for Host {
+    fn publish_will(&self, message: bytes::Bytes) {
+        self.broker.publish_dead_nodes_will(&message);
+    }
+
     fn surrender(&self, client_id: &str, epoch: u64) -> BoxFuture<'_, Option<HandedOver>> {
         let client_id = client_id.to_owned();
         Box::pin(async move { self.surrender_now(&client_id, epoch).await })

@@ -21,6 +21,7 @@ pub mod raft;
 mod server;
 mod settle;
 pub mod sm;
+mod wills;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -148,6 +149,8 @@ pub struct Cluster {
     lease: Duration,
     /// The data plane: publishes forwarded to the other members.
     forward: Arc<forward::Forwarder>,
+    /// This cluster, for futures that outlive a borrow of it.
+    this: std::sync::Weak<Cluster>,
 }
 
 /// What the cluster shares with the rest of the node: the stores its state machine writes
@@ -227,7 +230,8 @@ impl Cluster {
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let cluster = Arc::new(Cluster {
+        let cluster = Arc::new_cyclic(|this| Cluster {
+            this: this.clone(),
             me,
             voters: cfg.voters,
             raft,
@@ -251,6 +255,11 @@ impl Cluster {
         tracker.spawn(cluster.clone().run_proposer(rx, cancel.clone()));
         tracker.spawn(cluster.clone().run_settle(cancel.clone()));
         tracker.spawn(cluster.clone().follow_peers(cancel.clone()));
+        tracker.spawn(
+            cluster
+                .clone()
+                .watch_wills(Duration::from_millis(cfg.will_grace_ms), cancel.clone()),
+        );
         let seeds = cfg.seeds();
         tracker.spawn(cluster.clone().enter(seeds, cancel));
         Ok(cluster)
@@ -1029,6 +1038,7 @@ impl Cluster {
 
 impl ControlPlane for Cluster {
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Grant, ClaimError>> {
+        // (`ClaimRequest::will` goes into the ownership record.)
         Box::pin(async move {
             let cmd = pb::Command {
                 cmd: Some(pb::command::Cmd::Claim(pb::Claim {
@@ -1036,7 +1046,10 @@ impl ControlPlane for Cluster {
                     node_id: self.me.node_id,
                     clean_start: req.clean_start,
                     expiry_secs: req.expiry_secs,
-                    will: None,
+                    will: req.will.map(|(message, delay_secs)| pb::Will {
+                        message,
+                        delay_secs,
+                    }),
                     at_ms: now_ms(),
                 })),
             };
@@ -1087,7 +1100,7 @@ impl ControlPlane for Cluster {
         })
     }
 
-    fn disconnected(&self, client_id: &Arc<str>, epoch: Epoch) {
+    fn disconnected(&self, client_id: &Arc<str>, epoch: Epoch, will_pending: bool) {
         self.propose_detached(pb::Command {
             cmd: Some(pb::command::Cmd::SessionDisconnected(
                 pb::SessionDisconnected {
@@ -1095,9 +1108,14 @@ impl ControlPlane for Cluster {
                     epoch: epoch.0,
                     at_ms: now_ms(),
                     will: None,
+                    keep_will: will_pending,
                 },
             )),
         });
+    }
+
+    fn fire_will(&self, client_id: &Arc<str>, epoch: Option<Epoch>) -> BoxFuture<'static, bool> {
+        self.will_fired(client_id, epoch.map(|e| e.0))
     }
 
     fn ended(&self, client_id: &Arc<str>, epoch: Epoch) {

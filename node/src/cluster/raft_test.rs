@@ -111,6 +111,7 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 epoch: 9,
                 at_ms: 1_765_000_000_456,
                 will: Some(will()),
+                keep_will: false,
             })),
         ),
         (
@@ -161,6 +162,7 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 client_id: "device-17".into(),
                 epoch: 9,
                 node_id: 2,
+                at_ms: 0,
             })),
         ),
         (
@@ -182,6 +184,25 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 client_id: "device-17".into(),
                 filter: "cmd/#".into(),
                 epoch: 12,
+            })),
+        ),
+        (
+            "session-disconnected-keep-will",
+            cmd(Cmd::SessionDisconnected(pb::SessionDisconnected {
+                client_id: "device-17".into(),
+                epoch: 9,
+                at_ms: 1_765_000_000_456,
+                will: None,
+                keep_will: true,
+            })),
+        ),
+        (
+            "will-fired-at",
+            cmd(Cmd::WillFired(pb::WillFired {
+                client_id: "device-17".into(),
+                epoch: 9,
+                node_id: 2,
+                at_ms: 1_765_000_000_789,
             })),
         ),
     ]

@@ -49,6 +49,8 @@ struct Inner {
 struct Peer {
     applied: u64,
     connected: bool,
+    /// Since when its stream has been down (kept from the first failure until it is up).
+    down_since: Option<Instant>,
     /// Since when it has been behind, and the index it must reach to count as keeping up.
     behind: Option<(Instant, u64)>,
 }
@@ -88,8 +90,12 @@ impl Settle {
             Some(i) => {
                 p.applied = i;
                 p.connected = true;
+                p.down_since = None;
             }
-            None => p.connected = false,
+            None => {
+                p.connected = false;
+                p.down_since.get_or_insert_with(Instant::now);
+            }
         }
         self.recompute(&mut inner, Instant::now());
     }
@@ -99,6 +105,13 @@ impl Settle {
         let mut inner = self.lock();
         inner.peers.remove(&node);
         self.recompute(&mut inner, Instant::now());
+    }
+
+    /// How long `node`'s applied-index stream has been down (None: up, or never tried).
+    pub fn down_for(&self, node: u64) -> Option<Duration> {
+        let inner = self.lock();
+        let p = inner.peers.get(&node)?;
+        p.down_since.map(|t| t.elapsed())
     }
 
     /// Looks again (a lagging peer's time may have run out).

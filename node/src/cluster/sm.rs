@@ -160,13 +160,17 @@ impl ClusterState {
                 if rec.epoch != d.epoch {
                     return stale();
                 }
-                if rec.expiry_secs == 0 {
+                // A will still to publish keeps even a session without expiry until WillFired.
+                let will_pending = d.keep_will && rec.will.is_some();
+                if rec.expiry_secs == 0 && !will_pending {
                     let c: Arc<str> = d.client_id.into();
                     self.end_session(&c);
                 } else {
                     rec.connected = false;
                     rec.disconnected_at_ms = d.at_ms;
-                    rec.will = d.will;
+                    if !d.keep_will {
+                        rec.will = d.will;
+                    }
                 }
                 done()
             }
@@ -209,6 +213,15 @@ impl ClusterState {
                 // publishes the will.
                 Some(rec) if rec.epoch == w.epoch && rec.will.is_some() => {
                     rec.will = None;
+                    if rec.connected {
+                        // Its node died under the connection.
+                        rec.connected = false;
+                        rec.disconnected_at_ms = w.at_ms;
+                    }
+                    if rec.expiry_secs == 0 {
+                        let c: Arc<str> = w.client_id.into();
+                        self.end_session(&c);
+                    }
                     done()
                 }
                 _ => stale(),

@@ -62,6 +62,7 @@ fn a_persistent_session_expires_by_the_proposers_clock() {
         epoch: a.epoch,
         at_ms: 5000,
         will: None,
+        keep_will: false,
     }));
     assert!(is_done(&st.apply(gone)));
     // Within 10 s of the disconnect: present, subscriptions kept.
@@ -73,6 +74,7 @@ fn a_persistent_session_expires_by_the_proposers_clock() {
         epoch: b.epoch,
         at_ms: 20_000,
         will: None,
+        keep_will: false,
     })));
     // 10 s later: expired; its subscriptions go.
     let c3 = claimed(st.apply(claim("dev", 1, false, 10, 30_000)));
@@ -91,6 +93,7 @@ fn a_clean_session_ends_with_its_connection_and_stale_epochs_are_ignored() {
         epoch: a.epoch,
         at_ms: 1002,
         will: None,
+        keep_will: false,
     }));
     assert!(!is_done(&st.apply(late)));
     assert!(st.sessions.contains_key("dev"));
@@ -99,6 +102,7 @@ fn a_clean_session_ends_with_its_connection_and_stale_epochs_are_ignored() {
         epoch: b.epoch,
         at_ms: 1003,
         will: None,
+        keep_will: false,
     }));
     assert!(is_done(&st.apply(end)));
     assert!(!st.sessions.contains_key("dev"));
@@ -113,10 +117,54 @@ fn a_will_fires_once() {
             client_id: "dev".into(),
             epoch: a.epoch,
             node_id: node,
+            at_ms: 2000,
         }))
     };
     assert!(is_done(&st.apply(fire(2))));
     assert!(!is_done(&st.apply(fire(3))), "a second firing is stale");
+    let rec = &st.sessions["dev"];
+    assert!(
+        !rec.connected && rec.disconnected_at_ms == 2000,
+        "its node died: offline since"
+    );
+}
+
+#[test]
+fn a_pending_will_keeps_a_session_without_expiry_until_it_fires() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim("dev", 1, true, 0, 1000)));
+    let gone = |keep_will| {
+        c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+            client_id: "dev".into(),
+            epoch: a.epoch,
+            at_ms: 1500,
+            will: None,
+            keep_will,
+        }))
+    };
+    assert!(is_done(&st.apply(gone(true))));
+    assert!(st.sessions["dev"].will.is_some(), "kept for WillFired");
+    let fire = c(Cmd::WillFired(pb::WillFired {
+        client_id: "dev".into(),
+        epoch: a.epoch,
+        node_id: 1,
+        at_ms: 1600,
+    }));
+    assert!(is_done(&st.apply(fire.clone())));
+    assert!(!st.sessions.contains_key("dev"), "then the session ends");
+    assert!(!is_done(&st.apply(fire)));
+    eprintln!("--- a normal DISCONNECT drops the will with the session");
+    let b = claimed(st.apply(claim("dev", 1, true, 0, 2000)));
+    assert!(b.epoch > a.epoch);
+    let bye = c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+        client_id: "dev".into(),
+        epoch: b.epoch,
+        at_ms: 2500,
+        will: None,
+        keep_will: false,
+    }));
+    assert!(is_done(&st.apply(bye)));
+    assert!(!st.sessions.contains_key("dev"));
 }
 
 #[test]
@@ -245,6 +293,7 @@ fn resuming_with_expiry_0_keeps_the_subscriptions_until_the_disconnect() {
         epoch: b.epoch,
         at_ms: 3000,
         will: None,
+        keep_will: false,
     })));
     assert!(!st.sessions.contains_key("dev") && !st.subscriptions.contains_key("dev"));
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::ReusableBoxFuture;
 
 use super::error::ConnError;
 use crate::auth::ClientCtx;
-use crate::broker::Broker;
+use crate::broker::{Broker, WillOf};
 use crate::codec::{
     decode_packet, encode_packet, Connect, Disconnect, LastWill, MqttStr, Packet, Protocol,
 };
@@ -647,6 +647,7 @@ impl Conn {
         };
         let now = Instant::now();
         let will = self.will.take();
+        let will_pending = publish_will && will.is_some();
         if !publish_will && will.is_some() {
             // Stored at CONNECT (`Broker::arm_will`); this end does not publish it.
             self.broker.disarm_will(&self.client_id);
@@ -662,9 +663,14 @@ impl Conn {
                     0
                 };
                 let msg = Message::from_will(&w, self.session.id(), now);
+                let of = match reason {
+                    Some(ConnError::TakenOver) => WillOf::TakenOver,
+                    _ => WillOf::Connection(self.session.epoch()),
+                };
                 self.broker.schedule_will(
                     &self.client_id,
                     self.session.id(),
+                    of,
                     msg,
                     Duration::from_secs(delay as u64),
                 );
@@ -684,7 +690,7 @@ impl Conn {
         }
         broker
             .control
-            .disconnected(&self.client_id, session.epoch());
+            .disconnected(&self.client_id, session.epoch(), will_pending);
         if let Some(state) = session.release(self.conn_id, self.state, expires_at, end) {
             broker.end_session(&session, Some(state));
         } else if let Some(at) = expires_at {

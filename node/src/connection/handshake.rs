@@ -192,11 +192,28 @@ where
         return Err(refuse(protocol, rc));
     }
     let conn_id = broker.next_conn_id();
+    let will_delay = match protocol.is_v5() {
+        true => connect
+            .will
+            .as_ref()
+            .and_then(|w| w.properties.will_delay_interval)
+            .unwrap_or(0),
+        false => 0,
+    };
+    // The will goes into the ownership record: another node publishes it if this one dies.
+    let will = connect.will.as_ref().and_then(|w| {
+        let clock = crate::persist::value::Clock::now();
+        let msg =
+            crate::message::Message::from_will(w, crate::session::SessionId::BROKER, clock.now);
+        let v = crate::persist::value::message(&msg, msg.qos, msg.retain, &[], &clock).ok()?;
+        Some((bytes::Bytes::from(v), will_delay))
+    });
     let claim = crate::takeover::claim(
         broker,
         &accepted.client_id,
         connect.clean_start,
         accepted.expiry,
+        will,
         conn_id,
     )
     .await;
@@ -207,11 +224,7 @@ where
     if let Some(w) = &connect.will {
         // Stored now, not at the disconnect: if the node dies under this connection, the
         // restarted node still publishes it.
-        let delay = match protocol.is_v5() {
-            true => w.properties.will_delay_interval.unwrap_or(0),
-            false => 0,
-        };
-        broker.arm_will(&accepted.client_id, w, delay);
+        broker.arm_will(&accepted.client_id, w, will_delay);
     }
     // The CONNACK goes out once what the claim stored (the session record, the will) is in
     // the WAL: a client that saw its CONNACK keeps both across a crash. An empty append's

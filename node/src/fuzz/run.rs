@@ -85,13 +85,13 @@ struct Harness {
 }
 
 async fn run(script: Script) {
-    let broker = Arc::new(Broker::new(
+    let broker = Broker::new(
         script.config,
         Metrics::new(),
         AuthGate::open(),
         store(),
         crate::broker::Planes::alone(),
-    ));
+    );
     let mut h = Harness {
         broker: broker.clone(),
         cancel: CancellationToken::new(),

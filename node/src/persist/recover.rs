@@ -228,6 +228,7 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
                 broker.schedule_will(
                     &client_id,
                     session_id,
+                    crate::broker::WillOf::Crash,
                     msg,
                     Duration::from_secs(u64::from(delay)),
                 );

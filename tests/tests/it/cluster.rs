@@ -1042,3 +1042,53 @@ async fn copies_for_a_stopped_peer_survive_a_kill_9_of_the_publishing_node() {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_dead_nodes_wills_are_published_by_a_survivor_once_even_when_it_returns() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[("PETREL_CLUSTER__WILL_GRACE_MS", "1000")]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut watch = V5Client::connect(node(&c, 1).mqtt_addr(), "will-watch").await;
+        watch.subscribe("wl/#", Q5::AtLeastOnce).await;
+        wait_routes(c.grpc(0), 1, 1).await;
+        let will = |topic: &'static str| {
+            move |o: &mut rumqttc::v5::MqttOptions| {
+                o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    topic,
+                    "gone",
+                    Q5::AtLeastOnce,
+                    false,
+                    None,
+                ));
+            }
+        };
+        let dev = V5Client::connect_with(node(&c, 0).mqtt_addr(), "will-dev", will("wl/dev")).await;
+        // A persistent one too, whose session outlives its node.
+        let dev2 = V5Client::connect_with(node(&c, 0).mqtt_addr(), "will-dev2", |o| {
+            will("wl/dev2")(o);
+            persistent(o);
+        })
+        .await;
+        eprintln!("--- node 0 dies with both connected");
+        c.kill9(0).await;
+        drop((dev, dev2));
+        let mut got: Vec<String> = watch.recv_publishes(2).await.iter().map(topic5).collect();
+        got.sort();
+        assert_eq!(got, ["wl/dev", "wl/dev2"]);
+        let published = node(&c, 1).metric("petrel_wills_published_total").await
+            + node(&c, 2).metric("petrel_wills_published_total").await;
+        assert_eq!(published, 2.0, "by the leader, once each");
+        eprintln!("--- node 0 returns: it finds both armed, and leaves them");
+        c.start(&[0]).await;
+        node(&c, 0)
+            .wait_metric("petrel_wills_skipped_total", WAIT, |v| v == 2.0)
+            .await;
+        assert_eq!(
+            node(&c, 0).metric("petrel_wills_published_total").await,
+            0.0
+        );
+        watch.assert_no_publish_before_marker().await;
+    })
+    .await
+}
