@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cluster figures of issue 11, measured on one machine (nodes on loopback ports).
+"""Cluster figures of issues 11 and 12, measured on one machine (nodes on loopback ports).
 
     python3 loadtest/cluster_bench.py [--nodes 3] [--clients 5000] [--subscribers 10000]
                                       [--routes 1000000] [--only connect,subscribe,routes]
@@ -11,7 +11,14 @@
   the Raft log entries it took;
 - routes: --routes distinct filters subscribed on node 0 of the cluster (raw MQTT, 100
   filters per SUBSCRIBE); the RSS growth of a node that holds only the replica, per route;
-  the snapshot's size; and how long a new node takes to join and catch up from it.
+  the snapshot's size; and how long a new node takes to join and catch up from it;
+- forward: p2p QoS 1 (8 pairs, flat out), fan-out QoS 0 (one publisher at 5,000/s, 30
+  subscribers) and p2p QoS 1 paced at 10,000 msg/s in all, on one node and with publishers
+  and subscribers on different nodes of the cluster: messages/s, delivery latency and the
+  brokers' CPU seconds per million delivered messages, summed over every node;
+- stall: one QoS 1 publisher on node 0, one PUBLISH at a time, its subscriber on node 2,
+  which is killed (-9) after 2 s: the longest wait for a PUBACK (against
+  cluster.forward_ack_timeout_ms).
 
 Binaries: PETREL_BIN and PETREL_BENCH (default: the release builds under CARGO_TARGET_DIR,
 ~/.cache/petrel-target). Prints a Markdown table and the raw figures as JSON on stdout.
@@ -322,13 +329,141 @@ def snapshot_size(c):
     return best
 
 
+def cpu_s(pids):
+    """User + system CPU seconds of the processes `pids`, summed."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def traffic(c, args, nodes=None):
+    """One petrel-bench run against the nodes `nodes` (default all) of `c`: its report, plus
+    the brokers' CPU seconds per million messages delivered, summed over every node."""
+    use = [c.nodes[i] for i in (nodes or range(len(c.nodes)))]
+    pids = [nd.proc.pid for nd in c.nodes]
+    before = cpu_s(pids)
+    addr = []
+    for nd in use:
+        addr += ["--broker", nd.mqtt]
+    r = bench(args + addr)
+    used = cpu_s(pids) - before
+    received = r["totals"]["received"]
+    lat = r["latency"]
+    return {"sent": r["sent"], "received": received, "per_s": r["receive_rate"],
+            "p50_ms": lat.get("p50_us", 0) / 1000, "p99_ms": lat.get("p99_us", 0) / 1000,
+            "max_ms": lat.get("max_us", 0) / 1000,
+            "broker_cpu_s_per_million": used / max(received, 1) * 1e6,
+            "lost": r["totals"]["lost"], "duplicated": r["totals"]["duplicates"],
+            "out_of_order": r["totals"]["out_of_order"]}
+
+
+def run_forward(n, secs):
+    """Publishes crossing nodes against the same on one node (see the module docs)."""
+    rows = {}
+    dur = ["--duration", f"{secs}s"]
+    p2p = ["p2p", "-c", "8", "--qos", "1"] + dur
+    fan = ["fanout", "--subscribers", "30", "--qos", "0", "--rate", "5000"] + dur
+    paced = ["p2p", "-c", "8", "--qos", "1", "--rate", "1250"] + dur
+    one = Cluster(1)
+    try:
+        rows["p2p QoS 1, 1 node"] = traffic(one, p2p + ["--placement", "same"])
+        rows["fan-out QoS 0 x30, 1 node"] = traffic(one, fan + ["--placement", "same"])
+        rows["p2p QoS 1 at 10,000/s, 1 node"] = traffic(one, paced + ["--placement", "same"])
+    finally:
+        one.close()
+    c = Cluster(n)
+    try:
+        # Publishers on node 0, subscribers on node 1: every message crosses.
+        rows[f"p2p QoS 1, across 2 of {n} nodes"] = traffic(c, p2p + ["--placement", "spread"], [0, 1])
+        # One publisher on node 0, subscribers over every node in turn.
+        rows[f"fan-out QoS 0 x30, {n} nodes"] = traffic(c, fan + ["--placement", "same"])
+        rows[f"p2p QoS 1 at 10,000/s, across 2 of {n} nodes"] = traffic(
+            c, paced + ["--placement", "spread"], [0, 1])
+    finally:
+        c.close()
+    return rows
+
+
+def run_stall(n, ack_timeout_ms):
+    """A QoS 1 publisher on node 0 with a subscriber on node 2, one PUBLISH at a time; node 2
+    is killed (-9) mid-stream. The longest wait for a PUBACK, and the waits around the kill."""
+    c = Cluster(n, {"PETREL_CLUSTER__FORWARD_ACK_TIMEOUT_MS": str(ack_timeout_ms)})
+    try:
+        sub = raw_connect(c.nodes[2].mqtt, "stall-sub")
+        sub.sendall(packet(0x82, struct.pack(">H", 1) + mqtt_str("stall/t") + b"\x01"))
+        read_packet(sub)  # SUBACK
+        pub = raw_connect(c.nodes[0].mqtt, "stall-pub")
+        waits = []
+        killed_at = None
+        started = time.monotonic()
+        pid = 1
+        while time.monotonic() - started < 6:
+            if killed_at is None and time.monotonic() - started > 2:
+                c.nodes[2].proc.kill()
+                c.nodes[2].proc.wait()
+                killed_at = len(waits)
+            t = time.monotonic()
+            pub.sendall(packet(0x32, mqtt_str("stall/t") + struct.pack(">H", pid) + b"x" * 32))
+            while True:
+                first, body = read_packet(pub)
+                if first >> 4 == 4:
+                    break
+            waits.append(time.monotonic() - t)
+            pid = pid % 65535 + 1
+        after = waits[killed_at:]
+        return {"publishes": len(waits), "ack_timeout_ms": ack_timeout_ms,
+                "max_puback_ms": max(waits) * 1000,
+                "max_puback_after_kill_ms": max(after) * 1000 if after else 0,
+                "p50_puback_ms": sorted(waits)[len(waits) // 2] * 1000,
+                "publishes_after_kill": len(after)}
+    finally:
+        c.close()
+
+
+def raw_connect(addr, client_id):
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    body = mqtt_str("MQTT") + b"\x04\x02" + struct.pack(">H", 60) + mqtt_str(client_id)
+    s.sendall(packet(0x10, body))
+    first, _ = read_packet(s)
+    assert first >> 4 == 2, "CONNACK"
+    return s
+
+
+def read_packet(s):
+    def exact(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = s.recv(n - len(buf))
+            if not chunk:
+                raise SystemExit("connection closed")
+            buf += chunk
+        return buf
+    first = exact(1)[0]
+    mult, length = 1, 0
+    while True:
+        b = exact(1)[0]
+        length += (b & 0x7F) * mult
+        mult *= 128
+        if not b & 0x80:
+            break
+    return first, exact(length)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--clients", type=int, default=5000)
     ap.add_argument("--subscribers", type=int, default=10000)
     ap.add_argument("--routes", type=int, default=1_000_000)
-    ap.add_argument("--only", default="connect,subscribe,routes")
+    ap.add_argument("--secs", type=int, default=10, help="seconds of traffic per forwarding run")
+    ap.add_argument("--ack-timeout-ms", type=int, default=1000)
+    ap.add_argument("--only", default="connect,subscribe,routes,forward,stall")
     ap.add_argument("--out", help="also write the tables into this Markdown file "
                     "(loadtest/RESULTS.md), replacing what follows the cluster marker")
     a = ap.parse_args()
@@ -340,6 +475,10 @@ def main():
         results["subscribe"] = run_subscribe(a.nodes, a.subscribers)
     if "routes" in only:
         results["routes"] = run_routes(a.nodes, a.routes)
+    if "forward" in only:
+        results["forward"] = run_forward(a.nodes, a.secs)
+    if "stall" in only:
+        results["stall"] = run_stall(a.nodes, a.ack_timeout_ms)
     print(json.dumps(results, indent=2))
     md = markdown(results, a)
     print(md)
@@ -363,6 +502,21 @@ def markdown(results, a):
                 L.append(f"| {k} | {v['per_s']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
                          f"{v['failed']} | {v.get('raft_entries', '')} |")
             L.append("")
+    if "forward" in results:
+        L += ["| forwarding | msgs/s | p50 ms | p99 ms | broker CPU s per 1M msgs (all nodes) | lost | duplicated |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for k, v in results["forward"].items():
+            L.append(f"| {k} | {v['per_s']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
+                     f"{v['broker_cpu_s_per_million']:.1f} | {v['lost']} | {v['duplicated']} |")
+        L.append("")
+    if "stall" in results:
+        r = results["stall"]
+        L += ["| a peer killed under a QoS 1 stream | figure |", "| --- | ---: |",
+              f"| cluster.forward_ack_timeout_ms | {r['ack_timeout_ms']} |",
+              f"| publishes (one at a time, 6 s; the subscriber's node killed at 2 s) | {r['publishes']:,} |",
+              f"| median wait for PUBACK | {r['p50_puback_ms']:.2f} ms |",
+              f"| longest wait for PUBACK | {r['max_puback_ms']:.0f} ms |",
+              f"| publishes after the kill | {r['publishes_after_kill']:,} |", ""]
     if "routes" in results:
         r = results["routes"]
         L += ["| route table | figure |", "| --- | ---: |",

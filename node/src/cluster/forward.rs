@@ -53,8 +53,9 @@ use super::network;
 const BATCH_MESSAGES: usize = 512;
 /// Most payload bytes in one batch (it may pass this by one message).
 const BATCH_BYTES: usize = 1 << 20;
-/// How often the acknowledgement timeout of outbox entries is checked.
-const EXPIRE_EVERY: Duration = Duration::from_millis(50);
+/// How often the acknowledgement timeout of outbox entries is checked (their deadline is
+/// this much early, so that no publisher waits longer than the timeout).
+const EXPIRE_EVERY: Duration = Duration::from_millis(10);
 /// Wait before the first reconnection of a link, doubled up to `RETRY_MAX`.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_secs(1);
@@ -621,17 +622,31 @@ impl Forwarder {
     /// Lets go of the marks of entries whose acknowledgement timeout has passed, once
     /// they are stored (their publishers are acknowledged without the peer).
     fn expire(self: &Arc<Self>, now: Instant) {
-        let mut released = Vec::new();
-        let mut ticket: Option<Ticket> = None;
-        for link in self
+        let links: Vec<Arc<Link>> = self
             .links
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-        {
+            .cloned()
+            .collect();
+        self.let_go(&links, Some(now));
+    }
+
+    /// Lets go of the marks of `links`' entries whose timeout has passed by `now` (all of
+    /// them if `None`: the peer is unreachable), once they are stored.
+    fn let_go(self: &Arc<Self>, links: &[Arc<Link>], now: Option<Instant>) {
+        let mut released = Vec::new();
+        let mut ticket: Option<Ticket> = None;
+        for link in links {
             let mut o = lock(&link.outbox);
+            if now.is_none() {
+                // New copies do not wait for it either until it has caught up.
+                o.lagging = true;
+            }
             let mut to_store = Vec::new();
-            while o.expired < o.entries.len() && o.entries[o.expired].deadline <= now {
+            while o.expired < o.entries.len()
+                && now.is_none_or(|now| o.entries[o.expired].deadline <= now)
+            {
                 let at = o.expired;
                 let e = &mut o.entries[at];
                 let mark = std::mem::take(&mut e.mark);
@@ -678,7 +693,7 @@ impl Forwarder {
             }
             self.expire(Instant::now());
             n = n.wrapping_add(1);
-            if n % 20 == 0 {
+            if n % 100 == 0 {
                 self.update_outbox_gauges();
             }
         }
@@ -693,8 +708,10 @@ impl Forwarder {
             if link.stop.is_cancelled() {
                 return;
             }
-            // Everything unacknowledged goes again on the next stream.
+            // Everything unacknowledged goes again on the next stream; meanwhile the peer
+            // holds no publisher (a dead peer is known at once, a stalled one by the timeout).
             lock(&link.outbox).sent = 0;
+            self.let_go(std::slice::from_ref(&link), None);
             if let Err(e) = r {
                 tracing::debug!(peer = link.node, error = %e, "forwarding stream ended");
             }
@@ -858,7 +875,7 @@ impl DataPlane for Forwarder {
                 mark
             }
         };
-        let deadline = Instant::now() + self.ack_timeout;
+        let deadline = Instant::now() + self.ack_timeout.saturating_sub(2 * EXPIRE_EVERY);
         let mut released = Vec::new();
         let mut ticket = None;
         let links = self.links.read().unwrap_or_else(|e| e.into_inner());

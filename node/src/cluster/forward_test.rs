@@ -32,12 +32,23 @@ fn store(dir: &tempfile::TempDir) -> Store {
     .expect("open store")
 }
 
-fn peers() -> HashMap<u64, String> {
-    HashMap::from([(2, "127.0.0.1:1".to_owned()), (3, "127.0.0.1:1".to_owned())])
+/// An address that takes TCP connections and never answers (a peer that is stalled: its
+/// link waits, neither failing nor acknowledging).
+fn silent_peer() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr").to_string();
+    std::mem::forget(l);
+    addr
 }
 
-/// A forwarder of node 1 with links to nodes 2 and 3 (whose addresses refuse connections,
-/// so nothing is ever acknowledged unless the test says so), on `store`.
+fn peers() -> HashMap<u64, String> {
+    static ADDR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let addr = ADDR.get_or_init(silent_peer).clone();
+    HashMap::from([(2, addr.clone()), (3, addr)])
+}
+
+/// A forwarder of node 1 with links to nodes 2 and 3 (stalled peers: nothing is ever
+/// acknowledged unless the test says so), on `store`.
 fn forwarder_on(store: Store, outbox: usize) -> Arc<Forwarder> {
     let f = Forwarder::new(
         1,
@@ -202,7 +213,7 @@ async fn a_removed_peer_takes_its_outbox_with_it() {
     let f = forwarder(1 << 20);
     let m = mark(&f, msg(QoS::AtLeastOnce, b"a"), &[plain(2), plain(3)]);
     f.acked(&link(&f, 3), 1);
-    f.set_peers(&HashMap::from([(3, "127.0.0.1:1".to_owned())]));
+    f.set_peers(&HashMap::from([(3, peers()[&3].clone())]));
     assert_eq!(f.forwarded_now(), m);
     let dropped = f.metrics.dropped.with_label_values(&["peer_removed"]).get();
     assert_eq!(dropped, 1);
@@ -275,4 +286,26 @@ fn a_receiver_skips_retransmits_and_copies_it_had_before_the_sender_restarted() 
     assert!(r.is_new(&m(2, 100, 4)), "never delivered");
     assert!(r.is_new(&m(3, 0, 0)));
     assert!(!r.is_new(&m(3, 0, 0)));
+}
+
+#[tokio::test]
+async fn an_unreachable_peer_holds_nobody() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = store(&dir);
+    let f = Arc::new(
+        Forwarder::new(
+            1,
+            st.clone(),
+            Duration::from_secs(30),
+            1 << 20,
+            Metrics::new().forward,
+        )
+        .expect("forwarder"),
+    );
+    // Nothing listens there: the link fails at once.
+    f.set_peers(&HashMap::from([(2, "127.0.0.1:1".to_owned())]));
+    let m = mark(&f, msg(QoS::AtLeastOnce, b"a"), &[plain(2)]);
+    settles(&f, m).await;
+    assert_eq!(stored_keys(&st), vec![(2, 1)], "kept for when it is back");
+    f.stop();
 }
