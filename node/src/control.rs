@@ -131,7 +131,15 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// stays (owned here) until it expires. `will_pending`: its will is to be published (now
     /// or after its delay, through [`ControlPlane::fire_will`]), so the record keeps it.
     /// Does not wait.
-    fn disconnected(&self, client_id: &Arc<str>, epoch: Epoch, will_pending: bool);
+    /// `expiry_secs`: the session expiry interval the connection ended with (an MQTT 5
+    /// DISCONNECT may have changed it).
+    fn disconnected(
+        &self,
+        client_id: &Arc<str>,
+        epoch: Epoch,
+        will_pending: bool,
+        expiry_secs: u32,
+    );
 
     /// Whether this node may publish the will of `client_id` claimed at `epoch` (`None`:
     /// the epoch the ownership record has, if this node owns it): true for exactly one
@@ -284,7 +292,14 @@ impl ControlPlane for LocalControl {
         })))
     }
 
-    fn disconnected(&self, _client_id: &Arc<str>, _epoch: Epoch, _will_pending: bool) {}
+    fn disconnected(
+        &self,
+        _client_id: &Arc<str>,
+        _epoch: Epoch,
+        _will_pending: bool,
+        _expiry_secs: u32,
+    ) {
+    }
 
     fn fire_will(&self, _client_id: &Arc<str>, _epoch: Option<Epoch>) -> BoxFuture<'static, bool> {
         Box::pin(std::future::ready(true))

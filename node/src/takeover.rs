@@ -270,7 +270,7 @@ fn take_messages(
     let clock = value::Clock::now();
     let mut taken = 0;
     for m in &handed.queued {
-        let Some(mut d) = live(m, &clock) else {
+        let Some(mut d) = live(broker, m, &clock) else {
             continue;
         };
         let inflight = PacketId::new(m.packet_id).filter(|_| d.qos != QoS::AtMostOnce);
@@ -315,9 +315,19 @@ fn take_messages(
     taken
 }
 
-/// A handed-over message as a delivery, unless it is unreadable or has expired.
-fn live(m: &HandedMessage, clock: &value::Clock) -> Option<Delivery> {
-    value::delivery(&m.message, clock).filter(|d| !d.msg.is_expired(clock.now))
+/// A handed-over message as a delivery, unless it is unreadable or has expired (counted,
+/// as one that expires in a queue here).
+fn live(broker: &Broker, m: &HandedMessage, clock: &value::Clock) -> Option<Delivery> {
+    let d = value::delivery(&m.message, clock)?;
+    if d.msg.is_expired(clock.now) {
+        broker
+            .metrics
+            .queue_dropped
+            .with_label_values(&["expired"])
+            .inc();
+        return None;
+    }
+    Some(d)
 }
 
 /// Appends a handed-over message to `session`'s queue (stored in `txn` for a persistent
@@ -362,10 +372,8 @@ fn hand_over(
     queue: &VecDeque<Delivery>,
 ) -> HandedOver {
     let clock = value::Clock::now();
+    // Expired ones go too: the new owner drops and counts them (`live`).
     let encode = |d: &Delivery| {
-        if d.msg.is_expired(clock.now) {
-            return None;
-        }
         value::message(
             &d.msg,
             d.qos,
@@ -496,7 +504,7 @@ impl SessionHost for Host {
         // Late: after whatever the session got meanwhile, each message as new (in-flight
         // ones of the old owner are sent again with new packet ids).
         for m in &handed.queued {
-            if let Some(d) = live(m, &clock) {
+            if let Some(d) = live(broker, m, &clock) {
                 let stored = persistent.then_some(&mut txn);
                 n += queue_last(broker, &session, d, m, stored) as usize;
             }

@@ -12,6 +12,9 @@ import rawmqtt as raw
 from harness import petrel_bin, wait_until
 from mqttclient import unique_id
 
+# The command line and the process (flags, signals, logs, exit codes) of one node.
+pytestmark = pytest.mark.single_node
+
 
 def run(args, env=None, timeout=30):
     import os

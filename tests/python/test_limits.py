@@ -35,6 +35,7 @@ def refused_code(version: int, v5_code: int) -> int:
 
 # --- connections -----------------------------------------------------------------------------------
 
+@pytest.mark.single_node  # a node's own limit
 def test_max_connections_overall(broker_factory, clients, version):
     b = broker_factory(env={"PETREL_LIMITS__MAX_CONNECTIONS": "2"})
     first = clients.connected(b, version)
@@ -66,6 +67,7 @@ def test_max_connections_per_listener(broker_factory, clients, version):
         clients.connected(b, version)
 
 
+@pytest.mark.single_node  # a node's own limit
 def test_connection_rate_per_address(broker_factory, version):
     """A bucket of 2 tokens refilled at 2/s: of N connections opened together, at most
     2 + 2 x (the time they took) get in, and the rest are refused with 0x9F / 3."""

@@ -56,6 +56,7 @@ def test_sys_topics_published(sys_broker, clients, version):
         got[msg.topic] = msg.payload.decode()
 
 
+@pytest.mark.single_node  # each node's $SYS is its own
 def test_sys_values_follow_activity(sys_broker, clients, version):
     watcher = clients.connected(sys_broker, version)
     watcher.subscribe("$SYS/broker/clients/connected", qos=0)

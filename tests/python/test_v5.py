@@ -4,6 +4,7 @@ maximum packet size."""
 
 import queue
 import time
+import pytest
 
 import rawmqtt as raw
 from mqttclient import props, unique_id
@@ -92,6 +93,9 @@ def nothing_more(clients_, pub):
         assert c.collect_until(MARK) == []
 
 
+# In a cluster a group is served local first (ARCHITECTURE.md, Forwarding): with a member on
+# the publisher's node the even split across nodes does not hold.
+@pytest.mark.single_node
 def test_shared_subscription_round_robin(broker, clients):
     members = [clients.connected(broker, 5) for _ in range(2)]
     for m in members:

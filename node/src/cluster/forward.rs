@@ -796,8 +796,8 @@ impl Forwarder {
             }
             let clock = Clock::now();
             let mut ticket = None;
-            let mut congested = None;
             let (mut delivered, mut duplicates) = (0, 0);
+            let backpressure = Duration::from_millis(broker.cfg.mqtt.backpressure_max_wait_ms);
             for m in batch.messages {
                 if !st.is_new(&m) {
                     duplicates += 1;
@@ -816,8 +816,13 @@ impl Forwarder {
                 if let Some(t) = routed.ticket {
                     ticket = Some(ticket.map_or(t, |x: petrel_storage::Ticket| x.max(t)));
                 }
-                if congested.is_none() {
-                    congested = routed.congested;
+                if let Some(session) = routed.congested {
+                    // A subscriber here is behind: the rest of the batch waits for it, as a
+                    // local publisher would (and the sender's outbox holds what follows,
+                    // its publishers waiting for their acknowledgements).
+                    session
+                        .wait_drained(broker.limits.drained_below(), Instant::now() + backpressure)
+                        .await;
                 }
             }
             scratch.clear();
@@ -833,14 +838,6 @@ impl Forwarder {
                     // The store failed: nothing more is acknowledged (the node goes down).
                     return;
                 }
-            }
-            if let Some(session) = congested {
-                // A subscriber here is behind: the sender's outbox holds the rest (and its
-                // publishers wait for their acknowledgements) until it catches up a little.
-                let wait = Duration::from_millis(broker.cfg.mqtt.backpressure_max_wait_ms);
-                session
-                    .wait_drained(broker.limits.drained_below(), Instant::now() + wait)
-                    .await;
             }
             let ack = pb::ForwardAck {
                 incarnation: st.incarnation,

@@ -1100,7 +1100,13 @@ impl ControlPlane for Cluster {
         })
     }
 
-    fn disconnected(&self, client_id: &Arc<str>, epoch: Epoch, will_pending: bool) {
+    fn disconnected(
+        &self,
+        client_id: &Arc<str>,
+        epoch: Epoch,
+        will_pending: bool,
+        expiry_secs: u32,
+    ) {
         self.propose_detached(pb::Command {
             cmd: Some(pb::command::Cmd::SessionDisconnected(
                 pb::SessionDisconnected {
@@ -1109,6 +1115,7 @@ impl ControlPlane for Cluster {
                     at_ms: now_ms(),
                     will: None,
                     keep_will: will_pending,
+                    expiry_secs: Some(expiry_secs),
                 },
             )),
         });

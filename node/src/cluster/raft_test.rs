@@ -112,6 +112,7 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 at_ms: 1_765_000_000_456,
                 will: Some(will()),
                 keep_will: false,
+                expiry_secs: None,
             })),
         ),
         (
@@ -194,6 +195,7 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 at_ms: 1_765_000_000_456,
                 will: None,
                 keep_will: true,
+                expiry_secs: None,
             })),
         ),
         (
@@ -203,6 +205,17 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 epoch: 9,
                 node_id: 2,
                 at_ms: 1_765_000_000_789,
+            })),
+        ),
+        (
+            "session-disconnected-expiry",
+            cmd(Cmd::SessionDisconnected(pb::SessionDisconnected {
+                client_id: "device-17".into(),
+                epoch: 9,
+                at_ms: 1_765_000_000_456,
+                will: None,
+                keep_will: false,
+                expiry_secs: Some(0),
             })),
         ),
     ]

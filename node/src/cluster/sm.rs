@@ -160,6 +160,9 @@ impl ClusterState {
                 if rec.epoch != d.epoch {
                     return stale();
                 }
+                if let Some(e) = d.expiry_secs {
+                    rec.expiry_secs = e;
+                }
                 // A will still to publish keeps even a session without expiry until WillFired.
                 let will_pending = d.keep_will && rec.will.is_some();
                 if rec.expiry_secs == 0 && !will_pending {

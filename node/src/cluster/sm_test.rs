@@ -63,6 +63,7 @@ fn a_persistent_session_expires_by_the_proposers_clock() {
         at_ms: 5000,
         will: None,
         keep_will: false,
+        expiry_secs: None,
     }));
     assert!(is_done(&st.apply(gone)));
     // Within 10 s of the disconnect: present, subscriptions kept.
@@ -75,6 +76,7 @@ fn a_persistent_session_expires_by_the_proposers_clock() {
         at_ms: 20_000,
         will: None,
         keep_will: false,
+        expiry_secs: None,
     })));
     // 10 s later: expired; its subscriptions go.
     let c3 = claimed(st.apply(claim("dev", 1, false, 10, 30_000)));
@@ -94,6 +96,7 @@ fn a_clean_session_ends_with_its_connection_and_stale_epochs_are_ignored() {
         at_ms: 1002,
         will: None,
         keep_will: false,
+        expiry_secs: None,
     }));
     assert!(!is_done(&st.apply(late)));
     assert!(st.sessions.contains_key("dev"));
@@ -103,6 +106,7 @@ fn a_clean_session_ends_with_its_connection_and_stale_epochs_are_ignored() {
         at_ms: 1003,
         will: None,
         keep_will: false,
+        expiry_secs: None,
     }));
     assert!(is_done(&st.apply(end)));
     assert!(!st.sessions.contains_key("dev"));
@@ -140,6 +144,7 @@ fn a_pending_will_keeps_a_session_without_expiry_until_it_fires() {
             at_ms: 1500,
             will: None,
             keep_will,
+            expiry_secs: None,
         }))
     };
     assert!(is_done(&st.apply(gone(true))));
@@ -162,6 +167,7 @@ fn a_pending_will_keeps_a_session_without_expiry_until_it_fires() {
         at_ms: 2500,
         will: None,
         keep_will: false,
+        expiry_secs: None,
     }));
     assert!(is_done(&st.apply(bye)));
     assert!(!st.sessions.contains_key("dev"));
@@ -294,6 +300,7 @@ fn resuming_with_expiry_0_keeps_the_subscriptions_until_the_disconnect() {
         at_ms: 3000,
         will: None,
         keep_will: false,
+        expiry_secs: None,
     })));
     assert!(!st.sessions.contains_key("dev") && !st.subscriptions.contains_key("dev"));
 }
@@ -317,4 +324,23 @@ fn a_node_set_holds_one_inline_and_many_sorted() {
     assert!(s.contains(&9) && !s.contains(&2));
     s.remove(&9);
     assert!(s.is_empty());
+}
+
+#[test]
+fn a_disconnect_that_shortens_the_expiry_to_0_ends_the_session() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim("dev", 1, false, 600, 1000)));
+    let bye = c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+        client_id: "dev".into(),
+        epoch: a.epoch,
+        at_ms: 1500,
+        will: None,
+        keep_will: false,
+        expiry_secs: Some(0),
+    }));
+    assert!(is_done(&st.apply(bye)));
+    assert!(
+        !st.sessions.contains_key("dev"),
+        "nothing left to resume on another node"
+    );
 }

@@ -690,7 +690,7 @@ impl Conn {
         }
         broker
             .control
-            .disconnected(&self.client_id, session.epoch(), will_pending);
+            .disconnected(&self.client_id, session.epoch(), will_pending, self.expiry);
         if let Some(state) = session.release(self.conn_id, self.state, expires_at, end) {
             broker.end_session(&session, Some(state));
         } else if let Some(at) = expires_at {

@@ -226,6 +226,16 @@ where
         // restarted node still publishes it.
         broker.arm_will(&accepted.client_id, w, will_delay);
     }
+    if present {
+        // A resumed session's subscriptions hold as a SUBACK's do: a session that moved
+        // here brought routes of this node, and every live member applies them before the
+        // CONNACK (a publish that starts afterwards, anywhere, reaches it).
+        let mark = broker.control.barrier();
+        if mark > broker.control.settled_now() {
+            let mut settled = broker.control.settled();
+            let _ = settled.wait_for(|s| *s >= mark).await;
+        }
+    }
     // The CONNACK goes out once what the claim stored (the session record, the will) is in
     // the WAL: a client that saw its CONNACK keeps both across a crash. An empty append's
     // ticket covers everything appended before it.
