@@ -6,6 +6,7 @@
 #   3. fuzz                         the codec and whole connections, a time budget each
 #   4. pytest tests/python          paho-mqtt (3.1.1 and 5.0) against the binary, raw bad input
 #      pytest tests/cluster_check   the black-box cross-node suite against a 3-node cluster
+#      pytest tests/python (part)   message exchange again with every broker a 3-node cluster
 #   5. tests/interop/*.sh           mosquitto_pub / mosquitto_sub against the binary
 #
 # Every step runs even when an earlier one failed (except those that need the binary when it
@@ -198,6 +199,13 @@ if [ "$have_bin" -eq 1 ]; then
     run_pytest pytest 25 tests/python "$@"
     # The black-box cross-node suite, against a 3-node cluster of this binary.
     run_pytest "cluster check" 10 tests/cluster_check --local-cluster 3
+    # The message-exchange part of the Python suite again, every broker a 3-node cluster and
+    # each connection on the next node (the whole suite takes about 15 minutes that way:
+    # PETREL_TEST_CLUSTER=3 python3 -m pytest tests/python).
+    export PETREL_TEST_CLUSTER=3
+    run_pytest "pytest, 3-node cluster" 20 tests/python/test_qos.py tests/python/test_session.py \
+        tests/python/test_will.py tests/python/test_v5.py tests/python/test_retained.py
+    unset PETREL_TEST_CLUSTER
 else
     record pytest FAILED "not run: no binary"
 fi
