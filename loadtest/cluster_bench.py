@@ -166,10 +166,14 @@ def brokers(c):
 
 
 def connects(c, clients, extra):
+    pids = [nd.proc.pid for nd in c.nodes]
+    before = cpu_s(pids)
     r = bench(["conn", "--clients", str(clients), "--duration", "1s"] + brokers(c) + extra)
+    used = cpu_s(pids) - before
     s = r["connects"]
     return {"per_s": s["per_sec"], "succeeded": s["succeeded"], "failed": s["failed"],
-            "p50_ms": s["latency"].get("p50_us", 0) / 1000, "p99_ms": s["latency"].get("p99_us", 0) / 1000}
+            "p50_ms": s["latency"].get("p50_us", 0) / 1000, "p99_ms": s["latency"].get("p99_us", 0) / 1000,
+            "broker_cpu_ms_per_op": used * 1000 / max(s["succeeded"], 1)}
 
 
 def log_index(c):
@@ -496,11 +500,11 @@ def markdown(results, a):
          f"Clients are spread over the nodes in turn (`--placement spread`).", ""]
     for section in ("connect", "subscribe"):
         if section in results:
-            L.append(f"| {section} | per s | p50 ms | p99 ms | failed | Raft entries |")
-            L.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+            L.append(f"| {section} | per s | p50 ms | p99 ms | failed | Raft entries | broker CPU ms per op (all nodes) |")
+            L.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
             for k, v in results[section].items():
                 L.append(f"| {k} | {v['per_s']:,.0f} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | "
-                         f"{v['failed']} | {v.get('raft_entries', '')} |")
+                         f"{v['failed']} | {v.get('raft_entries', '')} | {v.get('broker_cpu_ms_per_op', 0):.3f} |")
             L.append("")
     if "forward" in results:
         L += ["| forwarding | msgs/s | p50 ms | p99 ms | broker CPU s per 1M msgs (all nodes) | lost | duplicated |",

@@ -390,7 +390,10 @@ impl Forwarder {
         let Some(mut kept) = lock(&self.restored).remove(&peer) else {
             return o;
         };
-        kept.sort_by_key(|(id, _)| *id);
+        // In the order they were first sent (ids follow the order they were stored in,
+        // which is not it: a copy is stored when its timeout passes, a later one at once
+        // once the peer is behind).
+        kept.sort_by_key(|(_, m)| (m.first_incarnation, m.first_seq));
         let now = Instant::now();
         for (id, mut msg) in kept {
             o.next_seq += 1;
@@ -792,6 +795,10 @@ impl Forwarder {
                 .clone();
             let mut st = state.lock().await;
             if st.incarnation != batch.incarnation {
+                if st.earlier.contains_key(&batch.incarnation) {
+                    // A late batch of a sender that has restarted since: it is dead.
+                    continue;
+                }
                 st.restart(batch.incarnation);
             }
             let clock = Clock::now();

@@ -53,7 +53,10 @@ impl Cluster {
             .is_some();
         Box::pin(async move {
             if queued {
-                if let Ok(Ok(Ok(p))) = tokio::time::timeout(this.propose_timeout, rx).await {
+                // No timeout of its own: the proposer answers (committed, or failed after
+                // its retries); giving up earlier and proposing again would find the will
+                // already fired by the first proposal, and publish it nowhere.
+                if let Ok(Ok(p)) = rx.await {
                     return matches!(p.outcome.result, Some(pb::outcome::Result::Done(_)));
                 }
             }

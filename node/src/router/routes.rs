@@ -1,6 +1,7 @@
 //! The replicated route table as the publish path reads it: for every (share group, filter)
-//! the nodes with at least one subscriber to it, in a trie like the subscription trie's, so a
-//! publish finds the nodes it must be forwarded to in one walk of its topic's levels.
+//! the nodes with at least one subscriber to it. A filter without wildcards is found by the
+//! topic itself (one hash lookup); the others sit in a trie like the subscription trie's,
+//! walked level by level. Matching allocates nothing but the caller's output.
 //!
 //! ```text
 //!  Raft apply (RouteAdd / RouteDel / MemberRemove / snapshot) ──> RouteTable::add/remove/..
@@ -96,87 +97,120 @@ pub struct Target {
     pub shared: Vec<(Box<str>, Box<str>)>,
 }
 
+/// The routes of one filter.
 #[derive(Default)]
-struct RouteNode {
-    children: HashMap<Box<str>, RouteNode>,
+struct Entry {
     plain: NodeSet,
-    shared: Vec<SharedRoute>,
+    /// Share groups, rare: boxed so an entry without any is two words smaller.
+    #[allow(clippy::box_collection)] // one word in every entry, not three
+    shared: Option<Box<Vec<SharedRoute>>>,
 }
 
 struct SharedRoute {
     group: Box<str>,
+    /// The filter (named in the forwarded copy).
+    filter: Box<str>,
     nodes: NodeSet,
     /// Round robin over `nodes` when no member is on the publishing node.
     next: AtomicUsize,
 }
 
+impl Entry {
+    fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.shared.is_none()
+    }
+
+    /// The node set of (`group`, `filter`) here, made if missing.
+    fn set_mut(&mut self, group: &str, filter: &str) -> &mut NodeSet {
+        if group.is_empty() {
+            return &mut self.plain;
+        }
+        let shared = self.shared.get_or_insert_with(Default::default);
+        let i = match shared.iter().position(|s| &*s.group == group) {
+            Some(i) => i,
+            None => {
+                shared.push(SharedRoute {
+                    group: group.into(),
+                    filter: filter.into(),
+                    nodes: NodeSet::Empty,
+                    next: AtomicUsize::new(0),
+                });
+                shared.len() - 1
+            }
+        };
+        &mut shared[i].nodes
+    }
+
+    /// Takes `node` out of (`group`); returns whether it was there.
+    fn remove(&mut self, group: &str, node: u64) -> bool {
+        if group.is_empty() {
+            let found = self.plain.contains(&node);
+            self.plain.remove(&node);
+            return found;
+        }
+        let Some(shared) = self.shared.as_mut() else {
+            return false;
+        };
+        let Some(i) = shared.iter().position(|s| &*s.group == group) else {
+            return false;
+        };
+        let found = shared[i].nodes.contains(&node);
+        shared[i].nodes.remove(&node);
+        if shared[i].nodes.is_empty() {
+            shared.swap_remove(i);
+        }
+        if shared.is_empty() {
+            self.shared = None;
+        }
+        found
+    }
+}
+
+#[derive(Default)]
+struct RouteNode {
+    children: HashMap<Box<str>, RouteNode>,
+    entry: Entry,
+}
+
 impl RouteNode {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.plain.is_empty() && self.shared.is_empty()
+        self.children.is_empty() && self.entry.is_empty()
     }
 }
 
-/// The route table for matching (see the module docs).
-pub struct RouteTable {
-    me: u64,
-    root: RwLock<RouteNode>,
-    /// (group, filter, node) entries whose node is not this one.
-    remote: AtomicUsize,
+/// Filters without wildcards (most of a fleet's: `cmd/<device>`) are looked up by the topic
+/// itself; the others are matched level by level in a trie.
+#[derive(Default)]
+struct Table {
+    exact: HashMap<Box<str>, Entry>,
+    wild: RouteNode,
 }
 
-impl RouteTable {
-    /// An empty table of node `me` (whose own routes are kept but never forwarded to).
-    pub fn new(me: u64) -> RouteTable {
-        RouteTable {
-            me,
-            root: RwLock::new(RouteNode::default()),
-            remote: AtomicUsize::new(0),
-        }
-    }
+fn has_wildcard(filter: &str) -> bool {
+    filter.split('/').any(|l| l == "+" || l == "#")
+}
 
-    /// Whether another node has any route: if not, nothing is ever forwarded.
-    pub fn has_remote(&self) -> bool {
-        self.remote.load(Ordering::Relaxed) > 0
-    }
-
-    fn count(&self, node: u64, added: bool) {
-        if node != self.me {
-            match added {
-                true => self.remote.fetch_add(1, Ordering::Relaxed),
-                false => self.remote.fetch_sub(1, Ordering::Relaxed),
-            };
-        }
-    }
-
-    /// Node `node` has subscribers to `filter` (in share group `group`, "" for none).
-    pub fn add(&self, group: &str, filter: &str, node: u64) {
-        let mut root = self.root.write().unwrap_or_else(|e| e.into_inner());
-        let mut at = &mut *root;
-        for level in filter.split('/') {
-            at = at.children.entry(level.into()).or_default();
-        }
-        let set = match group {
-            "" => &mut at.plain,
-            g => match at.shared.iter().position(|s| &*s.group == g) {
-                Some(i) => &mut at.shared[i].nodes,
-                None => {
-                    at.shared.push(SharedRoute {
-                        group: g.into(),
-                        nodes: NodeSet::Empty,
-                        next: AtomicUsize::new(0),
-                    });
-                    &mut at.shared.last_mut().expect("just pushed").nodes
+impl Table {
+    /// Adds (`group`, `filter`, `node`); returns whether it was new.
+    fn add(&mut self, group: &str, filter: &str, node: u64) -> bool {
+        let entry = match has_wildcard(filter) {
+            false => self.exact.entry(filter.into()).or_default(),
+            true => {
+                let mut at = &mut self.wild;
+                for level in filter.split('/') {
+                    at = at.children.entry(level.into()).or_default();
                 }
-            },
+                &mut at.entry
+            }
         };
-        if !set.contains(&node) {
-            set.insert(node);
-            self.count(node, true);
-        }
+        let set = entry.set_mut(group, filter);
+        let new = !set.contains(&node);
+        set.insert(node);
+        new
     }
 
-    /// Node `node` has no subscriber to `filter` (in `group`) any more.
-    pub fn remove(&self, group: &str, filter: &str, node: u64) {
+    /// Removes (`group`, `filter`, `node`); returns whether it was there.
+    fn remove(&mut self, group: &str, filter: &str, node: u64) -> bool {
         fn walk<'a>(
             at: &mut RouteNode,
             mut levels: impl Iterator<Item = &'a str>,
@@ -194,50 +228,94 @@ impl RouteTable {
                     }
                     found
                 }
-                None => {
-                    if group.is_empty() {
-                        let found = at.plain.contains(&node);
-                        at.plain.remove(&node);
-                        return found;
-                    }
-                    let Some(i) = at.shared.iter().position(|s| &*s.group == group) else {
-                        return false;
-                    };
-                    let found = at.shared[i].nodes.contains(&node);
-                    at.shared[i].nodes.remove(&node);
-                    if at.shared[i].nodes.is_empty() {
-                        at.shared.swap_remove(i);
-                    }
-                    found
-                }
+                None => at.entry.remove(group, node),
             }
         }
-        let mut root = self.root.write().unwrap_or_else(|e| e.into_inner());
-        if walk(&mut root, filter.split('/'), group, node) {
-            self.count(node, false);
+        if has_wildcard(filter) {
+            return walk(&mut self.wild, filter.split('/'), group, node);
+        }
+        let Some(entry) = self.exact.get_mut(filter) else {
+            return false;
+        };
+        let found = entry.remove(group, node);
+        if entry.is_empty() {
+            self.exact.remove(filter);
+        }
+        found
+    }
+}
+
+/// The route table for matching (see the module docs).
+pub struct RouteTable {
+    me: u64,
+    table: RwLock<Table>,
+    /// (group, filter, node) entries whose node is not this one.
+    remote: AtomicUsize,
+}
+
+impl RouteTable {
+    /// An empty table of node `me` (whose own routes are kept but never forwarded to).
+    pub fn new(me: u64) -> RouteTable {
+        RouteTable {
+            me,
+            table: RwLock::new(Table::default()),
+            remote: AtomicUsize::new(0),
         }
     }
 
-    /// Replaces the whole table (a snapshot was installed or loaded).
+    /// Whether another node has any route: if not, nothing is ever forwarded.
+    pub fn has_remote(&self) -> bool {
+        self.remote.load(Ordering::Relaxed) > 0
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Node `node` has subscribers to `filter` (in share group `group`, "" for none).
+    pub fn add(&self, group: &str, filter: &str, node: u64) {
+        if self.write().add(group, filter, node) && node != self.me {
+            self.remote.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Node `node` has no subscriber to `filter` (in `group`) any more.
+    pub fn remove(&self, group: &str, filter: &str, node: u64) {
+        if self.write().remove(group, filter, node) && node != self.me {
+            self.remote.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Replaces the whole table (a snapshot was installed or loaded, a member removed):
+    /// built aside, then swapped in at once, so a publish sees the old table or the new.
     pub fn replace<'a>(&self, routes: impl IntoIterator<Item = (&'a str, &'a str, &'a NodeSet)>) {
-        *self.root.write().unwrap_or_else(|e| e.into_inner()) = RouteNode::default();
-        self.remote.store(0, Ordering::Relaxed);
+        let mut table = Table::default();
+        let mut remote = 0;
         for (group, filter, nodes) in routes {
             for &n in nodes {
-                self.add(group, filter, n);
+                if table.add(group, filter, n) && n != self.me {
+                    remote += 1;
+                }
             }
         }
+        let mut t = self.write();
+        *t = table;
+        self.remote.store(remote, Ordering::Relaxed);
     }
 
     /// Where a publish to `topic` must be forwarded, one entry per other node, appended to
     /// `out` (sorted by node). A share group with a member on this node is served here
     /// (local first); one without gets one node of those that have members, in turn.
     pub fn collect(&self, topic: &str, out: &mut Vec<Target>) {
-        let root = self.root.read().unwrap_or_else(|e| e.into_inner());
-        let mut path = Vec::new();
-        let wildcards = !topic.starts_with('$');
-        walk(&root, topic.split('/'), wildcards, &mut path, self.me, out);
-        drop(root);
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = t.exact.get(topic) {
+            add_targets(e, self.me, out);
+        }
+        if !t.wild.children.is_empty() {
+            let wildcards = !topic.starts_with('$');
+            walk(&t.wild, topic.split('/'), wildcards, self.me, out);
+        }
+        drop(t);
         if out.len() > 1 {
             out.sort_by_key(|t| t.node);
             // One target per node: merge.
@@ -257,15 +335,18 @@ impl RouteTable {
 
     /// Every route, as (group, filter, node), for tests and the admin API.
     pub fn entries(&self) -> Vec<(String, String, u64)> {
-        fn walk(at: &RouteNode, path: &mut String, out: &mut Vec<(String, String, u64)>) {
-            for &n in &at.plain {
-                out.push((String::new(), path.clone(), n));
+        fn push(e: &Entry, filter: &str, out: &mut Vec<(String, String, u64)>) {
+            for &n in &e.plain {
+                out.push((String::new(), filter.to_owned(), n));
             }
-            for s in &at.shared {
+            for s in e.shared.iter().flat_map(|v| v.iter()) {
                 for &n in &s.nodes {
-                    out.push((s.group.to_string(), path.clone(), n));
+                    out.push((s.group.to_string(), filter.to_owned(), n));
                 }
             }
+        }
+        fn walk(at: &RouteNode, path: &mut String, out: &mut Vec<(String, String, u64)>) {
+            push(&at.entry, path, out);
             for (level, child) in &at.children {
                 let len = path.len();
                 path.push('/');
@@ -274,9 +355,12 @@ impl RouteTable {
                 path.truncate(len);
             }
         }
-        let root = self.root.read().unwrap_or_else(|e| e.into_inner());
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
-        for (level, child) in &root.children {
+        for (filter, e) in &t.exact {
+            push(e, filter, &mut out);
+        }
+        for (level, child) in &t.wild.children {
             let mut path = level.to_string();
             walk(child, &mut path, &mut out);
         }
@@ -285,8 +369,8 @@ impl RouteTable {
     }
 }
 
-fn add_targets(at: &RouteNode, path: &[&str], me: u64, out: &mut Vec<Target>) {
-    for &n in &at.plain {
+fn add_targets(e: &Entry, me: u64, out: &mut Vec<Target>) {
+    for &n in &e.plain {
         if n == me {
             continue;
         }
@@ -299,7 +383,7 @@ fn add_targets(at: &RouteNode, path: &[&str], me: u64, out: &mut Vec<Target>) {
             }),
         }
     }
-    for s in &at.shared {
+    for s in e.shared.iter().flat_map(|v| v.iter()) {
         if s.nodes.contains(&me) {
             continue;
         }
@@ -308,7 +392,7 @@ fn add_targets(at: &RouteNode, path: &[&str], me: u64, out: &mut Vec<Target>) {
         else {
             continue;
         };
-        let target = (s.group.clone(), path.join("/").into_boxed_str());
+        let target = (s.group.clone(), s.filter.clone());
         match out.iter_mut().find(|t| t.node == n) {
             Some(t) => t.shared.push(target),
             None => out.push(Target {
@@ -320,41 +404,32 @@ fn add_targets(at: &RouteNode, path: &[&str], me: u64, out: &mut Vec<Target>) {
     }
 }
 
-fn walk<'t>(
-    at: &'t RouteNode,
+fn walk(
+    at: &RouteNode,
     mut levels: std::str::Split<'_, char>,
     wildcards: bool,
-    path: &mut Vec<&'t str>,
     me: u64,
     out: &mut Vec<Target>,
 ) {
     match levels.next() {
         None => {
-            add_targets(at, path, me, out);
+            add_targets(&at.entry, me, out);
             // "a/#" also matches "a".
-            if let Some((k, hash)) = at.children.get_key_value("#") {
-                path.push(k);
-                add_targets(hash, path, me, out);
-                path.pop();
+            if let Some(hash) = at.children.get("#") {
+                add_targets(&hash.entry, me, out);
             }
         }
         Some(level) => {
             if wildcards {
-                if let Some((k, hash)) = at.children.get_key_value("#") {
-                    path.push(k);
-                    add_targets(hash, path, me, out);
-                    path.pop();
+                if let Some(hash) = at.children.get("#") {
+                    add_targets(&hash.entry, me, out);
                 }
-                if let Some((k, plus)) = at.children.get_key_value("+") {
-                    path.push(k);
-                    walk(plus, levels.clone(), true, path, me, out);
-                    path.pop();
+                if let Some(plus) = at.children.get("+") {
+                    walk(plus, levels.clone(), true, me, out);
                 }
             }
-            if let Some((k, child)) = at.children.get_key_value(level) {
-                path.push(k);
-                walk(child, levels, true, path, me, out);
-                path.pop();
+            if let Some(child) = at.children.get(level) {
+                walk(child, levels, true, me, out);
             }
         }
     }
@@ -398,7 +473,11 @@ mod tests {
         assert!(!t.has_remote());
         t.remove("", "a/#", 1);
         assert!(t.entries().is_empty());
-        assert!(t.root.read().unwrap().is_empty(), "empty levels pruned");
+        let table = t.table.read().unwrap();
+        assert!(
+            table.wild.is_empty() && table.exact.is_empty(),
+            "empty levels pruned"
+        );
     }
 
     #[test]
