@@ -168,13 +168,91 @@ impl Entry {
 
 #[derive(Default)]
 struct RouteNode {
-    children: HashMap<Box<str>, RouteNode>,
+    children: Children,
     entry: Entry,
 }
 
 impl RouteNode {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.entry.is_empty()
+    }
+}
+
+/// Most trie levels have one child or a few (`+`, `#`, `status`): a short list, searched in
+/// order, costs a fraction of a hash table's smallest allocation; a level with many children
+/// (`dev<id>`) becomes a table.
+enum Children {
+    Few(Vec<(Box<str>, RouteNode)>),
+    #[allow(clippy::box_collection)] // every trie node holds this enum: 3 words, not 6
+    Many(Box<HashMap<Box<str>, RouteNode>>),
+}
+
+/// Children kept in a list up to this many.
+const FEW: usize = 8;
+
+impl Default for Children {
+    fn default() -> Self {
+        Children::Few(Vec::new())
+    }
+}
+
+impl Children {
+    fn is_empty(&self) -> bool {
+        match self {
+            Children::Few(v) => v.is_empty(),
+            Children::Many(m) => m.is_empty(),
+        }
+    }
+
+    fn get(&self, level: &str) -> Option<&RouteNode> {
+        match self {
+            Children::Few(v) => v.iter().find(|(k, _)| &**k == level).map(|(_, n)| n),
+            Children::Many(m) => m.get(level),
+        }
+    }
+
+    fn get_mut(&mut self, level: &str) -> Option<&mut RouteNode> {
+        match self {
+            Children::Few(v) => v.iter_mut().find(|(k, _)| &**k == level).map(|(_, n)| n),
+            Children::Many(m) => m.get_mut(level),
+        }
+    }
+
+    fn get_or_add(&mut self, level: &str) -> &mut RouteNode {
+        if let Children::Few(v) = self {
+            if v.len() >= FEW && !v.iter().any(|(k, _)| &**k == level) {
+                *self = Children::Many(Box::new(std::mem::take(v).into_iter().collect()));
+            }
+        }
+        match self {
+            Children::Few(v) => {
+                let i = match v.iter().position(|(k, _)| &**k == level) {
+                    Some(i) => i,
+                    None => {
+                        v.push((level.into(), RouteNode::default()));
+                        v.len() - 1
+                    }
+                };
+                &mut v[i].1
+            }
+            Children::Many(m) => m.entry(level.into()).or_default(),
+        }
+    }
+
+    fn remove(&mut self, level: &str) {
+        match self {
+            Children::Few(v) => v.retain(|(k, _)| &**k != level),
+            Children::Many(m) => {
+                m.remove(level);
+            }
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = (&Box<str>, &RouteNode)> + '_> {
+        match self {
+            Children::Few(v) => Box::new(v.iter().map(|(k, n)| (k, n))),
+            Children::Many(m) => Box::new(m.iter()),
+        }
     }
 }
 
@@ -198,7 +276,7 @@ impl Table {
             true => {
                 let mut at = &mut self.wild;
                 for level in filter.split('/') {
-                    at = at.children.entry(level.into()).or_default();
+                    at = at.children.get_or_add(level);
                 }
                 &mut at.entry
             }
@@ -347,7 +425,7 @@ impl RouteTable {
         }
         fn walk(at: &RouteNode, path: &mut String, out: &mut Vec<(String, String, u64)>) {
             push(&at.entry, path, out);
-            for (level, child) in &at.children {
+            for (level, child) in at.children.iter() {
                 let len = path.len();
                 path.push('/');
                 path.push_str(level);
@@ -360,7 +438,7 @@ impl RouteTable {
         for (filter, e) in &t.exact {
             push(e, filter, &mut out);
         }
-        for (level, child) in &t.wild.children {
+        for (level, child) in t.wild.children.iter() {
             let mut path = level.to_string();
             walk(child, &mut path, &mut out);
         }
@@ -522,5 +600,22 @@ mod tests {
         );
         assert!(t.has_remote());
         assert_eq!(nodes(&t, "old"), vec![]);
+    }
+
+    #[test]
+    fn a_level_with_many_children_still_matches_and_prunes() {
+        let t = RouteTable::new(1);
+        for i in 0..50 {
+            t.add("", &format!("fleet/dev{i}/+/status"), 2 + i % 3);
+        }
+        assert_eq!(nodes(&t, "fleet/dev7/x/status"), vec![plain(3)]);
+        assert_eq!(nodes(&t, "fleet/dev49/y/status"), vec![plain(3)]);
+        assert_eq!(nodes(&t, "fleet/dev50/y/status"), vec![]);
+        assert_eq!(t.entries().len(), 50);
+        for i in 0..50 {
+            t.remove("", &format!("fleet/dev{i}/+/status"), 2 + i % 3);
+        }
+        assert!(!t.has_remote());
+        assert!(t.table.read().unwrap().wild.is_empty(), "pruned to nothing");
     }
 }
