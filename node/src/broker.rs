@@ -150,9 +150,9 @@ pub enum WillOf {
     /// A connection taken over by a newer one: the ownership record is the new
     /// connection's now, and nobody else publishes this will; published as is.
     TakenOver,
-    /// A client that was connected when this node died (found armed at start): published
-    /// only if no other node did meanwhile.
-    Crash,
+    /// A client that was connected (at this epoch, if the record says) when this node died
+    /// (found armed at start): published only if no other node did meanwhile.
+    Crash(Option<crate::session::Epoch>),
 }
 
 #[derive(Clone, Debug)]
@@ -709,10 +709,10 @@ impl Broker {
     /// node dies under the connection (recovery finds it armed). Small: the will is bounded
     /// by the packet size. The connection's end replaces it ([`Broker::schedule_will`]) or
     /// deletes it ([`Broker::disarm_will`]).
-    pub fn arm_will(&self, client_id: &str, will: &LastWill, delay_secs: u32) {
+    pub fn arm_will(&self, client_id: &str, will: &LastWill, delay_secs: u32, epoch: u64) {
         let clock = Clock::now();
         let msg = Message::from_will(will, SessionId::BROKER, clock.now);
-        match value::armed_will(&msg, delay_secs, &clock) {
+        match value::armed_will(&msg, delay_secs, epoch, &clock) {
             Ok(v) => {
                 self.store
                     .append(|w| w.put(Cf::Wills, client_id.as_bytes(), &v));
@@ -770,7 +770,7 @@ impl Broker {
     ) {
         let will = PendingWill {
             session,
-            of: WillOf::Crash,
+            of: WillOf::Crash(None),
             msg,
         };
         lock(&self.pending_wills).insert(client_id.clone(), will);
@@ -814,7 +814,7 @@ impl Broker {
             _ if !self.control.wills_need_agreement() => return self.publish_will(msg),
             WillOf::TakenOver => return self.publish_will(msg),
             WillOf::Connection(epoch) => Some(epoch),
-            WillOf::Crash => None,
+            WillOf::Crash(epoch) => epoch,
         };
         let Some(this) = self.this.upgrade() else {
             return;

@@ -224,7 +224,7 @@ where
     if let Some(w) = &connect.will {
         // Stored now, not at the disconnect: if the node dies under this connection, the
         // restarted node still publishes it.
-        broker.arm_will(&accepted.client_id, w, will_delay);
+        broker.arm_will(&accepted.client_id, w, will_delay, session.epoch().0);
     }
     if present {
         // A resumed session's subscriptions hold as a SUBACK's do: a session that moved

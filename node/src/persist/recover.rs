@@ -219,7 +219,11 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
             StoredWill::Pending { msg, due } => {
                 broker.restore_will(client_id, session_id, msg, due)
             }
-            StoredWill::Armed { msg, delay_secs } => {
+            StoredWill::Armed {
+                msg,
+                delay_secs,
+                epoch,
+            } => {
                 // The client was connected when the node died: its connection is gone, so
                 // the will is due now, or after its delay (capped by the session expiry; a
                 // session that was not stored ended with the node), counted from the restart.
@@ -228,7 +232,7 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
                 broker.schedule_will(
                     &client_id,
                     session_id,
-                    crate::broker::WillOf::Crash,
+                    crate::broker::WillOf::Crash(epoch.map(crate::session::Epoch)),
                     msg,
                     Duration::from_secs(u64::from(delay)),
                 );

@@ -271,14 +271,29 @@ pub enum StoredWill {
     Pending { msg: Message, due: Instant },
     /// The client was connected: if this is found at start, the node died under it, and the
     /// will is published after `delay_secs` (the v5 will delay, capped by the session expiry).
-    Armed { msg: Message, delay_secs: u32 },
+    /// `epoch`: of the connection's claim (absent in records of earlier versions).
+    Armed {
+        msg: Message,
+        delay_secs: u32,
+        epoch: Option<u64>,
+    },
 }
 
-/// Armed will, written when the client connects: kind, will delay, then the message.
-pub fn armed_will(msg: &Message, delay_secs: u32, clock: &Clock) -> Result<Vec<u8>, EncodeError> {
+/// Armed will with the epoch of its connection's claim.
+const ARMED_WILL_EPOCH: u8 = 3;
+
+/// Armed will, written when the client connects: kind, will delay, the epoch of the
+/// connection's claim, then the message.
+pub fn armed_will(
+    msg: &Message,
+    delay_secs: u32,
+    epoch: u64,
+    clock: &Clock,
+) -> Result<Vec<u8>, EncodeError> {
     let mut v = Vec::with_capacity(64 + msg.payload.len());
-    v.push(ARMED_WILL);
+    v.push(ARMED_WILL_EPOCH);
     v.extend_from_slice(&delay_secs.to_be_bytes());
+    v.extend_from_slice(&epoch.to_be_bytes());
     v.extend_from_slice(&message(msg, msg.qos, msg.retain, &[], clock)?);
     Ok(v)
 }
@@ -290,7 +305,22 @@ pub fn parse_stored_will(b: &[u8], clock: &Clock) -> Option<StoredWill> {
             let delay_secs = u32::from_be_bytes(b[1..5].try_into().ok()?);
             let d = delivery(&b[5..], clock)?;
             let msg = Arc::try_unwrap(d.msg).ok()?;
-            Some(StoredWill::Armed { msg, delay_secs })
+            Some(StoredWill::Armed {
+                msg,
+                delay_secs,
+                epoch: None,
+            })
+        }
+        Some(&ARMED_WILL_EPOCH) if b.len() >= 13 => {
+            let delay_secs = u32::from_be_bytes(b[1..5].try_into().ok()?);
+            let epoch = u64::from_be_bytes(b[5..13].try_into().ok()?);
+            let d = delivery(&b[13..], clock)?;
+            let msg = Arc::try_unwrap(d.msg).ok()?;
+            Some(StoredWill::Armed {
+                msg,
+                delay_secs,
+                epoch: Some(epoch),
+            })
         }
         _ => {
             let (msg, due) = parse_will(b, clock)?;
@@ -424,9 +454,13 @@ mod tests {
             origin: SessionId(3),
             owned: true,
         };
-        match parse_stored_will(&armed_will(&msg, 30, &clock).expect("encodes"), &clock) {
-            Some(StoredWill::Armed { msg: m, delay_secs }) => {
-                assert_eq!(delay_secs, 30);
+        match parse_stored_will(&armed_will(&msg, 30, 77, &clock).expect("encodes"), &clock) {
+            Some(StoredWill::Armed {
+                msg: m,
+                delay_secs,
+                epoch,
+            }) => {
+                assert_eq!((delay_secs, epoch), (30, Some(77)));
                 assert_eq!(
                     (m.topic.as_str(), &m.payload[..]),
                     ("dev/1/status", &b"offline"[..])
