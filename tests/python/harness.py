@@ -328,14 +328,5 @@ class ClusterBroker:
     def metric(self, name: str, **labels: str) -> float:
         return sum(b.metric(name, **labels) for b in self.nodes)
 
-    def wait_metric(self, what: str, name: str, predicate: Callable[[float], bool],
-                    timeout: float = DEFAULT_TIMEOUT, **labels: str) -> float:
-        def probe():
-            value = self.metric(name, **labels)
-            return (True, value) if predicate(value) else None
-
-        try:
-            return wait_until(what, probe, timeout)[1]
-        except AssertionError as err:
-            per_node = [b.metric(name, **labels) for b in self.nodes]
-            raise AssertionError(f"{err}; {name} per node: {per_node}") from None
+    # Over the summed metrics and metric above.
+    wait_metric = Broker.wait_metric
