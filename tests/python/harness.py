@@ -80,9 +80,14 @@ class Broker:
     """One petrel process with its own data dir, on loopback ports chosen by the kernel."""
 
     def __init__(self, workdir: Path, env: dict[str, str] | None = None,
-                 args: list[str] | None = None, grpc_addr: str = "127.0.0.1:0") -> None:
+                 args: list[str] | None = None, grpc_addr: str = "127.0.0.1:0",
+                 bind: str = "127.0.0.1", prefix: list[str] | None = None) -> None:
         self.workdir = workdir
         self.grpc_addr = grpc_addr
+        # The address every listener binds (a network namespace's own), and what runs the
+        # binary (e.g. `ip netns exec NAME`).
+        self.bind = bind
+        self.prefix = list(prefix or [])
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir = workdir / "data"
         self.ready_file = workdir / "ready.json"
@@ -109,9 +114,9 @@ class Broker:
         env = dict(os.environ)
         env.setdefault("PETREL_LOG", "debug,openraft=info")
         env.update(self.extra_env)
-        cmd = [str(binary),
-               "--mqtt-addr", "127.0.0.1:0",
-               "--admin-addr", "127.0.0.1:0",
+        cmd = [*self.prefix, str(binary),
+               "--mqtt-addr", f"{self.bind}:0",
+               "--admin-addr", f"{self.bind}:0",
                "--grpc-addr", self.grpc_addr,
                "--data-dir", str(self.data_dir),
                "--ready-file", str(self.ready_file),
@@ -190,7 +195,7 @@ class Broker:
 
     def http_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         assert self.admin_port is not None, "admin API disabled"
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        url = f"http://{self.host}:{self.admin_port}{path}"
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp:
                 return resp.status, resp.read().decode("utf-8", "replace")
