@@ -243,9 +243,9 @@ impl Broker {
             .unwrap_or_else(|e| e.into_inner())
             .collect(&msg.topic, scratch);
         scratch.retain(|m| !(m.no_local && m.session.id() == msg.origin));
-        if !self.local_storable(&msg, scratch) {
+        let Some(stored) = self.local_storable(&msg, scratch) else {
             return Routed::refused();
-        }
+        };
         let mark = match msg.retain {
             true => self.retain(&msg),
             false => 0,
@@ -255,7 +255,7 @@ impl Broker {
             true => self.forward_to_peers(&msg),
             false => (Forwarded::default(), 0),
         };
-        let mut routed = self.route_local(msg, scratch, inbound);
+        let mut routed = self.route_local(msg, scratch, stored, inbound);
         routed.mark = mark;
         routed.forwarded = forwarded.mark;
         routed.delivered += nodes;
@@ -282,16 +282,16 @@ impl Broker {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .collect_forwarded(&msg.topic, plain, shared, scratch);
-        if !self.local_storable(&msg, scratch) {
-            return Routed::refused();
+        match self.local_storable(&msg, scratch) {
+            Some(stored) => self.route_local(msg, scratch, stored, None),
+            None => Routed::refused(),
         }
-        self.route_local(msg, scratch, None)
     }
 
     /// Drops stale sessions from the local matches, sorts them and checks that every copy
     /// they store can be encoded; if not the publish is refused (counted) before anything is
-    /// written or routed.
-    fn local_storable(&self, msg: &Message, scratch: &mut Vec<Match>) -> bool {
+    /// written or routed: `None`. Else whether a persistent session stores a copy.
+    fn local_storable(&self, msg: &Message, scratch: &mut Vec<Match>) -> Option<bool> {
         // A stored session another node took over (this node is away or just back, and has
         // not surrendered it yet) gets nothing new: the owner's node delivers its own copy.
         scratch.retain(|m| {
@@ -313,9 +313,9 @@ impl Broker {
             scratch.clear();
             self.count_unstorable();
             tracing::debug!(topic = %msg.topic, "message too large to store; refused");
-            return false;
+            return None;
         }
-        true
+        Some(stored)
     }
 
     /// Forwards `msg` to the other nodes with matching routes: (what the publisher's
@@ -333,17 +333,15 @@ impl Broker {
     }
 
     /// Queues `msg` for the matched local sessions (`scratch`, sorted by
-    /// [`Broker::local_storable`]) and stores the persistent sessions' copies.
+    /// [`Broker::local_storable`], which said whether a copy is `stored`) and stores the
+    /// persistent sessions' copies.
     fn route_local(
         &self,
         msg: Arc<Message>,
         scratch: &mut Vec<Match>,
+        stored: bool,
         inbound: Option<(&str, u16)>,
     ) -> Routed {
-        let stored = msg.qos != QoS::AtMostOnce
-            && scratch
-                .iter()
-                .any(|m| m.qos != QoS::AtMostOnce && m.session.is_persistent());
         if !stored && inbound.is_none() {
             // Nothing of this publish is stored (the common case of clean sessions or QoS
             // 0): one pass, each delivery queued as it is made.

@@ -67,9 +67,14 @@ fn entry_size(msg: &pb::ForwardedMessage) -> usize {
     let shared: usize = msg
         .shared
         .iter()
-        .map(|s| s.group.len() + s.filter.len() + 8)
+        .map(|s| shared_len(&s.group, &s.filter))
         .sum();
     msg.message.len() + shared + ENTRY_OVERHEAD
+}
+
+/// What a share-group target adds to an entry's size.
+fn shared_len(group: &str, filter: &str) -> usize {
+    group.len() + filter.len() + 8
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -490,11 +495,7 @@ impl Forwarder {
             qos0,
             deadline,
         } = copy;
-        let shared_bytes: usize = target
-            .shared
-            .iter()
-            .map(|(g, f)| g.len() + f.len() + 8)
-            .sum();
+        let shared_bytes: usize = target.shared.iter().map(|(g, f)| shared_len(g, f)).sum();
         let size = message.len() + shared_bytes + ENTRY_OVERHEAD;
         let mut o = lock(&link.outbox);
         if qos0 && o.bytes + size > self.outbox_limit / 4 {
