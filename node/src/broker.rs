@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthGate;
 use crate::codec::{LastWill, QoS, SubscriptionOptions};
-use crate::config::Config;
-use crate::control::{ControlPlane, DataPlane, Forwarded};
+use crate::config::{Config, SharedStrategy};
+use crate::control::{BoxFuture, ControlPlane, DataPlane, Forwarded, Window};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persist::value::{self, Clock};
@@ -34,7 +34,7 @@ use crate::router::{
 };
 use crate::session::{
     Delivery, DropReason, Enqueued, QueueLimits, Session, SessionId, SessionRegistry, SessionState,
-    SubIds,
+    Stage, SubIds,
 };
 
 /// The cluster as the broker reaches it (in the node: the cluster's control and data planes
@@ -70,8 +70,9 @@ pub struct Routed {
     pub delivered: usize,
     /// Every stored copy is durable once the store has passed this ticket.
     pub ticket: Option<Ticket>,
-    /// A connected session whose queue is long: the publisher should wait for it.
-    pub congested: Option<Arc<Session>>,
+    /// A connected session whose queue is long, or a peer whose forwarding window is full:
+    /// the publisher should wait for it.
+    pub congested: Option<Pause>,
     /// The message was refused, with nothing routed, retained or written: a stored copy would
     /// pass the MQTT size limit (see `value::message_fits`).
     pub unstorable: bool,
@@ -81,6 +82,29 @@ pub struct Routed {
     /// The data plane's mark the publisher's acknowledgement waits for (every node the
     /// message was forwarded to has it); 0: none.
     pub forwarded: u64,
+}
+
+/// What a publisher's connection stops reading for (until it has room, or
+/// `mqtt.backpressure_max_wait_ms` passes).
+#[derive(Clone)]
+pub enum Pause {
+    /// A local subscriber whose queue is long.
+    Subscriber(Arc<Session>),
+    /// A peer node whose forwarding window is full.
+    Peer(Arc<dyn Window>),
+}
+
+impl Pause {
+    /// Resolves once there is room again (a subscriber's queue below `drained_below`, a
+    /// peer's window half free), or at `until`.
+    pub fn wait(self, drained_below: usize, until: Instant) -> BoxFuture<'static, ()> {
+        match self {
+            Pause::Subscriber(s) => Box::pin(async move {
+                s.wait_drained(drained_below, until).await;
+            }),
+            Pause::Peer(w) => w.wait_room(until),
+        }
+    }
 }
 
 impl Routed {
@@ -237,27 +261,65 @@ impl Broker {
         scratch: &mut Vec<Match>,
         inbound: Option<(&str, u16)>,
     ) -> Routed {
+        self.publish_retaining(msg, scratch, inbound, true)
+    }
+
+    /// [`Broker::publish`]; `retain`: whether a retained message is stored (false: the
+    /// caller did that already).
+    fn publish_retaining(
+        &self,
+        msg: Arc<Message>,
+        scratch: &mut Vec<Match>,
+        inbound: Option<(&str, u16)>,
+        retain: bool,
+    ) -> Routed {
         scratch.clear();
-        self.router
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .collect(&msg.topic, scratch);
+        let mut targets = TARGETS.take();
+        // The node's own `$SYS` topics stay here.
+        if self.routes.has_remote() && !msg.topic.starts_with("$SYS/") {
+            self.routes.collect(&msg.topic, &mut targets);
+            let router = self.router.read().unwrap_or_else(|e| e.into_inner());
+            match targets.iter().position(|t| t.node == self.routes.me()) {
+                // The share-group strategy chose, among the nodes, the groups this one
+                // serves (any strategy but local first).
+                Some(at) => {
+                    let mine = targets.remove(at);
+                    let groups = mine.shared.iter().map(|(g, f)| (&**g, &**f));
+                    router.collect_forwarded(&msg.topic, true, groups, scratch);
+                }
+                None if self.routes.strategy() != SharedStrategy::LocalFirst => {
+                    router.collect_forwarded(&msg.topic, true, [], scratch);
+                }
+                None => router.collect(&msg.topic, scratch),
+            }
+        } else {
+            self.router
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .collect(&msg.topic, scratch);
+        }
         scratch.retain(|m| !(m.no_local && m.session.id() == msg.origin));
         let Some(stored) = self.local_storable(&msg, scratch) else {
+            targets.clear();
+            TARGETS.set(targets);
             return Routed::refused();
         };
-        let mark = match msg.retain {
+        let mark = match msg.retain && retain {
             true => self.retain(&msg),
             false => 0,
         };
-        // The node's own `$SYS` topics stay here.
-        let (forwarded, nodes) = match self.routes.has_remote() && !msg.topic.starts_with("$SYS/") {
-            true => self.forward_to_peers(&msg),
-            false => (Forwarded::default(), 0),
+        let (forwarded, nodes) = match targets.is_empty() {
+            true => (Forwarded::default(), 0),
+            false => (self.forward.forward(&msg, &targets), targets.len()),
         };
+        targets.clear();
+        TARGETS.set(targets);
         let mut routed = self.route_local(msg, scratch, stored, inbound);
         routed.mark = mark;
         routed.forwarded = forwarded.mark;
+        if routed.congested.is_none() {
+            routed.congested = forwarded.full.map(Pause::Peer);
+        }
         routed.delivered += nodes;
         if let Some(t) = forwarded.ticket {
             // Tickets are points in one commit order: the later covers both.
@@ -318,20 +380,6 @@ impl Broker {
         Some(stored)
     }
 
-    /// Forwards `msg` to the other nodes with matching routes: (what the publisher's
-    /// acknowledgement waits for, how many nodes).
-    fn forward_to_peers(&self, msg: &Message) -> (Forwarded, usize) {
-        let mut targets = TARGETS.take();
-        self.routes.collect(&msg.topic, &mut targets);
-        let out = match targets.is_empty() {
-            true => (Forwarded::default(), 0),
-            false => (self.forward.forward(msg, &targets), targets.len()),
-        };
-        targets.clear();
-        TARGETS.set(targets);
-        out
-    }
-
     /// Queues `msg` for the matched local sessions (`scratch`, sorted by
     /// [`Broker::local_storable`], which said whether a copy is `stored`) and stores the
     /// persistent sessions' copies.
@@ -352,7 +400,7 @@ impl Broker {
                 let (queued, full) = self.enqueue_in(session, d, None);
                 delivered += queued as usize;
                 if full && congested.is_none() && session.id() != msg.origin {
-                    congested = Some(session.clone());
+                    congested = Some(Pause::Subscriber(session.clone()));
                 }
             });
             scratch.clear();
@@ -387,7 +435,7 @@ impl Broker {
             delivered += queued as usize;
             // The publisher's own session never makes it wait (it could not drain).
             if full && congested.is_none() && session.id() != msg.origin {
-                congested = Some(session.clone());
+                congested = Some(Pause::Subscriber(session.clone()));
             }
         }
         PLAN.set(plan);
@@ -477,6 +525,7 @@ impl Broker {
                 seq: 0,
                 acl_check,
                 acl_gen: acl_now as u32,
+                shared: first.shared,
             };
             plan(i, d, value);
             i = j;
@@ -671,13 +720,14 @@ impl Broker {
     /// replaced had its keys deleted by [`Broker::replace_session`], and the client id's keys
     /// may by now be the new session's.
     pub fn end_session(&self, session: &Session, state: Option<Box<SessionState>>) {
-        if let Some(state) = state {
+        if let Some(mut state) = state {
             let max_levels = usize::MAX;
             for filter in state.subscriptions.keys() {
                 if let Ok(parsed) = crate::router::topic::parse_filter(filter, max_levels) {
                     self.unsubscribe(session.id(), &parsed);
                 }
             }
+            self.reroute_orphans(&mut state);
         }
         let removed = self.sessions.remove(session);
         if removed {
@@ -687,6 +737,75 @@ impl Broker {
         if removed && session.is_persistent() {
             let client_id = session.client_id();
             self.store.append(|w| w.delete_client(client_id));
+        }
+    }
+
+    /// MQTT 5 section 4.8.2: what a share group routed to a session that ended before its
+    /// client acknowledged it (queued, or sent and not acknowledged: a QoS 2 message whose
+    /// PUBREC came is the client's) goes to another member of the group: on this node if
+    /// it has one, else on a node that has (the session is unsubscribed already). A
+    /// persistent session that only disconnects keeps its messages (the specification lets
+    /// the server wait for the client); they move on if it expires.
+    fn reroute_orphans(&self, state: &mut SessionState) {
+        let unacked = state
+            .inflight
+            .iter()
+            .filter(|f| f.stage == Stage::Published && f.delivery.shared)
+            .map(|f| f.delivery.msg.clone());
+        let mut orphans: Vec<Arc<Message>> = unacked.collect();
+        orphans.extend(state.orphans.drain(..).map(|d| d.msg));
+        if orphans.is_empty() {
+            return;
+        }
+        let groups: Vec<ParsedFilter<'_>> = state
+            .subscriptions
+            .keys()
+            .filter_map(|raw| crate::router::topic::parse_filter(raw, usize::MAX).ok())
+            .filter(|p| p.group.is_some())
+            .collect();
+        let now = Instant::now();
+        let count = |outcome: &str| {
+            self.metrics
+                .shared_redelivered
+                .with_label_values(&[outcome])
+                .inc()
+        };
+        let mut scratch = Vec::new();
+        for msg in orphans {
+            let Some(p) = groups
+                .iter()
+                .find(|p| crate::router::topic::matches(p.filter, &msg.topic))
+            else {
+                continue;
+            };
+            if msg.is_expired(now) {
+                continue;
+            }
+            let group = p.group.unwrap_or_default();
+            self.router
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .collect_forwarded(&msg.topic, false, [(group, p.filter)], &mut scratch);
+            if !scratch.is_empty() {
+                if let Some(stored) = self.local_storable(&msg, &mut scratch) {
+                    self.route_local(msg, &mut scratch, stored, None);
+                    count("local");
+                }
+                scratch.clear();
+                continue;
+            }
+            match self.routes.shared_node(group, p.filter) {
+                Some(node) => {
+                    let target = Target {
+                        node,
+                        plain: false,
+                        shared: vec![(group.into(), p.filter.into())],
+                    };
+                    self.forward.forward(&msg, &[target]);
+                    count("forwarded");
+                }
+                None => count("dropped"),
+            }
         }
     }
 
@@ -849,7 +968,31 @@ impl Broker {
             .map(|s| now + Duration::from_secs(s as u64));
         self.metrics.wills_published.inc();
         tracing::debug!(topic = %msg.topic, "publishing will");
-        self.publish(Arc::new(msg), &mut Vec::new(), None);
+        let msg = Arc::new(msg);
+        if msg.retain && self.control.wills_need_agreement() {
+            // In a cluster the copies forwarded to other nodes would arrive before the
+            // retained will is applied there: a client that saw the will on one node and
+            // subscribes on another could miss it. A will has no publisher waiting and
+            // nothing after it to keep in order, so it waits for the retained change to be
+            // applied on every live member first.
+            let mark = self.retain(&msg);
+            if mark > self.control.settled_now() {
+                let Some(this) = self.this.upgrade() else {
+                    return;
+                };
+                let mut settled = self.control.settled();
+                tokio::spawn(async move {
+                    // Settled means applied everywhere, or given up on (no quorum for the
+                    // proposer's retries): either way the will goes out then.
+                    let _ = settled.wait_for(|&s| s >= mark).await;
+                    this.publish_retaining(msg, &mut Vec::new(), None, false);
+                });
+                return;
+            }
+            self.publish_retaining(msg, &mut Vec::new(), None, false);
+            return;
+        }
+        self.publish(msg, &mut Vec::new(), None);
     }
 
     pub fn schedule_session_expiry(&self, session: &Session, at: Instant) {

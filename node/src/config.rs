@@ -108,15 +108,43 @@ pub struct ClusterConfig {
     /// no longer holds the publisher, and the copy waits in the outbox until the node takes
     /// it. Default `1000`.
     pub forward_ack_timeout_ms: u64,
-    /// Bytes of forwarded messages one peer may hold unacknowledged in this node's outbox;
-    /// past it the oldest QoS 1/2 copies are dropped (counted in
-    /// `petrel_forward_dropped_total{reason="outbox_full"}`), and QoS 0 copies are dropped
-    /// (reason `slow_peer`) once a quarter of it waits. Default `67108864` (64 MiB).
+    /// Bytes of forwarded messages a peer that keeps up may have unacknowledged: past it the
+    /// QoS 1/2 publishers feeding it pause (stop reading, until half of it is free or
+    /// `mqtt.backpressure_max_wait_ms` passes; counted in
+    /// `petrel_forward_window_full_total`), and QoS 0 copies for it are dropped (counted in
+    /// `petrel_forward_dropped_total{reason="slow_peer"}`). A value past
+    /// `forward_outbox_bytes` counts as that. Default `16777216` (16 MiB).
+    pub forward_window_bytes: usize,
+    /// Bytes of forwarded messages one peer may hold unacknowledged in this node's outbox
+    /// (a peer that is behind, stopped or away holds nobody, so only this bounds it); past
+    /// it the oldest QoS 1/2 copies are dropped (counted in
+    /// `petrel_forward_dropped_total{reason="outbox_full"}`). Default `67108864` (64 MiB).
     pub forward_outbox_bytes: usize,
     /// How long a node must be unreachable before another node (the leader) publishes the
     /// wills of the clients that were connected to it (exactly once, even if it comes back:
     /// then it does not). A node restarted within it publishes them itself. Default `10000`.
     pub will_grace_ms: u64,
+    /// Which node serves a `$share/group/filter` message when the group has members on
+    /// several nodes: `local_first` (the publishing node when it has a member, else the
+    /// nodes with members in turn), `round_robin` (the nodes with members in turn, this one
+    /// included) or `random`. On the chosen node the members take turns (connected ones
+    /// first). Default `local_first`.
+    pub shared_strategy: SharedStrategy,
+}
+
+/// `cluster.shared_strategy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SharedStrategy {
+    /// Served on the publishing node when it has a member (no hop); otherwise by the nodes
+    /// with members in turn.
+    #[default]
+    LocalFirst,
+    /// The nodes with members in turn, the publishing node as one of them: an even spread
+    /// over nodes whatever the publishers' placement.
+    RoundRobin,
+    /// A node with members at random.
+    Random,
 }
 
 impl Default for ClusterConfig {
@@ -134,8 +162,10 @@ impl Default for ClusterConfig {
             propose_timeout_ms: 5000,
             apply_wait_ms: 1000,
             forward_ack_timeout_ms: 1000,
+            forward_window_bytes: 16 << 20,
             forward_outbox_bytes: 64 << 20,
             will_grace_ms: 10_000,
+            shared_strategy: SharedStrategy::LocalFirst,
         }
     }
 }
@@ -677,6 +707,12 @@ impl Config {
         }
         if cluster.forward_ack_timeout_ms == 0 {
             problems.push("cluster.forward_ack_timeout_ms must be at least 1".to_owned());
+        }
+        if cluster.forward_window_bytes < 1 << 16 {
+            problems.push(format!(
+                "cluster.forward_window_bytes must be at least 65536 (64 KiB), got {}",
+                cluster.forward_window_bytes
+            ));
         }
         if cluster.forward_outbox_bytes < 1 << 20 {
             problems.push(format!(

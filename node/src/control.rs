@@ -222,7 +222,7 @@ pub trait DataPlane: Send + Sync + 'static {
 }
 
 /// What a forwarded publish's acknowledgement waits for.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Forwarded {
     /// Every target has acknowledged its copy, or has not within the acknowledgement
     /// timeout and its copy waits in the node's stored outbox; 0: nothing to wait for.
@@ -230,6 +230,16 @@ pub struct Forwarded {
     /// Copies for targets that are behind are stored in the outbox at once: this store
     /// write.
     pub ticket: Option<petrel_storage::Ticket>,
+    /// A peer whose window (unacknowledged bytes) is full: the publisher stops reading
+    /// until it has room, as it does for a congested local subscriber.
+    pub full: Option<std::sync::Arc<dyn Window>>,
+}
+
+/// A peer's forwarding window, as a paused publisher sees it.
+pub trait Window: Send + Sync {
+    /// Resolves once the window has room again (or the peer is known to be behind: its
+    /// copies then wait in the outbox without holding anyone), or at `until`.
+    fn wait_room(self: std::sync::Arc<Self>, until: std::time::Instant) -> BoxFuture<'static, ()>;
 }
 
 /// A data plane with no other node: nothing is ever forwarded.

@@ -207,7 +207,10 @@ impl Node {
             metrics.retained.clone(),
             metrics.retained_bytes.clone(),
         ));
-        let routes = Arc::new(RouteTable::new(cfg.cluster.node_id));
+        let routes = Arc::new(RouteTable::with_strategy(
+            cfg.cluster.node_id,
+            cfg.cluster.shared_strategy,
+        ));
         let cluster = Cluster::start(
             &cfg.cluster,
             me,

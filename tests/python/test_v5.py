@@ -128,6 +128,27 @@ def test_shared_subscription_skips_disconnected_member(broker, clients):
     assert [int(m.payload) for m in stay.expect_n(6)] == list(range(6))
 
 
+def test_shared_message_unacknowledged_by_a_member_that_left_goes_to_another(broker, clients):
+    """MQTT 5 section 4.8.2: a share group's messages sent to a member whose session ends
+    before its client acknowledged them go to another member (in a cluster: on another
+    node too)."""
+    topic = f"redo/{unique_id()}"
+    group = f"$share/g/{topic}"
+    silent = clients.connected(broker, 5, manual_ack=True)  # receives, never acknowledges
+    assert silent.subscribe(group, qos=1) == [1]
+    other = clients.connected(broker, 5)
+    assert other.subscribe(group, qos=1) == [1]
+    pub = clients.connected(broker, 5)
+    for i in range(10):
+        pub.publish(topic, str(i), qos=1)
+    # The group shares them out; the silent member holds its part unacknowledged.
+    silent.expect(what="its share of the group's messages")
+    silent.drop()  # a clean session: it ends with the connection
+    seen = [int(m.payload) for m in other.expect_n(10)]
+    assert sorted(seen) == list(range(10)), seen
+    nothing_more([other], pub)
+
+
 def test_shared_subscription_v311(broker, clients):
     """$share works for 3.1.1 clients too (it is just a topic filter to them)."""
     members = [clients.connected(broker, 4) for _ in range(2)]

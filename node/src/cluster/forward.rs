@@ -19,6 +19,11 @@
 //! acknowledged, with the same sequence numbers; the receiver skips what it has delivered
 //! (per sender and incarnation), so a reconnect doubles nothing.
 //!
+//! Backpressure: while a peer keeps up, its unacknowledged bytes past
+//! `cluster.forward_window_bytes` pause the QoS 1/2 publishers that feed it (they stop reading
+//! until half the window is free, or `mqtt.backpressure_max_wait_ms` passes) and drop its QoS 0
+//! copies (counted); a peer that is behind holds nobody.
+//!
 //! The outbox is memory, bounded per peer by `cluster.forward_outbox_bytes` (then the oldest
 //! go, counted); every copy whose publisher is acknowledged before its peer took it (ack
 //! timeout, a peer that is behind) is also stored (`Cf::Outbox`) first, so a restart of this
@@ -42,7 +47,7 @@ use tonic::{Status, Streaming};
 
 use crate::broker::Broker;
 use crate::codec::QoS;
-use crate::control::{DataPlane, Forwarded};
+use crate::control::{BoxFuture, DataPlane, Forwarded, Window};
 use crate::message::Message;
 use crate::persist::value::{self, Clock};
 use crate::router::Target;
@@ -92,6 +97,8 @@ pub struct ForwardMetrics {
     pub duplicates: IntCounter,
     /// QoS 1/2 copies whose peer did not acknowledge within the timeout.
     pub ack_timeouts: IntCounter,
+    /// Publishes whose publisher was paused because a peer's window was full.
+    pub window_full: IntCounter,
     /// Copies waiting in the outboxes (sent or not, unacknowledged) and their bytes.
     pub outbox_messages: IntGauge,
     pub outbox_bytes: IntGauge,
@@ -160,6 +167,52 @@ struct Link {
     outbox: Mutex<Outbox>,
     wake: Notify,
     stop: CancellationToken,
+    /// `cluster.forward_window_bytes`.
+    window: usize,
+    /// Woken when the outbox falls to half the window, or the peer is found behind, or the
+    /// link stops: paused publishers look again.
+    room: Notify,
+}
+
+impl Link {
+    fn has_room(&self) -> bool {
+        let o = lock(&self.outbox);
+        o.lagging || o.bytes <= self.window / 2 || self.stop.is_cancelled()
+    }
+}
+
+impl Window for Link {
+    fn wait_room(self: Arc<Self>, until: Instant) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            loop {
+                // Registered before the check, so room made in between is not missed.
+                notified.as_mut().enable();
+                if self.has_room() {
+                    return;
+                }
+                if tokio::time::timeout_at(until.into(), notified.as_mut())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                notified.set(self.room.notified());
+            }
+        })
+    }
+}
+
+/// How much a forwarder holds and waits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `cluster.forward_ack_timeout_ms`.
+    pub ack_timeout: Duration,
+    /// `cluster.forward_window_bytes`.
+    pub window: usize,
+    /// `cluster.forward_outbox_bytes`.
+    pub outbox: usize,
 }
 
 /// Which forwarding marks are still held: a mark settles once every copy of its message is
@@ -227,6 +280,7 @@ pub struct Forwarder {
     /// Sequence numbers restart with every start of the process.
     incarnation: u64,
     ack_timeout: Duration,
+    window: usize,
     outbox_limit: usize,
     links: RwLock<HashMap<u64, Arc<Link>>>,
     marks: Mutex<Marks>,
@@ -243,8 +297,7 @@ impl Forwarder {
     pub fn new(
         me: u64,
         store: Store,
-        ack_timeout: Duration,
-        outbox_limit: usize,
+        limits: Limits,
         metrics: ForwardMetrics,
     ) -> std::io::Result<Forwarder> {
         let mut restored: HashMap<u64, Vec<(u64, pb::ForwardedMessage)>> = HashMap::new();
@@ -280,8 +333,9 @@ impl Forwarder {
             last_stored: AtomicU64::new(last),
             restored: Mutex::new(restored),
             incarnation,
-            ack_timeout,
-            outbox_limit,
+            ack_timeout: limits.ack_timeout,
+            window: limits.window,
+            outbox_limit: limits.outbox,
             links: RwLock::new(HashMap::new()),
             marks: Mutex::new(Marks::default()),
             settled: watch::channel(0).0,
@@ -348,6 +402,7 @@ impl Forwarder {
                 return true;
             }
             link.stop.cancel();
+            link.room.notify_waiters();
             let mut o = lock(&link.outbox);
             if peers.contains_key(id) {
                 // A new address: the outbox goes to the new link, all of it unsent.
@@ -377,6 +432,8 @@ impl Forwarder {
                 outbox: Mutex::new(outbox),
                 wake: Notify::new(),
                 stop: CancellationToken::new(),
+                window: self.window,
+                room: Notify::new(),
             });
             tracing::debug!(peer = id, %addr, "forwarding link up");
             tokio::spawn(self.clone().run_link(link.clone()));
@@ -483,13 +540,16 @@ impl Forwarder {
 
     /// Queues a copy for `link`; returns whether it holds its mark (queued, to a peer that
     /// keeps up). The oldest entries make room for it if need be (their marks let go).
+    /// Queues one copy in `link`'s outbox. Returns whether it holds its publisher's mark,
+    /// the store write it waits for (if stored at once), and whether the peer's window is
+    /// now full (its QoS 1/2 publishers should pause).
     fn push(
         &self,
         link: &Link,
         message: &Bytes,
         target: &Target,
         copy: Copy,
-    ) -> (bool, Option<Ticket>) {
+    ) -> (bool, Option<Ticket>, bool) {
         let Copy {
             mark,
             qos0,
@@ -498,11 +558,11 @@ impl Forwarder {
         let shared_bytes: usize = target.shared.iter().map(|(g, f)| shared_len(g, f)).sum();
         let size = message.len() + shared_bytes + ENTRY_OVERHEAD;
         let mut o = lock(&link.outbox);
-        if qos0 && o.bytes + size > self.outbox_limit / 4 {
+        if qos0 && o.bytes + size > self.window {
             // QoS 0 never waits: a peer that is behind does not get it.
             drop(o);
             self.count_dropped("slow_peer", 1);
-            return (false, None);
+            return (false, None, false);
         }
         let mut dropped = 0;
         let (mut released, mut unstore) = (Vec::new(), Vec::new());
@@ -551,6 +611,7 @@ impl Forwarder {
             }
         };
         let unsent = o.entries.len() - o.sent;
+        let full = holds && !qos0 && o.bytes > self.window;
         drop(o);
         if dropped > 0 {
             self.count_dropped("outbox_full", dropped);
@@ -560,7 +621,7 @@ impl Forwarder {
             // The link task sleeps only with nothing to send.
             link.wake.notify_one();
         }
-        (holds, ticket)
+        (holds, ticket, full)
     }
 
     /// Takes the next batch of `link`'s outbox (entries not sent on this stream), if any.
@@ -617,9 +678,14 @@ impl Forwarder {
         let (mut released, mut unstore) = (Vec::new(), Vec::new());
         let mut o = lock(&link.outbox);
         let n = o.entries.iter().take_while(|e| e.msg.seq <= seq).count();
+        let was_full = o.bytes > link.window / 2;
         o.pop_front(n, &mut released, &mut unstore);
         self.unstore(link.node, &unstore);
+        let room = was_full && o.bytes <= link.window / 2;
         drop(o);
+        if room {
+            link.room.notify_waiters();
+        }
         self.release(&released);
     }
 
@@ -643,6 +709,7 @@ impl Forwarder {
         let mut ticket: Option<Ticket> = None;
         for link in links {
             let mut o = lock(&link.outbox);
+            let was_lagging = o.lagging;
             if now.is_none() {
                 // New copies do not wait for it either until it has caught up.
                 o.lagging = true;
@@ -665,6 +732,12 @@ impl Forwarder {
             }
             if let Some(t) = self.store_entries(link, &mut o, &to_store) {
                 ticket = Some(ticket.map_or(t, |x| x.max(t)));
+            }
+            let now_lagging = o.lagging && !was_lagging;
+            drop(o);
+            if now_lagging {
+                // Behind: it holds no publisher, paused ones included.
+                link.room.notify_waiters();
             }
         }
         if released.is_empty() {
@@ -824,12 +897,12 @@ impl Forwarder {
                 if let Some(t) = routed.ticket {
                     ticket = Some(ticket.map_or(t, |x: petrel_storage::Ticket| x.max(t)));
                 }
-                if let Some(session) = routed.congested {
+                if let Some(pause) = routed.congested {
                     // A subscriber here is behind: the rest of the batch waits for it, as a
                     // local publisher would (and the sender's outbox holds what follows,
                     // its publishers waiting for their acknowledgements).
-                    session
-                        .wait_drained(broker.limits.drained_below(), Instant::now() + backpressure)
+                    pause
+                        .wait(broker.limits.drained_below(), Instant::now() + backpressure)
                         .await;
                 }
             }
@@ -883,6 +956,7 @@ impl DataPlane for Forwarder {
         let deadline = Instant::now() + self.ack_timeout.saturating_sub(2 * EXPIRE_EVERY);
         let mut released = Vec::new();
         let mut ticket = None;
+        let mut full = None;
         let links = self.links.read().unwrap_or_else(|e| e.into_inner());
         for t in targets {
             let holds = match links.get(&t.node) {
@@ -892,9 +966,12 @@ impl DataPlane for Forwarder {
                         qos0,
                         deadline,
                     };
-                    let (holds, stored) = self.push(link, &message, t, copy);
+                    let (holds, stored, window_full) = self.push(link, &message, t, copy);
                     if let Some(s) = stored {
                         ticket = Some(ticket.map_or(s, |x: Ticket| x.max(s)));
+                    }
+                    if window_full && full.is_none() {
+                        full = Some(link.clone() as Arc<dyn Window>);
                     }
                     holds
                 }
@@ -910,7 +987,10 @@ impl DataPlane for Forwarder {
         }
         drop(links);
         self.release(&released);
-        Forwarded { mark, ticket }
+        if full.is_some() {
+            self.metrics.window_full.inc();
+        }
+        Forwarded { mark, ticket, full }
     }
 
     fn forwarded(&self) -> watch::Receiver<u64> {

@@ -53,8 +53,11 @@ fn forwarder_on(store: Store, outbox: usize) -> Arc<Forwarder> {
     let f = Forwarder::new(
         1,
         store,
-        Duration::from_millis(100),
-        outbox,
+        Limits {
+            ack_timeout: Duration::from_millis(100),
+            window: outbox / 4,
+            outbox,
+        },
         Metrics::new().forward,
     )
     .expect("forwarder");
@@ -181,6 +184,71 @@ async fn a_full_outbox_drops_its_oldest_and_qos0_early() {
 }
 
 #[tokio::test]
+async fn a_full_window_pauses_publishers_until_the_peer_acknowledges_or_is_behind() {
+    // A window of 256 KiB (a quarter of the outbox).
+    let f = forwarder(1 << 20);
+    static MID: [u8; 100_000] = [0; 100_000];
+    let full = |f: &Forwarder, qos| f.forward(&msg(qos, &MID), &[plain(2)]).full.is_some();
+    assert!(!full(&f, QoS::AtLeastOnce));
+    assert!(!full(&f, QoS::AtLeastOnce));
+    assert!(full(&f, QoS::AtLeastOnce), "past 256 KiB unacknowledged");
+    assert_eq!(f.metrics.window_full.get(), 1);
+    let other = f.forward(&msg(QoS::AtLeastOnce, b"x"), &[plain(3)]);
+    assert!(other.full.is_none(), "another peer's window is its own");
+    // QoS 0 never pauses anyone: dropped instead.
+    assert!(!full(&f, QoS::AtMostOnce));
+    let dropped = &f.metrics.dropped;
+    assert_eq!(dropped.with_label_values(&["slow_peer"]).get(), 1);
+
+    // A paused publisher waits until its deadline while nothing moves...
+    let window = f
+        .forward(&msg(QoS::AtLeastOnce, b"y"), &[plain(2)])
+        .full
+        .expect("full");
+    let started = Instant::now();
+    window
+        .clone()
+        .wait_room(started + Duration::from_millis(50))
+        .await;
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    // ...and wakes as soon as the peer acknowledges enough.
+    let l = link(&f, 2);
+    let waiter = tokio::spawn(
+        window
+            .clone()
+            .wait_room(Instant::now() + Duration::from_secs(30)),
+    );
+    tokio::task::yield_now().await;
+    f.acked(&l, 2);
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken by the acknowledgement")
+        .expect("task");
+    // A peer that is behind holds nobody: its waiters go at once.
+    for _ in 0..3 {
+        f.forward(&msg(QoS::AtLeastOnce, &MID), &[plain(2)]);
+    }
+    let window = f
+        .forward(&msg(QoS::AtLeastOnce, &MID), &[plain(2)])
+        .full
+        .expect("full");
+    let waiter = tokio::spawn(window.wait_room(Instant::now() + Duration::from_secs(30)));
+    tokio::task::yield_now().await;
+    f.expire(Instant::now() + Duration::from_secs(1));
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken: the peer is behind")
+        .expect("task");
+    assert!(
+        f.forward(&msg(QoS::AtLeastOnce, &MID), &[plain(2)])
+            .full
+            .is_none(),
+        "nor does it pause new publishers"
+    );
+    f.stop();
+}
+
+#[tokio::test]
 async fn batches_send_qos0_once_and_everything_else_again_after_a_reconnect() {
     let f = forwarder(1 << 20);
     mark(&f, msg(QoS::AtLeastOnce, b"a"), &[plain(2)]);
@@ -296,8 +364,11 @@ async fn an_unreachable_peer_holds_nobody() {
         Forwarder::new(
             1,
             st.clone(),
-            Duration::from_secs(30),
-            1 << 20,
+            Limits {
+                ack_timeout: Duration::from_secs(30),
+                window: 1 << 18,
+                outbox: 1 << 20,
+            },
             Metrics::new().forward,
         )
         .expect("forwarder"),

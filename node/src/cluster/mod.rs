@@ -215,8 +215,11 @@ impl Cluster {
         let forward = Arc::new(forward::Forwarder::new(
             me.node_id,
             store.clone(),
-            Duration::from_millis(cfg.forward_ack_timeout_ms),
-            cfg.forward_outbox_bytes,
+            forward::Limits {
+                ack_timeout: Duration::from_millis(cfg.forward_ack_timeout_ms),
+                window: cfg.forward_window_bytes.min(cfg.forward_outbox_bytes),
+                outbox: cfg.forward_outbox_bytes,
+            },
             shared.forward_metrics,
         )?);
         let log = store.raft_log::<TypeConfig, Codec>();

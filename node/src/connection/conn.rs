@@ -90,9 +90,9 @@ pub(super) struct Conn {
     pub write_barrier: Ticket,
     /// `limits.max_publish_rate_per_client`, when set.
     pub rate: Option<Box<PublishRate>>,
-    /// Backpressure: a subscriber this client feeds has a long queue; reading stops until
-    /// it drains or the instant passes.
-    pub backpressure: Option<(Arc<Session>, Instant)>,
+    /// Backpressure: a subscriber this client feeds has a long queue, or a peer node's
+    /// forwarding window is full; reading stops until it drains or the instant passes.
+    pub backpressure: Option<(crate::broker::Pause, Instant)>,
     /// Session expiry interval in seconds; DISCONNECT may change it.
     pub expiry: u32,
     pub keep_alive_secs: u16,
@@ -526,10 +526,8 @@ impl Conn {
         &self,
         drained_below: usize,
     ) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
-        if let Some((s, until)) = self.backpressure.clone() {
-            return Some(Box::pin(async move {
-                s.wait_drained(drained_below, until).await;
-            }));
+        if let Some((p, until)) = self.backpressure.clone() {
+            return Some(p.wait(drained_below, until));
         }
         let until = self.throttled_until()?;
         Some(Box::pin(tokio::time::sleep_until(until.into())))

@@ -442,6 +442,7 @@ impl Conn {
                         seq: 0,
                         acl_check: acl_filtered,
                         acl_gen: acl_gen as u32,
+                        shared: false,
                     });
                 }
             }

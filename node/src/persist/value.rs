@@ -176,6 +176,7 @@ pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
         // Decided before the node stopped (the ACL may have changed since): checked again.
         acl_check: true,
         acl_gen: 0,
+        shared: false,
     })
 }
 

@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::RwLock;
 
+use crate::config::SharedStrategy;
+
 /// The nodes of one route: almost always one, so one is held inline (a `BTreeSet` would
 /// allocate a whole tree node for it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -326,6 +328,8 @@ impl Table {
 /// The route table for matching (see the module docs).
 pub struct RouteTable {
     me: u64,
+    /// Which node serves a share group with members on several (`cluster.shared_strategy`).
+    strategy: SharedStrategy,
     table: RwLock<Table>,
     /// (group, filter, node) entries whose node is not this one.
     remote: AtomicUsize,
@@ -334,11 +338,29 @@ pub struct RouteTable {
 impl RouteTable {
     /// An empty table of node `me` (whose own routes are kept but never forwarded to).
     pub fn new(me: u64) -> RouteTable {
+        RouteTable::with_strategy(me, SharedStrategy::LocalFirst)
+    }
+
+    /// As [`RouteTable::new`], share groups served by `strategy`. With any strategy but
+    /// `LocalFirst`, [`RouteTable::collect`] also returns a target for this node: the share
+    /// groups it serves itself (and only those).
+    pub fn with_strategy(me: u64, strategy: SharedStrategy) -> RouteTable {
         RouteTable {
             me,
+            strategy,
             table: RwLock::new(Table::default()),
             remote: AtomicUsize::new(0),
         }
+    }
+
+    /// The node whose table this is.
+    pub fn me(&self) -> u64 {
+        self.me
+    }
+
+    /// `cluster.shared_strategy`.
+    pub fn strategy(&self) -> SharedStrategy {
+        self.strategy
     }
 
     /// Whether another node has any route: if not, nothing is ever forwarded.
@@ -386,12 +408,16 @@ impl RouteTable {
     /// (local first); one without gets one node of those that have members, in turn.
     pub fn collect(&self, topic: &str, out: &mut Vec<Target>) {
         let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let pick = Pick {
+            me: self.me,
+            strategy: self.strategy,
+        };
         if let Some(e) = t.exact.get(topic) {
-            add_targets(e, self.me, out);
+            add_targets(e, pick, out);
         }
         if !t.wild.children.is_empty() {
             let wildcards = !topic.starts_with('$');
-            walk(&t.wild, topic.split('/'), wildcards, self.me, out);
+            walk(&t.wild, topic.split('/'), wildcards, pick, out);
         }
         drop(t);
         if out.len() > 1 {
@@ -409,6 +435,25 @@ impl RouteTable {
             }
             *out = merged;
         }
+    }
+
+    /// Another node with a member of share group `group` on `filter` (in turn), if any.
+    pub fn shared_node(&self, group: &str, filter: &str) -> Option<u64> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let entry = match has_wildcard(filter) {
+            false => t.exact.get(filter)?,
+            true => {
+                let mut at = &t.wild;
+                for level in filter.split('/') {
+                    at = at.children.get(level)?;
+                }
+                &at.entry
+            }
+        };
+        let s = entry.shared.as_ref()?.iter().find(|s| &*s.group == group)?;
+        let others: Vec<u64> = s.nodes.iter().copied().filter(|&n| n != self.me).collect();
+        let at = s.next.fetch_add(1, Ordering::Relaxed);
+        others.get(at % others.len().max(1)).copied()
     }
 
     /// Every route, as (group, filter, node), for tests and the admin API.
@@ -447,7 +492,57 @@ impl RouteTable {
     }
 }
 
-fn add_targets(e: &Entry, me: u64, out: &mut Vec<Target>) {
+/// Who matches: this node, and how it picks a share group's node.
+#[derive(Clone, Copy)]
+struct Pick {
+    me: u64,
+    strategy: SharedStrategy,
+}
+
+impl Pick {
+    /// The node that serves share group `s` (`None`: this node, by the local-first rule,
+    /// which the caller's own trie applies).
+    fn node(self, s: &SharedRoute) -> Option<u64> {
+        let nodes = s.nodes.as_slice();
+        if nodes.is_empty() {
+            return None;
+        }
+        let at = match self.strategy {
+            SharedStrategy::LocalFirst if s.nodes.contains(&self.me) => return None,
+            SharedStrategy::LocalFirst | SharedStrategy::RoundRobin => {
+                s.next.fetch_add(1, Ordering::Relaxed)
+            }
+            SharedStrategy::Random => random(),
+        };
+        Some(nodes[at % nodes.len()])
+    }
+}
+
+/// A cheap per-thread pseudo-random number (xorshift), for `SharedStrategy::Random`.
+fn random() -> usize {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            // Distinct per thread even when started in the same nanosecond.
+            (t ^ (&t as *const u64 as u64).rotate_left(32)) | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x as usize
+    })
+}
+
+fn add_targets(e: &Entry, pick: Pick, out: &mut Vec<Target>) {
+    let me = pick.me;
     for &n in &e.plain {
         if n == me {
             continue;
@@ -462,12 +557,7 @@ fn add_targets(e: &Entry, me: u64, out: &mut Vec<Target>) {
         }
     }
     for s in e.shared.iter().flat_map(|v| v.iter()) {
-        if s.nodes.contains(&me) {
-            continue;
-        }
-        let nodes = s.nodes.as_slice();
-        let Some(&n) = nodes.get(s.next.fetch_add(1, Ordering::Relaxed) % nodes.len().max(1))
-        else {
+        let Some(n) = pick.node(s) else {
             continue;
         };
         let target = (s.group.clone(), s.filter.clone());
@@ -486,28 +576,28 @@ fn walk(
     at: &RouteNode,
     mut levels: std::str::Split<'_, char>,
     wildcards: bool,
-    me: u64,
+    pick: Pick,
     out: &mut Vec<Target>,
 ) {
     match levels.next() {
         None => {
-            add_targets(&at.entry, me, out);
+            add_targets(&at.entry, pick, out);
             // "a/#" also matches "a".
             if let Some(hash) = at.children.get("#") {
-                add_targets(&hash.entry, me, out);
+                add_targets(&hash.entry, pick, out);
             }
         }
         Some(level) => {
             if wildcards {
                 if let Some(hash) = at.children.get("#") {
-                    add_targets(&hash.entry, me, out);
+                    add_targets(&hash.entry, pick, out);
                 }
                 if let Some(plus) = at.children.get("+") {
-                    walk(plus, levels.clone(), true, me, out);
+                    walk(plus, levels.clone(), true, pick, out);
                 }
             }
             if let Some(child) = at.children.get(level) {
-                walk(child, levels, true, me, out);
+                walk(child, levels, true, pick, out);
             }
         }
     }
@@ -582,6 +672,54 @@ mod tests {
         let g2 = got.iter().any(|x| x.node == 2 && x.plain);
         assert!(g2, "{got:?}");
         assert_eq!(got.iter().map(|x| x.shared.len()).sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn round_robin_and_random_count_this_node_as_one_of_the_group_s_nodes() {
+        let shared_of = |got: &[Target], node: u64| {
+            got.iter()
+                .filter(|t| t.node == node)
+                .map(|t| t.shared.len())
+                .sum::<usize>()
+        };
+        let t = RouteTable::with_strategy(1, SharedStrategy::RoundRobin);
+        t.add("g", "s/+", 1);
+        t.add("g", "s/+", 2);
+        t.add("g", "s/+", 3);
+        let mut per_node = [0; 4];
+        for _ in 0..30 {
+            let got = nodes(&t, "s/x");
+            assert_eq!(got.len(), 1, "one node serves each message: {got:?}");
+            assert!(!got[0].plain, "this node's plain routes are never targets");
+            per_node[got[0].node as usize] += shared_of(&got, got[0].node);
+        }
+        assert_eq!(per_node, [0, 10, 10, 10]);
+        let r = RouteTable::with_strategy(1, SharedStrategy::Random);
+        r.add("g", "s/+", 1);
+        r.add("g", "s/+", 2);
+        let mut per_node = [0; 3];
+        for _ in 0..400 {
+            let got = nodes(&r, "s/x");
+            assert_eq!(got.len(), 1);
+            per_node[got[0].node as usize] += 1;
+        }
+        assert!(
+            per_node[1] > 100 && per_node[2] > 100,
+            "both chosen: {per_node:?}"
+        );
+    }
+
+    #[test]
+    fn another_member_node_is_found_for_a_group() {
+        let t = RouteTable::new(1);
+        assert_eq!(t.shared_node("g", "s/+"), None);
+        t.add("g", "s/+", 1);
+        assert_eq!(t.shared_node("g", "s/+"), None, "only this node");
+        t.add("g", "s/+", 3);
+        t.add("g", "exact", 2);
+        assert_eq!(t.shared_node("g", "s/+"), Some(3));
+        assert_eq!(t.shared_node("g", "exact"), Some(2));
+        assert_eq!(t.shared_node("h", "s/+"), None, "another group");
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct Delivery {
     /// The ACL generation (truncated) when it was routed: after a reload, it is checked
     /// against the new ACL before it is sent. Sits in what would be padding.
     pub acl_gen: u32,
+    /// Routed to this session as a share group's chosen member: if the session ends
+    /// before the client acknowledged it, another member gets it (MQTT 5 section 4.8.2).
+    /// In padding too. Not stored: a session recovered after a restart has lost it.
+    pub shared: bool,
 }
 
 impl Delivery {
@@ -83,6 +87,7 @@ impl Delivery {
             seq: 0,
             acl_check: false,
             acl_gen: 0,
+            shared: false,
         }
     }
 

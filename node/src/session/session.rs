@@ -394,7 +394,8 @@ impl Session {
             if end {
                 inner.ended = true;
                 self.count_queue(0, inner.queue.len());
-                inner.queue.clear();
+                let mut state = state;
+                state.orphans = inner.queue.drain(..).filter(|d| d.shared).collect();
                 inner.queued_bytes = 0;
                 back = Some(state);
             } else {
@@ -521,10 +522,14 @@ impl Session {
         inner.ended = true;
         let dropped = inner.queue.len();
         self.count_queue(0, dropped);
-        inner.queue.clear();
+        let mut state = inner.state.take();
+        match state.as_mut() {
+            Some(s) => s.orphans = inner.queue.drain(..).filter(|d| d.shared).collect(),
+            None => inner.queue.clear(),
+        }
         inner.queued_bytes = 0;
         self.drained.notify_waiters();
-        (inner.state.take(), dropped)
+        (state, dropped)
     }
 
     pub fn is_ended(&self) -> bool {

@@ -42,6 +42,9 @@ pub struct SessionState {
     /// subscriber gets every device's status, however many. References to the retained
     /// store's messages, not copies.
     pub retained_backlog: VecDeque<Delivery>,
+    /// Set when the session ends: its queued deliveries that a share group routed to it,
+    /// for another member (MQTT 5 section 4.8.2; see `Broker::end_session`).
+    pub orphans: Vec<Delivery>,
 }
 
 impl Default for SessionState {
@@ -52,6 +55,7 @@ impl Default for SessionState {
             next_packet_id: PacketId::new(1).expect("1 is not 0"),
             inbound_qos2: HashSet::new(),
             retained_backlog: VecDeque::new(),
+            orphans: Vec::new(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! Raft cluster through `--join`, inspected with `petrel cluster status --json` and changed
 //! with `petrel cluster remove`. Every wait is on a condition with a deadline.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -1001,6 +1002,147 @@ async fn a_share_group_across_nodes_gets_each_message_once() {
         assert_eq!(local, (0..5).map(|i| format!("l{i}")).collect::<Vec<_>>());
         m1.assert_no_publish_before_marker().await;
         m2.assert_no_publish_before_marker().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn round_robin_spreads_a_share_group_evenly_over_nodes_the_publishers_own_included() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[("PETREL_CLUSTER__SHARED_STRATEGY", "round_robin")]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut members = Vec::new();
+        for i in 0..3 {
+            let mut m = V5Client::connect(node(&c, i).mqtt_addr(), &format!("rr-{i}")).await;
+            m.subscribe("$share/g/rr/+", Q5::AtLeastOnce).await;
+            members.push(m);
+        }
+        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "rr-pub").await;
+        for i in 0..30 {
+            publ.publish("rr/x", Q5::AtLeastOnce, false, format!("m{i:02}"))
+                .await;
+        }
+        let mut got: Vec<String> = Vec::new();
+        let mut per_member = Vec::new();
+        for m in members.iter_mut() {
+            let mine: Vec<String> = m
+                .publishes_before_marker()
+                .await
+                .iter()
+                .map(|p| text(&p.payload))
+                .collect();
+            per_member.push(mine.len());
+            got.extend(mine);
+        }
+        got.sort();
+        let want: Vec<String> = (0..30).map(|i| format!("m{i:02}")).collect();
+        assert_eq!(got, want, "each message to exactly one member");
+        assert_eq!(
+            per_member,
+            vec![10, 10, 10],
+            "the nodes take turns, the publishing node as one of them"
+        );
+    })
+    .await
+}
+
+/// Every distinct payload `c` receives until it has `n` of them (duplicates allowed: a
+/// QoS 2 message sent again after a crash reaches a new client connection as new).
+async fn distinct_payloads(
+    c: &mut V5Client,
+    mut seen: BTreeSet<String>,
+    n: usize,
+) -> BTreeSet<String> {
+    while seen.len() < n {
+        match c.try_recv_publish(WAIT).await {
+            Some(p) => {
+                seen.insert(text(&p.payload));
+            }
+            None => panic!(
+                "{} of {n} distinct messages, then nothing: {seen:?}",
+                seen.len()
+            ),
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_kill_9_of_a_subscribers_node_mid_stream_loses_no_acknowledged_message() {
+    test_timeout(async {
+        const N: usize = 300;
+        let mut c = Cluster::new(3, 3, &[]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut far = V5Client::connect_with(node(&c, 2).mqtt_addr(), "k9-far", persistent).await;
+        far.subscribe("k9/#", Q5::ExactlyOnce).await;
+        let mut near = V5Client::connect_with(node(&c, 1).mqtt_addr(), "k9-near", persistent).await;
+        near.subscribe("k9/#", Q5::ExactlyOnce).await;
+        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "k9-pub").await;
+        // QoS 1 and 2 in turn, each acknowledged before the next; the kill lands wherever
+        // the stream is then.
+        let (acked, mut acked_rx) = tokio::sync::watch::channel(0usize);
+        let publisher = tokio::spawn(async move {
+            for i in 0..N {
+                let qos = if i % 2 == 0 {
+                    Q5::AtLeastOnce
+                } else {
+                    Q5::ExactlyOnce
+                };
+                publ.publish(&format!("k9/{}", i % 3), qos, false, format!("{i:04}"))
+                    .await;
+                acked.send_replace(i + 1);
+            }
+            publ
+        });
+        tokio::time::timeout(WAIT, acked_rx.wait_for(|&n| n >= N / 3))
+            .await
+            .expect("a third acknowledged")
+            .expect("publisher alive");
+        eprintln!("--- kill -9 of node 2 in the middle of the stream");
+        c.kill9(2).await;
+        let started = Instant::now();
+        let publ = publisher.await.expect("publisher");
+        eprintln!(
+            "--- the rest acknowledged in {:?} without node 2",
+            started.elapsed()
+        );
+        let all: BTreeSet<String> = (0..N).map(|i| format!("{i:04}")).collect();
+        let got: Vec<String> = near
+            .recv_publishes(N)
+            .await
+            .iter()
+            .map(|p| text(&p.payload))
+            .collect();
+        let mut sorted = got.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            all.iter().cloned().collect::<Vec<_>>(),
+            "a surviving node's subscriber gets each one once"
+        );
+        assert_eq!(got, sorted, "in the publisher's order");
+        near.assert_no_publish_before_marker().await;
+        let before: BTreeSet<String> = far
+            .publishes_until_closed(WAIT)
+            .await
+            .iter()
+            .map(|p| text(&p.payload))
+            .collect();
+        eprintln!(
+            "--- node 2 returns; its client had {} of {N} when it died",
+            before.len()
+        );
+        c.start(&[2]).await;
+        let mut far = V5Client::connect_with(node(&c, 2).mqtt_addr(), "k9-far", persistent).await;
+        assert!(far.connack.session_present);
+        let seen = distinct_payloads(&mut far, before, N).await;
+        assert_eq!(
+            seen, all,
+            "the killed node's session gets every acknowledged message"
+        );
+        drop(publ);
     })
     .await
 }
