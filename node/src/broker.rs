@@ -332,11 +332,17 @@ impl Broker {
     /// ordinary subscriptions if `plain`, and one member of each of the `shared` (group,
     /// filter) share groups. Neither retained (the control plane did that) nor forwarded
     /// again.
+    ///
+    /// `published_at_ms`: when the sending node received it. A stored session here that
+    /// another node resumed while this node was away still takes a copy published before
+    /// that claim (the new owner did not get one; it follows in the session's late
+    /// hand-over), none published after.
     pub fn deliver_forwarded<'a>(
         &self,
         msg: Arc<Message>,
         plain: bool,
         shared: impl IntoIterator<Item = (&'a str, &'a str)>,
+        published_at_ms: u64,
         scratch: &mut Vec<Match>,
     ) -> Routed {
         scratch.clear();
@@ -344,7 +350,7 @@ impl Broker {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .collect_forwarded(&msg.topic, plain, shared, scratch);
-        match self.local_storable(&msg, scratch) {
+        match self.local_storable_at(&msg, scratch, published_at_ms) {
             Some(stored) => self.route_local(msg, scratch, stored, None),
             None => Routed::refused(),
         }
@@ -354,14 +360,28 @@ impl Broker {
     /// they store can be encoded; if not the publish is refused (counted) before anything is
     /// written or routed: `None`. Else whether a persistent session stores a copy.
     fn local_storable(&self, msg: &Message, scratch: &mut Vec<Match>) -> Option<bool> {
+        self.local_storable_at(msg, scratch, 0)
+    }
+
+    /// [`Broker::local_storable`] for a message published at `published_at_ms` (0: now,
+    /// here).
+    fn local_storable_at(
+        &self,
+        msg: &Message,
+        scratch: &mut Vec<Match>,
+        published_at_ms: u64,
+    ) -> Option<bool> {
         // A stored session another node took over (this node is away or just back, and has
         // not surrendered it yet) gets nothing new: the owner's node delivers its own copy.
+        // Only a forwarded copy published before that claim, kept for this node while it
+        // was away, is still the stale session's (see `deliver_forwarded`).
         scratch.retain(|m| {
             m.session.is_connected()
                 || !m.session.is_persistent()
-                || !self
+                || self
                     .control
-                    .owned_elsewhere(m.session.client_id(), m.session.epoch())
+                    .claimed_elsewhere_at(m.session.client_id(), m.session.epoch())
+                    .is_none_or(|claimed| published_at_ms != 0 && published_at_ms < claimed)
         });
         if scratch.len() > 1 {
             scratch.sort_unstable_by_key(|m| (m.session.id(), m.shared));

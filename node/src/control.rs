@@ -200,7 +200,13 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Whether another node owns `client_id` at a later epoch than `epoch`: this node's
     /// session of it is a stale copy (it is surrendered soon), which takes no new message
     /// (the owner's node gets its own copy of each).
-    fn owned_elsewhere(&self, client_id: &str, epoch: Epoch) -> bool;
+    fn owned_elsewhere(&self, client_id: &str, epoch: Epoch) -> bool {
+        self.claimed_elsewhere_at(client_id, epoch).is_some()
+    }
+
+    /// When another node claimed `client_id` at a later epoch than `epoch` (ms since the
+    /// Unix epoch, by the claiming node's clock; 0 if unknown), if it did.
+    fn claimed_elsewhere_at(&self, client_id: &str, epoch: Epoch) -> Option<u64>;
 }
 
 /// The data plane as the broker sees it: a publish that matches routes of other nodes is
@@ -358,7 +364,7 @@ impl ControlPlane for LocalControl {
 
     fn handover_taken(&self, _client_id: &Arc<str>, _from_node: u64, _from_epoch: u64) {}
 
-    fn owned_elsewhere(&self, _client_id: &str, _epoch: Epoch) -> bool {
-        false
+    fn claimed_elsewhere_at(&self, _client_id: &str, _epoch: Epoch) -> Option<u64> {
+        None
     }
 }

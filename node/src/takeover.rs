@@ -38,6 +38,11 @@ pub const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often sessions held here are checked against the replicated ownership.
 const SESSION_CHECK: Duration = Duration::from_secs(2);
 
+/// Longest a node back from an absence keeps the stored sessions other nodes resumed
+/// meanwhile, for the copies the other nodes kept for it (published before those claims),
+/// when a peer does not say it has sent everything (it is down too, or slow).
+const STALE_HOLD: Duration = Duration::from_secs(15);
+
 /// How long a surrendered session waits for its new owner's confirmation before it is
 /// pushed to the owner instead.
 const PUSH_AFTER: Duration = Duration::from_secs(3);
@@ -532,6 +537,8 @@ pub async fn keep_sessions(
     let mut tick = tokio::time::interval(SESSION_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let me = host.node_id;
+    let mut caught_up_at = None;
+    let mut drained = false;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -540,14 +547,22 @@ pub async fn keep_sessions(
         if !cluster.is_caught_up() {
             continue;
         }
+        // A stale session still takes the forwarded copies published before the claim
+        // that moved it (`Broker::deliver_forwarded`): surrendered once every peer has sent
+        // what it kept for this node, so that they travel with it.
+        let since = *caught_up_at.get_or_insert_with(Instant::now);
+        drained = drained || cluster.peers_drained() || since.elapsed() >= STALE_HOLD;
         // Held here, owned elsewhere at a later epoch.
-        let held: Vec<(Arc<str>, u64)> = broker
-            .sessions
-            .lock()
-            .values()
-            .filter(|s| s.is_persistent() && !s.is_connected() && !s.is_ended())
-            .map(|s| (s.client_id().clone(), s.epoch().0))
-            .collect();
+        let held: Vec<(Arc<str>, u64)> = match drained {
+            false => Vec::new(),
+            true => broker
+                .sessions
+                .lock()
+                .values()
+                .filter(|s| s.is_persistent() && !s.is_connected() && !s.is_ended())
+                .map(|s| (s.client_id().clone(), s.epoch().0))
+                .collect(),
+        };
         for (client_id, epoch) in held {
             if let Some(o) = cluster.session_owner(&client_id) {
                 if o.node != me && o.epoch > epoch {

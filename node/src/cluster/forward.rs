@@ -122,6 +122,7 @@ struct Copy {
     mark: u64,
     qos0: bool,
     deadline: Instant,
+    published_at_ms: u64,
 }
 
 /// A peer's outbox: entries in sequence order; the first `sent` were sent on the current
@@ -289,6 +290,9 @@ pub struct Forwarder {
     /// Per sending node; an async lock: one batch of a sender at a time is delivered (a
     /// reconnected stream waits for the old one's last batch).
     received: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<Received>>>>,
+    /// Senders whose stream has delivered everything they kept for this node, since it
+    /// started.
+    drained: Mutex<std::collections::HashSet<u64>>,
     metrics: ForwardMetrics,
 }
 
@@ -341,6 +345,7 @@ impl Forwarder {
             settled: watch::channel(0).0,
             broker: OnceLock::new(),
             received: Mutex::new(HashMap::new()),
+            drained: Mutex::default(),
             metrics,
         })
     }
@@ -370,6 +375,13 @@ impl Forwarder {
             );
         }
         Some(txn.commit())
+    }
+
+    /// Whether `peer` has delivered here everything it kept for this node, since this node
+    /// started: a stored session another node resumed meanwhile may then be surrendered
+    /// (what was published for it before that claim is in its queue).
+    pub fn has_drained(&self, peer: u64) -> bool {
+        lock(&self.drained).contains(&peer)
     }
 
     /// Deletes stored entries of `peer` (acknowledged, dropped, or their peer removed).
@@ -554,6 +566,7 @@ impl Forwarder {
             mark,
             qos0,
             deadline,
+            published_at_ms,
         } = copy;
         let shared_bytes: usize = target.shared.iter().map(|(g, f)| shared_len(g, f)).sum();
         let size = message.len() + shared_bytes + ENTRY_OVERHEAD;
@@ -591,6 +604,7 @@ impl Forwarder {
                 .collect(),
             first_incarnation: 0,
             first_seq: 0,
+            published_at_ms,
         };
         o.entries.push_back(Entry {
             msg,
@@ -630,6 +644,12 @@ impl Forwarder {
         if o.sent == o.entries.len() {
             return None;
         }
+        Some(self.batch_of(&mut o))
+    }
+
+    /// The next batch of outbox `o` (possibly empty), marked drained if nothing unsent is
+    /// left after it.
+    fn batch_of(&self, o: &mut Outbox) -> pb::ForwardBatch {
         let mut messages = Vec::new();
         let mut bytes = 0;
         let mut i = o.sent;
@@ -661,16 +681,17 @@ impl Forwarder {
             o.sent -= gone;
             o.expired -= expired_gone;
         }
-        drop(o);
+        let drained = o.sent == o.entries.len();
         self.metrics
             .messages
             .with_label_values(&["out"])
             .inc_by(messages.len() as u64);
-        Some(pb::ForwardBatch {
+        pb::ForwardBatch {
             node_id: self.me,
             incarnation: self.incarnation,
             messages,
-        })
+            drained,
+        }
     }
 
     /// The peer has everything up to `seq`.
@@ -809,7 +830,14 @@ impl Forwarder {
             .max_decoding_message_size(network::MAX_MESSAGE)
             .max_encoding_message_size(network::MAX_MESSAGE);
         let (tx, rx) = mpsc::channel::<pb::ForwardBatch>(4);
-        lock(&link.outbox).sent = 0;
+        // The first batch goes even if empty: it tells the peer whether this node still
+        // keeps anything for it (see `Forwarder::has_drained`).
+        let first = {
+            let mut o = lock(&link.outbox);
+            o.sent = 0;
+            self.batch_of(&mut o)
+        };
+        let _ = tx.try_send(first);
         let mut acks = client
             .stream(ReceiverStream::new(rx))
             .await
@@ -893,7 +921,13 @@ impl Forwarder {
                     continue;
                 }
                 let shared = m.shared.iter().map(|s| (&*s.group, &*s.filter));
-                let routed = broker.deliver_forwarded(d.msg, m.plain, shared, &mut scratch);
+                let routed = broker.deliver_forwarded(
+                    d.msg,
+                    m.plain,
+                    shared,
+                    m.published_at_ms,
+                    &mut scratch,
+                );
                 if let Some(t) = routed.ticket {
                     ticket = Some(ticket.map_or(t, |x: petrel_storage::Ticket| x.max(t)));
                 }
@@ -925,6 +959,9 @@ impl Forwarder {
                 seq: st.seq,
             };
             drop(st);
+            if batch.drained {
+                lock(&self.drained).insert(batch.node_id);
+            }
             if acks.send(Ok(ack)).await.is_err() {
                 return;
             }
@@ -934,7 +971,8 @@ impl Forwarder {
 
 impl DataPlane for Forwarder {
     fn forward(&self, msg: &Message, targets: &[Target]) -> Forwarded {
-        let message = match value::message(msg, msg.qos, msg.retain, &[], &Clock::now()) {
+        let clock = Clock::now();
+        let message = match value::message(msg, msg.qos, msg.retain, &[], &clock) {
             Ok(v) => Bytes::from(v),
             Err(_) => {
                 // Arrived within the packet limit, but grew past it (never in practice).
@@ -965,6 +1003,7 @@ impl DataPlane for Forwarder {
                         mark,
                         qos0,
                         deadline,
+                        published_at_ms: clock.unix_ms,
                     };
                     let (holds, stored, window_full) = self.push(link, &message, t, copy);
                     if let Some(s) = stored {

@@ -87,6 +87,8 @@ pub struct Owner {
     pub epoch: u64,
     /// The epoch of the claim that started the session.
     pub started_epoch: u64,
+    /// When the latest claim was made (ms since the Unix epoch; 0: unknown).
+    pub claimed_at_ms: u64,
 }
 
 impl Owner {
@@ -112,12 +114,28 @@ impl Cluster {
             .map(|n| n.grpc_addr.clone())
     }
 
+    /// Whether every other member has delivered here what it kept for this node while it
+    /// was away (see `Forwarder::has_drained`).
+    pub fn peers_drained(&self) -> bool {
+        let m = self.metrics();
+        let ids: Vec<u64> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter(|&id| id != self.me.node_id)
+            .all(|id| self.forward.has_drained(id))
+    }
+
     /// The owner of `client_id`'s session in the replicated state.
     pub fn session_owner(&self, client_id: &str) -> Option<Owner> {
         self.sm.read().sessions.get(client_id).map(|r| Owner {
             node: r.node_id,
             epoch: r.epoch,
             started_epoch: r.started_epoch,
+            claimed_at_ms: r.claimed_at_ms,
         })
     }
 

@@ -1204,8 +1204,9 @@ impl ControlPlane for Cluster {
         self.send_handover_done(client_id, from_node, from_epoch);
     }
 
-    fn owned_elsewhere(&self, client_id: &str, epoch: Epoch) -> bool {
+    fn claimed_elsewhere_at(&self, client_id: &str, epoch: Epoch) -> Option<u64> {
         self.session_owner(client_id)
-            .is_some_and(|o| o.node != self.me.node_id && o.epoch > epoch.0)
+            .filter(|o| o.node != self.me.node_id && o.epoch > epoch.0)
+            .map(|o| o.claimed_at_ms)
     }
 }

@@ -301,13 +301,26 @@ fn a_snapshot_decodes_from_its_fixture() {
     let mut first = st.clone();
     for r in first.sessions.values_mut() {
         r.started_epoch = 0;
+        r.claimed_at_ms = 0;
     }
     let fixture = check("snapshot.bin", &first.encode_snapshot(&retained));
     let (old, _) = ClusterState::decode_snapshot(&fixture, &meta).unwrap();
     assert_eq!(old.sessions, first.sessions);
     assert!(st.sessions.values().all(|r| r.started_epoch != 0));
+    // Nor had the second version's `claimed_at_ms`.
+    let mut second = st.clone();
+    for r in second.sessions.values_mut() {
+        r.claimed_at_ms = 0;
+    }
+    let fixture = check(
+        "snapshot-started-epoch.bin",
+        &second.encode_snapshot(&retained),
+    );
+    let (old, _) = ClusterState::decode_snapshot(&fixture, &meta).unwrap();
+    assert_eq!(old.sessions, second.sessions);
+    assert!(st.sessions.values().all(|r| r.claimed_at_ms != 0));
     let encoded = st.encode_snapshot(&retained);
-    let fixture = check("snapshot-started-epoch.bin", &encoded);
+    let fixture = check("snapshot-claimed-at.bin", &encoded);
     let (decoded, decoded_retained) = ClusterState::decode_snapshot(&fixture, &meta).unwrap();
     assert_eq!(decoded.members, st.members);
     assert_eq!(decoded.routes, st.routes);

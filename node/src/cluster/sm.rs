@@ -266,6 +266,7 @@ impl ClusterState {
                     will: c.will,
                     orphaned: false,
                     started_epoch,
+                    claimed_at_ms: c.at_ms,
                 },
             );
         }

@@ -1068,83 +1068,112 @@ async fn distinct_payloads(
     seen
 }
 
+/// Publishes a QoS 1/2 stream on node 0 to persistent subscribers on nodes 1 and 2, kills
+/// node 2 with `kill -9` in the middle of it, and checks that nothing acknowledged is lost:
+/// node 1's subscriber gets every message once and in order; node 2's gets every one (a
+/// QoS 2 message may come twice across the crash) once it is back: on node 2 after its
+/// restart, or (`resume_elsewhere`) on node 1 while node 2 is down, with what node 2 held
+/// following when it returns.
+async fn kill_9_mid_stream(resume_elsewhere: bool) {
+    const N: usize = 300;
+    let mut c = Cluster::new(3, 3, &[]);
+    c.start(&[0, 1, 2]).await;
+    wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+    let mut far = V5Client::connect_with(node(&c, 2).mqtt_addr(), "k9-far", persistent).await;
+    far.subscribe("k9/#", Q5::ExactlyOnce).await;
+    let mut near = V5Client::connect_with(node(&c, 1).mqtt_addr(), "k9-near", persistent).await;
+    near.subscribe("k9/#", Q5::ExactlyOnce).await;
+    let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "k9-pub").await;
+    // QoS 1 and 2 in turn, each acknowledged before the next; the kill lands wherever the
+    // stream is then.
+    let (acked, mut acked_rx) = tokio::sync::watch::channel(0usize);
+    let publisher = tokio::spawn(async move {
+        for i in 0..N {
+            let qos = if i % 2 == 0 {
+                Q5::AtLeastOnce
+            } else {
+                Q5::ExactlyOnce
+            };
+            publ.publish(&format!("k9/{}", i % 3), qos, false, format!("{i:04}"))
+                .await;
+            acked.send_replace(i + 1);
+        }
+        publ
+    });
+    tokio::time::timeout(WAIT, acked_rx.wait_for(|&n| n >= N / 3))
+        .await
+        .expect("a third acknowledged")
+        .expect("publisher alive");
+    eprintln!("--- kill -9 of node 2 in the middle of the stream");
+    c.kill9(2).await;
+    let started = Instant::now();
+    let mut publ = publisher.await.expect("publisher");
+    eprintln!(
+        "--- the rest acknowledged in {:?} without node 2",
+        started.elapsed()
+    );
+    let got: Vec<String> = near
+        .recv_publishes(N)
+        .await
+        .iter()
+        .map(|p| text(&p.payload))
+        .collect();
+    let mut sorted = got.clone();
+    sorted.sort();
+    let mut all: BTreeSet<String> = (0..N).map(|i| format!("{i:04}")).collect();
+    assert_eq!(
+        sorted,
+        all.iter().cloned().collect::<Vec<_>>(),
+        "a surviving node's subscriber gets each one once"
+    );
+    assert_eq!(got, sorted, "in the publisher's order");
+    near.assert_no_publish_before_marker().await;
+    let before: BTreeSet<String> = far
+        .publishes_until_closed(WAIT)
+        .await
+        .iter()
+        .map(|p| text(&p.payload))
+        .collect();
+    eprintln!(
+        "--- its client had {} of {N} when node 2 died",
+        before.len()
+    );
+    let mut far = match resume_elsewhere {
+        false => {
+            c.start(&[2]).await;
+            V5Client::connect_with(node(&c, 2).mqtt_addr(), "k9-far", persistent).await
+        }
+        true => {
+            let far = V5Client::connect_with(node(&c, 1).mqtt_addr(), "k9-far", persistent).await;
+            assert!(far.connack.session_present, "from the replica");
+            eprintln!("--- resumed on node 1; new messages come from there");
+            for i in N..N + 10 {
+                publ.publish("k9/new", Q5::ExactlyOnce, false, format!("{i:04}"))
+                    .await;
+                all.insert(format!("{i:04}"));
+            }
+            eprintln!("--- node 2 returns and hands over what it held and was kept for it");
+            c.start(&[2]).await;
+            far
+        }
+    };
+    assert!(far.connack.session_present);
+    let seen = distinct_payloads(&mut far, before, all.len()).await;
+    assert_eq!(
+        seen, all,
+        "the killed node's session gets every acknowledged message"
+    );
+    drop(publ);
+}
+
 #[tokio::test]
 async fn a_kill_9_of_a_subscribers_node_mid_stream_loses_no_acknowledged_message() {
-    test_timeout(async {
-        const N: usize = 300;
-        let mut c = Cluster::new(3, 3, &[]);
-        c.start(&[0, 1, 2]).await;
-        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
-        let mut far = V5Client::connect_with(node(&c, 2).mqtt_addr(), "k9-far", persistent).await;
-        far.subscribe("k9/#", Q5::ExactlyOnce).await;
-        let mut near = V5Client::connect_with(node(&c, 1).mqtt_addr(), "k9-near", persistent).await;
-        near.subscribe("k9/#", Q5::ExactlyOnce).await;
-        let mut publ = V5Client::connect(node(&c, 0).mqtt_addr(), "k9-pub").await;
-        // QoS 1 and 2 in turn, each acknowledged before the next; the kill lands wherever
-        // the stream is then.
-        let (acked, mut acked_rx) = tokio::sync::watch::channel(0usize);
-        let publisher = tokio::spawn(async move {
-            for i in 0..N {
-                let qos = if i % 2 == 0 {
-                    Q5::AtLeastOnce
-                } else {
-                    Q5::ExactlyOnce
-                };
-                publ.publish(&format!("k9/{}", i % 3), qos, false, format!("{i:04}"))
-                    .await;
-                acked.send_replace(i + 1);
-            }
-            publ
-        });
-        tokio::time::timeout(WAIT, acked_rx.wait_for(|&n| n >= N / 3))
-            .await
-            .expect("a third acknowledged")
-            .expect("publisher alive");
-        eprintln!("--- kill -9 of node 2 in the middle of the stream");
-        c.kill9(2).await;
-        let started = Instant::now();
-        let publ = publisher.await.expect("publisher");
-        eprintln!(
-            "--- the rest acknowledged in {:?} without node 2",
-            started.elapsed()
-        );
-        let all: BTreeSet<String> = (0..N).map(|i| format!("{i:04}")).collect();
-        let got: Vec<String> = near
-            .recv_publishes(N)
-            .await
-            .iter()
-            .map(|p| text(&p.payload))
-            .collect();
-        let mut sorted = got.clone();
-        sorted.sort();
-        assert_eq!(
-            sorted,
-            all.iter().cloned().collect::<Vec<_>>(),
-            "a surviving node's subscriber gets each one once"
-        );
-        assert_eq!(got, sorted, "in the publisher's order");
-        near.assert_no_publish_before_marker().await;
-        let before: BTreeSet<String> = far
-            .publishes_until_closed(WAIT)
-            .await
-            .iter()
-            .map(|p| text(&p.payload))
-            .collect();
-        eprintln!(
-            "--- node 2 returns; its client had {} of {N} when it died",
-            before.len()
-        );
-        c.start(&[2]).await;
-        let mut far = V5Client::connect_with(node(&c, 2).mqtt_addr(), "k9-far", persistent).await;
-        assert!(far.connack.session_present);
-        let seen = distinct_payloads(&mut far, before, N).await;
-        assert_eq!(
-            seen, all,
-            "the killed node's session gets every acknowledged message"
-        );
-        drop(publ);
-    })
-    .await
+    test_timeout(kill_9_mid_stream(false)).await
+}
+
+#[tokio::test]
+async fn a_session_resumed_elsewhere_while_its_node_is_dead_gets_every_message_when_it_returns() {
+    test_timeout(kill_9_mid_stream(true)).await
 }
 
 #[tokio::test]
