@@ -418,6 +418,24 @@ pub struct Host {
 }
 
 impl Host {
+    /// Ends this node's offline session of `client_id` at `epoch`, which the cluster no
+    /// longer knows: it ended cluster-wide while this node held a copy (a clean start on
+    /// another node that has ended too, an expiry decided elsewhere). Its stored data goes.
+    async fn end_forgotten(&self, client_id: &str, epoch: u64) {
+        let broker = &self.broker;
+        let client: Arc<str> = client_id.into();
+        let _turn = broker.sessions.lock_claim(&client).await;
+        let Some(session) = broker.sessions.get(client_id) else {
+            return;
+        };
+        if session.epoch().0 != epoch || session.is_connected() || session.is_ended() {
+            return;
+        }
+        tracing::info!(%client_id, epoch, "stored session ended: the cluster has ended it");
+        let (state, _) = session.end();
+        broker.end_session(&session, state);
+    }
+
     /// Takes this node's session of `client_id` (older than `epoch`) out of the router and
     /// the registry, parks what it held and returns it.
     async fn surrender_now(&self, client_id: &str, epoch: u64) -> Option<HandedOver> {
@@ -564,10 +582,14 @@ pub async fn keep_sessions(
                 .collect(),
         };
         for (client_id, epoch) in held {
-            if let Some(o) = cluster.session_owner(&client_id) {
-                if o.node != me && o.epoch > epoch {
+            match cluster.session_owner(&client_id) {
+                Some(o) if o.node != me && o.epoch > epoch => {
                     host.surrender_now(&client_id, o.epoch).await;
                 }
+                Some(_) => {}
+                // No record: the session ended cluster-wide (a clean start elsewhere that
+                // ended before this node surrendered its copy, an expiry).
+                None => host.end_forgotten(&client_id, epoch).await,
             }
         }
         // Parked long enough without a confirmation: pushed.

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -57,6 +58,25 @@ fn scrub_env(cmd: &mut Command) {
         }
     }
     cmd.env("PETREL_LOG", "debug,openraft=info");
+}
+
+/// `PETREL_TEST_CLUSTER=N` (N of at least 2): [`Broker::start`] and [`Broker::start_with`]
+/// start a cluster of N nodes instead of one broker, and each [`Broker::mqtt_addr`] call
+/// names the next node, so a test's publisher, subscriber and resumed session land on
+/// different nodes (see [`Broker`]). 1 otherwise.
+pub fn test_cluster_size() -> usize {
+    std::env::var("PETREL_TEST_CLUSTER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n >= 2)
+        .unwrap_or(1)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// Runs `petrel` to completion with `args` and `env` (no default flags) and returns its output.
@@ -214,7 +234,15 @@ impl Spawned {
     }
 
     /// Waits until the ready file holds the bound addresses, failing if the process exits.
-    pub async fn ready(mut self) -> Broker {
+    pub async fn ready(self) -> Broker {
+        match self.try_ready().await {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// [`Spawned::ready`], or why not (the process exited; its log is in the error).
+    pub async fn try_ready(mut self) -> Result<Broker, String> {
         let deadline = Instant::now() + START_DEADLINE;
         let mut tick = interval(Duration::from_millis(20));
         let mut last;
@@ -222,22 +250,24 @@ impl Spawned {
             tick.tick().await;
             let child = self.child.as_mut().expect("child present");
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
+                return Err(format!(
                     "petrel exited with {status} before becoming ready; log:\n{}",
                     self.log()
-                );
+                ));
             }
             match std::fs::read_to_string(&self.ready_path) {
                 Ok(text) => match parse_ready(&text) {
                     Ok(ready) => {
                         let pid = child.id().expect("running child has a pid");
-                        return Broker {
+                        return Ok(Broker {
                             child: self.child.take(),
                             dir: self.dir.take().expect("temp dir present"),
                             log_path: self.log_path.clone(),
                             ready,
                             pid,
-                        };
+                            peers: Vec::new(),
+                            next: AtomicUsize::new(0),
+                        });
                     }
                     Err(e) => last = format!("ready file {text:?}: {e}"),
                 },
@@ -299,22 +329,34 @@ fn parse_ready(text: &str) -> Result<Ready, String> {
 }
 
 /// A running `petrel` process, killed when dropped. Its log is printed if the test panics.
+///
+/// In a test cluster ([`test_cluster_size`]) it is node 0 and holds the other nodes:
+/// [`Broker::mqtt_addr`] names the nodes in turn, the metric readers sum over them, and
+/// everything else (the admin endpoint, signals, the data dir) is node 0's.
 pub struct Broker {
     child: Option<Child>,
     dir: TempDir,
     log_path: PathBuf,
     ready: Ready,
     pid: u32,
+    peers: Vec<Broker>,
+    next: AtomicUsize,
 }
 
 impl Broker {
     /// A broker with default settings.
+    /// (A cluster of such nodes under `PETREL_TEST_CLUSTER`.)
     pub async fn start() -> Broker {
-        Broker::builder().start().await
+        Broker::start_with(&[], &[]).await
     }
 
-    /// A broker with extra environment variables and arguments.
+    /// A broker with extra environment variables and arguments (a cluster of such nodes
+    /// under `PETREL_TEST_CLUSTER`).
     pub async fn start_with(env: &[(&str, &str)], extra_args: &[&str]) -> Broker {
+        let n = test_cluster_size();
+        if n > 1 {
+            return Broker::start_cluster(n, env, extra_args).await;
+        }
         let mut b = Broker::builder();
         for (k, v) in env {
             b = b.env(k, v);
@@ -323,6 +365,59 @@ impl Broker {
             b = b.arg(a);
         }
         b.start().await
+    }
+
+    /// `n` nodes that form one cluster, each with `env` and `extra_args`, every one ready
+    /// (caught up, routes rebuilt); node 0 holds the others.
+    async fn start_cluster(n: usize, env: &[(&str, &str)], extra_args: &[&str]) -> Broker {
+        // A free port is free until someone binds it: another test's node may take one
+        // first, and then this cluster starts again on other ports.
+        let mut tries = 3;
+        loop {
+            match Broker::try_start_cluster(n, env, extra_args).await {
+                Ok(b) => return b,
+                Err(e) if tries > 1 && e.contains("Address already in use") => tries -= 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    async fn try_start_cluster(
+        n: usize,
+        env: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> Result<Broker, String> {
+        let grpc: Vec<String> = (0..n)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let seeds = grpc.join(",");
+        let spawned: Vec<Spawned> = (0..n)
+            .map(|i| {
+                let mut b = Broker::builder()
+                    .without_mqtt_addr_flag()
+                    .env("PETREL_MQTT_ADDR", "127.0.0.1:0")
+                    .env("PETREL_GRPC_ADDR", &grpc[i])
+                    .env("PETREL_NODE_ID", &i.to_string())
+                    .env("PETREL_JOIN", &seeds);
+                for (k, v) in env {
+                    b = b.env(k, v);
+                }
+                for a in extra_args {
+                    b = b.arg(a);
+                }
+                b.spawn()
+            })
+            .collect();
+        let mut nodes = Vec::with_capacity(n);
+        for s in spawned {
+            nodes.push(s.try_ready().await?);
+        }
+        for node in &nodes {
+            node.wait_ready(200).await;
+        }
+        let mut first = nodes.remove(0);
+        first.peers = nodes;
+        Ok(first)
     }
 
     /// Spawn options: `--mqtt-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 --data-dir <tmp>
@@ -338,8 +433,20 @@ impl Broker {
         }
     }
 
+    /// The MQTT address; in a test cluster, the next node's at each call.
     pub fn mqtt_addr(&self) -> SocketAddr {
-        self.ready.mqtt
+        if self.peers.is_empty() {
+            return self.ready.mqtt;
+        }
+        match self.next.fetch_add(1, Ordering::Relaxed) % (self.peers.len() + 1) {
+            0 => self.ready.mqtt,
+            i => self.peers[i - 1].ready.mqtt,
+        }
+    }
+
+    /// How many nodes this stands for (1, or the test cluster's size).
+    pub fn nodes(&self) -> usize {
+        self.peers.len() + 1
     }
 
     /// The admin address; panics if the admin endpoint is disabled.
@@ -362,9 +469,17 @@ impl Broker {
         self.dir.path()
     }
 
-    /// The broker's log so far.
+    /// The broker's log so far (in a test cluster, every node's).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        let own = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        if self.peers.is_empty() {
+            return own;
+        }
+        let mut all = format!("===== node 0 =====\n{own}");
+        for (i, p) in self.peers.iter().enumerate() {
+            all.push_str(&format!("===== node {} =====\n{}", i + 1, p.log()));
+        }
+        all
     }
 
     /// `GET path` on the admin endpoint: (status, body).
@@ -385,13 +500,23 @@ impl Broker {
     }
 
     /// One series, e.g. `petrel_session_queue_dropped_total{reason="queue_full"}`; 0 if absent.
+    /// In a test cluster, the sum over the nodes.
     pub async fn metric(&self, series: &str) -> f64 {
-        self.metrics().await.get(series)
+        let mut v = self.metrics().await.get(series);
+        for p in &self.peers {
+            v += p.metrics().await.get(series);
+        }
+        v
     }
 
-    /// Sum of every series of a metric family (all label values); 0 if absent.
+    /// Sum of every series of a metric family (all label values); 0 if absent. In a test
+    /// cluster, over the nodes too.
     pub async fn metric_sum(&self, family: &str) -> f64 {
-        self.metrics().await.sum(family)
+        let mut v = self.metrics().await.sum(family);
+        for p in &self.peers {
+            v += p.metrics().await.sum(family);
+        }
+        v
     }
 
     /// Waits until `series` satisfies `pred`, returning its value.

@@ -17,7 +17,9 @@ pub mod pkt;
 mod raw;
 mod wait;
 
-pub use broker::{petrel_bin, run_petrel, Broker, BrokerBuilder, Metrics, Ready, Spawned};
+pub use broker::{
+    petrel_bin, run_petrel, test_cluster_size, Broker, BrokerBuilder, Metrics, Ready, Spawned,
+};
 pub use client::{V3Client, V3Event, V5Client, V5Event};
 pub use raw::{RawClient, RawPacket, RawPublish, RawRead};
 pub use wait::{let_time_pass, test_timeout, wait_until, WAIT};

@@ -9,9 +9,11 @@ async fn retained_set_replace_clear() {
     test_timeout(async {
         // No $SYS, so the retained gauge counts only this test's messages.
         let b = Broker::start_with(&[("PETREL_MQTT__SYS_INTERVAL_SECS", "0")], &[]).await;
+        // Every node holds the replicated retained store and counts it.
+        let replicas = b.nodes() as f64;
         let mut publ = V3Client::connect(b.mqtt_addr(), "ret-pub").await;
         publ.publish("ret/t", Q3::AtLeastOnce, true, "one").await;
-        b.wait_metric("petrel_retained_messages", WAIT, |v| v == 1.0)
+        b.wait_metric("petrel_retained_messages", WAIT, |v| v == replicas)
             .await;
 
         eprintln!("--- a new subscriber gets the retained message with RETAIN=1");
@@ -29,7 +31,7 @@ async fn retained_set_replace_clear() {
         let p = s2.recv_publish().await;
         assert_eq!((text(&p.payload).as_str(), p.retain), ("two", true));
         s2.assert_no_publish_before_marker().await;
-        assert_eq!(b.metric("petrel_retained_messages").await, 1.0);
+        assert_eq!(b.metric("petrel_retained_messages").await, replicas);
 
         eprintln!("--- clear with an empty retained payload");
         publ.publish("ret/t", Q3::AtLeastOnce, true, "").await;

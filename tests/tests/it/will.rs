@@ -144,6 +144,8 @@ async fn retained_will() {
     test_timeout(async {
         // No $SYS, so the retained gauge counts only the will.
         let b = Broker::start_with(&[("PETREL_MQTT__SYS_INTERVAL_SECS", "0")], &[]).await;
+        // Every node holds the replicated retained store and counts it.
+        let replicas = b.nodes() as f64;
         let c = V3Client::connect_with(b.mqtt_addr(), "will-ret", |o| {
             o.set_last_will(rumqttc::LastWill::new(
                 "will/ret",
@@ -154,7 +156,7 @@ async fn retained_will() {
         })
         .await;
         c.drop_connection();
-        b.wait_metric("petrel_retained_messages", WAIT, |v| v == 1.0)
+        b.wait_metric("petrel_retained_messages", WAIT, |v| v == replicas)
             .await;
         let mut late = V3Client::connect(b.mqtt_addr(), "will-ret-late").await;
         late.subscribe("will/ret", Q3::AtLeastOnce).await;
