@@ -806,14 +806,17 @@ impl Broker {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .collect_forwarded(&msg.topic, false, [(group, p.filter)], &mut scratch);
-            if !scratch.is_empty() {
-                if let Some(stored) = self.local_storable(&msg, &mut scratch) {
-                    self.route_local(msg, &mut scratch, stored, None);
-                    count("local");
-                }
+            let stored = match scratch.is_empty() {
+                true => None,
+                false => self.local_storable(&msg, &mut scratch),
+            };
+            if let (Some(stored), false) = (stored, scratch.is_empty()) {
+                self.route_local(msg, &mut scratch, stored, None);
+                count("local");
                 scratch.clear();
                 continue;
             }
+            scratch.clear();
             match self.routes.shared_node(group, p.filter) {
                 Some(node) => {
                     let target = Target {

@@ -112,7 +112,7 @@ pub struct ClusterConfig {
     /// QoS 1/2 publishers feeding it pause (stop reading, until half of it is free or
     /// `mqtt.backpressure_max_wait_ms` passes; counted in
     /// `petrel_forward_window_full_total`), and QoS 0 copies for it are dropped (counted in
-    /// `petrel_forward_dropped_total{reason="slow_peer"}`). A value past
+    /// `petrel_forward_dropped_total{reason="slow_peer"}`). A value past half of
     /// `forward_outbox_bytes` counts as that. Default `16777216` (16 MiB).
     pub forward_window_bytes: usize,
     /// Bytes of forwarded messages one peer may hold unacknowledged in this node's outbox

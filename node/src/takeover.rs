@@ -563,6 +563,9 @@ pub async fn keep_sessions(
             _ = tick.tick() => {}
         }
         if !cluster.is_caught_up() {
+            // Behind again (cut off, stopped): what the peers keep for it is to come again.
+            caught_up_at = None;
+            drained = false;
             continue;
         }
         // A stale session still takes the forwarded copies published before the claim

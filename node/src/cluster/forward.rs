@@ -377,9 +377,17 @@ impl Forwarder {
         Some(txn.commit())
     }
 
-    /// Whether `peer` has delivered here everything it kept for this node, since this node
-    /// started: a stored session another node resumed meanwhile may then be surrendered
-    /// (what was published for it before that claim is in its queue).
+    /// A sender's stream ended: until its next stream says otherwise, it may keep copies
+    /// for this node again.
+    fn stream_ended(&self, sender: Option<u64>) {
+        if let Some(n) = sender {
+            lock(&self.drained).remove(&n);
+        }
+    }
+
+    /// Whether `peer`'s current stream has delivered here everything it kept for this node:
+    /// a stored session another node resumed meanwhile may then be surrendered (what was
+    /// published for it before that claim is in its queue).
     pub fn has_drained(&self, peer: u64) -> bool {
         lock(&self.drained).contains(&peer)
     }
@@ -644,7 +652,18 @@ impl Forwarder {
         if o.sent == o.entries.len() {
             return None;
         }
-        Some(self.batch_of(&mut o))
+        let batch = self.batch_of(&mut o);
+        drop(o);
+        self.qos0_left(link);
+        Some(batch)
+    }
+
+    /// QoS 0 copies left `link`'s outbox when sent: paused publishers look again if that
+    /// made room (an acknowledgement may not come to wake them).
+    fn qos0_left(&self, link: &Link) {
+        if lock(&link.outbox).bytes <= link.window / 2 {
+            link.room.notify_waiters();
+        }
     }
 
     /// The next batch of outbox `o` (possibly empty), marked drained if nothing unsent is
@@ -830,19 +849,24 @@ impl Forwarder {
             .max_decoding_message_size(network::MAX_MESSAGE)
             .max_encoding_message_size(network::MAX_MESSAGE);
         let (tx, rx) = mpsc::channel::<pb::ForwardBatch>(4);
-        // The first batch goes even if empty: it tells the peer whether this node still
-        // keeps anything for it (see `Forwarder::has_drained`).
-        let first = {
-            let mut o = lock(&link.outbox);
-            o.sent = 0;
-            self.batch_of(&mut o)
-        };
-        let _ = tx.try_send(first);
+        lock(&link.outbox).sent = 0;
         let mut acks = client
             .stream(ReceiverStream::new(rx))
             .await
             .map_err(|s| s.message().to_owned())?
             .into_inner();
+        // The first batch goes even if empty: it tells the peer whether this node still
+        // keeps anything for it (see `Forwarder::has_drained`). Taken once the peer has
+        // taken the stream (one that is catching up refuses it, and a QoS 0 copy taken
+        // for it would be gone).
+        let first = {
+            let mut o = lock(&link.outbox);
+            self.batch_of(&mut o)
+        };
+        self.qos0_left(link);
+        tx.send(first)
+            .await
+            .map_err(|_| "stream closed".to_owned())?;
         tracing::debug!(peer = link.node, "forwarding stream open");
         loop {
             let unsent = {
@@ -882,15 +906,21 @@ impl Forwarder {
             return;
         };
         let mut scratch = Vec::new();
+        let mut sender = None;
         loop {
             let batch = match batches.message().await {
                 Ok(Some(b)) => b,
-                Ok(None) => return,
+                Ok(None) => {
+                    self.stream_ended(sender);
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "forwarding stream from a peer ended");
+                    self.stream_ended(sender);
                     return;
                 }
             };
+            sender = Some(batch.node_id);
             let state = lock(&self.received)
                 .entry(batch.node_id)
                 .or_default()

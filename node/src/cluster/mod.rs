@@ -217,7 +217,8 @@ impl Cluster {
             store.clone(),
             forward::Limits {
                 ack_timeout: Duration::from_millis(cfg.forward_ack_timeout_ms),
-                window: cfg.forward_window_bytes.min(cfg.forward_outbox_bytes),
+                // Room above the window for what waits for a peer that is behind.
+                window: cfg.forward_window_bytes.min(cfg.forward_outbox_bytes / 2),
                 outbox: cfg.forward_outbox_bytes,
             },
             shared.forward_metrics,

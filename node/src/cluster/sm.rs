@@ -266,7 +266,15 @@ impl ClusterState {
                     will: c.will,
                     orphaned: false,
                     started_epoch,
-                    claimed_at_ms: c.at_ms,
+                    // When the session came to this node: a reconnect to the same node
+                    // keeps it (a node that held it before compares its kept copies with
+                    // the move, not with the latest reconnect).
+                    claimed_at_ms: match (&previous, present) {
+                        (Some(p), true) if p.node_id == c.node_id && p.claimed_at_ms != 0 => {
+                            p.claimed_at_ms
+                        }
+                        _ => c.at_ms,
+                    },
                 },
             );
         }
