@@ -122,7 +122,7 @@ impl Routed {
 
 /// One planned delivery of a publish: the index of its first match, the delivery, and its
 /// encoded value if a persistent session stores it.
-type Planned = (usize, Delivery, Option<Vec<u8>>);
+type Planned = (usize, Delivery, Option<bytes::Bytes>);
 
 thread_local! {
     /// The deliveries of the publish a worker thread is routing (reused, empty between).
@@ -478,7 +478,7 @@ impl Broker {
         &self,
         msg: &Arc<Message>,
         scratch: &[Match],
-        mut plan: impl FnMut(usize, Delivery, Option<Vec<u8>>),
+        mut plan: impl FnMut(usize, Delivery, Option<bytes::Bytes>),
     ) -> bool {
         let acl_now = self.auth.acl_generation();
         // Read the wall clock only if something is stored.
@@ -609,7 +609,7 @@ impl Broker {
         }
         // `storable` passed: the record encodes.
         match value::message(msg, msg.qos, true, &[], &Clock::now()) {
-            Ok(v) => self.control.retain(&msg.topic, Some(v.into())),
+            Ok(v) => self.control.retain(&msg.topic, Some(v)),
             Err(_) => 0,
         }
     }
@@ -622,7 +622,7 @@ impl Broker {
         &self,
         session: &Session,
         d: Delivery,
-        stored: Option<(&mut Txn<'_>, Vec<u8>)>,
+        stored: Option<(&mut Txn<'_>, bytes::Bytes)>,
     ) -> (bool, bool) {
         match session.enqueue(d, &self.limits, stored) {
             Enqueued::Queued {

@@ -344,7 +344,7 @@ fn queue_last(
     m: &HandedMessage,
     txn: Option<&mut petrel_storage::Txn<'_>>,
 ) -> bool {
-    let stored = txn.map(|t| (t, m.message.to_vec()));
+    let stored = txn.map(|t| (t, m.message.clone()));
     matches!(
         session.enqueue(d, &broker.limits, stored),
         crate::session::Enqueued::Queued { .. }
@@ -387,7 +387,6 @@ fn hand_over(
             &clock,
         )
         .ok()
-        .map(bytes::Bytes::from)
     };
     let inflight = state.inflight.iter().filter_map(|f| {
         Some(HandedMessage {

@@ -219,10 +219,41 @@ pub struct Limits {
 /// Which forwarding marks are still held: a mark settles once every copy of its message is
 /// acknowledged (or timed out), and the settled watermark is the highest mark below every
 /// held one.
+///
+/// Marks are handed out in order, so the held ones are a window: `held[i]` is how many
+/// copies of mark `last - held.len() + 1 + i` are still out (0: settled, waiting for an
+/// earlier one). O(1) per mark, no allocation in steady state.
 #[derive(Default)]
 struct Marks {
     last: u64,
-    held: BTreeMap<u64, u32>,
+    held: VecDeque<u32>,
+}
+
+impl Marks {
+    /// A new mark held by `copies` copies.
+    fn take(&mut self, copies: u32) -> u64 {
+        self.last += 1;
+        self.held.push_back(copies);
+        self.last
+    }
+
+    /// One copy of `mark` is acknowledged (or let go).
+    fn release(&mut self, mark: u64) {
+        let first = self.last + 1 - self.held.len() as u64;
+        if mark < first || mark > self.last {
+            return;
+        }
+        let n = &mut self.held[(mark - first) as usize];
+        *n = n.saturating_sub(1);
+    }
+
+    /// The highest mark with every mark up to it settled.
+    fn settled(&mut self) -> u64 {
+        while self.held.front() == Some(&0) {
+            self.held.pop_front();
+        }
+        self.last - self.held.len() as u64
+    }
 }
 
 /// What this node has delivered of one sender's stream.
@@ -520,18 +551,10 @@ impl Forwarder {
             return;
         }
         let mut m = lock(&self.marks);
-        for mark in marks {
-            if let Some(n) = m.held.get_mut(mark) {
-                *n -= 1;
-                if *n == 0 {
-                    m.held.remove(mark);
-                }
-            }
+        for &mark in marks {
+            m.release(mark);
         }
-        let settled = match m.held.first_key_value() {
-            Some((first, _)) => first - 1,
-            None => m.last,
-        };
+        let settled = m.settled();
         drop(m);
         self.settled.send_if_modified(|s| {
             let moved = settled > *s;
@@ -1003,7 +1026,7 @@ impl DataPlane for Forwarder {
     fn forward(&self, msg: &Message, targets: &[Target]) -> Forwarded {
         let clock = Clock::now();
         let message = match value::message(msg, msg.qos, msg.retain, &[], &clock) {
-            Ok(v) => Bytes::from(v),
+            Ok(v) => v,
             Err(_) => {
                 // Arrived within the packet limit, but grew past it (never in practice).
                 self.count_dropped("too_large", targets.len() as u64);
@@ -1013,13 +1036,7 @@ impl DataPlane for Forwarder {
         let qos0 = msg.qos == QoS::AtMostOnce;
         let mark = match qos0 {
             true => 0,
-            false => {
-                let mut m = lock(&self.marks);
-                m.last += 1;
-                let mark = m.last;
-                m.held.insert(mark, targets.len() as u32);
-                mark
-            }
+            false => lock(&self.marks).take(targets.len() as u32),
         };
         let deadline = Instant::now() + self.ack_timeout.saturating_sub(2 * EXPIRE_EVERY);
         let mut released = Vec::new();

@@ -380,3 +380,25 @@ async fn an_unreachable_peer_holds_nobody() {
     assert_eq!(stored_keys(&st), vec![(2, 1)], "kept for when it is back");
     f.stop();
 }
+
+#[test]
+fn marks_settle_in_order_whatever_order_their_copies_are_released_in() {
+    let mut m = Marks::default();
+    let (a, b, c) = (m.take(2), m.take(1), m.take(1));
+    assert_eq!((a, b, c), (1, 2, 3));
+    assert_eq!(m.settled(), 0);
+    m.release(c);
+    m.release(b);
+    assert_eq!(m.settled(), 0, "the first still holds");
+    m.release(a);
+    assert_eq!(m.settled(), 0, "one copy of the first is still out");
+    m.release(a);
+    assert_eq!(m.settled(), 3);
+    m.release(a);
+    m.release(9);
+    assert_eq!(m.settled(), 3, "unknown and settled marks are ignored");
+    let d = m.take(1);
+    assert_eq!(m.settled(), 3);
+    m.release(d);
+    assert_eq!(m.settled(), 4);
+}

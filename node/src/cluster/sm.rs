@@ -462,7 +462,7 @@ fn encoded_retained(store: &SharedRetained) -> Vec<(String, Bytes)> {
         .filter(|m| !m.is_expired(clock.now))
         .filter_map(|m| {
             let v = value::message(&m, m.qos, true, &[], &clock).ok()?;
-            Some((m.topic.to_string(), Bytes::from(v)))
+            Some((m.topic.to_string(), v))
         })
         .collect()
 }

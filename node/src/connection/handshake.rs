@@ -206,7 +206,7 @@ where
         let msg =
             crate::message::Message::from_will(w, crate::session::SessionId::BROKER, clock.now);
         let v = crate::persist::value::message(&msg, msg.qos, msg.retain, &[], &clock).ok()?;
-        Some((bytes::Bytes::from(v), will_delay))
+        Some((v, will_delay))
     });
     let claim = crate::takeover::claim(
         broker,

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::codec::decode::MAX_REMAINING_LENGTH;
 use crate::codec::encode::varint_len;
@@ -83,7 +83,7 @@ pub fn message(
     retain: bool,
     sub_ids: &[u32],
     clock: &Clock,
-) -> Result<Vec<u8>, EncodeError> {
+) -> Result<Bytes, EncodeError> {
     let out = stored_publish(msg, qos, retain, sub_ids);
     let body = out.body_len(Protocol::V5);
     if body > MAX_REMAINING_LENGTH {
@@ -98,7 +98,8 @@ pub fn message(
             .unwrap_or(0),
     );
     out.encode(Protocol::V5, &mut buf)?;
-    Ok(buf.to_vec())
+    // Frozen, not copied: a forwarded copy or a handed-over message shares it.
+    Ok(buf.freeze())
 }
 
 /// Whether every stored copy of `msg` can be encoded by [`message`], at any granted QoS, for

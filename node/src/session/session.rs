@@ -223,7 +223,7 @@ impl Session {
         &self,
         mut d: Delivery,
         limits: &QueueLimits,
-        mut stored: Option<(&mut Txn<'_>, Vec<u8>)>,
+        mut stored: Option<(&mut Txn<'_>, bytes::Bytes)>,
     ) -> Enqueued {
         let mut inner = self.lock();
         if inner.ended {
