@@ -951,6 +951,21 @@ async fn a_stopped_peer_does_not_hold_publishers_and_gets_its_messages_when_back
     .await
 }
 
+/// What each of a share group's `members` got (up to a marker of its own): every payload,
+/// sorted, and how many each member got.
+async fn split_among(
+    members: impl IntoIterator<Item = &mut V5Client>,
+) -> (Vec<String>, Vec<usize>) {
+    let (mut got, mut per_member) = (Vec::new(), Vec::new());
+    for m in members {
+        let mine = m.publishes_before_marker().await;
+        per_member.push(mine.len());
+        got.extend(mine.iter().map(|p| text(&p.payload)));
+    }
+    got.sort();
+    (got, per_member)
+}
+
 #[tokio::test]
 async fn a_share_group_across_nodes_gets_each_message_once() {
     test_timeout(async {
@@ -966,19 +981,7 @@ async fn a_share_group_across_nodes_gets_each_message_once() {
             publ.publish("sh/x", Q5::AtLeastOnce, false, format!("s{i}"))
                 .await;
         }
-        let mut got: Vec<String> = Vec::new();
-        let mut per_member = Vec::new();
-        for m in [&mut m1, &mut m2] {
-            let mine: Vec<String> = m
-                .publishes_before_marker()
-                .await
-                .iter()
-                .map(|p| text(&p.payload))
-                .collect();
-            per_member.push(mine.len());
-            got.extend(mine);
-        }
-        got.sort();
+        let (got, per_member) = split_among([&mut m1, &mut m2]).await;
         let mut want: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
         want.sort();
         assert_eq!(got, want, "each message to exactly one member");
@@ -1023,19 +1026,7 @@ async fn round_robin_spreads_a_share_group_evenly_over_nodes_the_publishers_own_
             publ.publish("rr/x", Q5::AtLeastOnce, false, format!("m{i:02}"))
                 .await;
         }
-        let mut got: Vec<String> = Vec::new();
-        let mut per_member = Vec::new();
-        for m in members.iter_mut() {
-            let mine: Vec<String> = m
-                .publishes_before_marker()
-                .await
-                .iter()
-                .map(|p| text(&p.payload))
-                .collect();
-            per_member.push(mine.len());
-            got.extend(mine);
-        }
-        got.sort();
+        let (got, per_member) = split_among(members.iter_mut()).await;
         let want: Vec<String> = (0..30).map(|i| format!("m{i:02}")).collect();
         assert_eq!(got, want, "each message to exactly one member");
         assert_eq!(
