@@ -227,9 +227,26 @@ class Broker:
 
 
 def free_port() -> int:
-    """A port the kernel says is free now (for addresses nodes must know before they start)."""
+    """A port free now, for addresses nodes must know before they start. Picked below the
+    kernel's ephemeral range, so that no outgoing connection (the nodes' own, to each other)
+    takes it before its node binds it; only another test's pick could, rarely."""
+    import random
     import socket
 
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low > 11000:
+        for _ in range(200):
+            port = random.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -72,7 +72,26 @@ pub fn test_cluster_size() -> usize {
         .unwrap_or(1)
 }
 
-fn free_port() -> u16 {
+/// A port free now, for addresses nodes must know before they start. Picked below the
+/// kernel's ephemeral range, so that no outgoing connection (the nodes' own, to each other)
+/// takes it before its node binds it; only another test's pick could, rarely.
+pub fn free_port() -> u16 {
+    let low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    if low > 11_000 {
+        use std::hash::{BuildHasher, Hasher};
+        for _ in 0..200 {
+            // A random pick: std's hasher is seeded at random per instance.
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            let port = 10_000 + (h.finish() % u64::from(low - 10_000)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

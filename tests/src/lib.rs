@@ -18,7 +18,8 @@ mod raw;
 mod wait;
 
 pub use broker::{
-    petrel_bin, run_petrel, test_cluster_size, Broker, BrokerBuilder, Metrics, Ready, Spawned,
+    free_port, petrel_bin, run_petrel, test_cluster_size, Broker, BrokerBuilder, Metrics, Ready,
+    Spawned,
 };
 pub use client::{V3Client, V3Event, V5Client, V5Event};
 pub use raw::{RawClient, RawPacket, RawPublish, RawRead};

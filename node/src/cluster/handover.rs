@@ -26,6 +26,10 @@ use tonic::Status;
 use super::settle::PeerState;
 use super::Cluster;
 
+/// How long a member's stream must have been down for [`Cluster::peers_drained`] not to wait
+/// for it.
+const PEER_GONE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a CONNECT waits for an old owner whose applied-index stream is down.
 const HANDOVER_TRY: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::control::{HandedMessage, HandedOver, Moved, ReplicaSubscription, SessionHost};
@@ -115,7 +119,8 @@ impl Cluster {
     }
 
     /// Whether every other member has delivered here what it kept for this node while it
-    /// was away (see `Forwarder::has_drained`).
+    /// was away (see `Forwarder::has_drained`), leaving out a member whose stream has been
+    /// down for `PEER_GONE` (it is away too: nothing comes from it now).
     pub fn peers_drained(&self) -> bool {
         let m = self.metrics();
         let ids: Vec<u64> = m
@@ -126,7 +131,10 @@ impl Cluster {
             .collect();
         ids.into_iter()
             .filter(|&id| id != self.me.node_id)
-            .all(|id| self.forward.has_drained(id))
+            .all(|id| {
+                self.forward.has_drained(id)
+                    || self.settle.down_for(id).is_some_and(|d| d >= PEER_GONE)
+            })
     }
 
     /// The owner of `client_id`'s session in the replicated state.
