@@ -89,8 +89,10 @@ def test_message_metrics(broker, clients, version):
 
 def test_health_endpoints(broker):
     assert broker.http_get("/health/live")[0] == 200
+    assert broker.http_get("/healthz") == (200, "ok\n")
     # Ready once the node leads its cluster of one: a few ms after the ready file.
     wait_until("/health/ready to say 200", lambda: broker.http_get("/health/ready")[0] == 200)
+    assert broker.http_get("/readyz") == (200, "ready\n")
     status, body = broker.http_get("/metrics")
     assert status == 200
     for name in ("petrel_mqtt_connections", "petrel_mqtt_connections_total",

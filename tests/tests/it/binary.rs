@@ -216,9 +216,11 @@ async fn ready_file_log_line_and_health() {
         })
         .await;
         assert_eq!(b.http_get("/health/live").await.0, 200);
+        assert_eq!(b.http_get("/healthz").await, (200, "ok\n".to_owned()));
         // Ready once the node leads its cluster of one (an election of a few ms after the
         // listeners are up, which the ready file reports).
         b.wait_ready(200).await;
+        assert_eq!(b.http_get("/readyz").await, (200, "ready\n".to_owned()));
         let m = b.metrics().await;
         for family in [
             "petrel_mqtt_connections",
