@@ -884,6 +884,12 @@ impl Forwarder {
         // for it would be gone).
         let first = {
             let mut o = lock(&link.outbox);
+            if o.expired == 0 {
+                // Reachable, and nothing of its is overdue: new copies wait for it again
+                // (a refused first stream, or a broken one with nothing queued, left it
+                // behind with nothing to acknowledge that would clear it).
+                o.lagging = false;
+            }
             self.batch_of(&mut o)
         };
         self.qos0_left(link);
