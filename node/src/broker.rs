@@ -146,6 +146,8 @@ pub struct Broker {
     pub takeovers: crate::takeover::Takeovers,
     /// Publishes to other nodes (the cluster's data plane, in the node).
     pub forward: Arc<dyn DataPlane>,
+    /// An operator drained this node: new CONNECTs are sent to another server.
+    pub draining: std::sync::atomic::AtomicBool,
     /// The replicated route table (the cluster's state machine writes it).
     routes: Arc<RouteTable>,
     router: RwLock<SubscriptionTrie>,
@@ -233,6 +235,7 @@ impl Broker {
             control,
             takeovers: Default::default(),
             forward,
+            draining: Default::default(),
             routes,
             router: RwLock::new(SubscriptionTrie::default()),
             retained,

@@ -271,6 +271,24 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// Address the admin HTTP listener binds; port 0 picks a free port. Default `0.0.0.0:8080`.
     pub addr: SocketAddr,
+    /// A read-write bearer token for `/api/v1/*` (at least 16 characters). With neither
+    /// this nor `token_file`, the node makes one at first start in
+    /// `<data_dir>/admin-token` (mode 600). Default empty.
+    pub token: String,
+    /// A file of tokens, one per line: `read-only <token>` or `read-write <token>`.
+    /// Default empty.
+    pub token_file: PathBuf,
+    /// `/metrics` needs a token too. Default `false`.
+    pub protect_metrics: bool,
+    /// `/healthz` and `/readyz` need a token too. Default `false`.
+    pub protect_health: bool,
+    /// PEM certificate chain: with `tls_key_file`, the admin listener speaks HTTPS only.
+    /// Default empty (plain HTTP).
+    pub tls_cert_file: PathBuf,
+    /// PEM private key of `tls_cert_file`. Default empty.
+    pub tls_key_file: PathBuf,
+    /// A draining node closes at most this many client connections per second. Default 500.
+    pub drain_rate_per_sec: u32,
 }
 
 /// `[storage]` section.
@@ -487,6 +505,13 @@ impl Default for AdminConfig {
         AdminConfig {
             enabled: true,
             addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            token: String::new(),
+            token_file: PathBuf::new(),
+            protect_metrics: false,
+            protect_health: false,
+            tls_cert_file: PathBuf::new(),
+            tls_key_file: PathBuf::new(),
+            drain_rate_per_sec: 500,
         }
     }
 }
@@ -641,6 +666,17 @@ impl Config {
                  A-Z a-z 0-9 - _ ., got {:?}",
                 mqtt.client_id_prefix
             ));
+        }
+        if !admin.token.is_empty() {
+            if let Err(e) = petrel_admin_api::auth::check_token(&admin.token) {
+                problems.push(format!("admin.token: {e}"));
+            }
+        }
+        if admin.tls_cert_file.as_os_str().is_empty() != admin.tls_key_file.as_os_str().is_empty() {
+            problems.push("admin.tls_cert_file and admin.tls_key_file go together".to_owned());
+        }
+        if admin.drain_rate_per_sec == 0 {
+            problems.push("admin.drain_rate_per_sec must be at least 1".to_owned());
         }
         if admin.enabled && ports_clash(mqtt.addr, admin.addr) {
             let (a, m) = (admin.addr, mqtt.addr);

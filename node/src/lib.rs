@@ -24,6 +24,7 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod ctl;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod limit;
@@ -65,4 +66,6 @@ pub enum Error {
     Auth(#[from] auth::AuthError),
     #[error("cluster: {0}")]
     Cluster(#[source] cluster::StartError),
+    #[error("admin API: {0}")]
+    Admin(String),
 }

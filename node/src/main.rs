@@ -53,6 +53,17 @@ struct Cli {
     /// Admin HTTP listen address (overrides admin.addr)
     #[arg(long, env = "PETREL_ADMIN_ADDR", value_name = "HOST:PORT")]
     admin_addr: Option<SocketAddr>,
+    /// Read-write bearer token for the admin API (overrides admin.token)
+    #[arg(
+        long,
+        env = "PETREL_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    admin_token: Option<String>,
+    /// File of admin API tokens, `read-only|read-write <token>` per line (overrides admin.token_file)
+    #[arg(long, env = "PETREL_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
     /// This node's id in the cluster (overrides cluster.node_id)
     #[arg(long, env = "PETREL_NODE_ID", value_name = "N")]
     node_id: Option<u64>,
@@ -87,6 +98,8 @@ enum Command {
     Passwd(petrel_node::auth::PasswdArgs),
     /// Show the cluster's members, or remove a dead one, through any member
     Cluster(petrel_node::cluster::cli::ClusterArgs),
+    /// The admin REST API from the command line: sessions, retained messages, the cluster
+    Ctl(petrel_node::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +113,15 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("petrel passwd: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Ctl(args)) => {
+            return match petrel_node::ctl::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("petrel ctl: {e}");
                     ExitCode::FAILURE
                 }
             };
@@ -179,6 +201,12 @@ fn load_config(cli: &Cli) -> Result<Config, Vec<String>> {
     cfg.tls.cert_file = cli.tls_cert.clone().unwrap_or(cfg.tls.cert_file);
     cfg.tls.key_file = cli.tls_key.clone().unwrap_or(cfg.tls.key_file);
     cfg.admin.addr = cli.admin_addr.unwrap_or(cfg.admin.addr);
+    if let Some(t) = &cli.admin_token {
+        cfg.admin.token = t.clone();
+    }
+    if let Some(f) = &cli.admin_token_file {
+        cfg.admin.token_file = f.clone();
+    }
     cfg.storage.data_dir = cli.data_dir.clone().unwrap_or(cfg.storage.data_dir);
     cfg.log.format = cli.log_format.unwrap_or(cfg.log.format);
     cfg.cluster.node_id = cli.node_id.unwrap_or(cfg.cluster.node_id);

@@ -1,7 +1,13 @@
 //! The node's Prometheus metrics, registered in a per-node registry (no global state, so
 //! several nodes can live in one test process).
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+mod scrape;
+
+use std::sync::Arc;
+
+use prometheus::{HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+pub use scrape::{PerQos, Snapshot};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -10,8 +16,30 @@ pub struct Metrics {
     pub bad_packets: IntCounterVec,
     pub connect_timeouts: IntCounter,
     pub keepalive_timeouts: IntCounter,
-    pub messages_received: IntCounter,
-    pub messages_sent: IntCounter,
+    /// PUBLISH packets received, by QoS (sharded; shown as `received_by_qos`).
+    pub messages_received: PerQos,
+    /// PUBLISH packets sent, by QoS (sharded; shown as `sent_by_qos`).
+    pub messages_sent: PerQos,
+    received_by_qos: IntCounterVec,
+    sent_by_qos: IntCounterVec,
+    pub connections_closed: IntCounterVec,
+    sessions_connected: IntGauge,
+    sessions_offline: IntGauge,
+    queued_messages: IntGauge,
+    queued_bytes: IntGauge,
+    inflight_messages: IntGauge,
+    queue_depth: Arc<Snapshot>,
+    raft_term: IntGauge,
+    raft_leader_id: IntGauge,
+    raft_role: IntGaugeVec,
+    raft_commit_index: IntGauge,
+    raft_applied_index: IntGauge,
+    raft_apply_lag: IntGauge,
+    cluster_members: IntGauge,
+    node_ready: IntGauge,
+    node_info: IntGaugeVec,
+    peer_outbox_messages: IntGaugeVec,
+    peer_window_bytes: IntGaugeVec,
     pub bytes_received: IntCounter,
     pub bytes_sent: IntCounter,
     pub queue_dropped: IntCounterVec,
@@ -54,6 +82,26 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+/// Registers a shared collector.
+struct ArcCollector<C>(Arc<C>);
+
+impl<C: prometheus::core::Collector> prometheus::core::Collector for ArcCollector<C> {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
+    }
+}
+
 fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
     r.register(Box::new(c.clone()))
@@ -83,8 +131,43 @@ impl Metrics {
                 "petrel_mqtt_keepalive_timeouts_total",
                 "Connections closed after 1.5 times the keep alive without a packet",
             ),
-            messages_received: counter(&r, "petrel_mqtt_messages_received_total", "PUBLISH packets received"),
-            messages_sent: counter(&r, "petrel_mqtt_messages_sent_total", "PUBLISH packets sent"),
+            messages_received: PerQos::default(),
+            messages_sent: PerQos::default(),
+            received_by_qos: counter_vec(&r, "petrel_mqtt_messages_received_total", "PUBLISH packets received, by QoS", "qos"),
+            sent_by_qos: counter_vec(&r, "petrel_mqtt_messages_sent_total", "PUBLISH packets sent (retransmissions included), by QoS", "qos"),
+            connections_closed: counter_vec(
+                &r,
+                "petrel_mqtt_connections_closed_total",
+                "MQTT connections that ended after CONNECT, by reason (client_disconnect, client_closed, keepalive_timeout, taken_over, admin, shutdown, protocol_error, io_error, store_failed)",
+                "reason",
+            ),
+            sessions_connected: gauge(&r, "petrel_sessions_connected", "Sessions with a connection attached"),
+            sessions_offline: gauge(&r, "petrel_sessions_offline", "Persistent sessions held without a connection"),
+            queued_messages: gauge(&r, "petrel_session_queued_messages", "Messages queued for clients over all sessions, not yet sent"),
+            queued_bytes: gauge(&r, "petrel_session_queued_bytes", "Bytes of the messages queued over all sessions"),
+            inflight_messages: gauge(&r, "petrel_session_inflight_messages", "QoS 1/2 messages sent to clients and not yet acknowledged, over all sessions"),
+            queue_depth: {
+                let h = Arc::new(Snapshot::new(
+                    HistogramOpts::new(
+                        "petrel_session_queue_depth_messages",
+                        "Sessions by the number of messages queued for them (at scrape time)",
+                    )
+                    .buckets(vec![0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0]),
+                ));
+                r.register(Box::new(ArcCollector(h.clone()))).expect("metric registered once");
+                h
+            },
+            raft_term: gauge(&r, "petrel_raft_term", "Current Raft term"),
+            raft_leader_id: gauge(&r, "petrel_raft_leader_id", "Node id of the Raft leader this node knows (0: none)"),
+            raft_role: gauge_vec(&r, "petrel_raft_role", "This node's Raft role: 1 for the current one", &["role"]),
+            raft_commit_index: gauge(&r, "petrel_raft_commit_index", "Raft log index this node knows committed"),
+            raft_applied_index: gauge(&r, "petrel_raft_applied_index", "Raft log index this node has applied to its state"),
+            raft_apply_lag: gauge(&r, "petrel_raft_apply_lag", "Committed Raft entries this node has not applied yet"),
+            cluster_members: gauge(&r, "petrel_cluster_members", "Members of the cluster (voters and learners)"),
+            node_ready: gauge(&r, "petrel_node_ready", "1 while the node is ready for clients (as /readyz answers)"),
+            node_info: gauge_vec(&r, "petrel_node_info", "Always 1: this node's id and software version", &["node_id", "version"]),
+            peer_outbox_messages: gauge_vec(&r, "petrel_forward_peer_outbox_messages", "Forwarded copies a peer has not acknowledged yet, by peer", &["peer"]),
+            peer_window_bytes: gauge_vec(&r, "petrel_forward_peer_window_bytes", "Bytes forwarded to a peer and not acknowledged yet, by peer (publishers pause past cluster.forward_window_bytes)", &["peer"]),
             bytes_received: counter(&r, "petrel_mqtt_received_bytes_total", "Bytes read from MQTT clients"),
             bytes_sent: counter(&r, "petrel_mqtt_sent_bytes_total", "Bytes written to MQTT clients"),
             queue_dropped: counter_vec(
@@ -185,6 +268,20 @@ impl Metrics {
         for reason in ["queue_full", "expired", "too_large"] {
             m.queue_dropped.with_label_values(&[reason]);
         }
+        for qos in ["0", "1", "2"] {
+            m.received_by_qos.with_label_values(&[qos]);
+            m.sent_by_qos.with_label_values(&[qos]);
+        }
+        for role in ["leader", "follower", "learner", "candidate"] {
+            m.raft_role.with_label_values(&[role]);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            m.registry
+                .register(Box::new(pc))
+                .expect("metric registered once");
+        }
         for direction in ["out", "in", "late_in", "resumed_without"] {
             m.handovers.with_label_values(&[direction]);
         }
@@ -198,6 +295,73 @@ impl Metrics {
     /// Counts one refusal by a configured limit (`petrel_limit_hits_total{limit}`).
     pub fn limit_hit(&self, limit: &str) {
         self.limit_hits.with_label_values(&[limit]).inc();
+    }
+}
+
+/// Brings the metrics that are computed when read up to date (called before each scrape).
+pub fn refresh(broker: &crate::broker::Broker, cluster: &crate::cluster::Cluster, ready: bool) {
+    let m = &broker.metrics;
+    for q in 0..3u8 {
+        let label = [["0", "1", "2"][usize::from(q)]];
+        for (shards, shown) in [
+            (&m.messages_received, &m.received_by_qos),
+            (&m.messages_sent, &m.sent_by_qos),
+        ] {
+            let c = shown.with_label_values(&label);
+            let now = shards.of(q);
+            c.inc_by(now.saturating_sub(c.get()));
+        }
+    }
+    let sessions: Vec<_> = broker.sessions.lock().values().cloned().collect();
+    let (mut connected, mut offline, mut queued, mut bytes, mut inflight) =
+        (0i64, 0i64, 0i64, 0i64, 0i64);
+    let mut depths = Vec::with_capacity(sessions.len());
+    for s in &sessions {
+        let v = s.view();
+        if v.connected {
+            connected += 1;
+        } else if v.persistent {
+            offline += 1;
+        }
+        queued += v.queued_messages as i64;
+        bytes += v.queued_bytes as i64;
+        inflight += v.inflight_messages as i64;
+        depths.push(v.queued_messages as f64);
+    }
+    m.sessions_connected.set(connected);
+    m.sessions_offline.set(offline);
+    m.queued_messages.set(queued);
+    m.queued_bytes.set(bytes);
+    m.inflight_messages.set(inflight);
+    m.queue_depth.set(depths);
+    let st = cluster.status();
+    m.raft_term.set(st.term as i64);
+    m.raft_leader_id.set(st.leader_id.unwrap_or(0) as i64);
+    for role in ["leader", "follower", "learner", "candidate"] {
+        m.raft_role
+            .with_label_values(&[role])
+            .set(i64::from(st.role == role));
+    }
+    m.raft_commit_index.set(st.committed_index as i64);
+    m.raft_applied_index.set(st.applied_index as i64);
+    m.raft_apply_lag
+        .set(st.committed_index.saturating_sub(st.applied_index) as i64);
+    m.cluster_members
+        .set(st.members.iter().filter(|x| x.role != "removed").count() as i64);
+    m.node_ready.set(i64::from(ready));
+    m.node_info
+        .with_label_values(&[&st.node_id.to_string(), env!("CARGO_PKG_VERSION")])
+        .set(1);
+    m.peer_outbox_messages.reset();
+    m.peer_window_bytes.reset();
+    for (peer, msgs, bytes, _lagging) in cluster.forwarder().peers_view() {
+        let p = peer.to_string();
+        m.peer_outbox_messages
+            .with_label_values(&[&p])
+            .set(msgs as i64);
+        m.peer_window_bytes
+            .with_label_values(&[&p])
+            .set(bytes as i64);
     }
 }
 

@@ -296,24 +296,26 @@ impl Node {
         if sys_on {
             tracker.spawn(sys::run(broker.clone(), cancel.clone()));
         }
-        let admin = Arc::new(Admin {
-            broker: broker.clone(),
-            cluster: cluster.clone(),
-            ready: Default::default(),
-        });
+        let admin = Arc::new(Admin::new(broker.clone(), cluster.clone()));
+        cluster.set_admin(Arc::new(crate::admin::AdminCalls(admin.clone())));
         let admin_stop = CancellationToken::new();
-        let admin_task = admin_listener.map(|listener| {
-            let app = petrel_admin_api::router(admin.clone());
-            let stop = admin_stop.clone();
-            // Awaited by `shutdown` after the tracker's tasks, not tracked with them.
-            tokio::spawn(async move {
-                let serve =
-                    axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "admin server failed");
-                }
-            })
-        });
+        let admin_task = match admin_listener {
+            None => None,
+            Some(listener) => {
+                let policy = crate::admin::token::policy(&broker.cfg).map_err(Error::Admin)?;
+                let tls = admin_tls(&broker.cfg)?;
+                let app = petrel_admin_api::router(admin.clone(), policy);
+                let stop = admin_stop.clone();
+                // Awaited by `shutdown` after the tracker's tasks, not tracked with them.
+                Some(tokio::spawn(async move {
+                    let serve =
+                        petrel_admin_api::serve::serve(listener, app, tls, stop.cancelled_owned());
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "admin server failed");
+                    }
+                }))
+            }
+        };
         admin.ready.store(true, Ordering::Release);
         Ok(NodeHandle {
             broker,
@@ -394,6 +396,22 @@ impl NodeHandle {
         let store = self.broker.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
+}
+
+/// The admin listener's TLS configuration, when `admin.tls_cert_file` is set.
+fn admin_tls(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
+    let a = &cfg.admin;
+    if a.tls_cert_file.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let handle =
+        crate::transport::tls::TlsAcceptorHandle::load(crate::transport::tls::TlsSettings {
+            cert_file: a.tls_cert_file.clone(),
+            key_file: a.tls_key_file.clone(),
+            client_ca_file: None,
+            require_client_cert: false,
+        })?;
+    Ok(Some(handle.config()))
 }
 
 /// Waits for a failed store write, then counts it and logs it (once, here, where it is

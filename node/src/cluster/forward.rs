@@ -423,6 +423,26 @@ impl Forwarder {
         lock(&self.drained).contains(&peer)
     }
 
+    /// Each peer's outbox as it stands: (node, copies, bytes, lagging).
+    pub fn peers_view(&self) -> Vec<(u64, usize, usize, bool)> {
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = links
+            .values()
+            .map(|l| {
+                let o = lock(&l.outbox);
+                (l.node, o.entries.len(), o.bytes, o.lagging)
+            })
+            .collect();
+        out.sort_unstable_by_key(|p| p.0);
+        out
+    }
+
+    /// Whether `peer` keeps up: a link exists and no copy to it has timed out unacknowledged.
+    pub fn stream_up(&self, peer: u64) -> bool {
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
+        links.get(&peer).is_some_and(|l| !lock(&l.outbox).lagging)
+    }
+
     /// Deletes stored entries of `peer` (acknowledged, dropped, or their peer removed).
     fn unstore(&self, peer: u64, ids: &[u64]) {
         if ids.is_empty() {

@@ -116,6 +116,12 @@ pub struct Identity {
     pub version: String,
 }
 
+/// The admin API's calls this node answers for other members (`rpc Admin`).
+pub trait LocalAdmin: Send + Sync + 'static {
+    fn call(&self, op: String, args: Vec<u8>)
+        -> crate::control::BoxFuture<'static, pb::AdminReply>;
+}
+
 /// The running control plane of one node.
 pub struct Cluster {
     me: Identity,
@@ -135,6 +141,8 @@ pub struct Cluster {
     stop: CancellationToken,
     /// The node's sessions, for hand-overs (set once the node has built them).
     host: std::sync::OnceLock<Arc<dyn crate::control::SessionHost>>,
+    /// The node's admin API, for calls other members make (set once the node has it).
+    admin: std::sync::OnceLock<Arc<dyn LocalAdmin>>,
     /// A route change failed to commit: the routes are reconciled again soon.
     routes_dirty: Arc<AtomicBool>,
     /// Cluster clients by address, reused (one HTTP/2 connection per peer).
@@ -246,6 +254,7 @@ impl Cluster {
             started: Instant::now(),
             stop: cancel.clone(),
             host: std::sync::OnceLock::new(),
+            admin: std::sync::OnceLock::new(),
             routes_dirty: Arc::new(AtomicBool::new(true)),
             clients: Mutex::new(HashMap::new()),
             membership: tokio::sync::Mutex::new(()),
@@ -270,6 +279,116 @@ impl Cluster {
     }
 
     /// The data plane (the broker forwards through it; it delivers through the broker).
+    /// Lets other members call this node's admin API.
+    pub fn set_admin(&self, admin: Arc<dyn LocalAdmin>) {
+        let _ = self.admin.set(admin);
+    }
+
+    /// Calls `op` of another member's admin API (`rpc Admin`).
+    pub async fn admin_call(
+        &self,
+        grpc_addr: &str,
+        op: &str,
+        args: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<pb::AdminReply, tonic::Status> {
+        let mut client = self
+            .client(grpc_addr)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::AdminRequest {
+            op: op.to_owned(),
+            args_json: args.into(),
+        });
+        req.set_timeout(timeout);
+        Ok(client.admin(req).await?.into_inner())
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.me.node_id
+    }
+
+    /// The owner of a client id's session as the replica has it.
+    pub fn owner_node(&self, client_id: &str) -> Option<u64> {
+        self.sm.read().sessions.get(client_id).map(|r| r.node_id)
+    }
+
+    /// The route table as the replica holds it: (group, filter, node).
+    pub fn route_entries(&self) -> Vec<(String, String, u64)> {
+        let st = self.sm.read();
+        let mut out = Vec::with_capacity(st.routes.len());
+        for (key, nodes) in st.routes.iter() {
+            for n in nodes {
+                out.push((key.0.to_string(), key.1.to_string(), *n));
+            }
+        }
+        out
+    }
+
+    /// Marks a member as draining (or not) in the replicated state.
+    pub async fn propose_drain(&self, node_id: u64, draining: bool) -> Result<bool, ProposeError> {
+        let cmd = pb::Command {
+            cmd: Some(pb::command::Cmd::MemberDrain(pb::MemberDrain {
+                node_id,
+                draining,
+            })),
+        };
+        let p = self.propose(cmd).await?;
+        Ok(matches!(
+            p.outcome.result,
+            Some(pb::outcome::Result::Done(_))
+        ))
+    }
+
+    /// If this node leads, asks the most up-to-date other voter to take over; returns the
+    /// node asked, if any.
+    pub async fn hand_leadership_away(&self) -> Option<u64> {
+        let m = self.metrics();
+        if m.current_leader != Some(self.me.node_id) {
+            return None;
+        }
+        let replication = m.replication.clone().unwrap_or_default();
+        let to = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|id| *id != self.me.node_id)
+            .max_by_key(|id| {
+                replication
+                    .get(id)
+                    .cloned()
+                    .flatten()
+                    .map(|l| l.index)
+                    .unwrap_or(0)
+            })?;
+        match self.raft.trigger().transfer_leader(to).await {
+            Ok(()) => Some(to),
+            Err(e) => {
+                tracing::warn!(error = %e, to, "leadership transfer failed");
+                None
+            }
+        }
+    }
+
+    /// Removes a node, on the leader (this node if it leads).
+    pub async fn remove_via_leader(&self, node_id: u64) -> Result<(), tonic::Status> {
+        if self.leader() == Some(self.me.node_id) {
+            return self
+                .remove(node_id)
+                .await
+                .map_err(tonic::Status::failed_precondition);
+        }
+        let addr = self
+            .leader_addr()
+            .ok_or_else(|| tonic::Status::unavailable("no leader"))?;
+        let mut client = self
+            .client(&addr)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::RemoveRequest { node_id });
+        req.set_timeout(Duration::from_secs(30));
+        client.remove(req).await.map(|_| ())
+    }
+
     pub fn forwarder(&self) -> &Arc<forward::Forwarder> {
         &self.forward
     }

@@ -291,6 +291,19 @@ impl ClusterService for ClusterSvc {
         Ok(Response::new(pb::RemoveReply {}))
     }
 
+    async fn admin(
+        &self,
+        req: Request<pb::AdminRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let Some(admin) = self.0.admin.get().cloned() else {
+            return Err(Status::unavailable("the admin API is not up yet"));
+        };
+        let req = req.into_inner();
+        Ok(Response::new(
+            admin.call(req.op, req.args_json.to_vec()).await,
+        ))
+    }
+
     async fn status(
         &self,
         _req: Request<pb::StatusRequest>,

@@ -170,6 +170,9 @@ impl Conn {
         let props = &p.connect.properties;
         let v5 = p.connect.protocol.is_v5();
         let client_receive_max = props.receive_maximum.unwrap_or(u16::MAX) as usize;
+        session.set_subscriptions(crate::session::sub_views(
+            state.subscriptions.iter().map(|(f, s)| (&**f, s.options)),
+        ));
         Conn {
             protocol: p.connect.protocol,
             client_id: p.client_id,
@@ -416,6 +419,8 @@ impl Conn {
                                 ConnError::StoreFailed
                             }
                             Kick::Shutdown => ConnError::ShuttingDown,
+                            Kick::Admin => ConnError::Administrative { discard: false },
+                            Kick::AdminDiscard => ConnError::Administrative { discard: true },
                         });
                     }
                     self.queue_pending = true;
@@ -604,6 +609,11 @@ impl Conn {
     /// taking-over connection never waits for this one's last write.
     pub fn finish(mut self, exit: Exit) -> Goodbye {
         let metrics = &self.broker.metrics;
+        let label = match &exit {
+            Exit::Disconnect { .. } => "client_disconnect",
+            Exit::Error(e) => e.close_label(),
+        };
+        metrics.connections_closed.with_label_values(&[label]).inc();
         let (publish_will, reason) = match &exit {
             Exit::Disconnect { with_will } => (*with_will, None),
             Exit::Error(e) => {
@@ -673,6 +683,10 @@ impl Conn {
                     Duration::from_secs(delay as u64),
                 );
             }
+        }
+        if matches!(reason, Some(ConnError::Administrative { discard: true })) {
+            // The operator asked for the session to go with its connection.
+            self.expiry = 0;
         }
         let end = self.expiry == 0;
         let expires_at = (!end && self.expiry != u32::MAX)

@@ -30,6 +30,8 @@ pub enum ConnError {
     TakenOver,
     #[error("server shutting down")]
     ShuttingDown,
+    #[error("closed by an administrator")]
+    Administrative { discard: bool },
     #[error("the server's message store failed")]
     StoreFailed,
     #[error("connection closed in the middle of a packet")]
@@ -56,6 +58,7 @@ impl ConnError {
             ConnError::KeepAliveTimeout => ReasonCode::KEEP_ALIVE_TIMEOUT,
             ConnError::TakenOver => ReasonCode::SESSION_TAKEN_OVER,
             ConnError::ShuttingDown => ReasonCode::SERVER_SHUTTING_DOWN,
+            ConnError::Administrative { .. } => ReasonCode::ADMINISTRATIVE_ACTION,
             // Not 0x83 (the packet is valid but this implementation cannot process it): the
             // packets were fine, the server failed.
             ConnError::StoreFailed => ReasonCode::UNSPECIFIED_ERROR,
@@ -78,6 +81,20 @@ impl ConnError {
             ConnError::Truncated => "truncated",
             _ => return None,
         })
+    }
+
+    /// Label for `petrel_mqtt_connections_closed_total`.
+    pub fn close_label(&self) -> &'static str {
+        match self {
+            ConnError::PeerClosed | ConnError::Truncated => "client_closed",
+            ConnError::KeepAliveTimeout => "keepalive_timeout",
+            ConnError::TakenOver => "taken_over",
+            ConnError::Administrative { .. } => "admin",
+            ConnError::ShuttingDown => "shutdown",
+            ConnError::StoreFailed => "store_failed",
+            ConnError::Io(_) => "io_error",
+            _ => "protocol_error",
+        }
     }
 
     pub fn reason_string(&self) -> String {

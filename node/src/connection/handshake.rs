@@ -208,6 +208,14 @@ where
         let v = crate::persist::value::message(&msg, msg.qos, msg.retain, &[], &clock).ok()?;
         Some((v, will_delay))
     });
+    if broker.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        // v5: 0x9C Use another server; 3.1.x: 3 Server unavailable.
+        let rc = match protocol.is_v5() {
+            true => ReasonCode::USE_ANOTHER_SERVER,
+            false => ReasonCode::SERVER_UNAVAILABLE,
+        };
+        return Err(refuse(protocol, rc));
+    }
     let claim = crate::takeover::claim(
         broker,
         &accepted.client_id,
@@ -221,6 +229,19 @@ where
         Ok(c) => c,
         Err(rc) => return Err(refuse(protocol, rc)),
     };
+    session.set_client(crate::session::ClientInfo {
+        peer,
+        listener: info.listener.name(),
+        tls: matches!(
+            info.listener,
+            crate::listener::Kind::Mqtts | crate::listener::Kind::Wss
+        ),
+        protocol: protocol.level(),
+        keep_alive_secs: accepted.keep_alive,
+        clean_start: connect.clean_start,
+        username: connect.username.as_deref().map(str::to_owned),
+        connected_at_ms: crate::persist::value::Clock::now().unix_ms,
+    });
     if let Some(w) = &connect.will {
         // Stored now, not at the disconnect: if the node dies under this connection, the
         // restarted node still publishes it.

@@ -87,7 +87,7 @@ impl Conn {
 
     fn on_publish(&mut self, mut p: Publish) -> Result<(), ConnError> {
         let cfg = &self.broker.cfg;
-        self.broker.metrics.messages_received.inc();
+        self.broker.metrics.messages_received.inc(p.qos as u8);
         if let Some(rate) = &mut self.rate {
             // Under the throttle policy the read loop waited for this token already.
             if !rate.bucket.try_take(Instant::now())
@@ -464,6 +464,7 @@ impl Conn {
         // the bounded queue.
         self.state.retained_backlog.extend(retained);
         self.queue_pending = true;
+        self.show_subscriptions();
         Ok(())
     }
 
@@ -509,6 +510,15 @@ impl Conn {
             reason_codes: codes,
         });
         self.send_after_mark(durable, mark, unsuback);
+        self.show_subscriptions();
+    }
+
+    /// Tells the session (for the admin API) what this connection is subscribed to.
+    pub(super) fn show_subscriptions(&self) {
+        let subs = &self.state.subscriptions;
+        self.session.set_subscriptions(crate::session::sub_views(
+            subs.iter().map(|(f, s)| (&**f, s.options)),
+        ));
     }
 
     fn on_disconnect(&mut self, d: Disconnect) -> Result<Exit, ConnError> {

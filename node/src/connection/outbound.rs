@@ -14,6 +14,9 @@ const BATCH: usize = 256;
 impl Conn {
     /// Moves queued messages into the write buffer while the window and buffer allow.
     pub(super) fn pump(&mut self) {
+        // Acks and sends both lead here: what the admin API shows of the window. One
+        // relaxed store to a line only this connection writes.
+        self.session.set_inflight(self.state.inflight.len());
         if !self.state.retained_backlog.is_empty()
             && (self.pending_subacks > 0 || !self.pump_retained())
         {
@@ -46,6 +49,7 @@ impl Conn {
             }
         }
         BATCH_SCRATCH.set(batch);
+        self.session.set_inflight(self.state.inflight.len());
     }
 
     /// Sends retained messages owed to a SUBSCRIBE while the window and the write buffer
@@ -131,7 +135,7 @@ impl Conn {
         if let (true, Some(a), Some(aliases)) = (new_alias, alias, &mut self.aliases) {
             aliases.outbound.insert(d.msg.topic.clone(), a);
         }
-        metrics.messages_sent.inc();
+        metrics.messages_sent.inc(d.qos as u8);
         if let Some(packet_id) = packet_id {
             if d.qos == QoS::ExactlyOnce && d.seq != 0 {
                 // The packet id must be durable before the client can see it, or a restart
@@ -160,7 +164,7 @@ impl Conn {
                 let out = redelivery(f, now);
                 let fits = out.encoded_len(self.protocol) <= self.out_max_packet;
                 if fits && out.encode(self.protocol, &mut self.out).is_ok() {
-                    self.broker.metrics.messages_sent.inc();
+                    self.broker.metrics.messages_sent.inc(f.delivery.qos as u8);
                     true
                 } else {
                     self.broker

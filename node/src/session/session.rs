@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use super::queue::{self, Delivery, DropReason, Enqueued, Plan, QueueLimits};
 use super::registry::Epoch;
 use super::state::SessionState;
 use super::stats::SessionStats;
+use super::view::{sub_views, ClientInfo, SessionView, SubView};
 use crate::codec::QoS;
 use crate::message::Message;
 
@@ -42,6 +43,11 @@ pub enum Kick {
     TakenOver = 1,
     /// The node is shutting down.
     Shutdown = 2,
+    /// An operator closed the connection through the admin API (v5: DISCONNECT 0x98); the
+    /// session stays.
+    Admin = 3,
+    /// As `Admin`, and the session ends with the connection.
+    AdminDiscard = 4,
 }
 
 impl Kick {
@@ -49,6 +55,8 @@ impl Kick {
         match v {
             1 => Some(Kick::TakenOver),
             2 => Some(Kick::Shutdown),
+            3 => Some(Kick::Admin),
+            4 => Some(Kick::AdminDiscard),
             _ => None,
         }
     }
@@ -72,6 +80,11 @@ struct Inner {
     ended: bool,
     /// Next position in the stored queue (persistent sessions).
     next_seq: u64,
+    /// How the current (or last) connection came in (admin API).
+    client: Option<Arc<ClientInfo>>,
+    /// The subscriptions while a connection holds the state (admin API); the parked
+    /// state is read directly.
+    subs: Option<Arc<[SubView]>>,
 }
 
 pub struct Session {
@@ -91,6 +104,8 @@ pub struct Session {
     /// connection reads when `wake` wakes it, rather than a channel per connection: an
     /// idle connection then waits on one thing only.
     kicked: AtomicU8,
+    /// QoS 1/2 messages sent and not acknowledged, as the connection last said (admin API).
+    inflight: AtomicU32,
     /// Wakes a taking-over connection when the old one has parked the state.
     released: Notify,
     /// Wakes publishers waiting for this session's queue to get short again.
@@ -114,6 +129,7 @@ impl Session {
             wake: AtomicWaker::new(),
             woken: AtomicBool::new(false),
             kicked: AtomicU8::new(0),
+            inflight: AtomicU32::new(0),
             released: Notify::new(),
             drained: Notify::new(),
             stalled: AtomicBool::new(false),
@@ -127,6 +143,8 @@ impl Session {
                 expires_at: None,
                 ended: false,
                 next_seq: 1,
+                client: None,
+                subs: None,
             }),
         }
     }
@@ -530,6 +548,50 @@ impl Session {
         inner.queued_bytes = 0;
         self.drained.notify_waiters();
         (state, dropped)
+    }
+
+    /// Records how a connection came in (at CONNECT).
+    pub fn set_client(&self, info: ClientInfo) {
+        self.lock().client = Some(Arc::new(info));
+    }
+
+    /// Records the subscriptions a connection holds (at attach and after each SUBSCRIBE
+    /// or UNSUBSCRIBE).
+    pub fn set_subscriptions(&self, subs: Arc<[SubView]>) {
+        self.lock().subs = Some(subs);
+    }
+
+    /// Records how many messages the connection has in flight.
+    pub fn set_inflight(&self, n: usize) {
+        self.inflight
+            .store(n.min(u32::MAX as usize) as u32, Ordering::Relaxed);
+    }
+
+    /// A snapshot for the admin API.
+    pub fn view(&self) -> SessionView {
+        let inner = self.lock();
+        let (subscriptions, inflight) = match &inner.state {
+            // Parked: the state itself.
+            Some(st) => (
+                sub_views(st.subscriptions.iter().map(|(f, s)| (&**f, s.options))),
+                st.inflight.len(),
+            ),
+            None => (
+                inner.subs.clone().unwrap_or_else(|| Arc::from(Vec::new())),
+                self.inflight.load(Ordering::Relaxed) as usize,
+            ),
+        };
+        SessionView {
+            client_id: self.client_id.clone(),
+            connected: self.is_connected(),
+            persistent: self.is_persistent(),
+            expiry_secs: inner.expiry_secs,
+            client: inner.client.clone(),
+            queued_messages: inner.queue.len(),
+            queued_bytes: inner.queued_bytes,
+            inflight_messages: inflight,
+            subscriptions,
+        }
     }
 
     pub fn is_ended(&self) -> bool {
