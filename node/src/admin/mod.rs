@@ -142,30 +142,47 @@ impl Admin {
         }
     }
 
-    /// The node that holds a client id's session: the replica's owner, else whichever
-    /// member has it.
-    async fn find_session(&self, client_id: &str) -> Result<SessionInfo, AdminError> {
+    /// Runs `op` for a client id on the node that holds its session: the owner the replica
+    /// names, else this node, else whichever member has it (a clean session's claim may
+    /// not be in the replica).
+    async fn on_holder<T>(&self, op: &str, args: ClientArgs, here: impl Fn(&Admin) -> Result<T, AdminError>) -> Result<T, AdminError>
+    where
+        T: DeserializeOwned,
+    {
         let me = self.me();
-        match self.cluster.owner_node(client_id) {
-            Some(owner) if owner != me => {
-                if let Some(addr) = self.member_addr(owner) {
-                    let args = ClientArgs {
-                        client_id: client_id.to_owned(),
-                        discard: false,
-                    };
-                    return self.ask(owner, &addr, "session", &args).await;
-                }
-            }
-            _ => {
-                if let Some(s) = self.local_session(client_id) {
-                    return Ok(s);
-                }
+        let peers = self.peers();
+        let owner = self.cluster.owner_node(&args.client_id).filter(|o| *o != me);
+        if let Some((id, addr)) = owner.and_then(|o| peers.iter().find(|(id, _)| *id == o)) {
+            match self.ask(*id, addr, op, &args).await {
+                Err(e) if e.code == "unknown_session" => {}
+                other => return other,
             }
         }
-        if let Some(s) = self.local_session(client_id) {
-            return Ok(s);
+        match here(self) {
+            Err(e) if e.code == "unknown_session" => {}
+            other => return other,
         }
-        Err(unknown_session(client_id))
+        let asks = peers
+            .iter()
+            .filter(|(id, _)| Some(*id) != owner)
+            .map(|(id, addr)| self.ask::<T, _>(*id, addr, op, &args));
+        let mut unreachable = None;
+        for answer in futures_util::future::join_all(asks).await {
+            match answer {
+                Ok(t) => return Ok(t),
+                Err(e) if e.code == "unknown_session" => {}
+                Err(e) => unreachable = Some(e),
+            }
+        }
+        Err(unreachable.unwrap_or_else(|| unknown_session(&args.client_id)))
+    }
+
+    async fn find_session(&self, client_id: &str) -> Result<SessionInfo, AdminError> {
+        let args = ClientArgs { client_id: client_id.to_owned(), discard: false };
+        self.on_holder("session", args, |a| {
+            a.local_session(client_id).ok_or_else(|| unknown_session(client_id))
+        })
+        .await
     }
 }
 
@@ -235,18 +252,8 @@ impl AdminBackend for Admin {
 
     fn kick(&self, client_id: String, discard: bool) -> Reply<'_, KickOutcome> {
         Box::pin(async move {
-            let me = self.me();
-            let owner = self.cluster.owner_node(&client_id);
-            if let Some(owner) = owner.filter(|o| *o != me) {
-                if let Some(addr) = self.member_addr(owner) {
-                    let args = ClientArgs {
-                        client_id: client_id.clone(),
-                        discard,
-                    };
-                    return self.ask(owner, &addr, "kick", &args).await;
-                }
-            }
-            self.local_kick(&client_id, discard)
+            let args = ClientArgs { client_id: client_id.clone(), discard };
+            self.on_holder("kick", args, |a| a.local_kick(&client_id, discard)).await
         })
     }
 
