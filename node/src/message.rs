@@ -26,6 +26,24 @@ pub struct Message {
     /// Its bytes are its own: no slice of a connection's read buffer (see
     /// [`Message::detached`]).
     pub owned: bool,
+    /// When it was read from its publisher, on the few publishes the delivery latency is
+    /// measured on ([`sample_latency`]); `None` on the others.
+    pub received: Option<Instant>,
+}
+
+/// Whether the next publish read on this thread is one the delivery latency is measured on:
+/// one in 16, so that the clock read and the shared histogram's atomics stay off most
+/// publishes.
+pub fn sample_latency() -> bool {
+    use std::cell::Cell;
+    thread_local! {
+        static N: Cell<u8> = const { Cell::new(0) };
+    }
+    N.with(|n| {
+        let v = n.get().wrapping_add(1);
+        n.set(v);
+        v % 16 == 0
+    })
 }
 
 /// The properties of a message without any.
@@ -89,6 +107,7 @@ impl Message {
             expires_at,
             origin,
             owned: false,
+            received: None,
         }
     }
 
@@ -116,6 +135,7 @@ impl Message {
             expires_at,
             origin,
             owned: false,
+            received: None,
         }
     }
 
@@ -130,6 +150,7 @@ impl Message {
             expires_at: None,
             origin: SessionId::BROKER,
             owned: true,
+            received: None,
         }
     }
 
@@ -160,6 +181,7 @@ impl Message {
             expires_at: self.expires_at,
             origin: self.origin,
             owned: true,
+            received: None,
         }
     }
 

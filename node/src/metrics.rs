@@ -35,6 +35,12 @@ pub struct Metrics {
     raft_commit_index: IntGauge,
     raft_applied_index: IntGauge,
     raft_apply_lag: IntGauge,
+    raft_proposals: IntCounter,
+    pub storage_commit_seconds: prometheus::Histogram,
+    pub storage_commit_writes: prometheus::Histogram,
+    pub delivery_latency: prometheus::Histogram,
+    pub tls_expiry: IntGaugeVec,
+    raft_snapshots: IntCounter,
     cluster_members: IntGauge,
     node_ready: IntGauge,
     node_info: IntGaugeVec,
@@ -80,6 +86,14 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     r.register(Box::new(g.clone()))
         .expect("metric registered once");
     g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Histogram {
+    let h = prometheus::Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -158,11 +172,20 @@ impl Metrics {
                 h
             },
             raft_term: gauge(&r, "petrel_raft_term", "Current Raft term"),
-            raft_leader_id: gauge(&r, "petrel_raft_leader_id", "Node id of the Raft leader this node knows (0: none)"),
+            raft_leader_id: gauge(&r, "petrel_raft_leader_id", "Node id of the Raft leader this node knows (-1: none)"),
             raft_role: gauge_vec(&r, "petrel_raft_role", "This node's Raft role: 1 for the current one", &["role"]),
             raft_commit_index: gauge(&r, "petrel_raft_commit_index", "Raft log index this node knows committed"),
             raft_applied_index: gauge(&r, "petrel_raft_applied_index", "Raft log index this node has applied to its state"),
             raft_apply_lag: gauge(&r, "petrel_raft_apply_lag", "Committed Raft entries this node has not applied yet"),
+            storage_commit_seconds: histogram(&r, "petrel_storage_commit_seconds", "Time each RocksDB group commit took (write-ahead log write; fsync if storage.fsync)",
+                vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+            storage_commit_writes: histogram(&r, "petrel_storage_commit_batch_writes", "Writes (puts and deletes) per RocksDB group commit",
+                vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0]),
+            delivery_latency: histogram(&r, "petrel_delivery_latency_seconds", "Time from a PUBLISH read (on this node, or on the node that forwarded it) to its copy written for a subscriber, sampled (about 1 publish in 16 per connection)",
+                vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            tls_expiry: gauge_vec(&r, "petrel_tls_certificate_expiry_timestamp_seconds", "When the certificate a TLS listener serves expires (seconds since the Unix epoch), by listener", &["listener"]),
+            raft_proposals: counter(&r, "petrel_raft_proposals_total", "Commands this node queued for Raft (claims, route changes, retained messages, ...)"),
+            raft_snapshots: counter(&r, "petrel_raft_snapshots_total", "Raft snapshots this node built or installed"),
             cluster_members: gauge(&r, "petrel_cluster_members", "Members of the cluster (voters and learners)"),
             node_ready: gauge(&r, "petrel_node_ready", "1 while the node is ready for clients (as /readyz answers)"),
             node_info: gauge_vec(&r, "petrel_node_info", "Always 1: this node's id and software version", &["node_id", "version"]),
@@ -204,6 +227,10 @@ impl Metrics {
                 window_full: counter(&r, "petrel_forward_window_full_total", "QoS 1/2 publishes after which their publisher paused reading because a peer had more than cluster.forward_window_bytes unacknowledged"),
                 outbox_messages: gauge(&r, "petrel_forward_outbox_messages", "Forwarded copies not yet acknowledged by their peer"),
                 outbox_bytes: gauge(&r, "petrel_forward_outbox_bytes", "Bytes of forwarded copies not yet acknowledged by their peer"),
+                peer_messages: counter_vec(&r, "petrel_forward_peer_messages_total", "Forwarded copies sent to a peer (retransmits included), by peer", "peer"),
+                peer_bytes: counter_vec(&r, "petrel_forward_peer_bytes_total", "Bytes of forwarded batches sent to a peer, by peer", "peer"),
+                peer_batches: counter_vec(&r, "petrel_forward_peer_batches_total", "Forwarded batches sent to a peer, by peer", "peer"),
+                peer_errors: counter_vec(&r, "petrel_forward_peer_errors_total", "Forwarding streams to a peer that failed or were refused, by peer", "peer"),
             },
             cluster_routes_unknown_node: gauge(&r, "petrel_cluster_routes_unknown_node", "Entries of the route table whose node is not a member (should be 0)"),
             claims_refused: counter(&r, "petrel_claims_refused_total", "CONNECTs refused (CONNACK 0x88 / 3) because the cluster could not confirm the claim in time"),
@@ -336,7 +363,8 @@ pub fn refresh(broker: &crate::broker::Broker, cluster: &crate::cluster::Cluster
     m.queue_depth.set(depths);
     let st = cluster.status();
     m.raft_term.set(st.term as i64);
-    m.raft_leader_id.set(st.leader_id.unwrap_or(0) as i64);
+    // -1: no leader known (node ids start at 0).
+    m.raft_leader_id.set(st.leader_id.map_or(-1, |l| l as i64));
     for role in ["leader", "follower", "learner", "candidate"] {
         m.raft_role
             .with_label_values(&[role])
@@ -346,6 +374,11 @@ pub fn refresh(broker: &crate::broker::Broker, cluster: &crate::cluster::Cluster
     m.raft_applied_index.set(st.applied_index as i64);
     m.raft_apply_lag
         .set(st.committed_index.saturating_sub(st.applied_index) as i64);
+    let (proposed, snapshots) = cluster.raft_counts();
+    m.raft_proposals
+        .inc_by(proposed.saturating_sub(m.raft_proposals.get()));
+    m.raft_snapshots
+        .inc_by(snapshots.saturating_sub(m.raft_snapshots.get()));
     m.cluster_members
         .set(st.members.iter().filter(|x| x.role != "removed").count() as i64);
     m.node_ready.set(i64::from(ready));

@@ -185,6 +185,26 @@ impl Node {
             fsync: cfg.storage.fsync,
         })?;
         let metrics = Metrics::new();
+        {
+            let (seconds, writes) = (
+                metrics.storage_commit_seconds.clone(),
+                metrics.storage_commit_writes.clone(),
+            );
+            store.observe_commits(Box::new(move |took, n| {
+                seconds.observe(took.as_secs_f64());
+                writes.observe(n as f64);
+            }));
+        }
+        if let Some(at) = tls.as_ref().and_then(|t| t.not_after_unix()) {
+            for (listener, on) in [
+                ("mqtts", addrs.mqtts.is_some()),
+                ("wss", addrs.wss.is_some()),
+            ] {
+                if on {
+                    metrics.tls_expiry.with_label_values(&[listener]).set(at);
+                }
+            }
+        }
         let checks = PasswordChecks::new(
             &cfg.limits,
             metrics.password_checks_running.clone(),
@@ -303,7 +323,16 @@ impl Node {
             None => None,
             Some(listener) => {
                 let policy = crate::admin::token::policy(&broker.cfg).map_err(Error::Admin)?;
-                let tls = admin_tls(&broker.cfg)?;
+                let tls = admin_tls(&broker.cfg)?.map(|h| {
+                    if let Some(at) = h.not_after_unix() {
+                        broker
+                            .metrics
+                            .tls_expiry
+                            .with_label_values(&["admin"])
+                            .set(at);
+                    }
+                    h.config()
+                });
                 let app = petrel_admin_api::router(admin.clone(), policy);
                 let stop = admin_stop.clone();
                 // Awaited by `shutdown` after the tracker's tasks, not tracked with them.
@@ -399,7 +428,7 @@ impl NodeHandle {
 }
 
 /// The admin listener's TLS configuration, when `admin.tls_cert_file` is set.
-fn admin_tls(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
+fn admin_tls(cfg: &Config) -> Result<Option<crate::transport::tls::TlsAcceptorHandle>, Error> {
     let a = &cfg.admin;
     if a.tls_cert_file.as_os_str().is_empty() {
         return Ok(None);
@@ -411,7 +440,7 @@ fn admin_tls(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
             client_ca_file: None,
             require_client_cert: false,
         })?;
-    Ok(Some(handle.config()))
+    Ok(Some(handle))
 }
 
 /// Waits for a failed store write, then counts it and logs it (once, here, where it is

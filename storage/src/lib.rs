@@ -17,7 +17,7 @@ mod store;
 pub use error::{Error, Result};
 pub use keys::Cf;
 pub use raft::{RaftCodec, RaftLogStore};
-pub use store::{BatchWriter, Committed, Store, StoreOptions, Ticket, Txn};
+pub use store::{BatchWriter, CommitObserver, Committed, Store, StoreOptions, Ticket, Txn};
 
 /// On-disk format version written into every data directory.
 pub const FORMAT_VERSION: u32 = 1;

@@ -73,10 +73,16 @@ pub(crate) struct Shared {
     fsync: bool,
     /// The error that stopped the writer.
     write_error: Mutex<Option<rocksdb::Error>>,
+    /// Told of each group commit: how long the write took and how many writes it held.
+    on_commit: std::sync::OnceLock<CommitObserver>,
     /// Tests: make the next group commit fail.
     #[cfg(test)]
     fail_writes: AtomicBool,
 }
+
+/// What [`Store::observe_commits`] calls after each group commit, on the writer thread:
+/// the time the write took and the number of writes in it.
+pub type CommitObserver = Box<dyn Fn(std::time::Duration, usize) + Send + Sync>;
 
 /// A cheap handle; clones share one database and one writer.
 #[derive(Clone)]
@@ -247,6 +253,7 @@ impl Store {
             committed,
             fsync: opts.fsync,
             write_error: Mutex::new(None),
+            on_commit: std::sync::OnceLock::new(),
             #[cfg(test)]
             fail_writes: AtomicBool::new(false),
         });
@@ -350,6 +357,12 @@ impl Store {
         })
     }
 
+    /// Calls `f` after each group commit (once set, for good; a second call is ignored). It
+    /// runs on the writer thread: it must be quick.
+    pub fn observe_commits(&self, f: CommitObserver) {
+        let _ = self.shared.on_commit.set(f);
+    }
+
     /// Flushes what is pending and stops the writer; later appends are never written.
     pub fn close(&self) {
         lock(&self.shared.pending).stop = true;
@@ -377,7 +390,12 @@ fn write_loop(s: &Shared) {
             (std::mem::take(&mut p.batch), p.last, p.stop)
         };
         if !batch.is_empty() {
-            if let Err(e) = write(s, batch, &w) {
+            let (started, writes) = (std::time::Instant::now(), batch.len());
+            let r = write(s, batch, &w);
+            if let (Ok(()), Some(f)) = (&r, s.on_commit.get()) {
+                f(started.elapsed(), writes);
+            }
+            if let Err(e) = r {
                 // Handled by the node (it logs, counts and goes down): recorded, not logged.
                 *s.write_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
                 let mut p = lock(&s.pending);

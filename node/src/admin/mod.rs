@@ -145,13 +145,21 @@ impl Admin {
     /// Runs `op` for a client id on the node that holds its session: the owner the replica
     /// names, else this node, else whichever member has it (a clean session's claim may
     /// not be in the replica).
-    async fn on_holder<T>(&self, op: &str, args: ClientArgs, here: impl Fn(&Admin) -> Result<T, AdminError>) -> Result<T, AdminError>
+    async fn on_holder<T>(
+        &self,
+        op: &str,
+        args: ClientArgs,
+        here: impl Fn(&Admin) -> Result<T, AdminError>,
+    ) -> Result<T, AdminError>
     where
         T: DeserializeOwned,
     {
         let me = self.me();
         let peers = self.peers();
-        let owner = self.cluster.owner_node(&args.client_id).filter(|o| *o != me);
+        let owner = self
+            .cluster
+            .owner_node(&args.client_id)
+            .filter(|o| *o != me);
         if let Some((id, addr)) = owner.and_then(|o| peers.iter().find(|(id, _)| *id == o)) {
             match self.ask(*id, addr, op, &args).await {
                 Err(e) if e.code == "unknown_session" => {}
@@ -178,9 +186,13 @@ impl Admin {
     }
 
     async fn find_session(&self, client_id: &str) -> Result<SessionInfo, AdminError> {
-        let args = ClientArgs { client_id: client_id.to_owned(), discard: false };
+        let args = ClientArgs {
+            client_id: client_id.to_owned(),
+            discard: false,
+        };
         self.on_holder("session", args, |a| {
-            a.local_session(client_id).ok_or_else(|| unknown_session(client_id))
+            a.local_session(client_id)
+                .ok_or_else(|| unknown_session(client_id))
         })
         .await
     }
@@ -252,8 +264,12 @@ impl AdminBackend for Admin {
 
     fn kick(&self, client_id: String, discard: bool) -> Reply<'_, KickOutcome> {
         Box::pin(async move {
-            let args = ClientArgs { client_id: client_id.clone(), discard };
-            self.on_holder("kick", args, |a| a.local_kick(&client_id, discard)).await
+            let args = ClientArgs {
+                client_id: client_id.clone(),
+                discard,
+            };
+            self.on_holder("kick", args, |a| a.local_kick(&client_id, discard))
+                .await
         })
     }
 

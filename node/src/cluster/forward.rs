@@ -102,6 +102,37 @@ pub struct ForwardMetrics {
     /// Copies waiting in the outboxes (sent or not, unacknowledged) and their bytes.
     pub outbox_messages: IntGauge,
     pub outbox_bytes: IntGauge,
+    /// Per peer (label `peer`): copies, bytes and batches sent, and streams that failed.
+    pub peer_messages: IntCounterVec,
+    pub peer_bytes: IntCounterVec,
+    pub peer_batches: IntCounterVec,
+    pub peer_errors: IntCounterVec,
+}
+
+/// One peer's counters, looked up once per link.
+struct PeerCounters {
+    messages: IntCounter,
+    bytes: IntCounter,
+    batches: IntCounter,
+    errors: IntCounter,
+}
+
+impl PeerCounters {
+    fn new(m: &ForwardMetrics, peer: u64) -> PeerCounters {
+        let p = [peer.to_string()];
+        PeerCounters {
+            messages: m.peer_messages.with_label_values(&p),
+            bytes: m.peer_bytes.with_label_values(&p),
+            batches: m.peer_batches.with_label_values(&p),
+            errors: m.peer_errors.with_label_values(&p),
+        }
+    }
+
+    fn sent(&self, batch: &pb::ForwardBatch) {
+        self.batches.inc();
+        self.messages.inc_by(batch.messages.len() as u64);
+        self.bytes.inc_by(prost::Message::encoded_len(batch) as u64);
+    }
 }
 
 /// One copy in a peer's outbox.
@@ -173,6 +204,7 @@ struct Link {
     /// Woken when the outbox falls to half the window, or the peer is found behind, or the
     /// link stops: paused publishers look again.
     room: Notify,
+    counters: PeerCounters,
 }
 
 impl Link {
@@ -505,6 +537,7 @@ impl Forwarder {
                 stop: CancellationToken::new(),
                 window: self.window,
                 room: Notify::new(),
+                counters: PeerCounters::new(&self.metrics, id),
             });
             tracing::debug!(peer = id, %addr, "forwarding link up");
             tokio::spawn(self.clone().run_link(link.clone()));
@@ -873,6 +906,7 @@ impl Forwarder {
             lock(&link.outbox).sent = 0;
             self.let_go(std::slice::from_ref(&link), None);
             if let Err(e) = r {
+                link.counters.errors.inc();
                 tracing::debug!(peer = link.node, error = %e, "forwarding stream ended");
             }
             if started.elapsed() > RETRY_MAX {
@@ -913,6 +947,7 @@ impl Forwarder {
             self.batch_of(&mut o)
         };
         self.qos0_left(link);
+        link.counters.sent(&first);
         tx.send(first)
             .await
             .map_err(|_| "stream closed".to_owned())?;
@@ -933,6 +968,7 @@ impl Forwarder {
                 permit = tx.reserve(), if unsent => {
                     let permit = permit.map_err(|_| "stream closed".to_owned())?;
                     if let Some(batch) = self.take_batch(link) {
+                        link.counters.sent(&batch);
                         permit.send(batch);
                     }
                 }
@@ -999,14 +1035,17 @@ impl Forwarder {
                 if d.msg.is_expired(clock.now) {
                     continue;
                 }
+                let mut msg = d.msg;
+                if crate::message::sample_latency() {
+                    if let Some(fresh) = Arc::get_mut(&mut msg) {
+                        // Measured from the publishing node's clock reading.
+                        let ago = clock.unix_ms.saturating_sub(m.published_at_ms);
+                        fresh.received = clock.now.checked_sub(Duration::from_millis(ago));
+                    }
+                }
                 let shared = m.shared.iter().map(|s| (&*s.group, &*s.filter));
-                let routed = broker.deliver_forwarded(
-                    d.msg,
-                    m.plain,
-                    shared,
-                    m.published_at_ms,
-                    &mut scratch,
-                );
+                let routed =
+                    broker.deliver_forwarded(msg, m.plain, shared, m.published_at_ms, &mut scratch);
                 if let Some(t) = routed.ticket {
                     ticket = Some(ticket.map_or(t, |x: petrel_storage::Ticket| x.max(t)));
                 }

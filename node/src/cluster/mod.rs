@@ -159,6 +159,8 @@ pub struct Cluster {
     forward: Arc<forward::Forwarder>,
     /// This cluster, for futures that outlive a borrow of it.
     this: std::sync::Weak<Cluster>,
+    /// Commands queued for Raft since start (for metrics).
+    proposed: AtomicU64,
 }
 
 /// What the cluster shares with the rest of the node: the stores its state machine writes
@@ -244,6 +246,7 @@ impl Cluster {
         let (tx, rx) = mpsc::unbounded_channel();
         let cluster = Arc::new_cyclic(|this| Cluster {
             this: this.clone(),
+            proposed: AtomicU64::new(0),
             me,
             voters: cfg.voters,
             raft,
@@ -301,6 +304,14 @@ impl Cluster {
         });
         req.set_timeout(timeout);
         Ok(client.admin(req).await?.into_inner())
+    }
+
+    /// Commands proposed and snapshots built or installed, since start.
+    pub fn raft_counts(&self) -> (u64, u64) {
+        (
+            self.proposed.load(Ordering::Relaxed),
+            self.sm.snapshot_count(),
+        )
     }
 
     /// This node's id.
@@ -425,6 +436,7 @@ impl Cluster {
         let mark = q.last + 1;
         q.tx.send(Proposal { cmd, mark, reply }).ok()?;
         q.last = mark;
+        self.proposed.fetch_add(1, Ordering::Relaxed);
         Some(mark)
     }
 

@@ -492,6 +492,8 @@ pub struct StateMachine {
     store: Store,
     applied: watch::Sender<u64>,
     effects: mpsc::UnboundedSender<Effect>,
+    /// Snapshots built or installed since start (for metrics).
+    snapshots: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StateMachine {
@@ -519,11 +521,17 @@ impl StateMachine {
             store,
             applied: watch::channel(applied).0,
             effects,
+            snapshots: Arc::default(),
         };
         Ok((sm, rx))
     }
 
     /// Reads the state (never held across an await; apply waits for it).
+    /// Snapshots built or installed since start.
+    pub fn snapshot_count(&self) -> u64 {
+        self.snapshots.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn read(&self) -> RwLockReadGuard<'_, ClusterState> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -625,6 +633,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             bytes = data.len(),
             "raft snapshot built"
         );
+        self.snapshots
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Snapshot {
             meta,
             snapshot: data,
@@ -696,6 +706,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(state);
         self.applied.send_replace(applied);
         tracing::info!(last_log_id = ?meta.last_log_id, "raft snapshot installed");
+        self.snapshots
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

@@ -225,7 +225,11 @@ impl Conn {
             }
             _ => None,
         };
-        let msg = Arc::new(Message::from_publish(p, self.session.id(), Instant::now));
+        let mut msg = Message::from_publish(p, self.session.id(), Instant::now);
+        if crate::message::sample_latency() {
+            msg.received = Some(Instant::now());
+        }
+        let msg = Arc::new(msg);
         let mut matches = MATCHES.take();
         let routed = self.broker.publish(msg, &mut matches, inbound);
         // Emptied now rather than at the next publish: no session is kept alive by it.

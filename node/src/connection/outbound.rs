@@ -136,6 +136,11 @@ impl Conn {
             aliases.outbound.insert(d.msg.topic.clone(), a);
         }
         metrics.messages_sent.inc(d.qos as u8);
+        if let Some(at) = d.msg.received {
+            metrics
+                .delivery_latency
+                .observe(now.saturating_duration_since(at).as_secs_f64());
+        }
         if let Some(packet_id) = packet_id {
             if d.qos == QoS::ExactlyOnce && d.seq != 0 {
                 // The packet id must be durable before the client can see it, or a restart

@@ -78,6 +78,7 @@ impl Delivery {
             expires_at: None,
             origin: crate::session::SessionId::BROKER,
             owned: true,
+            received: None,
         };
         Delivery {
             msg: Arc::new(msg),

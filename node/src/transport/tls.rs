@@ -192,6 +192,18 @@ impl std::fmt::Debug for TlsAcceptorHandle {
     }
 }
 
+impl TlsAcceptorHandle {
+    /// When the served (end-entity) certificate expires, in seconds since the Unix epoch.
+    pub fn not_after_unix(&self) -> Option<i64> {
+        let state = self.shared.state.read().unwrap_or_else(|e| e.into_inner());
+        let first = CertificateDer::pem_slice_iter(&state.loaded.cert)
+            .next()?
+            .ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(first.as_ref()).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+}
+
 /// The common name of the client certificate that the handshake on `conn` verified.
 ///
 /// `None` when the client sent no certificate (or the listener asks for none), or when the
