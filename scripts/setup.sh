@@ -7,7 +7,8 @@
 #   node  what building and running a node needs: a C/C++ toolchain, pkg-config, clang and
 #         libclang (bindgen for librocksdb-sys), protoc
 #   test  (default) the above, plus what the test suite and benchmarks use: mosquitto-clients,
-#         the mosquitto broker, and the Python packages in tests/python/requirements.txt
+#         the mosquitto broker, Prometheus (promtool and the server), and the Python packages
+#         in tests/python/requirements.txt
 #
 # The Rust toolchain itself is not installed here (it comes from rustup, which needs a network
 # this script does not assume); if cargo is missing the script says how to get it and fails.
@@ -67,6 +68,8 @@ if [ "$profile" = test ]; then
     need_deb mosquitto-clients command -v mosquitto_sub
     # The Mosquitto broker is only used by the benchmarks, side by side with Petrel.
     need_deb mosquitto command -v mosquitto
+    # promtool for scripts/check-monitoring.sh; the server for tests/python/test_monitoring.py.
+    need_deb prometheus command -v promtool
     need_deb python3 command -v python3
     need_deb python3-pip python3 -m pip --version
 fi
@@ -83,11 +86,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
     # and take the port a Petrel node wants. Keep it stopped: the benchmarks start their own.
     had_mosquitto=0
     deb_installed mosquitto && had_mosquitto=1
+    had_prometheus=0
+    deb_installed prometheus && had_prometheus=1
     as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
     if [ "$had_mosquitto" -eq 0 ] && deb_installed mosquitto && command -v systemctl >/dev/null 2>&1 &&
         systemctl is-active --quiet mosquitto 2>/dev/null; then
         say "stopping and disabling the mosquitto service that the package started (port 1883)"
         as_root systemctl disable --now mosquitto >/dev/null 2>&1 || true
+    fi
+    if [ "$had_prometheus" -eq 0 ] && deb_installed prometheus && command -v systemctl >/dev/null 2>&1 &&
+        systemctl is-active --quiet prometheus 2>/dev/null; then
+        say "stopping and disabling the prometheus service that the package started (port 9090)"
+        as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
     fi
 else
     say "Debian packages: all present"
@@ -97,7 +107,7 @@ fi
 if [ "$profile" = test ]; then
     if python3 - <<'EOF' >/dev/null 2>&1; then
 import importlib.metadata as md
-import paho.mqtt, pytest, pytest_timeout  # noqa: F401
+import paho.mqtt, pytest, pytest_timeout, schemathesis  # noqa: F401
 assert int(md.version("paho-mqtt").split(".")[0]) >= 2
 EOF
         say "Python packages: all present"

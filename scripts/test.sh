@@ -5,6 +5,8 @@
 #   2. cargo test --workspace       unit, property and Rust end-to-end tests
 #      cargo test (part)            message exchange again with every broker a 3-node cluster
 #   3. fuzz                         the codec and whole connections, a time budget each
+#      check-monitoring             promtool on the Prometheus config and alert rules (with unit
+#                                   tests), the Grafana dashboard's JSON
 #   4. pytest tests/python          paho-mqtt (3.1.1 and 5.0) against the binary, raw bad input
 #      pytest tests/cluster_check   the black-box cross-node suite against a 3-node cluster
 #      pytest tests/python (part)   message exchange again with every broker a 3-node cluster
@@ -178,6 +180,21 @@ else
     else
         record fuzz FAILED "in-tree: $p passed, $f failed, exit $rc; input saved in node/fuzz/regressions/"
     fi
+fi
+
+# --- 3b. monitoring files -------------------------------------------------------------------------
+# deploy/prometheus (promtool check config/rules, rule unit tests) and the Grafana dashboard;
+# tests/python/test_monitoring.py then evaluates them against live nodes.
+banner "check-monitoring"
+bash "$here/check-monitoring.sh" 2>&1 | tee "$logs/monitoring.log"
+rc=${PIPESTATUS[0]}
+read -r p f < <(sed -En 's/^check-monitoring: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/p' \
+    "$logs/monitoring.log" | awk '{p = $1; f = $2} END {print p + 0, f + 0}')
+add_counts "$p" "$f" 0 0
+if [ "$rc" -eq 0 ]; then
+    record "check-monitoring" ok "$(counts "$p" "$f" 0 0)"
+else
+    record "check-monitoring" FAILED "$(counts "$p" "$f" 0 0), exit $rc"
 fi
 
 # --- 4. pytest ----------------------------------------------------------------------------------------
