@@ -47,6 +47,8 @@ network="$prefix-net"
 replicas=3
 
 say() { printf 'prove-chart: %s\n' "$*"; }
+passed=0
+ok() { say "ok: $*"; passed=$((passed + 1)); }
 fail() {
     printf 'prove-chart: FAILED: %s\n' "$*" >&2
     for i in $(seq 0 $((replicas - 1))); do
@@ -55,6 +57,7 @@ fail() {
             docker logs --tail 30 "$prefix-$i" >&2 2>&1 || true
         fi
     done
+    echo "prove-chart: $passed passed, 1 failed"
     exit 1
 }
 
@@ -99,8 +102,10 @@ else
     "$repo/deploy/build-image.sh" --prebuilt "$bin" --tag "$image" >"$work/build.log" 2>&1 ||
         { cat "$work/build.log" >&2; fail "image build"; }
     new_id="$(docker image inspect -f '{{.Id}}' "$image")"
-    if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
-        docker rmi "$old_id" >/dev/null 2>&1 || true  # the previous run's, now untagged
+    # The previous run's image, if nothing else names it now.
+    if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ] &&
+        [ "$(docker image inspect -f '{{len .RepoTags}}' "$old_id" 2>/dev/null)" = 0 ]; then
+        docker rmi "$old_id" >/dev/null 2>&1 || true
     fi
 fi
 
@@ -221,7 +226,14 @@ start_pod() {
     docker run -d "${args[@]}" >/dev/null
 }
 
-host_port() { docker port "$prefix-$1" "$2/tcp" | head -n 1 | sed 's/.*://'; }
+# log_has I PATTERN: node I's log so far matches PATTERN (read whole: `docker logs | grep -q`
+# under pipefail fails when grep stops reading early).
+log_has() {
+    docker logs "$prefix-$1" >"$work/log-$1" 2>&1 || true
+    grep -qE "$2" "$work/log-$1"
+}
+
+host_port() { docker port "$prefix-$1" "$2/tcp" | sed -n '1s/.*://p'; }
 
 readyz() { curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$(host_port "$1" "$admin_port")/readyz" || true; }
 
@@ -230,7 +242,7 @@ wait_ready() {
     while [ $SECONDS -lt $deadline ]; do
         code="$(readyz "$i")"
         [ "$code" = 200 ] && return 0
-        docker container inspect -f '{{.State.Running}}' "$prefix-$i" 2>/dev/null | grep -q true ||
+        [ "$(docker container inspect -f '{{.State.Running}}' "$prefix-$i" 2>/dev/null)" = true ] ||
             fail "$prefix-$i exited: $(docker container inspect -f '{{.State.ExitCode}}' "$prefix-$i")"
         sleep 0.5
     done
@@ -273,7 +285,7 @@ pub_sub() {
         grep -qx "from node $from" "${outs[$n]}" ||
             fail "subscriber on node ${*:$((n + 1)):1}: $(cat "${outs[$n]}" 2>/dev/null)"
     done
-    say "ok: a message published on node $from reached subscribers on nodes $*"
+    ok "a message published on node $from reached subscribers on nodes $*"
 }
 
 say "starting $replicas containers from $image"
@@ -284,17 +296,17 @@ t0=$SECONDS
 for i in $(seq 0 $((replicas - 1))); do
     wait_ready "$i"
 done
-say "ok: /readyz is 200 on every node ($((SECONDS - t0)) s after the start)"
+ok "/readyz is 200 on every node ($((SECONDS - t0)) s after the start)"
 for i in $(seq 0 $((replicas - 1))); do
     n="$(members "$i")"
     [ "$n" = "$replicas" ] || fail "node $i sees $n members, not $replicas"
 done
-say "ok: every node sees one cluster of $replicas members"
-docker logs "$prefix-0" 2>&1 | grep -q 'started a new cluster' || fail "node 0 did not start the cluster"
+ok "every node sees one cluster of $replicas members"
+log_has "0" 'started a new cluster' || fail "node 0 did not start the cluster"
 for i in $(seq 1 $((replicas - 1))); do
-    docker logs "$prefix-$i" 2>&1 | grep -q 'started a new cluster' && fail "node $i started a cluster of its own"
+    log_has "$i" 'started a new cluster' && fail "node $i started a cluster of its own"
 done
-say "ok: node 0 started the cluster, the others joined it"
+ok "node 0 started the cluster, the others joined it"
 if [ "${#token_values[@]}" -gt 0 ]; then
     admin_url="http://127.0.0.1:$admin_port"
     docker exec "$prefix-1" petrel ctl --url "$admin_url" cluster status >/dev/null ||
@@ -305,7 +317,7 @@ if [ "${#token_values[@]}" -gt 0 ]; then
     fi
     docker exec "$prefix-1" test ! -e /var/lib/petrel/data/admin-token ||
         fail "the node made a token of its own although PETREL_ADMIN_TOKEN is set"
-    say "ok: the admin API takes the token of the chart's Secret (PETREL_ADMIN_TOKEN) and no other"
+    ok "the admin API takes the token of the chart's Secret (PETREL_ADMIN_TOKEN) and no other"
 fi
 
 pub_sub 0 1 2
@@ -316,7 +328,7 @@ got="$(mosquitto_sub -h 127.0.0.1 -p "$(host_port 2 "$mqtt_port")" -t "$retained
     fail "no retained message on node 2"
 [ "$got" = kept ] || fail "retained message on node 2: $got"
 mosquitto_pub -h 127.0.0.1 -p "$(host_port 1 "$mqtt_port")" -t "$retained" -r -n -q 1
-say "ok: a retained message set on node 1 was read on node 2"
+ok "a retained message set on node 1 was read on node 2"
 
 # --- a pod stopped and started again on its volume ---------------------------------------------
 # status_of I EXPR: a field of `petrel cluster status --json` on node I (members by position).
@@ -342,15 +354,15 @@ docker exec "$prefix-$victim" "${prestop[@]}" || fail "the preStop hook failed"
 prestop_s=$((SECONDS - t0))
 kill "$drained_pid" 2>/dev/null || true
 wait "$drained_pid" 2>/dev/null || true
-if printf '%s\n' "${prestop[@]}" | grep -q 'cluster drain'; then
-    docker logs "$prefix-$victim" 2>&1 | grep -q 'draining through the admin API' ||
+if [[ "${prestop[*]}" == *"cluster drain"* ]]; then
+    log_has "$victim" 'draining through the admin API' ||
         fail "the preStop hook did not drain the node"
-    docker logs "$prefix-$victim" 2>&1 | grep -q 'leadership handed away' ||
+    log_has "$victim" 'leadership handed away' ||
         fail "the drained leader did not hand leadership on"
     code="$(readyz "$victim")"
     [ "$code" = 503 ] || fail "a drained node answers /readyz with $code, not 503"
     grep -q 'DISCONNECT' "$work/drained" || fail "the client on the drained node was not sent away: $(cat "$work/drained")"
-    say "ok: preStop ($prestop_s s) drained node $victim: /readyz 503, leadership handed on, its client got: $(grep -m1 DISCONNECT "$work/drained" | sed 's/^Client [^ ]* //')"
+    ok "preStop ($prestop_s s) drained node $victim: /readyz 503, leadership handed on, its client got: $(grep -m1 DISCONNECT "$work/drained" | sed 's/^Client [^ ]* //')"
     leader="$(status_of $(( (victim + 1) % replicas )) '["leader_id"]')"
     [ "$leader" != "$victim" ] || fail "node $victim still leads after its drain"
     [ "$(status_of $(( (victim + 1) % replicas )) "[\"members\"][$victim][\"draining\"]")" = True ] ||
@@ -360,22 +372,22 @@ t0=$SECONDS
 docker stop -t "$grace" "$prefix-$victim" >/dev/null
 code="$(docker container inspect -f '{{.State.ExitCode}}' "$prefix-$victim")"
 [ "$code" = 0 ] || fail "$prefix-$victim exited with $code after SIGTERM"
-docker logs "$prefix-$victim" 2>&1 | grep -q 'shutting down' || fail "no graceful shutdown in the log"
-say "ok: after SIGTERM it exited 0 in $((SECONDS - t0)) s ($((prestop_s + SECONDS - t0)) s from the preStop hook, grace period ${grace} s)"
+log_has "$victim" 'shutting down' || fail "no graceful shutdown in the log"
+ok "after SIGTERM it exited 0 in $((SECONDS - t0)) s ($((prestop_s + SECONDS - t0)) s from the preStop hook, grace period ${grace} s)"
 docker rm "$prefix-$victim" >/dev/null
 start_pod "$victim"
 wait_ready "$victim"
-docker logs "$prefix-$victim" 2>&1 | grep -qE 'joined the cluster|started a new cluster' &&
+log_has "$victim" 'joined the cluster|started a new cluster' &&
     fail "the restarted node joined afresh instead of coming back from its volume"
 other=$(( (victim + 1) % replicas ))
 n="$(members "$other")"
 [ "$n" = "$replicas" ] || fail "after the restart node $other sees $n members"
 [ "$(status_of "$other" "[\"members\"][$victim][\"draining\"]")" = False ] ||
     fail "node $victim is still marked draining after its restart"
-say "ok: the new container on the same volume rejoined by itself (ready, not draining); still $n members"
+ok "the new container on the same volume rejoined by itself (ready, not draining); still $n members"
 pub_sub "$other" "$victim"
 
-say "all checks passed"
+echo "prove-chart: $passed passed, 0 failed"
 if [ "$keep" = 1 ]; then
     say "--keep: containers $prefix-0..$((replicas - 1)) stay; MQTT on 127.0.0.1:$(host_port 0 "$mqtt_port")"
 fi

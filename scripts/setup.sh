@@ -107,7 +107,7 @@ fi
 if [ "$profile" = test ]; then
     if python3 - <<'EOF' >/dev/null 2>&1; then
 import importlib.metadata as md
-import paho.mqtt, pytest, pytest_timeout, schemathesis  # noqa: F401
+import paho.mqtt, pytest, pytest_timeout, schemathesis, yaml, kubernetes_validate  # noqa: F401
 assert int(md.version("paho-mqtt").split(".")[0]) >= 2
 EOF
         say "Python packages: all present"

@@ -290,6 +290,34 @@ elif [ "${#interop[@]}" -gt 0 ]; then
     record interop FAILED "not run: no binary"
 fi
 
+
+# --- 6. deployment -------------------------------------------------------------------------------
+# The Helm chart (lint, render, validate against two Kubernetes versions: scripts/check-helm.sh;
+# tests on the rendered YAML run with pytest above), then the chart's startup logic for real:
+# three containers started as the rendered StatefulSet says, on a Docker network whose aliases
+# are the pods' DNS names (scripts/prove-chart.sh builds the image from $PETREL_BIN, offline).
+run_counted() { # run_counted NAME MINUTES COMMAND...
+    local name="$1" minutes="$2" rc p f
+    shift 2
+    banner "$name"
+    timeout --kill-after=30 "${minutes}m" "$@" 2>&1 | tee "$logs/step.log"
+    rc=${PIPESTATUS[0]}
+    read -r p f < <(sed -En 's/^[a-z-]+: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/p' "$logs/step.log" | tail -n 1)
+    p=${p:-0} f=${f:-0}
+    add_counts "$p" "$f" 0 0
+    if [ "$rc" -eq 0 ] && [ "$p" -gt 0 ]; then
+        record "$name" ok "$(counts "$p" "$f" 0 0)"
+    else
+        record "$name" FAILED "$(counts "$p" "$f" 0 0), exit $rc"
+    fi
+}
+run_counted "helm chart" 5 bash "$here/check-helm.sh"
+if [ -x "$PETREL_BIN" ] && docker info >/dev/null 2>&1; then
+    run_counted "chart on docker" 10 bash "$here/prove-chart.sh"
+else
+    record "chart on docker" FAILED "not run: no binary or no docker engine"
+fi
+
 # --- summary ---------------------------------------------------------------------------------------
 banner "summary"
 for i in "${!steps[@]}"; do

@@ -37,6 +37,8 @@ pub struct SessionInfo {
     pub queued_bytes: u64,
     /// QoS 1/2 messages sent and not yet acknowledged.
     pub inflight_messages: u64,
+    /// Bytes of the messages in flight.
+    pub inflight_bytes: u64,
     /// Number of subscriptions.
     pub subscription_count: u64,
     /// The subscriptions (only in the answer for one session).

@@ -54,7 +54,7 @@ fn message(topic: &'static str, payload: Bytes) -> Arc<Message> {
         expires_at: None,
         origin: SessionId(99),
         owned: true,
-        received: None,
+        received: crate::message::Stamp::NONE,
     })
 }
 

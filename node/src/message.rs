@@ -27,8 +27,46 @@ pub struct Message {
     /// [`Message::detached`]).
     pub owned: bool,
     /// When it was read from its publisher, on the few publishes the delivery latency is
-    /// measured on ([`sample_latency`]); `None` on the others.
-    pub received: Option<Instant>,
+    /// measured on ([`sample_latency`]): a [`Stamp`] (0 on the others). Four bytes, in what
+    /// would otherwise be padding.
+    pub received: Stamp,
+}
+
+/// A point in time in 4 bytes: microseconds since the process started, wrapping every 71
+/// minutes; 0: none. Good for measuring short spans only ([`Stamp::elapsed`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stamp(u32);
+
+/// The longest span a [`Stamp`] measures; longer ones (a session that was offline) are not
+/// measured, and a stamp aliases after 71 minutes.
+const STAMP_SPAN: Duration = Duration::from_secs(60);
+
+fn process_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    // An hour back, so that a time shortly before the first use (a forwarded message's
+    // publish) still comes after it.
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+    })
+}
+
+impl Stamp {
+    pub const NONE: Stamp = Stamp(0);
+
+    pub fn at(t: Instant) -> Stamp {
+        let us = t.saturating_duration_since(process_epoch()).as_micros() as u32;
+        Stamp(us.max(1))
+    }
+
+    /// The time from the stamp to `now`, if there is a stamp and the span is under a minute.
+    pub fn elapsed(self, now: Instant) -> Option<Duration> {
+        if self.0 == 0 {
+            return None;
+        }
+        let d = Duration::from_micros(u64::from(Stamp::at(now).0.wrapping_sub(self.0)));
+        (d < STAMP_SPAN).then_some(d)
+    }
 }
 
 /// Whether the next publish read on this thread is one the delivery latency is measured on:
@@ -107,7 +145,7 @@ impl Message {
             expires_at,
             origin,
             owned: false,
-            received: None,
+            received: Stamp::NONE,
         }
     }
 
@@ -135,7 +173,7 @@ impl Message {
             expires_at,
             origin,
             owned: false,
-            received: None,
+            received: Stamp::NONE,
         }
     }
 
@@ -150,7 +188,7 @@ impl Message {
             expires_at: None,
             origin: SessionId::BROKER,
             owned: true,
-            received: None,
+            received: Stamp::NONE,
         }
     }
 
@@ -181,7 +219,7 @@ impl Message {
             expires_at: self.expires_at,
             origin: self.origin,
             owned: true,
-            received: None,
+            received: Stamp::NONE,
         }
     }
 
@@ -226,6 +264,15 @@ mod tests {
     #[test]
     fn message_and_delivery_sizes() {
         assert!(std::mem::size_of::<Message>() <= 104);
+        let t = Instant::now();
+        let s = Stamp::at(t);
+        assert_eq!(s.elapsed(t), Some(Duration::ZERO));
+        assert_eq!(
+            s.elapsed(t + Duration::from_millis(5)),
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(s.elapsed(t + Duration::from_secs(61)), None);
+        assert_eq!(Stamp::NONE.elapsed(t), None);
         // `Delivery::acl_gen` and the flags sit in what would otherwise be padding.
         assert!(std::mem::size_of::<crate::session::Delivery>() <= 48);
     }

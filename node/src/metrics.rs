@@ -181,7 +181,7 @@ impl Metrics {
                 vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
             storage_commit_writes: histogram(&r, "petrel_storage_commit_batch_writes", "Writes (puts and deletes) per RocksDB group commit",
                 vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0]),
-            delivery_latency: histogram(&r, "petrel_delivery_latency_seconds", "Time from a PUBLISH read (on this node, or on the node that forwarded it) to its copy written for a subscriber, sampled (about 1 publish in 16 per connection)",
+            delivery_latency: histogram(&r, "petrel_delivery_latency_seconds", "Time from a PUBLISH read (on this node, or on the node that forwarded it) to its copy written for a subscriber, sampled (about 1 publish in 16 per thread); copies written more than a minute after their publish (a session that was offline) are not counted",
                 vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             tls_expiry: gauge_vec(&r, "petrel_tls_certificate_expiry_timestamp_seconds", "When the certificate a TLS listener serves expires (seconds since the Unix epoch), by listener", &["listener"]),
             raft_proposals: counter(&r, "petrel_raft_proposals_total", "Commands this node queued for Raft (claims, route changes, retained messages, ...)"),

@@ -300,7 +300,7 @@ fn take_messages(
                 };
                 session
                     .with_parked(move |st| {
-                        st.inflight.push_back(f);
+                        st.push_inflight(f);
                         st.next_packet_id = packet_id.next().max(st.next_packet_id);
                     })
                     .is_some()

@@ -358,6 +358,7 @@ fn info(node_id: u64, v: &SessionView, detail: bool) -> SessionInfo {
         queued_messages: v.queued_messages as u64,
         queued_bytes: v.queued_bytes as u64,
         inflight_messages: v.inflight_messages as u64,
+        inflight_bytes: v.inflight_bytes as u64,
         subscription_count: v.subscriptions.len() as u64,
         subscriptions: detail.then(|| {
             v.subscriptions

@@ -1040,7 +1040,9 @@ impl Forwarder {
                     if let Some(fresh) = Arc::get_mut(&mut msg) {
                         // Measured from the publishing node's clock reading.
                         let ago = clock.unix_ms.saturating_sub(m.published_at_ms);
-                        fresh.received = clock.now.checked_sub(Duration::from_millis(ago));
+                        if let Some(at) = clock.now.checked_sub(Duration::from_millis(ago)) {
+                            fresh.received = crate::message::Stamp::at(at);
+                        }
                     }
                 }
                 let shared = m.shared.iter().map(|s| (&*s.group, &*s.filter));

@@ -13,7 +13,7 @@ fn msg(qos: QoS, payload: &'static [u8]) -> Message {
         expires_at: None,
         origin: SessionId(7),
         owned: true,
-        received: None,
+        received: crate::message::Stamp::NONE,
     }
 }
 

@@ -227,7 +227,7 @@ impl Conn {
         };
         let mut msg = Message::from_publish(p, self.session.id(), Instant::now);
         if crate::message::sample_latency() {
-            msg.received = Some(Instant::now());
+            msg.received = crate::message::Stamp::at(Instant::now());
         }
         let msg = Arc::new(msg);
         let mut matches = MATCHES.take();
@@ -288,7 +288,7 @@ impl Conn {
         };
         if r.reason_code.is_error() {
             // The receiver refused it: the exchange ends here.
-            if let Some(f) = self.state.inflight.remove(pos) {
+            if let Some(f) = self.state.remove_inflight(pos) {
                 self.forget_stored(f.delivery.seq);
             }
             self.queue_pending = true;

@@ -16,7 +16,8 @@ impl Conn {
     pub(super) fn pump(&mut self) {
         // Acks and sends both lead here: what the admin API shows of the window. One
         // relaxed store to a line only this connection writes.
-        self.session.set_inflight(self.state.inflight.len());
+        self.session
+            .set_inflight(self.state.inflight.len(), self.state.inflight_bytes);
         if !self.state.retained_backlog.is_empty()
             && (self.pending_subacks > 0 || !self.pump_retained())
         {
@@ -49,7 +50,8 @@ impl Conn {
             }
         }
         BATCH_SCRATCH.set(batch);
-        self.session.set_inflight(self.state.inflight.len());
+        self.session
+            .set_inflight(self.state.inflight.len(), self.state.inflight_bytes);
     }
 
     /// Sends retained messages owed to a SUBSCRIBE while the window and the write buffer
@@ -136,10 +138,8 @@ impl Conn {
             aliases.outbound.insert(d.msg.topic.clone(), a);
         }
         metrics.messages_sent.inc(d.qos as u8);
-        if let Some(at) = d.msg.received {
-            metrics
-                .delivery_latency
-                .observe(now.saturating_duration_since(at).as_secs_f64());
+        if let Some(took) = d.msg.received.elapsed(now) {
+            metrics.delivery_latency.observe(took.as_secs_f64());
         }
         if let Some(packet_id) = packet_id {
             if d.qos == QoS::ExactlyOnce && d.seq != 0 {
@@ -151,7 +151,7 @@ impl Conn {
                 });
                 self.write_barrier = self.write_barrier.max(t);
             }
-            self.state.inflight.push_back(Inflight {
+            self.state.push_inflight(Inflight {
                 packet_id,
                 delivery: d,
                 stage: Stage::Published,
@@ -192,6 +192,7 @@ impl Conn {
             }
         });
         self.state.inflight = inflight;
+        self.state.recount_inflight();
     }
 }
 

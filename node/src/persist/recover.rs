@@ -146,7 +146,7 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
         let mut queue = VecDeque::with_capacity(p.queue.len());
         for (seq, d) in p.queue {
             match inflight.get(&(client_id.to_string(), seq)) {
-                Some(&(packet_id, stage)) => p.state.inflight.push_back(Inflight {
+                Some(&(packet_id, stage)) => p.state.push_inflight(Inflight {
                     packet_id,
                     delivery: d,
                     stage,

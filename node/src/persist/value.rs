@@ -373,7 +373,7 @@ mod tests {
             expires_at: Some(clock.now + Duration::from_secs(30)),
             origin: SessionId(7),
             owned: true,
-            received: None,
+            received: crate::message::Stamp::NONE,
         };
         let bytes = message(&msg, QoS::AtLeastOnce, false, &[3, 9], &clock).expect("encodes");
         let d = delivery(&bytes, &clock).expect("decodes");
@@ -416,7 +416,7 @@ mod tests {
             expires_at: None,
             origin: SessionId(1),
             owned: true,
-            received: None,
+            received: crate::message::Stamp::NONE,
         }
     }
 
@@ -457,7 +457,7 @@ mod tests {
             expires_at: None,
             origin: SessionId(3),
             owned: true,
-            received: None,
+            received: crate::message::Stamp::NONE,
         };
         match parse_stored_will(&armed_will(&msg, 30, 77, &clock).expect("encodes"), &clock) {
             Some(StoredWill::Armed {

@@ -78,7 +78,7 @@ impl Delivery {
             expires_at: None,
             origin: crate::session::SessionId::BROKER,
             owned: true,
-            received: None,
+            received: crate::message::Stamp::NONE,
         };
         Delivery {
             msg: Arc::new(msg),

@@ -106,6 +106,7 @@ pub struct Session {
     kicked: AtomicU8,
     /// QoS 1/2 messages sent and not acknowledged, as the connection last said (admin API).
     inflight: AtomicU32,
+    inflight_bytes: std::sync::atomic::AtomicUsize,
     /// Wakes a taking-over connection when the old one has parked the state.
     released: Notify,
     /// Wakes publishers waiting for this session's queue to get short again.
@@ -130,6 +131,7 @@ impl Session {
             woken: AtomicBool::new(false),
             kicked: AtomicU8::new(0),
             inflight: AtomicU32::new(0),
+            inflight_bytes: Default::default(),
             released: Notify::new(),
             drained: Notify::new(),
             stalled: AtomicBool::new(false),
@@ -562,23 +564,26 @@ impl Session {
     }
 
     /// Records how many messages the connection has in flight.
-    pub fn set_inflight(&self, n: usize) {
+    pub fn set_inflight(&self, n: usize, bytes: usize) {
         self.inflight
             .store(n.min(u32::MAX as usize) as u32, Ordering::Relaxed);
+        self.inflight_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// A snapshot for the admin API.
     pub fn view(&self) -> SessionView {
         let inner = self.lock();
-        let (subscriptions, inflight) = match &inner.state {
+        let (subscriptions, inflight, inflight_bytes) = match &inner.state {
             // Parked: the state itself.
             Some(st) => (
                 sub_views(st.subscriptions.iter().map(|(f, s)| (&**f, s.options))),
                 st.inflight.len(),
+                st.inflight_bytes,
             ),
             None => (
                 inner.subs.clone().unwrap_or_else(|| Arc::from(Vec::new())),
                 self.inflight.load(Ordering::Relaxed) as usize,
+                self.inflight_bytes.load(Ordering::Relaxed),
             ),
         };
         SessionView {
@@ -590,6 +595,7 @@ impl Session {
             queued_messages: inner.queue.len(),
             queued_bytes: inner.queued_bytes,
             inflight_messages: inflight,
+            inflight_bytes,
             subscriptions,
         }
     }

@@ -31,8 +31,12 @@ pub struct Inflight {
 pub struct SessionState {
     /// Raw filter (with any `$share/group/` prefix) -> options.
     pub subscriptions: HashMap<MqttStr, StoredSubscription>,
-    /// Outbound QoS 1/2 messages not yet acknowledged, in send order.
+    /// Outbound QoS 1/2 messages not yet acknowledged, in send order. Changed through
+    /// [`SessionState::push_inflight`], [`SessionState::take_inflight`] and
+    /// [`SessionState::remove_inflight`], which keep `inflight_bytes`.
     pub inflight: VecDeque<Inflight>,
+    /// Sum of the in-flight deliveries' sizes (admin API).
+    pub inflight_bytes: usize,
     pub next_packet_id: PacketId,
     /// Inbound QoS 2 packet ids received (and routed) whose PUBREL has not come yet.
     pub inbound_qos2: HashSet<u16>,
@@ -52,6 +56,7 @@ impl Default for SessionState {
         SessionState {
             subscriptions: HashMap::new(),
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             next_packet_id: PacketId::new(1).expect("1 is not 0"),
             inbound_qos2: HashSet::new(),
             retained_backlog: VecDeque::new(),
@@ -78,6 +83,24 @@ impl SessionState {
             .inflight
             .iter()
             .position(|f| f.packet_id == id && f.stage == stage)?;
-        self.inflight.remove(pos)
+        self.remove_inflight(pos)
+    }
+
+    /// Adds an entry at the end of the in-flight window.
+    pub fn push_inflight(&mut self, f: Inflight) {
+        self.inflight_bytes += f.delivery.size();
+        self.inflight.push_back(f);
+    }
+
+    /// Removes the entry at `pos`.
+    pub fn remove_inflight(&mut self, pos: usize) -> Option<Inflight> {
+        let f = self.inflight.remove(pos)?;
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(f.delivery.size());
+        Some(f)
+    }
+
+    /// Recounts `inflight_bytes` after the window was changed as a whole.
+    pub fn recount_inflight(&mut self) {
+        self.inflight_bytes = self.inflight.iter().map(|f| f.delivery.size()).sum();
     }
 }

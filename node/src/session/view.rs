@@ -41,6 +41,7 @@ pub struct SessionView {
     pub queued_messages: usize,
     pub queued_bytes: usize,
     pub inflight_messages: usize,
+    pub inflight_bytes: usize,
     /// Sorted by filter.
     pub subscriptions: Arc<[SubView]>,
 }
