@@ -250,6 +250,10 @@ pub struct MqttConfig {
     pub wss_addr: String,
     /// HTTP path the WebSocket listeners accept upgrades on. Default `/mqtt`.
     pub ws_path: String,
+    /// Where MQTT 5 clients should go when this node shuts down or drains (e.g. the load
+    /// balancer's `host:port`): they get DISCONNECT 0x9C Use another server with this
+    /// Server Reference. Empty: DISCONNECT 0x8B Server shutting down. Default `""`.
+    pub server_reference: String,
 }
 
 /// What a full session queue drops.
@@ -496,6 +500,7 @@ impl Default for MqttConfig {
             ws_addr: String::new(),
             wss_addr: String::new(),
             ws_path: "/mqtt".to_owned(),
+            server_reference: String::new(),
         }
     }
 }

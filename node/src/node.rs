@@ -64,6 +64,35 @@ fn hostname() -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
 
+/// How long a shutdown waits for another voter to take the leadership.
+const LEADER_HANDOFF: Duration = Duration::from_secs(2);
+
+/// Tells every connected client to go (`why`), at most `rate` per second unless that would
+/// take longer than `within`; returns how many were told.
+pub async fn evict(broker: &Broker, rate: u32, within: Duration, why: Kick) -> usize {
+    let sessions: Vec<Arc<crate::session::Session>> =
+        broker.sessions.lock().values().cloned().collect();
+    let connected = sessions.iter().filter(|s| s.is_connected()).count();
+    if connected == 0 {
+        return broker.sessions.kick_all(why);
+    }
+    let per_sec = (rate.max(1) as f64).max(connected as f64 / within.as_secs_f64().max(0.001));
+    let step = Duration::from_secs_f64(1.0 / per_sec);
+    let mut next = tokio::time::Instant::now();
+    let mut told = 0;
+    for s in sessions {
+        if s.kick(why) {
+            told += 1;
+            next += step;
+            if next > tokio::time::Instant::now() {
+                tokio::time::sleep_until(next).await;
+            }
+        }
+    }
+    // Any that attached meanwhile.
+    told + broker.sessions.kick_all(why)
+}
+
 /// How long proposals of the drained connections get to commit at shutdown.
 const CLUSTER_FLUSH: Duration = Duration::from_secs(2);
 
@@ -394,12 +423,26 @@ impl NodeHandle {
     /// after a store failure) and waits up to `grace` for every task to finish. The admin
     /// endpoint answers (not ready) until then.
     pub async fn shutdown(self, grace: Duration) {
+        // Not ready at once (load balancers and Kubernetes stop sending clients), no new
+        // CONNECT, no new connection.
         self.admin.ready.store(false, Ordering::Release);
+        self.broker.draining.store(true, Ordering::Relaxed);
         self.cancel.cancel();
+        if !self.broker.store.committed_now().failed {
+            // Another voter leads before this one goes: no election gap.
+            match tokio::time::timeout(LEADER_HANDOFF, self.cluster.hand_leadership_away()).await {
+                Ok(Some(to)) => tracing::info!(to, "leadership handed away for the shutdown"),
+                Ok(None) => {}
+                Err(_) => tracing::warn!("leadership hand-off timed out"),
+            }
+        }
         // Connections wait on their session only (a smaller task per idle connection than
-        // one that also waits on the token): tell each to go. Those still in the handshake
-        // check the token once attached.
-        let kicked = self.broker.sessions.kick_all(Kick::Shutdown);
+        // one that also waits on the token): tell each to go, at `admin.drain_rate_per_sec`
+        // but within half the grace (a reconnect storm elsewhere is what the rate avoids;
+        // running out of grace would cut connections without a word). Those still in the
+        // handshake check the token once attached.
+        let rate = self.broker.cfg.admin.drain_rate_per_sec;
+        let kicked = evict(&self.broker, rate, grace / 2, Kick::Shutdown).await;
         tracing::info!(connections = kicked, "shutting down");
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())

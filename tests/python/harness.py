@@ -282,6 +282,15 @@ class ClusterBroker:
         for i, b in enumerate(self.nodes):
             wait_until(f"node {i} ready", lambda b=b: b.http_get("/health/ready")[0] == 200,
                        timeout)
+        # The data plane up too: each node has opened its forwarding stream to every other
+        # (its first batch goes when the stream opens). Before that, a QoS 1/2 publish may be
+        # acknowledged ahead of a peer's copy, which follows in order.
+        for i, b in enumerate(self.nodes):
+            for j in range(len(self.nodes)):
+                if j != i:
+                    wait_until(f"node {i} streams to node {j}",
+                               lambda b=b, j=j: b.metric("petrel_forward_peer_batches_total",
+                                                         peer=str(j)) >= 1, timeout)
         return self
 
     # --- one broker's interface, over the nodes ----------------------------------------------

@@ -434,6 +434,11 @@ impl Broker {
         for node in &nodes {
             node.wait_ready(200).await;
         }
+        // The data plane up too: each node streams to every other (node ids are indexes).
+        for (i, node) in nodes.iter().enumerate() {
+            let others: Vec<u64> = (0..n as u64).filter(|j| *j != i as u64).collect();
+            node.wait_linked(&others).await;
+        }
         let mut first = nodes.remove(0);
         first.peers = nodes;
         Ok(first)
@@ -567,6 +572,24 @@ impl Broker {
             }
         })
         .await
+    }
+
+    /// Waits until this node has opened a forwarding stream to each of `peers` (node ids):
+    /// its first batch to a peer goes when the stream opens, so a count of batches says so.
+    /// Until then a QoS 1/2 publish here may be acknowledged before such a peer has its copy
+    /// (a peer whose stream is not up holds no publisher; the copy follows in order).
+    pub async fn wait_linked(&self, peers: &[u64]) {
+        for p in peers {
+            let series = format!("petrel_forward_peer_batches_total{{peer=\"{p}\"}}");
+            let what = format!("a forwarding stream to node {p}");
+            wait_until(&what, WAIT, || async {
+                match self.metrics().await.get(&series) {
+                    v if v >= 1.0 => Ok(()),
+                    v => Err(v),
+                }
+            })
+            .await;
+        }
     }
 
     /// Stops the process (SIGSTOP): it keeps its sockets and answers nothing.

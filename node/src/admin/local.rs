@@ -265,33 +265,22 @@ impl Admin {
                 tracing::info!(to, "leadership handed away for the drain");
             }
             let broker = self.broker.clone();
-            let rate = self.broker.cfg.admin.drain_rate_per_sec.max(1);
-            tokio::spawn(async move { evict(broker, rate).await });
+            let rate = self.broker.cfg.admin.drain_rate_per_sec;
+            tokio::spawn(async move {
+                // The rate alone decides here: no deadline but the operator's.
+                let within = Duration::from_secs(24 * 3600);
+                let told = crate::node::evict(&broker, rate, within, Kick::Shutdown).await;
+                tracing::info!(
+                    connections = told,
+                    "drain: every connected client told to go"
+                );
+            });
         }
         Ok(NodeOutcome {
             node_id: me,
             state: "draining".to_owned(),
         })
     }
-}
-
-/// Tells connected clients to go, `rate` per second.
-async fn evict(broker: Arc<crate::broker::Broker>, rate: u32) {
-    let sessions: Vec<Arc<Session>> = broker.sessions.lock().values().cloned().collect();
-    let step = Duration::from_secs(1) / rate;
-    let mut next = tokio::time::Instant::now();
-    let mut told = 0usize;
-    for s in sessions {
-        if s.is_connected() && s.kick(Kick::Shutdown) {
-            told += 1;
-            next += step;
-            tokio::time::sleep_until(next).await;
-        }
-    }
-    tracing::info!(
-        connections = told,
-        "drain: every connected client told to go"
-    );
 }
 
 fn check_topic(topic: &str) -> Result<(), AdminError> {

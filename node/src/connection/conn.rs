@@ -624,14 +624,25 @@ impl Conn {
                     metrics.keepalive_timeouts.inc();
                 }
                 tracing::debug!(client_id = %self.client_id, error = %e, "connection closed");
-                // The server going down is not the client's failure.
-                let server_side = matches!(e, ConnError::ShuttingDown | ConnError::StoreFailed);
+                // A failed store is not the client's failure: no will. A drain (SIGTERM, or
+                // an operator's) keeps the will, delayed below.
+                let server_side = matches!(e, ConnError::StoreFailed);
                 (!server_side, Some(e))
             }
         };
         if let Some(rc) = reason.and_then(|e| e.reason_code()) {
             if self.v5() {
+                let reference = &self.broker.cfg.mqtt.server_reference;
+                let elsewhere =
+                    matches!(reason, Some(ConnError::ShuttingDown)) && !reference.is_empty();
+                let rc = match elsewhere {
+                    true => crate::codec::ReasonCode::USE_ANOTHER_SERVER,
+                    false => rc,
+                };
                 let mut d = Disconnect::new(rc);
+                if elsewhere {
+                    d.properties.server_reference = MqttStr::new(reference).ok();
+                }
                 if self.problem_info || rc.is_error() {
                     d.properties.reason_string =
                         reason.and_then(|e| MqttStr::new(&e.reason_string()).ok());
@@ -670,18 +681,21 @@ impl Conn {
                 } else {
                     0
                 };
+                let mut delay = Duration::from_secs(delay as u64);
+                if matches!(reason, Some(ConnError::ShuttingDown)) {
+                    // Drained (a rolling upgrade): the client gets `cluster.will_grace_ms` to
+                    // connect again, here after a restart or to another node; its will is
+                    // published only if it does not (a new claim makes it stale).
+                    let grace = Duration::from_millis(self.broker.cfg.cluster.will_grace_ms);
+                    delay = delay.max(grace);
+                }
                 let msg = Message::from_will(&w, self.session.id(), now);
                 let of = match reason {
                     Some(ConnError::TakenOver) => WillOf::TakenOver,
                     _ => WillOf::Connection(self.session.epoch()),
                 };
-                self.broker.schedule_will(
-                    &self.client_id,
-                    self.session.id(),
-                    of,
-                    msg,
-                    Duration::from_secs(delay as u64),
-                );
+                self.broker
+                    .schedule_will(&self.client_id, self.session.id(), of, msg, delay);
             }
         }
         if matches!(reason, Some(ConnError::Administrative { discard: true })) {

@@ -217,6 +217,10 @@ pub fn recover(broker: &Broker, store: &Store) -> Result<Recovered, petrel_stora
             .unwrap_or(crate::session::SessionId::BROKER);
         match will {
             StoredWill::Pending { msg, due } => {
+                // Its client gets the grace from this start to connect again (a drained
+                // client's will was delayed for that; a restart must not cut it short).
+                let grace = Duration::from_millis(broker.cfg.cluster.will_grace_ms);
+                let due = due.max(clock.now + grace);
                 broker.restore_will(client_id, session_id, msg, due)
             }
             StoredWill::Armed {

@@ -126,7 +126,7 @@ fn roles(st: &Value) -> Vec<(u64, String)> {
 /// learners among its members, each with the MQTT address it announced; returns the leader.
 async fn wait_agreed(c: &Cluster, at: &[usize], voters: usize, learners: usize) -> u64 {
     let addrs: Vec<String> = at.iter().map(|&i| c.grpc(i).to_owned()).collect();
-    wait_until("the members to agree on the cluster", WAIT, || {
+    let leader = wait_until("the members to agree on the cluster", WAIT, || {
         let addrs = addrs.clone();
         async move {
             let mut leader = None;
@@ -161,7 +161,17 @@ async fn wait_agreed(c: &Cluster, at: &[usize], voters: usize, learners: usize) 
             leader.ok_or_else(|| "no nodes".to_owned())
         }
     })
-    .await
+    .await;
+    // And the data plane: each of them streams to the others.
+    for &i in at {
+        let others: Vec<u64> = at
+            .iter()
+            .filter(|&&j| j != i)
+            .map(|&j| c.members[j].id)
+            .collect();
+        node(c, i).wait_linked(&others).await;
+    }
+    leader
 }
 
 #[tokio::test]

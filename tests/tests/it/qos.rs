@@ -46,10 +46,21 @@ async fn qos_matrix_v311_with_downgrade() {
             }
         }
         sub.assert_no_publish_before_marker().await;
-        b.wait_metric("petrel_mqtt_messages_received_total", WAIT, |v| v >= 9.0)
+        // Counted by QoS (label `qos`): the sum over the labels.
+        for family in [
+            "petrel_mqtt_messages_received_total",
+            "petrel_mqtt_messages_sent_total",
+        ] {
+            wait_until(&format!("{family} reaches 9"), WAIT, || async {
+                let v = b.metric_sum(family).await;
+                if v >= 9.0 {
+                    Ok(v)
+                } else {
+                    Err(v)
+                }
+            })
             .await;
-        b.wait_metric("petrel_mqtt_messages_sent_total", WAIT, |v| v >= 9.0)
-            .await;
+        }
     })
     .await
 }
