@@ -11,6 +11,8 @@
 #      pytest tests/cluster_check   the black-box cross-node suite against a 3-node cluster
 #      pytest tests/python (part)   message exchange again with every broker a 3-node cluster
 #   5. tests/interop/*.sh           mosquitto_pub / mosquitto_sub against the binary
+#   6. check-helm, prove-chart,     the Helm chart (lint, render, validate), the chart started as
+#      check-compose                containers on Docker, the Compose cluster (kill, partition)
 #
 # Every step runs even when an earlier one failed (except those that need the binary when it
 # did not build); a summary closes the output and the exit status is non-zero on any failure.
@@ -314,8 +316,12 @@ run_counted() { # run_counted NAME MINUTES COMMAND...
 run_counted "helm chart" 5 bash "$here/check-helm.sh"
 if [ -x "$PETREL_BIN" ] && docker info >/dev/null 2>&1; then
     run_counted "chart on docker" 10 bash "$here/prove-chart.sh"
+    # deploy/compose.yaml (with the local Prometheus override): ready, scraped, takeover across
+    # nodes, docker kill under a QoS 1 stream, a partition and its healing.
+    run_counted "compose cluster" 15 python3 "$here/check-compose.py"
 else
     record "chart on docker" FAILED "not run: no binary or no docker engine"
+    record "compose cluster" FAILED "not run: no binary or no docker engine"
 fi
 
 # --- summary ---------------------------------------------------------------------------------------

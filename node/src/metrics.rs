@@ -22,6 +22,8 @@ pub struct Metrics {
     pub messages_sent: PerQos,
     received_by_qos: IntCounterVec,
     sent_by_qos: IntCounterVec,
+    received_payload_by_qos: IntCounterVec,
+    sent_payload_by_qos: IntCounterVec,
     pub connections_closed: IntCounterVec,
     sessions_connected: IntGauge,
     sessions_offline: IntGauge,
@@ -149,6 +151,8 @@ impl Metrics {
             messages_sent: PerQos::default(),
             received_by_qos: counter_vec(&r, "petrel_mqtt_messages_received_total", "PUBLISH packets received, by QoS", "qos"),
             sent_by_qos: counter_vec(&r, "petrel_mqtt_messages_sent_total", "PUBLISH packets sent (retransmissions included), by QoS", "qos"),
+            received_payload_by_qos: counter_vec(&r, "petrel_mqtt_received_payload_bytes_total", "Payload bytes of the PUBLISH packets received, by QoS", "qos"),
+            sent_payload_by_qos: counter_vec(&r, "petrel_mqtt_sent_payload_bytes_total", "Payload bytes of the PUBLISH packets sent (retransmissions included), by QoS", "qos"),
             connections_closed: counter_vec(
                 &r,
                 "petrel_mqtt_connections_closed_total",
@@ -298,6 +302,8 @@ impl Metrics {
         for qos in ["0", "1", "2"] {
             m.received_by_qos.with_label_values(&[qos]);
             m.sent_by_qos.with_label_values(&[qos]);
+            m.received_payload_by_qos.with_label_values(&[qos]);
+            m.sent_payload_by_qos.with_label_values(&[qos]);
         }
         for role in ["leader", "follower", "learner", "candidate"] {
             m.raft_role.with_label_values(&[role]);
@@ -330,13 +336,18 @@ pub fn refresh(broker: &crate::broker::Broker, cluster: &crate::cluster::Cluster
     let m = &broker.metrics;
     for q in 0..3u8 {
         let label = [["0", "1", "2"][usize::from(q)]];
-        for (shards, shown) in [
-            (&m.messages_received, &m.received_by_qos),
-            (&m.messages_sent, &m.sent_by_qos),
+        for (shards, shown, bytes) in [
+            (
+                &m.messages_received,
+                &m.received_by_qos,
+                &m.received_payload_by_qos,
+            ),
+            (&m.messages_sent, &m.sent_by_qos, &m.sent_payload_by_qos),
         ] {
             let c = shown.with_label_values(&label);
-            let now = shards.of(q);
-            c.inc_by(now.saturating_sub(c.get()));
+            c.inc_by(shards.of(q).saturating_sub(c.get()));
+            let b = bytes.with_label_values(&label);
+            b.inc_by(shards.bytes_of(q).saturating_sub(b.get()));
         }
     }
     let sessions: Vec<_> = broker.sessions.lock().values().cloned().collect();

@@ -324,3 +324,39 @@ def test_a_session_is_listed_and_kicked_through_any_node(tmp_path, mqtt):
     finally:
         for b in cluster.nodes:
             b.stop()
+
+
+def test_the_admin_listener_speaks_https_only_with_a_certificate(tmp_path):
+    import ssl
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    res = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", "admin.key", "-out", "admin.crt", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        cwd=certs, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    b = Broker(tmp_path / "n", env={
+        "PETREL_ADMIN__TLS_CERT_FILE": str(certs / "admin.crt"),
+        "PETREL_ADMIN__TLS_KEY_FILE": str(certs / "admin.key"),
+        "PETREL_ADMIN_TOKEN": RW}).start()
+    try:
+        ctx = ssl.create_default_context(cafile=str(certs / "admin.crt"))
+        req = urllib.request.Request(f"https://127.0.0.1:{b.admin_port}/api/v1/sessions")
+        req.add_header("Authorization", f"Bearer {RW}")
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["items"] == []
+        with urllib.request.urlopen(f"https://127.0.0.1:{b.admin_port}/healthz", timeout=10,
+                                    context=ctx) as resp:
+            assert resp.status == 200
+        import http.client
+        # Plain HTTP gets no HTTP answer (a TLS alert, or a closed socket).
+        with pytest.raises((urllib.error.URLError, OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{b.admin_port}/healthz", timeout=5)
+        # The certificate's expiry is exported for the alert rules.
+        with urllib.request.urlopen(f"https://127.0.0.1:{b.admin_port}/metrics", timeout=10,
+                                    context=ctx) as resp:
+            text = resp.read().decode()
+        assert 'petrel_tls_certificate_expiry_timestamp_seconds{listener="admin"}' in text
+    finally:
+        b.stop()

@@ -87,7 +87,10 @@ impl Conn {
 
     fn on_publish(&mut self, mut p: Publish) -> Result<(), ConnError> {
         let cfg = &self.broker.cfg;
-        self.broker.metrics.messages_received.inc(p.qos as u8);
+        self.broker
+            .metrics
+            .messages_received
+            .inc(p.qos as u8, p.payload.len());
         if let Some(rate) = &mut self.rate {
             // Under the throttle policy the read loop waited for this token already.
             if !rate.bucket.try_take(Instant::now())

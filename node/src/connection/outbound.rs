@@ -137,7 +137,7 @@ impl Conn {
         if let (true, Some(a), Some(aliases)) = (new_alias, alias, &mut self.aliases) {
             aliases.outbound.insert(d.msg.topic.clone(), a);
         }
-        metrics.messages_sent.inc(d.qos as u8);
+        metrics.messages_sent.inc(d.qos as u8, d.msg.payload.len());
         if let Some(took) = d.msg.received.elapsed(now) {
             metrics.delivery_latency.observe(took.as_secs_f64());
         }
@@ -169,7 +169,10 @@ impl Conn {
                 let out = redelivery(f, now);
                 let fits = out.encoded_len(self.protocol) <= self.out_max_packet;
                 if fits && out.encode(self.protocol, &mut self.out).is_ok() {
-                    self.broker.metrics.messages_sent.inc(f.delivery.qos as u8);
+                    self.broker
+                        .metrics
+                        .messages_sent
+                        .inc(f.delivery.qos as u8, f.delivery.msg.payload.len());
                     true
                 } else {
                     self.broker

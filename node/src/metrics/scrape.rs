@@ -18,7 +18,10 @@ pub struct PerQos {
 
 #[repr(align(128))]
 #[derive(Default)]
-struct QosSlot([AtomicU64; 3]);
+struct QosSlot {
+    messages: [AtomicU64; 3],
+    bytes: [AtomicU64; 3],
+}
 
 const SLOTS: usize = 32;
 
@@ -46,10 +49,12 @@ impl Default for PerQos {
 }
 
 impl PerQos {
-    /// Counts one message of QoS `qos` (0, 1 or 2).
-    pub fn inc(&self, qos: u8) {
+    /// Counts one message of QoS `qos` (0, 1 or 2) with `payload` bytes of payload.
+    pub fn inc(&self, qos: u8, payload: usize) {
         let q = usize::from(qos.min(2));
-        self.slots[slot()].0[q].fetch_add(1, Ordering::Relaxed);
+        let s = &self.slots[slot()];
+        s.messages[q].fetch_add(1, Ordering::Relaxed);
+        s.bytes[q].fetch_add(payload as u64, Ordering::Relaxed);
     }
 
     /// The count for one QoS.
@@ -57,7 +62,16 @@ impl PerQos {
         let q = usize::from(qos.min(2));
         self.slots
             .iter()
-            .map(|s| s.0[q].load(Ordering::Relaxed))
+            .map(|s| s.messages[q].load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The payload bytes for one QoS.
+    pub fn bytes_of(&self, qos: u8) -> u64 {
+        let q = usize::from(qos.min(2));
+        self.slots
+            .iter()
+            .map(|s| s.bytes[q].load(Ordering::Relaxed))
             .sum()
     }
 
