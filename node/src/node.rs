@@ -64,6 +64,10 @@ fn hostname() -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
 
+/// How long a shutdown waits for the persistent sessions it drained to be claimed on other
+/// nodes (each handed over with its queue while this node still answers).
+const HANDOVER_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a shutdown waits for another voter to take the leadership.
 const LEADER_HANDOFF: Duration = Duration::from_secs(2);
 
@@ -412,6 +416,54 @@ impl NodeHandle {
         &self.cluster
     }
 
+    /// The persistent sessions with a connection now (client id and session), in a cluster
+    /// with other members (else nobody could take them).
+    fn persistent_connected(&self) -> Vec<(Arc<str>, crate::session::SessionId)> {
+        let others = self
+            .cluster
+            .status()
+            .members
+            .iter()
+            .filter(|m| m.role != "removed")
+            .count()
+            > 1;
+        if !others || self.broker.store.committed_now().failed {
+            return Vec::new();
+        }
+        let sessions = self.broker.sessions.lock();
+        sessions
+            .values()
+            .filter(|s| s.is_connected() && s.is_persistent())
+            .map(|s| (s.client_id().clone(), s.id()))
+            .collect()
+    }
+
+    /// Waits (at most [`HANDOVER_WAIT`]) until the drained persistent sessions have left this
+    /// node: their clients connected to another node, which took each session and its queue
+    /// from here. A node that exited at once would leave them to a late hand-over after its
+    /// restart, after the client had carried on elsewhere.
+    async fn wait_handed_over(&self, moving: Vec<(Arc<str>, crate::session::SessionId)>) {
+        if moving.is_empty() {
+            return;
+        }
+        let until = tokio::time::Instant::now() + HANDOVER_WAIT;
+        loop {
+            let left = moving
+                .iter()
+                .filter(|(id, sid)| self.broker.sessions.get(id).is_some_and(|s| s.id() == *sid))
+                .count();
+            if left == 0 {
+                tracing::info!(sessions = moving.len(), "drained sessions handed over");
+                return;
+            }
+            if tokio::time::Instant::now() >= until {
+                tracing::info!(left, "drained sessions not claimed elsewhere in time");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Resolves once a store write has failed: acknowledgements that needed it were refused,
     /// the node reports not ready, and it must go down (`main` exits with status 74 after
     /// [`NodeHandle::shutdown`]; a restart recovers from the WAL).
@@ -442,8 +494,10 @@ impl NodeHandle {
         // running out of grace would cut connections without a word). Those still in the
         // handshake check the token once attached.
         let rate = self.broker.cfg.admin.drain_rate_per_sec;
+        let moving = self.persistent_connected();
         let kicked = evict(&self.broker, rate, grace / 2, Kick::Shutdown).await;
         tracing::info!(connections = kicked, "shutting down");
+        self.wait_handed_over(moving).await;
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
             .await

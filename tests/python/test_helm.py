@@ -302,7 +302,7 @@ def test_grace_period_covers_the_prestop_and_the_nodes_own_stop(render, render_e
     # The default covers the sleep plus the node's own drain (10 s), commit (2 s) and stop.
     d = render()
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert d.pod["terminationGracePeriodSeconds"] >= values["preStopSleepSeconds"] + 20
+    assert d.pod["terminationGracePeriodSeconds"] >= values["preStopSleepSeconds"] + 25
     err = render_error({"preStopSleepSeconds": 10, "terminationGracePeriodSeconds": 25})
     assert "terminationGracePeriodSeconds (25) must be at least" in err
 
