@@ -146,7 +146,8 @@ pub struct Broker {
     pub takeovers: crate::takeover::Takeovers,
     /// Publishes to other nodes (the cluster's data plane, in the node).
     pub forward: Arc<dyn DataPlane>,
-    /// An operator drained this node: new CONNECTs are sent to another server.
+    /// The node drains (an operator's drain, or SIGTERM): it is not ready, and new CONNECTs
+    /// are sent to another server.
     pub draining: std::sync::atomic::AtomicBool,
     /// The replicated route table (the cluster's state machine writes it).
     routes: Arc<RouteTable>,

@@ -253,8 +253,7 @@ impl Admin {
     /// The node stays a member and keeps its data.
     pub(super) async fn drain_here(&self) -> Result<NodeOutcome, AdminError> {
         let me = self.me();
-        let first = !self.draining.swap(true, Ordering::AcqRel);
-        self.broker.draining.store(true, Ordering::Relaxed);
+        let first = !self.broker.draining.swap(true, Ordering::AcqRel);
         if first {
             tracing::info!("draining through the admin API");
             match self.cluster.propose_drain(me, true).await {

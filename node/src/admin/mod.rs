@@ -37,8 +37,6 @@ pub struct Admin {
     pub broker: Arc<Broker>,
     pub cluster: Arc<Cluster>,
     pub ready: AtomicBool,
-    /// Set once an operator drained this node: not ready, and CONNECTs are sent away.
-    pub draining: AtomicBool,
 }
 
 /// The arguments of a cluster-wide list, as sent to each member.
@@ -62,7 +60,6 @@ impl Admin {
             broker,
             cluster,
             ready: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
         }
     }
 
@@ -235,7 +232,7 @@ impl AdminBackend for Admin {
     /// instant (before the node's reaction to it has run).
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
-            && !self.draining.load(Ordering::Acquire)
+            && !self.broker.draining.load(Ordering::Acquire)
             && !self.broker.store.committed_now().failed
             && self.cluster.is_caught_up()
     }
