@@ -355,7 +355,7 @@ pub fn refresh(broker: &crate::broker::Broker, cluster: &crate::cluster::Cluster
         (0i64, 0i64, 0i64, 0i64, 0i64);
     let mut depths = Vec::with_capacity(sessions.len());
     for s in &sessions {
-        let v = s.view();
+        let v = s.view(crate::session::Detail::Counts);
         if v.connected {
             connected += 1;
         } else if v.persistent {

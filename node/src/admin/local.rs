@@ -21,7 +21,7 @@ use super::{unknown_session, Admin, ClientArgs, ListArgs};
 use crate::codec::{MqttStr, QoS};
 use crate::control::BoxFuture;
 use crate::message::Message;
-use crate::session::{Kick, Session, SessionView};
+use crate::session::{Detail, Kick, Session, SessionView};
 
 /// How long a publish or a retained delete waits for the cluster.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -47,7 +47,7 @@ impl Admin {
         });
         sessions
             .iter()
-            .map(|s| info(me, &s.view(), false))
+            .map(|s| info(me, &s.view(Detail::Counts)))
             .filter(|s| filter.admits(s))
             .take(page.limit.saturating_add(1))
             .collect()
@@ -69,7 +69,7 @@ impl Admin {
 
     pub(super) fn local_session(&self, client_id: &str) -> Option<SessionInfo> {
         let s = self.broker.sessions.get(client_id)?;
-        Some(info(self.me(), &s.view(), true))
+        Some(info(self.me(), &s.view(Detail::Subscriptions)))
     }
 
     /// Closes a session's connection here (v5: DISCONNECT 0x98) and, with `discard`, ends
@@ -133,8 +133,8 @@ impl Admin {
         sessions.sort_unstable_by(|a, b| a.client_id().cmp(b.client_id()));
         let mut out = Vec::new();
         for s in sessions {
-            let view = s.view();
-            for sub in view.subscriptions.iter() {
+            let view = s.view(Detail::Subscriptions);
+            for sub in view.subscriptions.iter().flat_map(|s| s.iter()) {
                 if filter.filter.as_deref().is_some_and(|f| f != sub.filter) {
                     continue;
                 }
@@ -327,7 +327,7 @@ fn subscription(node_id: u64, client_id: &str, sub: &crate::session::SubView) ->
     }
 }
 
-fn info(node_id: u64, v: &SessionView, detail: bool) -> SessionInfo {
+fn info(node_id: u64, v: &SessionView) -> SessionInfo {
     let c = v.client.as_deref();
     SessionInfo {
         client_id: v.client_id.to_string(),
@@ -347,10 +347,9 @@ fn info(node_id: u64, v: &SessionView, detail: bool) -> SessionInfo {
         queued_bytes: v.queued_bytes as u64,
         inflight_messages: v.inflight_messages as u64,
         inflight_bytes: v.inflight_bytes as u64,
-        subscription_count: v.subscriptions.len() as u64,
-        subscriptions: detail.then(|| {
-            v.subscriptions
-                .iter()
+        subscription_count: v.subscription_count as u64,
+        subscriptions: v.subscriptions.as_ref().map(|subs| {
+            subs.iter()
                 .map(|s| subscription(node_id, &v.client_id, s))
                 .collect()
         }),

@@ -22,4 +22,4 @@ pub use registry::{ClaimGuard, Epoch, SessionRegistry};
 pub use session::{Kick, Session, SessionId};
 pub use state::{Inflight, SessionState, Stage, StoredSubscription};
 pub use stats::SessionStats;
-pub use view::{sub_views, ClientInfo, SessionView, SubView};
+pub use view::{sub_views, ClientInfo, Detail, SessionView, SubView};

@@ -16,7 +16,7 @@ use super::queue::{self, Delivery, DropReason, Enqueued, Plan, QueueLimits};
 use super::registry::Epoch;
 use super::state::SessionState;
 use super::stats::SessionStats;
-use super::view::{sub_views, ClientInfo, SessionView, SubView};
+use super::view::{sub_views, ClientInfo, Detail, SessionView, SubView};
 use crate::codec::QoS;
 use crate::message::Message;
 
@@ -570,18 +570,22 @@ impl Session {
         self.inflight_bytes.store(bytes, Ordering::Relaxed);
     }
 
-    /// A snapshot for the admin API.
-    pub fn view(&self) -> SessionView {
+    /// A snapshot for the admin API and the metrics.
+    pub fn view(&self, detail: Detail) -> SessionView {
         let inner = self.lock();
-        let (subscriptions, inflight, inflight_bytes) = match &inner.state {
+        let with_subs = detail == Detail::Subscriptions;
+        let (subscription_count, subscriptions, inflight, inflight_bytes) = match &inner.state {
             // Parked: the state itself.
             Some(st) => (
-                sub_views(st.subscriptions.iter().map(|(f, s)| (&**f, s.options))),
+                st.subscriptions.len(),
+                with_subs
+                    .then(|| sub_views(st.subscriptions.iter().map(|(f, s)| (&**f, s.options)))),
                 st.inflight.len(),
                 st.inflight_bytes,
             ),
             None => (
-                inner.subs.clone().unwrap_or_else(|| Arc::from(Vec::new())),
+                inner.subs.as_ref().map_or(0, |s| s.len()),
+                with_subs.then(|| inner.subs.clone().unwrap_or_else(|| Arc::from(Vec::new()))),
                 self.inflight.load(Ordering::Relaxed) as usize,
                 self.inflight_bytes.load(Ordering::Relaxed),
             ),
@@ -596,6 +600,7 @@ impl Session {
             queued_bytes: inner.queued_bytes,
             inflight_messages: inflight,
             inflight_bytes,
+            subscription_count,
             subscriptions,
         }
     }

@@ -29,6 +29,15 @@ pub struct SubView {
     pub options: SubscriptionOptions,
 }
 
+/// How much of a session [`crate::session::Session::view`] takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// The counts only (lists, metrics): nothing is copied per subscription.
+    Counts,
+    /// The counts and the subscriptions.
+    Subscriptions,
+}
+
 /// A session at one instant.
 #[derive(Debug, Clone)]
 pub struct SessionView {
@@ -42,8 +51,9 @@ pub struct SessionView {
     pub queued_bytes: usize,
     pub inflight_messages: usize,
     pub inflight_bytes: usize,
-    /// Sorted by filter.
-    pub subscriptions: Arc<[SubView]>,
+    pub subscription_count: usize,
+    /// Sorted by filter; `None` unless asked for ([`Detail::Subscriptions`]).
+    pub subscriptions: Option<Arc<[SubView]>>,
 }
 
 /// The subscriptions of a state, sorted by filter, for [`SessionView`].
