@@ -108,6 +108,13 @@ impl Pause {
 }
 
 impl Routed {
+    /// Makes the acknowledgement wait for `ticket` too.
+    fn merge_ticket(&mut self, ticket: Option<Ticket>) {
+        if let Some(t) = ticket {
+            self.ticket = Some(self.ticket.map_or(t, |x| x.max(t)));
+        }
+    }
+
     fn refused() -> Routed {
         Routed {
             delivered: 0,
@@ -150,7 +157,7 @@ pub struct Broker {
     /// are sent to another server.
     pub draining: std::sync::atomic::AtomicBool,
     /// The replicated route table (the cluster's state machine writes it).
-    routes: Arc<RouteTable>,
+    pub routes: Arc<RouteTable>,
     router: RwLock<SubscriptionTrie>,
     /// Shared with the cluster's state machine, which applies the replicated retained
     /// messages to it.
@@ -279,9 +286,14 @@ impl Broker {
     ) -> Routed {
         scratch.clear();
         let mut targets = TARGETS.take();
+        // Read before `has_remote`: the table held at least the routes up to it.
+        let mut routed_at = self.routes.index();
+        // A session moving here by a claim up to that index, not in the router yet: it gets
+        // the message when it is.
+        self.routes.hold_for_arrivals(&msg, routed_at);
         // The node's own `$SYS` topics stay here.
         if self.routes.has_remote() && !msg.topic.starts_with("$SYS/") {
-            self.routes.collect(&msg.topic, &mut targets);
+            routed_at = self.routes.collect(&msg.topic, &mut targets);
             let router = self.router.read().unwrap_or_else(|e| e.into_inner());
             match targets.iter().position(|t| t.node == self.routes.me()) {
                 // The share-group strategy chose, among the nodes, the groups this one
@@ -303,6 +315,8 @@ impl Broker {
                 .collect(&msg.topic, scratch);
         }
         scratch.retain(|m| !(m.no_local && m.session.id() == msg.origin));
+        msg.routed_at.set(routed_at);
+        let passed = self.pass_on_moved(&msg, scratch);
         let Some(stored) = self.local_storable(&msg, scratch) else {
             targets.clear();
             TARGETS.set(targets);
@@ -319,6 +333,7 @@ impl Broker {
         targets.clear();
         TARGETS.set(targets);
         let mut routed = self.route_local(msg, scratch, stored, inbound);
+        routed.merge_ticket(passed);
         routed.mark = mark;
         routed.forwarded = forwarded.mark;
         if routed.congested.is_none() {
@@ -337,16 +352,23 @@ impl Broker {
     /// filter) share groups. Neither retained (the control plane did that) nor forwarded
     /// again.
     ///
-    /// `published_at_ms`: when the sending node received it. A stored session here that
-    /// another node resumed while this node was away still takes a copy published before
-    /// that claim (the new owner did not get one; it follows in the session's late
-    /// hand-over), none published after.
+    /// `msg.routed_at`: the log index the sending node routed it at. A session that moved
+    /// between nodes by a claim at index I takes the copies routed before I on the node it
+    /// left (a stored session there that the claim made stale keeps them, one already
+    /// surrendered passes them on: [`Broker::pass_on_moved`]) and those routed at I or
+    /// later on the node it moved to (the claim brought its routes there). Copies of a
+    /// sender of an earlier version (`routed_at` 0) are cut by `published_at_ms`, when the
+    /// sending node received it, against the claim's time.
+    ///
+    /// `for_client`: not empty for a copy another node passed on for the session of that
+    /// client, which moved here from it; delivered to that session only.
     pub fn deliver_forwarded<'a>(
         &self,
         msg: Arc<Message>,
         plain: bool,
         shared: impl IntoIterator<Item = (&'a str, &'a str)>,
         published_at_ms: u64,
+        for_client: &str,
         scratch: &mut Vec<Match>,
     ) -> Routed {
         scratch.clear();
@@ -354,10 +376,58 @@ impl Broker {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .collect_forwarded(&msg.topic, plain, shared, scratch);
-        match self.local_storable_at(&msg, scratch, published_at_ms) {
+        let routed_at = msg.routed_at.get();
+        match for_client.is_empty() {
+            false => scratch.retain(|m| &**m.session.client_id() == for_client),
+            // A session that came here by a claim at a later index: the node it left has
+            // this copy.
+            true if routed_at != 0 => scratch.retain(|m| m.session.arrived_at() <= routed_at),
+            true => {}
+        }
+        let passed = self.pass_on_moved(&msg, scratch);
+        let mut routed = match self.local_storable_at(&msg, scratch, published_at_ms) {
             Some(stored) => self.route_local(msg, scratch, stored, None),
             None => Routed::refused(),
+        };
+        routed.merge_ticket(passed);
+        routed
+    }
+
+    /// Delivers messages published here while `client_id`'s session moved here (held by
+    /// the route table until it was in the router), to that session only.
+    pub fn deliver_held(&self, client_id: &str, held: Vec<Arc<Message>>) {
+        let mut scratch = Vec::new();
+        for msg in held {
+            self.deliver_forwarded(msg, true, [], 0, client_id, &mut scratch);
         }
+    }
+
+    /// Takes the sessions surrendered to another node out of `scratch`, and passes `msg`
+    /// on to the new owner for those it was routed to before the claim that took them (the
+    /// new owner did not get it); the others' copies are dropped (the owner got its own).
+    /// Returns the store write the passed-on copies wait for.
+    fn pass_on_moved(&self, msg: &Message, scratch: &mut Vec<Match>) -> Option<Ticket> {
+        if !scratch.iter().any(|m| m.session.moved().is_some()) {
+            return None;
+        }
+        let routed_at = msg.routed_at.get();
+        let mut ticket: Option<Ticket> = None;
+        let mut passed: Vec<SessionId> = Vec::new();
+        scratch.retain(|m| {
+            let Some((claim, node)) = m.session.moved() else {
+                return true;
+            };
+            let id = m.session.id();
+            if routed_at != 0 && routed_at < claim && !passed.contains(&id) {
+                passed.push(id);
+                let f = self.forward.push_on(msg, node, m.session.client_id());
+                if let Some(t) = f.ticket {
+                    ticket = Some(ticket.map_or(t, |x| x.max(t)));
+                }
+            }
+            false
+        });
+        ticket
     }
 
     /// Drops stale sessions from the local matches, sorts them and checks that every copy
@@ -379,13 +449,14 @@ impl Broker {
         // not surrendered it yet) gets nothing new: the owner's node delivers its own copy.
         // Only a forwarded copy published before that claim, kept for this node while it
         // was away, is still the stale session's (see `deliver_forwarded`).
+        let routed_at = msg.routed_at.get();
         scratch.retain(|m| {
             m.session.is_connected()
                 || !m.session.is_persistent()
                 || self
                     .control
-                    .claimed_elsewhere_at(m.session.client_id(), m.session.epoch())
-                    .is_none_or(|claimed| published_at_ms != 0 && published_at_ms < claimed)
+                    .claimed_elsewhere(m.session.client_id(), m.session.epoch())
+                    .is_none_or(|c| c.before(routed_at, published_at_ms))
         });
         if scratch.len() > 1 {
             scratch.sort_unstable_by_key(|m| (m.session.id(), m.shared));

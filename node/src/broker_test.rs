@@ -55,6 +55,7 @@ fn message(topic: &'static str, payload: Bytes) -> Arc<Message> {
         origin: SessionId(99),
         owned: true,
         received: crate::message::Stamp::NONE,
+        routed_at: Default::default(),
     })
 }
 

@@ -130,6 +130,11 @@ pub struct ClusterConfig {
     /// included) or `random`. On the chosen node the members take turns (connected ones
     /// first). Default `local_first`.
     pub shared_strategy: SharedStrategy,
+    /// The wire level this node announces (1 to the version's own, 2 in this version): the
+    /// cluster uses a feature of a level once every member announces it (see
+    /// ARCHITECTURE.md, "Versions side by side"). Lower it to keep the newer features off,
+    /// for example before going back to the previous version. Default: the version's own.
+    pub wire_level: u32,
 }
 
 /// `cluster.shared_strategy`.
@@ -166,6 +171,7 @@ impl Default for ClusterConfig {
             forward_outbox_bytes: 64 << 20,
             will_grace_ms: 10_000,
             shared_strategy: SharedStrategy::LocalFirst,
+            wire_level: crate::cluster::wire::LEVEL,
         }
     }
 }
@@ -738,6 +744,13 @@ impl Config {
                 "cluster.election_timeout_ms ({}) must be at least twice \
                  cluster.heartbeat_interval_ms ({}), which must be at least 1",
                 cluster.election_timeout_ms, cluster.heartbeat_interval_ms
+            ));
+        }
+        if !(1..=crate::cluster::wire::LEVEL).contains(&cluster.wire_level) {
+            problems.push(format!(
+                "cluster.wire_level must be 1 to {} (this version's), got {}",
+                crate::cluster::wire::LEVEL,
+                cluster.wire_level
             ));
         }
         if cluster.propose_timeout_ms == 0 {

@@ -44,6 +44,34 @@ pub struct Grant {
     pub session_present: bool,
     /// A resumed session that another node held: what it is made of here.
     pub moved: Option<Box<Moved>>,
+    /// The log index of the claim, if it moved the session here and brought its routes
+    /// (`Session::set_arrived_at`); 0 otherwise.
+    pub arrived_at: u64,
+}
+
+/// Another node's claim of a session this node holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimedElsewhere {
+    pub node: u64,
+    /// The log index of the claim that took the session to `node`, if it brought the
+    /// session's routes there (0: it did not, or a record of an earlier version).
+    pub index: u64,
+    /// When that claim was made (ms since the Unix epoch, by the claiming node's clock; 0 if
+    /// unknown): the cut for copies of senders of an earlier version.
+    pub at_ms: u64,
+}
+
+impl ClaimedElsewhere {
+    /// Whether a copy routed at log index `routed_at` (0: by an earlier version) and
+    /// published at `published_at_ms` (0: here, now) belongs to the copy of the session
+    /// this node still holds: it was routed before the claim, so the claiming node did
+    /// not get it.
+    pub fn before(&self, routed_at: u64, published_at_ms: u64) -> bool {
+        match (self.index, routed_at) {
+            (0, _) | (_, 0) => published_at_ms != 0 && published_at_ms < self.at_ms,
+            (claim, routed) => routed < claim,
+        }
+    }
 }
 
 /// A persistent session resumed on this node that another node held.
@@ -100,7 +128,17 @@ pub trait SessionHost: Send + Sync + 'static {
     /// node claimed it): its connection closed, its subscriptions out of the router, and
     /// what it held returned. The stored copy stays until [`SessionHost::forget`]. Asked
     /// again, it returns the same.
-    fn surrender(&self, client_id: &str, epoch: u64) -> BoxFuture<'_, Option<HandedOver>>;
+    ///
+    /// `moved_at`: the log index of the claim if it brought the session's routes to
+    /// `to_node` (0: it did not): copies routed at it or later are left out (the new owner
+    /// has its own), and those routed before it that still come here are passed on.
+    fn surrender(
+        &self,
+        client_id: &str,
+        epoch: u64,
+        moved_at: u64,
+        to_node: u64,
+    ) -> BoxFuture<'_, Option<HandedOver>>;
 
     /// The new owner stored what was handed over at `from_epoch`: the copy here goes.
     fn forget(&self, client_id: &str, from_epoch: u64);
@@ -166,6 +204,10 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// This node lost its last subscriber to `filter` (in `group`); as `route_added`.
     fn route_removed(&self, group: Option<&str>, filter: &str);
 
+    /// This node's routes may differ from its subscriptions (a claim brought a session's
+    /// routes here, and the session did not come): they are compared again soon.
+    fn recheck_routes(&self) {}
+
     /// Retains `message` (the stored-message encoding) under `topic`, or clears the topic
     /// (`None`), on every node: the change is applied to each node's retained store (the
     /// one the broker reads). Does not wait; returns the mark to wait for (see `settled`).
@@ -201,24 +243,30 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// session of it is a stale copy (it is surrendered soon), which takes no new message
     /// (the owner's node gets its own copy of each).
     fn owned_elsewhere(&self, client_id: &str, epoch: Epoch) -> bool {
-        self.claimed_elsewhere_at(client_id, epoch).is_some()
+        self.claimed_elsewhere(client_id, epoch).is_some()
     }
 
-    /// When another node claimed `client_id` at a later epoch than `epoch` (ms since the
-    /// Unix epoch, by the claiming node's clock; 0 if unknown), if it did.
-    fn claimed_elsewhere_at(&self, client_id: &str, epoch: Epoch) -> Option<u64>;
+    /// The claim by which another node took `client_id` at a later epoch than `epoch`, if
+    /// one did.
+    fn claimed_elsewhere(&self, client_id: &str, epoch: Epoch) -> Option<ClaimedElsewhere>;
 }
 
 /// The data plane as the broker sees it: a publish that matches routes of other nodes is
 /// forwarded there (in the node: `cluster::forward::Forwarder`).
 pub trait DataPlane: Send + Sync + 'static {
-    /// Forwards `msg` to `targets` (one per node). Does not wait; returns what a QoS 1/2
-    /// publisher's acknowledgement waits for.
+    /// Forwards `msg` to `targets` (one per node), stamped with the log index it was
+    /// routed at (`msg.routed_at`). Does not wait; returns what a QoS 1/2 publisher's
+    /// acknowledgement waits for.
     fn forward(
         &self,
         msg: &crate::message::Message,
         targets: &[crate::router::Target],
     ) -> Forwarded;
+
+    /// Passes a copy routed to a session of this node before another node's claim took it
+    /// (at `msg.routed_at`) on to that node, for that client only. Stored in the outbox at
+    /// once: the returned ticket is all the sender's acknowledgement waits for.
+    fn push_on(&self, msg: &crate::message::Message, node: u64, client_id: &str) -> Forwarded;
 
     /// The highest settled forwarding mark, as it moves.
     fn forwarded(&self) -> watch::Receiver<u64>;
@@ -266,6 +314,10 @@ impl DataPlane for NoForwarding {
         Forwarded::default()
     }
 
+    fn push_on(&self, _msg: &crate::message::Message, _node: u64, _client_id: &str) -> Forwarded {
+        Forwarded::default()
+    }
+
     fn forwarded(&self) -> watch::Receiver<u64> {
         self.0.subscribe()
     }
@@ -305,6 +357,7 @@ impl ControlPlane for LocalControl {
             // No cluster to say otherwise: whatever this process holds is the session.
             session_present: true,
             moved: None,
+            arrived_at: 0,
         })))
     }
 
@@ -364,7 +417,31 @@ impl ControlPlane for LocalControl {
 
     fn handover_taken(&self, _client_id: &Arc<str>, _from_node: u64, _from_epoch: u64) {}
 
-    fn claimed_elsewhere_at(&self, _client_id: &str, _epoch: Epoch) -> Option<u64> {
+    fn claimed_elsewhere(&self, _client_id: &str, _epoch: Epoch) -> Option<ClaimedElsewhere> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClaimedElsewhere;
+
+    #[test]
+    fn a_copy_is_the_old_node_s_when_routed_before_the_claim() {
+        let c = ClaimedElsewhere {
+            node: 2,
+            index: 100,
+            at_ms: 5_000,
+        };
+        assert!(c.before(99, 9_999), "by index, whatever the clocks");
+        assert!(!c.before(100, 1), "routed with the claim's routes");
+        // A copy of a sender of an earlier version: by its publish time.
+        assert!(c.before(0, 4_999));
+        assert!(!c.before(0, 5_000));
+        assert!(!c.before(0, 0), "published here, now: after the claim");
+        // A claim that did not bring the routes: by time too.
+        let old = ClaimedElsewhere { index: 0, ..c };
+        assert!(old.before(99, 4_000));
+        assert!(!old.before(99, 6_000));
     }
 }

@@ -30,6 +30,29 @@ pub struct Message {
     /// measured on ([`sample_latency`]): a [`Stamp`] (0 on the others). Four bytes, in what
     /// would otherwise be padding.
     pub received: Stamp,
+    /// The log index this node's route table was current up to when it routed the message
+    /// (the sending node's, for a forwarded one): which node's copy a session that moved
+    /// between nodes takes ([`RoutedAt`]).
+    pub routed_at: RoutedAt,
+}
+
+/// A Raft log index set once, when the message is routed (0: not routed through the route
+/// table, or before the cluster had one).
+#[derive(Debug, Default)]
+pub struct RoutedAt(std::sync::atomic::AtomicU64);
+
+impl RoutedAt {
+    pub fn new(index: u64) -> RoutedAt {
+        RoutedAt(std::sync::atomic::AtomicU64::new(index))
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set(&self, index: u64) {
+        self.0.store(index, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A point in time in 4 bytes: microseconds since the process started, wrapping every 71
@@ -146,6 +169,7 @@ impl Message {
             origin,
             owned: false,
             received: Stamp::NONE,
+            routed_at: Default::default(),
         }
     }
 
@@ -174,6 +198,7 @@ impl Message {
             origin,
             owned: false,
             received: Stamp::NONE,
+            routed_at: Default::default(),
         }
     }
 
@@ -189,6 +214,7 @@ impl Message {
             origin: SessionId::BROKER,
             owned: true,
             received: Stamp::NONE,
+            routed_at: Default::default(),
         }
     }
 
@@ -220,6 +246,7 @@ impl Message {
             origin: self.origin,
             owned: true,
             received: Stamp::NONE,
+            routed_at: RoutedAt::new(self.routed_at.get()),
         }
     }
 
@@ -263,7 +290,7 @@ mod tests {
     /// past delivery"): a larger struct is a decision, not an accident.
     #[test]
     fn message_and_delivery_sizes() {
-        assert!(std::mem::size_of::<Message>() <= 104);
+        assert!(std::mem::size_of::<Message>() <= 112);
         let t = Instant::now();
         let s = Stamp::at(t);
         assert_eq!(s.elapsed(t), Some(Duration::ZERO));

@@ -33,6 +33,7 @@ pub struct Metrics {
     queue_depth: Arc<Snapshot>,
     raft_term: IntGauge,
     raft_leader_id: IntGauge,
+    cluster_wire_level: IntGauge,
     raft_role: IntGaugeVec,
     raft_commit_index: IntGauge,
     raft_applied_index: IntGauge,
@@ -177,6 +178,7 @@ impl Metrics {
             },
             raft_term: gauge(&r, "petrel_raft_term", "Current Raft term"),
             raft_leader_id: gauge(&r, "petrel_raft_leader_id", "Node id of the Raft leader this node knows (-1: none)"),
+            cluster_wire_level: gauge(&r, "petrel_cluster_wire_level", "The wire level every member announced (the lowest): features of higher levels are off until it reaches theirs"),
             raft_role: gauge_vec(&r, "petrel_raft_role", "This node's Raft role: 1 for the current one", &["role"]),
             raft_commit_index: gauge(&r, "petrel_raft_commit_index", "Raft log index this node knows committed"),
             raft_applied_index: gauge(&r, "petrel_raft_applied_index", "Raft log index this node has applied to its state"),
@@ -229,6 +231,7 @@ impl Metrics {
                 duplicates: counter(&r, "petrel_forward_duplicates_total", "Retransmitted copies a receiving node had already delivered (skipped)"),
                 ack_timeouts: counter(&r, "petrel_forward_ack_timeouts_total", "QoS 1/2 copies whose peer did not acknowledge within cluster.forward_ack_timeout_ms (the publisher was acknowledged; the copy stays in the outbox)"),
                 window_full: counter(&r, "petrel_forward_window_full_total", "QoS 1/2 publishes after which their publisher paused reading because a peer had more than cluster.forward_window_bytes unacknowledged"),
+                passed_on: counter(&r, "petrel_forward_passed_on_total", "Copies routed to a session of this node before another node's claim took it, passed on to that node"),
                 outbox_messages: gauge(&r, "petrel_forward_outbox_messages", "Forwarded copies not yet acknowledged by their peer"),
                 outbox_bytes: gauge(&r, "petrel_forward_outbox_bytes", "Bytes of forwarded copies not yet acknowledged by their peer"),
                 peer_messages: counter_vec(&r, "petrel_forward_peer_messages_total", "Forwarded copies sent to a peer (retransmits included), by peer", "peer"),
@@ -376,6 +379,7 @@ pub fn refresh(broker: &crate::broker::Broker, cluster: &crate::cluster::Cluster
     m.raft_term.set(st.term as i64);
     // -1: no leader known (node ids start at 0).
     m.raft_leader_id.set(st.leader_id.map_or(-1, |l| l as i64));
+    m.cluster_wire_level.set(i64::from(cluster.wire_level()));
     for role in ["leader", "follower", "learner", "candidate"] {
         m.raft_role
             .with_label_values(&[role])

@@ -255,6 +255,7 @@ impl Node {
             grpc_addr: advertised(&cfg.cluster.advertise_addr, addrs.grpc),
             mqtt_addr: advertised("", addrs.mqtt),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            wire_level: cfg.cluster.wire_level,
         };
         let retained = Arc::new(SharedRetained::new(
             metrics.retained.clone(),

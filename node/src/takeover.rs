@@ -47,12 +47,20 @@ const STALE_HOLD: Duration = Duration::from_secs(15);
 /// pushed to the owner instead.
 const PUSH_AFTER: Duration = Duration::from_secs(3);
 
+/// How long a session surrendered by a claim that brought its routes to the new owner stays
+/// in the router here, passing on the copies routed to this node before that claim (they
+/// are on their way from the other nodes, or in their outboxes: a stream that is slower
+/// than this loses them).
+const MOVED_HOLD: Duration = Duration::from_secs(10);
+
 /// Sessions handed over by this node and not confirmed yet, and hand-overs taken here.
 #[derive(Default)]
 pub struct Takeovers {
     parked: Mutex<HashMap<Arc<str>, Parked>>,
     /// (client id, from epoch) of every hand-over taken here: a repeated one adds nothing.
     taken: Mutex<HashSet<(Arc<str>, u64)>>,
+    /// Surrendered sessions still in the router (passing copies on), with their filters.
+    moved: Mutex<Vec<(Instant, Arc<Session>, Vec<String>)>>,
 }
 
 struct Parked {
@@ -103,7 +111,7 @@ pub async fn claim(
         expiry_secs: expiry,
         will,
     };
-    let mut grant = match broker.control.claim(request).await {
+    let grant = match broker.control.claim(request).await {
         Ok(g) => g,
         Err(e) => {
             broker.metrics.claims_refused.inc();
@@ -114,6 +122,32 @@ pub async fn claim(
     if let Some(node) = grant.previous_node {
         tracing::info!(%client_id, from_node = node, epoch = %grant.epoch, "client id taken over from another node");
     }
+    let arriving = grant.arrived_at != 0;
+    let attached = attach_claimed(broker, client_id, clean_start, expiry, conn_id, grant).await;
+    if arriving {
+        // In the router now (or not coming): copies for it wait no more, and what was
+        // published here for it meanwhile is its.
+        let held = broker.routes.arrived(client_id);
+        if attached.is_ok() && !held.is_empty() {
+            tracing::debug!(%client_id, messages = held.len(), "messages held for a moving session delivered");
+            broker.deliver_held(client_id, held);
+        }
+        if attached.is_err() {
+            broker.control.recheck_routes();
+        }
+    }
+    attached
+}
+
+/// The part of [`claim`] after the cluster granted it: the session here.
+async fn attach_claimed(
+    broker: &Broker,
+    client_id: &Arc<str>,
+    clean_start: bool,
+    expiry: u32,
+    conn_id: u64,
+    mut grant: crate::control::Grant,
+) -> Result<(Arc<Session>, Box<SessionState>, bool), ReasonCode> {
     let mut moved = grant.moved.take();
     for _ in 0..4 {
         let existing = broker.sessions.get(client_id);
@@ -166,6 +200,9 @@ pub async fn claim(
                 }
                 let present = match moved.take() {
                     Some(m) => {
+                        // Before its subscriptions reach the router: copies routed before the
+                        // claim are the old node's.
+                        session.set_arrived_at(grant.arrived_at);
                         adopt(broker, &session, *m, expiry > 0);
                         true
                     }
@@ -369,12 +406,15 @@ fn confirm_after(
 }
 
 /// Encodes what a session held for another node: in-flight messages (with their packet
-/// ids) first, then its queue.
+/// ids) first, then its queue. Queued copies routed at log index `cut` or later are left
+/// out (0: none is): the claim at `cut` brought the session's routes to the new owner, which
+/// got its own. (In-flight ones stay: the client may have them.)
 fn hand_over(
     from_node: u64,
     from_epoch: u64,
     state: &SessionState,
     queue: &VecDeque<Delivery>,
+    cut: u64,
 ) -> HandedOver {
     let clock = value::Clock::now();
     // Expired ones go too: the new owner drops and counts them (`live`).
@@ -396,6 +436,10 @@ fn hand_over(
         })
     });
     let queued = queue.iter().filter_map(|d| {
+        let at = d.msg.routed_at.get();
+        if cut != 0 && at >= cut {
+            return None;
+        }
         Some(HandedMessage {
             message: encode(d)?,
             packet_id: 0,
@@ -436,8 +480,16 @@ impl Host {
     }
 
     /// Takes this node's session of `client_id` (older than `epoch`) out of the router and
-    /// the registry, parks what it held and returns it.
-    async fn surrender_now(&self, client_id: &str, epoch: u64) -> Option<HandedOver> {
+    /// the registry, parks what it held and returns it. `moved_at`, `to_node`: see
+    /// [`SessionHost::surrender`]; with a `moved_at` the session stays in the router for
+    /// `MOVED_HOLD`, passing copies on.
+    async fn surrender_now(
+        &self,
+        client_id: &str,
+        epoch: u64,
+        moved_at: u64,
+        to_node: u64,
+    ) -> Option<HandedOver> {
         let broker = &self.broker;
         if let Some(p) = lock(&broker.takeovers.parked).get(client_id) {
             return Some(p.handed.clone());
@@ -460,15 +512,26 @@ impl Host {
         // The session goes on elsewhere: a delayed will of its last connection here must not
         // fire (its client came back within the delay).
         broker.cancel_will(client_id, session.id());
-        for filter in state.subscriptions.keys() {
-            if let Ok(parsed) = topic::parse_filter(filter, usize::MAX) {
-                broker.unsubscribe(session.id(), &parsed);
+        let (shared, plain): (Vec<String>, Vec<String>) = state
+            .subscriptions
+            .keys()
+            .map(|f| f.to_string())
+            .partition(|f| f.starts_with(topic::SHARE_PREFIX));
+        // A share group's messages go to its other members from now on.
+        unsubscribe_all(broker, &session, &shared);
+        match moved_at {
+            0 => unsubscribe_all(broker, &session, &plain),
+            _ => {
+                // Copies the other nodes routed here before the claim are still coming: the
+                // session stays in the router a while and passes them on.
+                session.set_moved(moved_at, to_node);
+                lock(&broker.takeovers.moved).push((Instant::now(), session.clone(), plain));
             }
         }
         if broker.sessions.remove(&session) {
             broker.metrics.sessions.dec();
         }
-        let handed = hand_over(self.node_id, session.epoch().0, &state, &queue);
+        let handed = hand_over(self.node_id, session.epoch().0, &state, &queue, moved_at);
         broker.metrics.handovers.with_label_values(&["out"]).inc();
         lock(&broker.takeovers.parked).insert(
             client.clone(),
@@ -481,14 +544,47 @@ impl Host {
     }
 }
 
+/// Takes `session`'s subscriptions to `filters` out of the router.
+fn unsubscribe_all(broker: &Broker, session: &Session, filters: &[String]) {
+    for filter in filters {
+        if let Ok(parsed) = topic::parse_filter(filter, usize::MAX) {
+            broker.unsubscribe(session.id(), &parsed);
+        }
+    }
+}
+
+/// Takes the surrendered sessions held for `MOVED_HOLD` out of the router.
+fn release_moved(broker: &Broker) {
+    let due: Vec<(Arc<Session>, Vec<String>)> = {
+        let mut moved = lock(&broker.takeovers.moved);
+        let n = moved
+            .iter()
+            .take_while(|(since, _, _)| since.elapsed() >= MOVED_HOLD)
+            .count();
+        moved.drain(..n).map(|(_, s, f)| (s, f)).collect()
+    };
+    for (session, filters) in due {
+        unsubscribe_all(broker, &session, &filters);
+    }
+}
+
 impl SessionHost for Host {
     fn publish_will(&self, message: bytes::Bytes) {
         self.broker.publish_dead_nodes_will(&message);
     }
 
-    fn surrender(&self, client_id: &str, epoch: u64) -> BoxFuture<'_, Option<HandedOver>> {
+    fn surrender(
+        &self,
+        client_id: &str,
+        epoch: u64,
+        moved_at: u64,
+        to_node: u64,
+    ) -> BoxFuture<'_, Option<HandedOver>> {
         let client_id = client_id.to_owned();
-        Box::pin(async move { self.surrender_now(&client_id, epoch).await })
+        Box::pin(async move {
+            self.surrender_now(&client_id, epoch, moved_at, to_node)
+                .await
+        })
     }
 
     fn forget(&self, client_id: &str, from_epoch: u64) {
@@ -561,6 +657,7 @@ pub async fn keep_sessions(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        release_moved(&broker);
         if !cluster.is_caught_up() {
             // Behind again (cut off, stopped): what the peers keep for it is to come again.
             caught_up_at = None;
@@ -586,7 +683,8 @@ pub async fn keep_sessions(
         for (client_id, epoch) in held {
             match cluster.session_owner(&client_id) {
                 Some(o) if o.node != me && o.epoch > epoch => {
-                    host.surrender_now(&client_id, o.epoch).await;
+                    host.surrender_now(&client_id, o.epoch, o.claimed_at_index, o.node)
+                        .await;
                 }
                 Some(_) => {}
                 // No record: the session ended cluster-wide (a clean start elsewhere that

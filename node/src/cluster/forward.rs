@@ -99,6 +99,8 @@ pub struct ForwardMetrics {
     pub ack_timeouts: IntCounter,
     /// Publishes whose publisher was paused because a peer's window was full.
     pub window_full: IntCounter,
+    /// Copies passed on to the node a session moved to (routed here before its claim).
+    pub passed_on: IntCounter,
     /// Copies waiting in the outboxes (sent or not, unacknowledged) and their bytes.
     pub outbox_messages: IntGauge,
     pub outbox_bytes: IntGauge,
@@ -149,11 +151,14 @@ struct Entry {
 
 /// What [`Forwarder::forward`] queues for each target.
 #[derive(Clone, Copy)]
-struct Copy {
+struct Copy<'a> {
     mark: u64,
     qos0: bool,
     deadline: Instant,
     published_at_ms: u64,
+    routed_at: u64,
+    /// Not empty: passed on for this client only (`DataPlane::push_on`), and stored at once.
+    client_id: &'a str,
 }
 
 /// A peer's outbox: entries in sequence order; the first `sent` were sent on the current
@@ -644,13 +649,15 @@ impl Forwarder {
         link: &Link,
         message: &Bytes,
         target: &Target,
-        copy: Copy,
+        copy: Copy<'_>,
     ) -> (bool, Option<Ticket>, bool) {
         let Copy {
             mark,
             qos0,
             deadline,
             published_at_ms,
+            routed_at,
+            client_id,
         } = copy;
         let shared_bytes: usize = target.shared.iter().map(|(g, f)| shared_len(g, f)).sum();
         let size = message.len() + shared_bytes + ENTRY_OVERHEAD;
@@ -689,6 +696,8 @@ impl Forwarder {
             first_incarnation: 0,
             first_seq: 0,
             published_at_ms,
+            routed_at,
+            client_id: client_id.to_owned(),
         };
         o.entries.push_back(Entry {
             msg,
@@ -701,7 +710,7 @@ impl Forwarder {
         o.bytes += size;
         // Its publisher will not wait for the peer: stored first, and the acknowledgement
         // waits for that.
-        let ticket = match holds || qos0 {
+        let ticket = match (holds && client_id.is_empty()) || qos0 {
             true => None,
             false => {
                 let at = o.entries.len() - 1;
@@ -1045,9 +1054,24 @@ impl Forwarder {
                         }
                     }
                 }
+                msg.routed_at.set(m.routed_at);
+                if m.routed_at != 0 {
+                    // Routed past what this node has applied while it claims a session, or
+                    // for a session moving here that is not in the router yet: waits for it.
+                    broker
+                        .routes
+                        .ready_for(&msg.topic, m.routed_at, &m.client_id)
+                        .await;
+                }
                 let shared = m.shared.iter().map(|s| (&*s.group, &*s.filter));
-                let routed =
-                    broker.deliver_forwarded(msg, m.plain, shared, m.published_at_ms, &mut scratch);
+                let routed = broker.deliver_forwarded(
+                    msg,
+                    m.plain,
+                    shared,
+                    m.published_at_ms,
+                    &m.client_id,
+                    &mut scratch,
+                );
                 if let Some(t) = routed.ticket {
                     ticket = Some(ticket.map_or(t, |x: petrel_storage::Ticket| x.max(t)));
                 }
@@ -1118,6 +1142,8 @@ impl DataPlane for Forwarder {
                         qos0,
                         deadline,
                         published_at_ms: clock.unix_ms,
+                        routed_at: msg.routed_at.get(),
+                        client_id: "",
                     };
                     let (holds, stored, window_full) = self.push(link, &message, t, copy);
                     if let Some(s) = stored {
@@ -1144,6 +1170,39 @@ impl DataPlane for Forwarder {
             self.metrics.window_full.inc();
         }
         Forwarded { mark, ticket, full }
+    }
+
+    fn push_on(&self, msg: &Message, node: u64, client_id: &str) -> Forwarded {
+        let clock = Clock::now();
+        let Ok(message) = value::message(msg, msg.qos, msg.retain, &[], &clock) else {
+            self.count_dropped("too_large", 1);
+            return Forwarded::default();
+        };
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
+        let Some(link) = links.get(&node) else {
+            self.count_dropped("unknown_node", 1);
+            return Forwarded::default();
+        };
+        let target = Target {
+            node,
+            plain: true,
+            shared: Vec::new(),
+        };
+        let copy = Copy {
+            mark: 0,
+            qos0: msg.qos == QoS::AtMostOnce,
+            deadline: Instant::now() + self.ack_timeout,
+            published_at_ms: clock.unix_ms,
+            routed_at: msg.routed_at.get(),
+            client_id,
+        };
+        let (_, ticket, full) = self.push(link, &message, &target, copy);
+        self.metrics.passed_on.inc();
+        Forwarded {
+            mark: 0,
+            ticket,
+            full: full.then(|| link.clone() as Arc<dyn Window>),
+        }
     }
 
     fn forwarded(&self) -> watch::Receiver<u64> {

@@ -14,6 +14,7 @@ fn msg(qos: QoS, payload: &'static [u8]) -> Message {
         origin: SessionId(7),
         owned: true,
         received: crate::message::Stamp::NONE,
+        routed_at: Default::default(),
     }
 }
 

@@ -91,8 +91,11 @@ pub struct Owner {
     pub epoch: u64,
     /// The epoch of the claim that started the session.
     pub started_epoch: u64,
-    /// When the latest claim was made (ms since the Unix epoch; 0: unknown).
+    /// When the session came to its node (ms since the Unix epoch; 0: unknown).
     pub claimed_at_ms: u64,
+    /// The log index of the claim that brought it to its node with its routes (0: unknown,
+    /// or that claim did not bring them).
+    pub claimed_at_index: u64,
 }
 
 impl Owner {
@@ -144,6 +147,7 @@ impl Cluster {
             epoch: r.epoch,
             started_epoch: r.started_epoch,
             claimed_at_ms: r.claimed_at_ms,
+            claimed_at_index: r.claimed_at_index,
         })
     }
 
@@ -224,7 +228,15 @@ impl Cluster {
         {
             return Err(Status::unavailable("the claim is not applied here yet"));
         }
-        let handed = host.surrender(&req.client_id, req.epoch).await;
+        // The index of the claim if it brought the session's routes to the new owner: the
+        // copies routed here before it are still this node's to pass on.
+        let moved_at = self
+            .session_owner(&req.client_id)
+            .filter(|o| o.epoch == req.epoch)
+            .map_or(0, |o| o.claimed_at_index);
+        let handed = host
+            .surrender(&req.client_id, req.epoch, moved_at, req.node_id)
+            .await;
         if let Some(h) = &handed {
             tracing::info!(client_id = %req.client_id, to_node = req.node_id, messages = h.queued.len(), "session handed over");
         }

@@ -22,6 +22,7 @@ mod server;
 mod settle;
 pub mod sm;
 mod wills;
+pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,7 +47,7 @@ use self::settle::Settle;
 use self::sm::{Effect, StateMachine};
 use crate::config::ClusterConfig;
 use crate::control::{
-    BoxFuture, ClaimError, ClaimRequest, ControlPlane, Grant, ReplicaSubscription,
+    BoxFuture, ClaimError, ClaimRequest, ClaimedElsewhere, ControlPlane, Grant, ReplicaSubscription,
 };
 use crate::router::SharedRetained;
 use crate::session::Epoch;
@@ -114,6 +115,8 @@ pub struct Identity {
     /// MQTT address clients reach it on.
     pub mqtt_addr: String,
     pub version: String,
+    /// The wire level it announces (`cluster.wire_level`; see `wire.rs`).
+    pub wire_level: u32,
 }
 
 /// The admin API's calls this node answers for other members (`rpc Admin`).
@@ -709,6 +712,7 @@ impl Cluster {
                 grpc_addr: self.me.grpc_addr.clone(),
                 mqtt_addr: self.me.mqtt_addr.clone(),
                 version: self.me.version.clone(),
+                wire_level: self.me.wire_level,
             })),
         };
         loop {
@@ -1050,6 +1054,32 @@ impl Cluster {
         (added, removed)
     }
 
+    /// The lowest wire level a member announced (1 for one that has not announced
+    /// itself yet): the features up to it are on.
+    pub fn wire_level(&self) -> u32 {
+        let st = self.sm.read();
+        let level = st
+            .membership
+            .membership()
+            .nodes()
+            .map(|(id, _)| st.members.get(id).map_or(1, wire::level))
+            .min()
+            .unwrap_or(1);
+        level
+    }
+
+    /// Whether every member of the cluster (voters and learners) announced wire level
+    /// `level` or higher; a member that has not announced itself yet counts as level 1.
+    pub fn all_members_at(&self, level: u32) -> bool {
+        let st = self.sm.read();
+        let all = st
+            .membership
+            .membership()
+            .nodes()
+            .all(|(id, _)| st.members.get(id).is_some_and(|m| wire::level(m) >= level));
+        all
+    }
+
     // ---- settling ----------------------------------------------------------------------
 
     /// Feeds this node's applied index to settling, and lets it look at lagging peers.
@@ -1186,12 +1216,20 @@ impl ControlPlane for Cluster {
                         delay_secs,
                     }),
                     at_ms: now_ms(),
+                    with_routes: self.all_members_at(wire::CLAIM_ROUTES),
                 })),
             };
-            let p = self
-                .propose(cmd)
-                .await
-                .map_err(|e| ClaimError::NoQuorum(e.to_string()))?;
+            let with_routes = matches!(&cmd.cmd, Some(pb::command::Cmd::Claim(c)) if c.with_routes);
+            // Until it is applied here, a forwarded copy routed past this node's index may be
+            // for the session it moves here (`RouteTable::ready_for`).
+            let in_flight = self.sm.routes().claim_proposed();
+            let p = self.propose(cmd).await;
+            let applied = match &p {
+                Ok(p) => self.wait_applied(p.index, self.propose_timeout).await,
+                Err(_) => false,
+            };
+            drop(in_flight);
+            let p = p.map_err(|e| ClaimError::NoQuorum(e.to_string()))?;
             let Some(pb::outcome::Result::Claimed(c)) = p.outcome.result else {
                 return Err(ClaimError::NoQuorum(format!(
                     "unexpected outcome {:?}",
@@ -1199,7 +1237,7 @@ impl ControlPlane for Cluster {
                 )));
             };
             // Read what was written: this node applies the claim before it answers.
-            if !self.wait_applied(p.index, self.propose_timeout).await {
+            if !applied {
                 return Err(ClaimError::NoQuorum(
                     "the claim was not applied here in time".into(),
                 ));
@@ -1218,6 +1256,9 @@ impl ControlPlane for Cluster {
                         .session_owner(&req.client_id)
                         .is_none_or(|o| o.epoch != c.epoch)
                     {
+                        // The routes this claim brought here may have no session.
+                        self.recheck_routes();
+                        let _ = self.sm.routes().arrived(&req.client_id);
                         return Err(ClaimError::NoQuorum(
                             "claimed again elsewhere while the session moved".into(),
                         ));
@@ -1226,11 +1267,16 @@ impl ControlPlane for Cluster {
                 }
                 _ => None,
             };
+            let arrived_at = match (&moved, with_routes) {
+                (Some(_), true) => p.index,
+                _ => 0,
+            };
             Ok(Grant {
                 epoch: Epoch(c.epoch),
                 previous_node,
                 session_present: c.session_present,
                 moved,
+                arrived_at,
             })
         })
     }
@@ -1275,6 +1321,10 @@ impl ControlPlane for Cluster {
 
     fn route_removed(&self, group: Option<&str>, filter: &str) {
         self.propose_route(false, group, filter);
+    }
+
+    fn recheck_routes(&self) {
+        self.routes_dirty.store(true, Ordering::Relaxed);
     }
 
     fn retain(&self, topic: &str, message: Option<Bytes>) -> u64 {
@@ -1336,9 +1386,13 @@ impl ControlPlane for Cluster {
         self.send_handover_done(client_id, from_node, from_epoch);
     }
 
-    fn claimed_elsewhere_at(&self, client_id: &str, epoch: Epoch) -> Option<u64> {
+    fn claimed_elsewhere(&self, client_id: &str, epoch: Epoch) -> Option<ClaimedElsewhere> {
         self.session_owner(client_id)
             .filter(|o| o.node != self.me.node_id && o.epoch > epoch.0)
-            .map(|o| o.claimed_at_ms)
+            .map(|o| ClaimedElsewhere {
+                node: o.node,
+                index: o.claimed_at_index,
+                at_ms: o.claimed_at_ms,
+            })
     }
 }

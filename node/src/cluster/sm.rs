@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use super::raft::{self, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::persist::value::{self, Clock};
 pub use crate::router::NodeSet;
-use crate::router::{RouteTable, SharedRetained};
+use crate::router::{topic, RouteOp, RouteTable, SharedRetained};
 
 /// A route key: (share group, or empty; filter). Boxed strings: every node holds every
 /// route, a million of them in a big fleet.
@@ -76,8 +76,21 @@ fn expired(rec: &pb::SessionRecord, now_ms: u64) -> bool {
 }
 
 impl ClusterState {
-    /// Applies one command; the outcome goes back to its proposer.
+    /// Applies one command; the outcome goes back to its proposer. (Tests: the route
+    /// changes are not reported.)
     pub fn apply(&mut self, cmd: pb::Command) -> pb::Outcome {
+        let index = self.last_applied.map(|l| l.index).unwrap_or(0);
+        self.apply_at(cmd, index, &mut Vec::new())
+    }
+
+    /// Applies one command of the entry at log `index`; its changes of the routes go to
+    /// `ops` too (`None` there: every route may have changed, copy them all).
+    pub fn apply_at(
+        &mut self,
+        cmd: pb::Command,
+        index: u64,
+        ops: &mut Vec<Option<RouteOp>>,
+    ) -> pb::Outcome {
         use pb::command::Cmd;
         let Some(cmd) = cmd.cmd else {
             // A command kind this version does not know: the compatibility rules keep newer
@@ -94,6 +107,7 @@ impl ClusterState {
                         mqtt_addr: m.mqtt_addr,
                         version: m.version,
                         draining: false,
+                        wire_level: m.wire_level,
                     },
                 );
                 done()
@@ -122,6 +136,7 @@ impl ClusterState {
                 for c in gone {
                     self.end_session(&c);
                 }
+                ops.push(None);
                 for s in self.sessions.values_mut() {
                     if s.node_id == r.node_id {
                         s.orphaned = true;
@@ -135,24 +150,27 @@ impl ClusterState {
             }
             Cmd::RouteAdd(a) => {
                 let Some(r) = a.route else { return stale() };
-                self.routes
-                    .entry((r.share_group.into(), r.filter.into()))
-                    .or_default()
-                    .insert(r.node_id);
+                self.add_route(r.share_group, r.filter, r.node_id, ops);
                 done()
             }
             Cmd::RouteDel(d) => {
                 let Some(r) = d.route else { return stale() };
-                let key: RouteKey = (r.share_group.into(), r.filter.into());
+                let key: RouteKey = (r.share_group.as_str().into(), r.filter.as_str().into());
                 if let Some(nodes) = self.routes.get_mut(&key) {
                     nodes.remove(&r.node_id);
                     if nodes.is_empty() {
                         self.routes.remove(&key);
                     }
                 }
+                ops.push(Some(RouteOp {
+                    add: false,
+                    group: r.share_group,
+                    filter: r.filter,
+                    node: r.node_id,
+                }));
                 done()
             }
-            Cmd::Claim(c) => self.claim(c),
+            Cmd::Claim(c) => self.claim(c, index, ops),
             Cmd::SessionDisconnected(d) => {
                 let Some(rec) = self.sessions.get_mut(d.client_id.as_str()) else {
                     return stale();
@@ -232,7 +250,27 @@ impl ClusterState {
         }
     }
 
-    fn claim(&mut self, c: pb::Claim) -> pb::Outcome {
+    /// Node `node` has subscribers to `filter` in `group`.
+    fn add_route(
+        &mut self,
+        group: String,
+        filter: String,
+        node: u64,
+        ops: &mut Vec<Option<RouteOp>>,
+    ) {
+        self.routes
+            .entry((group.as_str().into(), filter.as_str().into()))
+            .or_default()
+            .insert(node);
+        ops.push(Some(RouteOp {
+            add: true,
+            group,
+            filter,
+            node,
+        }));
+    }
+
+    fn claim(&mut self, c: pb::Claim, index: u64, ops: &mut Vec<Option<RouteOp>>) -> pb::Outcome {
         let epoch = self.next_epoch.max(1);
         self.next_epoch = epoch + 1;
         let client: Arc<str> = c.client_id.as_str().into();
@@ -255,7 +293,7 @@ impl ClusterState {
                 _ => epoch,
             };
             self.sessions.insert(
-                client,
+                client.clone(),
                 pb::SessionRecord {
                     client_id: c.client_id,
                     node_id: c.node_id,
@@ -275,8 +313,38 @@ impl ClusterState {
                         }
                         _ => c.at_ms,
                     },
+                    claimed_at_index: match (&previous, present) {
+                        (Some(p), true) if p.node_id == c.node_id && p.claimed_at_index != 0 => {
+                            p.claimed_at_index
+                        }
+                        // Known only where the claim brought the session's routes.
+                        _ if c.with_routes => index,
+                        _ => 0,
+                    },
                 },
             );
+        }
+        let moved = present && previous.as_ref().is_some_and(|p| p.node_id != c.node_id);
+        if c.with_routes && moved {
+            // The session's routes come to its new node in this very entry: a copy routed
+            // at this index or later reaches the new node, one routed before reaches the
+            // old (whose routes are still there), and each node knows which it has
+            // (`ForwardedMessage.routed_at`).
+            let filters: Vec<String> = self
+                .subscriptions
+                .get(&client)
+                .map(|subs| subs.keys().cloned().collect())
+                .unwrap_or_default();
+            // Plain filters only: a share group's message goes to one node of the group, and
+            // the new node joins the group when its member is in its router (its own
+            // `RouteAdd`), as a new member does.
+            for raw in filters {
+                if let Ok(f) = topic::parse_filter(&raw, usize::MAX) {
+                    if f.group.is_none() {
+                        self.add_route(String::new(), f.filter.to_owned(), c.node_id, ops);
+                    }
+                }
+            }
         }
         let p = previous.unwrap_or_default();
         pb::Outcome {
@@ -298,6 +366,7 @@ impl ClusterState {
             self.routes
                 .iter()
                 .map(|((g, f), nodes)| (&**g, &**f, nodes)),
+            self.last_applied.map(|l| l.index).unwrap_or(0),
         );
     }
 
@@ -540,13 +609,23 @@ impl StateMachine {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The route table it writes.
+    pub fn routes(&self) -> &Arc<RouteTable> {
+        &self.routes
+    }
+
     /// The index of the last applied entry, as it changes.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
     }
 
     /// Applies one command and tells this node what it must act on.
-    fn apply_one(&self, st: &mut ClusterState, cmd: pb::Command) -> pb::Outcome {
+    fn apply_one(
+        &self,
+        st: &mut ClusterState,
+        cmd: pb::Command,
+        ops: &mut Vec<Option<RouteOp>>,
+    ) -> pb::Outcome {
         match &cmd.cmd {
             Some(pb::command::Cmd::RetainSet(r)) => {
                 let clock = Clock::now();
@@ -574,22 +653,31 @@ impl StateMachine {
             }
             _ => None,
         };
-        let routes = match &cmd.cmd {
-            Some(pb::command::Cmd::RouteAdd(pb::RouteAdd { route: Some(r) })) => {
-                Some((true, r.clone()))
-            }
-            Some(pb::command::Cmd::RouteDel(pb::RouteDel { route: Some(r) })) => {
-                Some((false, r.clone()))
+        let index = st.last_applied.map(|l| l.index).unwrap_or(0);
+        let arriving = match &cmd.cmd {
+            Some(pb::command::Cmd::Claim(c)) if c.node_id == self.me && c.with_routes => {
+                Some(c.client_id.clone())
             }
             _ => None,
         };
-        let member_removed = matches!(&cmd.cmd, Some(pb::command::Cmd::MemberRemove(_)));
-        let outcome = st.apply(cmd);
-        match routes {
-            Some((true, r)) => self.routes.add(&r.share_group, &r.filter, r.node_id),
-            Some((false, r)) => self.routes.remove(&r.share_group, &r.filter, r.node_id),
-            None if member_removed => st.copy_routes_to(&self.routes),
-            None => {}
+        let outcome = st.apply_at(cmd, index, ops);
+        if let (Some(client_id), Some(pb::outcome::Result::Claimed(c))) =
+            (arriving, &outcome.result)
+        {
+            if c.session_present && c.previous_epoch != 0 && c.previous_node_id != self.me {
+                // A session moves here: its routes are in, it is not in the router yet.
+                let filters = st
+                    .subscriptions
+                    .get(client_id.as_str())
+                    .map(|subs| {
+                        subs.keys()
+                            .filter(|f| !f.starts_with(crate::router::topic::SHARE_PREFIX))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.routes.expect(client_id.into(), index, filters);
+            }
         }
         if let (Some((client_id, node_id)), Some(pb::outcome::Result::Claimed(c))) =
             (claim_from, &outcome.result)
@@ -660,21 +748,31 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let outcome = {
                 let mut st = self.write();
                 st.last_applied = Some(entry.log_id);
-                match entry.payload {
+                let mut ops = Vec::new();
+                let outcome = match entry.payload {
                     EntryPayload::Blank => pb::BatchOutcome::default(),
                     EntryPayload::Normal(batch) => pb::BatchOutcome {
                         outcomes: batch
                             .0
                             .commands
                             .into_iter()
-                            .map(|c| self.apply_one(&mut st, c))
+                            .map(|c| self.apply_one(&mut st, c, &mut ops))
                             .collect(),
                     },
                     EntryPayload::Membership(m) => {
                         st.membership = StoredMembership::new(Some(entry.log_id), m);
                         pb::BatchOutcome::default()
                     }
+                };
+                // The entry's route changes and its index reach the table at once.
+                match ops.iter().any(Option::is_none) {
+                    true => st.copy_routes_to(&self.routes),
+                    false => {
+                        let ops: Vec<RouteOp> = ops.into_iter().flatten().collect();
+                        self.routes.apply(&ops, entry.log_id.index);
+                    }
                 }
+                outcome
             };
             last = Some(entry.log_id.index);
             if let Some(r) = responder {

@@ -18,7 +18,17 @@ fn claim(client: &str, node: u64, clean: bool, expiry: u32, at_ms: u64) -> pb::C
             delay_secs: 0,
         }),
         at_ms,
+        with_routes: false,
     }))
+}
+
+/// A claim that brings a moving session's routes (wire level 2).
+fn claim_with_routes(client: &str, node: u64) -> pb::Command {
+    let mut cmd = claim(client, node, false, 60, 1000);
+    if let Some(Cmd::Claim(c)) = cmd.cmd.as_mut() {
+        c.with_routes = true;
+    }
+    cmd
 }
 
 fn claimed(o: pb::Outcome) -> pb::Claimed {
@@ -223,6 +233,7 @@ fn a_clean_session_without_a_will_leaves_no_record() {
             expiry_secs: 0,
             will: None,
             at_ms,
+            with_routes: false,
         }))
     };
     let a = claimed(st.apply(bare(1)));
@@ -343,4 +354,56 @@ fn a_disconnect_that_shortens_the_expiry_to_0_ends_the_session() {
         !st.sessions.contains_key("dev"),
         "nothing left to resume on another node"
     );
+}
+
+#[test]
+fn a_claim_that_moves_a_session_brings_its_routes_and_its_index() {
+    use crate::router::RouteOp;
+    let mut st = ClusterState::default();
+    let first = claimed(st.apply_at(claim_with_routes("dev", 1), 10, &mut Vec::new()));
+    for filter in ["a/+", "$share/g/b/#"] {
+        st.apply(c(Cmd::SubPut(pb::SubPut {
+            sub: Some(pb::Subscription {
+                client_id: "dev".into(),
+                filter: filter.into(),
+                epoch: first.epoch,
+                ..Default::default()
+            }),
+        })));
+    }
+    assert_eq!(st.sessions["dev"].claimed_at_index, 10, "a new session");
+    // Node 1 reconnects: no move, no routes, the index stays.
+    let mut ops = Vec::new();
+    claimed(st.apply_at(claim_with_routes("dev", 1), 20, &mut ops));
+    assert!(ops.is_empty());
+    assert_eq!(st.sessions["dev"].claimed_at_index, 10);
+    // To node 2: its routes come in the same entry.
+    let mut ops = Vec::new();
+    let moved = claimed(st.apply_at(claim_with_routes("dev", 2), 30, &mut ops));
+    assert_eq!(moved.previous_node_id, 1);
+    let op = |group: &str, filter: &str| {
+        Some(RouteOp {
+            add: true,
+            group: group.into(),
+            filter: filter.into(),
+            node: 2,
+        })
+    };
+    assert_eq!(ops, [op("", "a/+")], "plain filters only");
+    assert!(st.routes[&("".into(), "a/+".into())].contains(&2));
+    assert!(!st.routes.contains_key(&("g".into(), "b/#".into())));
+    assert_eq!(st.sessions["dev"].claimed_at_index, 30);
+    // Without the flag (a member of level 1): neither routes nor an index.
+    let mut ops = Vec::new();
+    claimed(st.apply_at(claim("dev", 3, false, 60, 2000), 40, &mut ops));
+    assert!(ops.is_empty());
+    assert_eq!(st.sessions["dev"].claimed_at_index, 0);
+    // A clean start moves nothing: the session is new.
+    let mut ops = Vec::new();
+    let mut clean = claim_with_routes("dev", 1);
+    if let Some(Cmd::Claim(c)) = clean.cmd.as_mut() {
+        c.clean_start = true;
+    }
+    claimed(st.apply_at(clean, 50, &mut ops));
+    assert!(ops.is_empty());
 }

@@ -374,6 +374,7 @@ mod tests {
             origin: SessionId(7),
             owned: true,
             received: crate::message::Stamp::NONE,
+            routed_at: Default::default(),
         };
         let bytes = message(&msg, QoS::AtLeastOnce, false, &[3, 9], &clock).expect("encodes");
         let d = delivery(&bytes, &clock).expect("decodes");
@@ -417,6 +418,7 @@ mod tests {
             origin: SessionId(1),
             owned: true,
             received: crate::message::Stamp::NONE,
+            routed_at: Default::default(),
         }
     }
 
@@ -458,6 +460,7 @@ mod tests {
             origin: SessionId(3),
             owned: true,
             received: crate::message::Stamp::NONE,
+            routed_at: Default::default(),
         };
         match parse_stored_will(&armed_will(&msg, 30, 77, &clock).expect("encodes"), &clock) {
             Some(StoredWill::Armed {

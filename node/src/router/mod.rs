@@ -11,6 +11,6 @@ pub mod topic;
 pub mod trie;
 
 pub use retained::{RetainedLimits, RetainedStore, SharedRetained};
-pub use routes::{NodeSet, RouteTable, Target};
+pub use routes::{NodeSet, RouteOp, RouteTable, Target};
 pub use topic::{FilterError, ParsedFilter};
 pub use trie::{AclStamp, Match, Subscriber, SubscriptionTrie};

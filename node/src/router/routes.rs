@@ -14,7 +14,7 @@
 //! subscribers are all here) skips the walk: `has_remote` is one atomic load.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::RwLock;
 
 use crate::config::SharedStrategy;
@@ -333,6 +333,52 @@ pub struct RouteTable {
     table: RwLock<Table>,
     /// (group, filter, node) entries whose node is not this one.
     remote: AtomicUsize,
+    /// The Raft log index the table is current up to: every route change of the entries up
+    /// to it is in, none of a later one. Changed under the write lock with the routes (so a
+    /// publish reads the routes and the index of one state: [`RouteTable::collect`]).
+    index: AtomicU64,
+    /// Sessions whose routes a claim brought to this node before the session is in its
+    /// router ([`RouteTable::expect`]).
+    arrivals: std::sync::Mutex<Vec<Arrival>>,
+    arriving: AtomicUsize,
+    /// Claims of this node proposed and not applied here yet.
+    claiming: AtomicUsize,
+    /// Woken when the index moves or a session arrives.
+    changed: tokio::sync::Notify,
+}
+
+/// See [`RouteTable::claim_proposed`].
+pub struct ClaimInFlight<'a>(&'a RouteTable);
+
+impl Drop for ClaimInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.claiming.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A session moving to this node: the claim at `index` brought its routes (`filters`).
+struct Arrival {
+    client_id: std::sync::Arc<str>,
+    index: u64,
+    filters: Vec<String>,
+    since: std::time::Instant,
+    /// Messages published on this node for it meanwhile ([`RouteTable::hold_for_arrivals`]).
+    held: Vec<std::sync::Arc<crate::message::Message>>,
+}
+
+/// Longest a forwarded copy waits for this node to apply what its sender had applied, or for
+/// a session it is for to arrive (the claim's hand-over is bounded by the takeover timeout).
+pub const ARRIVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(6);
+
+/// One change of the route table: node `node` has (`add`) or no longer has subscribers to
+/// `filter` in `group` ("" for none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteOp {
+    pub add: bool,
+    pub group: String,
+    pub filter: String,
+    pub node: u64,
 }
 
 impl RouteTable {
@@ -350,6 +396,11 @@ impl RouteTable {
             strategy,
             table: RwLock::new(Table::default()),
             remote: AtomicUsize::new(0),
+            index: AtomicU64::new(0),
+            arrivals: Default::default(),
+            arriving: AtomicUsize::new(0),
+            claiming: AtomicUsize::new(0),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -366,6 +417,149 @@ impl RouteTable {
     /// Whether another node has any route: if not, nothing is ever forwarded.
     pub fn has_remote(&self) -> bool {
         self.remote.load(Ordering::Relaxed) > 0
+    }
+
+    /// The log index the table is current up to. Read before [`RouteTable::has_remote`], it
+    /// is one the answer holds for (the changes up to it are seen).
+    pub fn index(&self) -> u64 {
+        self.index.load(Ordering::Acquire)
+    }
+
+    /// A claim at `index` brought the routes of `client_id`'s session (its plain
+    /// `filters`) to this node, before the session is in the router here: forwarded copies
+    /// routed at `index` or later that match them wait for it ([`RouteTable::arrived`]).
+    /// Called while the claim is applied, before the index moves.
+    pub fn expect(&self, client_id: std::sync::Arc<str>, index: u64, filters: Vec<String>) {
+        let mut a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        a.push(Arrival {
+            client_id,
+            index,
+            filters,
+            since: std::time::Instant::now(),
+            held: Vec::new(),
+        });
+        self.arriving.store(a.len(), Ordering::Release);
+    }
+
+    /// A claim of this node is proposed, until the guard goes (it is applied here, or
+    /// failed): a forwarded copy routed at an index this node has not applied yet may be for
+    /// a session that claim moves here, and waits for that index.
+    pub fn claim_proposed(&self) -> ClaimInFlight<'_> {
+        self.claiming.fetch_add(1, Ordering::AcqRel);
+        ClaimInFlight(self)
+    }
+
+    /// `client_id`'s session is in the router here (or will not come). Returns the
+    /// messages published here for it meanwhile, to deliver to it.
+    pub fn arrived(&self, client_id: &str) -> Vec<std::sync::Arc<crate::message::Message>> {
+        if self.arriving.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let mut held = Vec::new();
+        let mut a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        a.retain_mut(|x| {
+            if &*x.client_id == client_id {
+                held.append(&mut x.held);
+                return false;
+            }
+            x.since.elapsed() < ARRIVAL_WAIT
+        });
+        self.arriving.store(a.len(), Ordering::Release);
+        drop(a);
+        self.changed.notify_waiters();
+        held
+    }
+
+    /// Keeps `msg`, published on this node and routed at `routed_at`, for each session
+    /// moving here that it is for and that is not in the router yet (its claim is at
+    /// `routed_at` or before). Call it before the router is read: a session that arrives
+    /// meanwhile is then in the router.
+    pub fn hold_for_arrivals(&self, msg: &std::sync::Arc<crate::message::Message>, routed_at: u64) {
+        if self.arriving.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        for x in a.iter_mut() {
+            if x.index <= routed_at
+                && x.since.elapsed() < ARRIVAL_WAIT
+                && x.filters
+                    .iter()
+                    .any(|f| super::topic::matches(f, &msg.topic))
+            {
+                x.held.push(msg.clone());
+            }
+        }
+    }
+
+    /// Whether a copy of `topic` routed at `routed_at` (for `client_id` only, if not
+    /// empty) must wait: this node has not applied that index yet, or it is for a session
+    /// still arriving.
+    fn must_wait(&self, topic: &str, routed_at: u64, client_id: &str) -> bool {
+        if self.index() < routed_at && self.claiming.load(Ordering::Acquire) > 0 {
+            return true;
+        }
+        if self.arriving.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        a.iter().any(|x| {
+            x.since.elapsed() < ARRIVAL_WAIT
+                && match client_id.is_empty() {
+                    false => &*x.client_id == client_id,
+                    true => {
+                        x.index <= routed_at
+                            && x.filters.iter().any(|f| super::topic::matches(f, topic))
+                    }
+                }
+        })
+    }
+
+    /// Waits (up to [`ARRIVAL_WAIT`]) until a forwarded copy of `topic` routed at
+    /// `routed_at` can be delivered here: this node has applied what the sender had (its
+    /// routes, and a claim that moved a session here), and a session moving here that the
+    /// copy is for is in the router. Returns at once in the common case.
+    pub async fn ready_for(&self, topic: &str, routed_at: u64, client_id: &str) {
+        if !self.must_wait(topic, routed_at, client_id) {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.must_wait(topic, routed_at, client_id) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The changes of one applied log entry (`ops`, maybe none) and its `index`, at once.
+    pub fn apply(&self, ops: &[RouteOp], index: u64) {
+        if ops.is_empty() {
+            // Nothing for a publish to see half-done.
+            self.index.fetch_max(index, Ordering::AcqRel);
+            self.changed.notify_waiters();
+            return;
+        }
+        let mut t = self.write();
+        for op in ops {
+            let remote = op.node != self.me;
+            match op.add {
+                true if t.add(&op.group, &op.filter, op.node) && remote => {
+                    self.remote.fetch_add(1, Ordering::Relaxed);
+                }
+                false if t.remove(&op.group, &op.filter, op.node) && remote => {
+                    self.remote.fetch_sub(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        self.index.fetch_max(index, Ordering::AcqRel);
+        drop(t);
+        self.changed.notify_waiters();
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
@@ -388,7 +582,11 @@ impl RouteTable {
 
     /// Replaces the whole table (a snapshot was installed or loaded, a member removed):
     /// built aside, then swapped in at once, so a publish sees the old table or the new.
-    pub fn replace<'a>(&self, routes: impl IntoIterator<Item = (&'a str, &'a str, &'a NodeSet)>) {
+    pub fn replace<'a>(
+        &self,
+        routes: impl IntoIterator<Item = (&'a str, &'a str, &'a NodeSet)>,
+        index: u64,
+    ) {
         let mut table = Table::default();
         let mut remote = 0;
         for (group, filter, nodes) in routes {
@@ -401,13 +599,20 @@ impl RouteTable {
         let mut t = self.write();
         *t = table;
         self.remote.store(remote, Ordering::Relaxed);
+        // A snapshot replaces everything, its index too (it may be behind what this table
+        // had only when a node's log was lost; then the lower index is the true one).
+        self.index.store(index, Ordering::Release);
+        drop(t);
+        self.changed.notify_waiters();
     }
 
     /// Where a publish to `topic` must be forwarded, one entry per other node, appended to
     /// `out` (sorted by node). A share group with a member on this node is served here
     /// (local first); one without gets one node of those that have members, in turn.
-    pub fn collect(&self, topic: &str, out: &mut Vec<Target>) {
+    /// Returns the log index the routes were current up to.
+    pub fn collect(&self, topic: &str, out: &mut Vec<Target>) -> u64 {
         let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let index = self.index.load(Ordering::Acquire);
         let pick = Pick {
             me: self.me,
             strategy: self.strategy,
@@ -435,6 +640,7 @@ impl RouteTable {
             }
             *out = merged;
         }
+        index
     }
 
     /// Another node with a member of share group `group` on `filter` (in turn), if any.
@@ -723,11 +929,44 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_s_changes_and_its_index_are_seen_together() {
+        let t = RouteTable::new(1);
+        let mut out = Vec::new();
+        assert_eq!(t.collect("a/b", &mut out), 0);
+        let add = |filter: &str, node| RouteOp {
+            add: true,
+            group: String::new(),
+            filter: filter.into(),
+            node,
+        };
+        t.apply(&[add("a/+", 2), add("a/b", 3)], 7);
+        assert_eq!(t.index(), 7);
+        assert_eq!(t.collect("a/b", &mut out), 7);
+        assert_eq!(out.iter().map(|t| t.node).collect::<Vec<_>>(), [2, 3]);
+        // An entry without route changes moves the index only.
+        t.apply(&[], 9);
+        out.clear();
+        assert_eq!(t.collect("a/b", &mut out), 9);
+        assert_eq!(out.len(), 2);
+        t.apply(
+            &[RouteOp {
+                add: false,
+                ..add("a/+", 2)
+            }],
+            11,
+        );
+        out.clear();
+        assert_eq!(t.collect("a/b", &mut out), 11);
+        assert_eq!(out, [plain(3)]);
+        assert!(t.has_remote());
+    }
+
+    #[test]
     fn replace_rebuilds_and_counts() {
         let t = RouteTable::new(1);
         t.add("", "old", 2);
         let (a, b) = (NodeSet::One(2), NodeSet::Many(vec![1, 3]));
-        t.replace([("", "x/y", &a), ("g", "x/+", &b)]);
+        t.replace([("", "x/y", &a), ("g", "x/+", &b)], 5);
         assert_eq!(
             t.entries(),
             vec![

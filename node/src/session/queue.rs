@@ -79,6 +79,7 @@ impl Delivery {
             origin: crate::session::SessionId::BROKER,
             owned: true,
             received: crate::message::Stamp::NONE,
+            routed_at: Default::default(),
         };
         Delivery {
             msg: Arc::new(msg),

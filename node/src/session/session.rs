@@ -116,6 +116,14 @@ pub struct Session {
     stalled: AtomicBool,
     /// The node's counts this session adds to (set by the registry; none in unit tests).
     stats: Option<Arc<SessionStats>>,
+    /// The log index of the claim that brought the session to this node from another (0:
+    /// it did not move here, or the claim did not bring its routes): a forwarded copy
+    /// routed before it is not this session's here (the old node has it).
+    arrived_at: AtomicU64,
+    /// Surrendered to another node by a claim at this log index (0: not): copies routed
+    /// before it that still reach this node are passed on to `moved_to`.
+    moved_at: AtomicU64,
+    moved_to: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -136,6 +144,9 @@ impl Session {
             drained: Notify::new(),
             stalled: AtomicBool::new(false),
             stats: None,
+            arrived_at: AtomicU64::new(0),
+            moved_at: AtomicU64::new(0),
+            moved_to: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -216,6 +227,32 @@ impl Session {
     /// The epoch of the claim that attached the current (or last) connection.
     pub fn epoch(&self) -> Epoch {
         Epoch(self.epoch.load(Ordering::Acquire))
+    }
+
+    /// See [`Session::set_arrived_at`].
+    pub fn arrived_at(&self) -> u64 {
+        self.arrived_at.load(Ordering::Relaxed)
+    }
+
+    /// The session came here from another node by the claim at log `index`, which brought
+    /// its routes here: copies routed before it went to the old node.
+    pub fn set_arrived_at(&self, index: u64) {
+        self.arrived_at.store(index, Ordering::Relaxed);
+    }
+
+    /// The log index of the claim it was surrendered to, and the node that claimed it, if
+    /// it was.
+    pub fn moved(&self) -> Option<(u64, u64)> {
+        match self.moved_at.load(Ordering::Acquire) {
+            0 => None,
+            at => Some((at, self.moved_to.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Surrendered to `node` by its claim at log `index`.
+    pub fn set_moved(&self, index: u64, node: u64) {
+        self.moved_to.store(node, Ordering::Relaxed);
+        self.moved_at.store(index, Ordering::Release);
     }
 
     pub fn is_connected(&self) -> bool {

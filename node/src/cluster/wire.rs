@@ -1,0 +1,28 @@
+//! Wire levels: what a node understands of what other nodes send it, so that a cluster can
+//! run two versions side by side during a rolling upgrade.
+//!
+//! Each node announces its level in `MemberUp` (every start). A feature of a higher level
+//! changes what one node sends or what every node computes from the log; it is used only
+//! once every member has announced that level, so a node of the previous version never
+//! meets it (it would ignore a field it does not know and do the wrong thing). Until then
+//! the cluster works as the previous version did. Levels only grow; a node may announce a
+//! lower one (`cluster.wire_level`) to keep the newer features off, for example before
+//! going back to the previous version.
+//!
+//! | level | version | what it adds |
+//! | --- | --- | --- |
+//! | 1 | 0.1 (before wire levels; announces none) | |
+//! | 2 | 0.2 | `Claim.with_routes`: a claim that moves a session adds its routes for the new node in the same entry; `ForwardedMessage.routed_at` cuts a moving session's copies by that entry's index, and `ForwardedMessage.client_id` passes the old node's copies on |
+
+use petrel_cluster_proto::pb;
+
+/// The highest level this version knows (the default of `cluster.wire_level`).
+pub const LEVEL: u32 = 2;
+
+/// A claim that moves a session brings its routes (`Claim.with_routes`).
+pub const CLAIM_ROUTES: u32 = 2;
+
+/// The level a member announced (the first versions announced none: 1).
+pub fn level(m: &pb::Member) -> u32 {
+    m.wire_level.max(1)
+}
