@@ -51,7 +51,7 @@ const PUSH_AFTER: Duration = Duration::from_secs(3);
 /// in the router here, passing on the copies routed to this node before that claim (they
 /// are on their way from the other nodes, or in their outboxes: a stream that is slower
 /// than this loses them).
-const MOVED_HOLD: Duration = Duration::from_secs(10);
+const MOVED_HOLD: Duration = Duration::from_secs(5);
 
 /// Sessions handed over by this node and not confirmed yet, and hand-overs taken here.
 #[derive(Default)]
@@ -564,6 +564,7 @@ fn release_moved(broker: &Broker) {
         moved.drain(..n).map(|(_, s, f)| (s, f)).collect()
     };
     for (session, filters) in due {
+        tracing::debug!(client_id = %session.client_id(), filters = filters.len(), "a moved session leaves the router");
         unsubscribe_all(broker, &session, &filters);
     }
 }

@@ -563,6 +563,7 @@ async fn a_persistent_session_moves_to_another_node_with_its_queue() {
             .await;
         assert_eq!(text(&sub.recv_publish().await.payload), "here");
         sub.assert_no_publish_before_marker().await;
+        // Its router keeps the session 5 s (passing late copies on), then lets go.
         eprintln!("--- node 0 let go: no session, no route for it");
         wait_routes(c.grpc(0), 0, 0).await;
         // mv/t, mv/+/x and the marker's topic.
