@@ -3,10 +3,11 @@
 while persistent sessions publish and receive QoS 1 and QoS 2 messages, all with wills.
 
     python3 loadtest/rolling_upgrade.py [--short] [--sessions 60] [--rate 200]
-                                        [--new-bin PATH] [--json]
+                                        [--old-bin PATH] [--new-bin PATH] [--json]
 
 Each node in turn: SIGTERM, wait for its exit, start it again (the same binary, or --new-bin
-for the nodes' version N+1) on the same data, wait for /readyz, next. The clients are paho's
+for the nodes' version N+1; the cluster starts on --old-bin, version N, if given) on the same
+data, wait for /readyz, next. The clients are paho's
 (not ours): each subscriber and publisher has a persistent session and a will, and when its
 connection ends it connects again, to the next node in turn, with clean start off.
 
@@ -16,6 +17,9 @@ Checked (the exit status is 1 if any fails) and printed:
 - no QoS 2 message delivered twice;
 - no will published (every client connects again well within cluster.will_grace_ms);
 - each node exits 0 within its grace, is ready again, and a leader it was is replaced;
+- with --old-bin and --new-bin: the wire level the new nodes report
+  (`petrel_cluster_wire_level`) stays 1 while a node of version N is a member, and is the new
+  version's once the last node runs it (its newer features turn on then, not before);
 - figures: messages sent, acknowledged, delivered, duplicates (QoS 1 and 2), wills, the
   total time, and the longest time any client could not connect.
 
@@ -170,11 +174,14 @@ def main() -> int:
     ap.add_argument("--short", action="store_true", help="the CI form: fewer sessions, lower rate")
     ap.add_argument("--sessions", type=int, default=60, help="subscriber sessions (as many publishers)")
     ap.add_argument("--rate", type=float, default=200.0, help="messages per second in all")
+    ap.add_argument("--old-bin", help="binary the cluster starts on (version N)")
     ap.add_argument("--new-bin", help="binary the replaced nodes run (version N+1)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = ap.parse_args()
     if args.short:
         args.sessions, args.rate = 12, 60.0
+    if args.old_bin:
+        os.environ["PETREL_BIN"] = args.old_bin
     work = Path(tempfile.mkdtemp(prefix="petrel-rolling-"))
     print(f"rolling-upgrade: nodes' logs under {work}", flush=True)
     cluster = ClusterBroker(work, 3, env={"PETREL_ADMIN_TOKEN": TOKEN, "PETREL_LOG": "info"}).start()
@@ -242,6 +249,13 @@ def main() -> int:
                 "was_leader": leader == i, "leadership_handed_away": handed}
         if code != 0 or (leader == i and not handed):
             ok = False
+        if args.old_bin and args.new_bin:
+            # Every node replaced so far runs N+1; the level it reports is the cluster's.
+            last = i == len(cluster.nodes) - 1
+            levels = [wire_level(cluster.nodes[j], expect_high=last) for j in range(i + 1)]
+            step["wire_levels"] = levels
+            if any(lv != (levels[-1] if last else 1) for lv in levels) or (last and levels[-1] < 2):
+                ok = False
         steps.append(step)
         print(f"rolling-upgrade: node {i}: {step}", flush=True)
         let_time_pass(2.0, "the load runs a while between two nodes")
@@ -292,11 +306,30 @@ def main() -> int:
               ("no will published", figures["wills"] == 0),
               ("every node exited 0 and was ready again; a leader handed over first", all(
                   s["exit"] == 0 and (not s["was_leader"] or s["leadership_handed_away"]) for s in steps))]
+    if args.old_bin and args.new_bin:
+        levels = [s["wire_levels"] for s in steps]
+        checks.append(("wire level 1 while a node of version N was a member, 2 once none was",
+                       all(lv == 1 for step in levels[:-1] for lv in step)
+                       and all(lv >= 2 for lv in levels[-1])))
     for name, good in checks:
         print(f"rolling-upgrade: {'ok' if good else 'FAILED'}: {name}")
     passed = sum(1 for _, g in checks if g)
     print(f"rolling-upgrade: {passed} passed, {len(checks) - passed} failed")
     return 0 if ok and passed == len(checks) else 1
+
+
+def wire_level(node, expect_high: bool) -> int:
+    """The wire level `node` (a node of version N+1) reports: once every member announced
+    the new level it is reached within a few seconds (each announces itself when it starts),
+    so the last step waits for it; the earlier ones read it as it is."""
+    def read():
+        return int(node.metric("petrel_cluster_wire_level"))
+    if not expect_high:
+        return read()
+    try:
+        return wait_until("the cluster's wire level rises", lambda: read() if read() >= 2 else None, 30)
+    except AssertionError:
+        return read()
 
 
 def leader_of(cluster: ClusterBroker):

@@ -380,8 +380,10 @@ impl Broker {
         match for_client.is_empty() {
             false => scratch.retain(|m| &**m.session.client_id() == for_client),
             // A session that came here by a claim at a later index: the node it left has
-            // this copy.
-            true if routed_at != 0 => scratch.retain(|m| m.session.arrived_at() <= routed_at),
+            // this copy. (A share group's member is chosen among the members here: any.)
+            true if routed_at != 0 => {
+                scratch.retain(|m| m.shared || m.session.arrived_at() <= routed_at)
+            }
             true => {}
         }
         let passed = self.pass_on_moved(&msg, scratch);
