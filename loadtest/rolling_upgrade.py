@@ -17,6 +17,8 @@ Checked (the exit status is 1 if any fails) and printed:
 - no QoS 2 message delivered twice;
 - no will published (every client connects again well within cluster.will_grace_ms);
 - each node exits 0 within its grace, is ready again, and a leader it was is replaced;
+- no node is ready (/readyz 200) before it has applied what the others committed while it
+  was down;
 - with --old-bin and --new-bin: the wire level the new nodes report
   (`petrel_cluster_wire_level`) stays 1 while a node of version N is a member, and is the new
   version's once the last node runs it (its newer features turn on then, not before);
@@ -242,12 +244,17 @@ def main() -> int:
         if args.new_bin:
             os.environ["PETREL_BIN"] = args.new_bin
         run.note(f"node {i} exited {code}")
+        # What the cluster had committed while the node was down: it is not ready before it
+        # has applied that much.
+        committed = max(int(b.metric("petrel_raft_commit_index")) for b in cluster.nodes if b is not node)
         node.start()
         wait_until(f"node {i} ready again", lambda node=node: node.http_get("/readyz")[0] == 200, 60)
+        applied = int(node.metric("petrel_raft_applied_index"))
         ready = time.monotonic() - t0
         step = {"node": i, "exit": code, "stop_s": round(stopped, 2), "back_ready_s": round(ready, 2),
-                "was_leader": leader == i, "leadership_handed_away": handed}
-        if code != 0 or (leader == i and not handed):
+                "was_leader": leader == i, "leadership_handed_away": handed,
+                "committed_while_down": committed, "applied_when_ready": applied}
+        if code != 0 or (leader == i and not handed) or applied < committed:
             ok = False
         if args.old_bin and args.new_bin:
             # Every node replaced so far runs N+1; the level it reports is the cluster's.
@@ -305,7 +312,9 @@ def main() -> int:
               ("no duplicate QoS 2 delivery", figures["duplicates_qos2"] == 0),
               ("no will published", figures["wills"] == 0),
               ("every node exited 0 and was ready again; a leader handed over first", all(
-                  s["exit"] == 0 and (not s["was_leader"] or s["leadership_handed_away"]) for s in steps))]
+                  s["exit"] == 0 and (not s["was_leader"] or s["leadership_handed_away"]) for s in steps)),
+              ("no node ready before it applied what the cluster committed while it was down",
+               all(s["applied_when_ready"] >= s["committed_while_down"] for s in steps))]
     if args.old_bin and args.new_bin:
         levels = [s["wire_levels"] for s in steps]
         checks.append(("wire level 1 while a node of version N was a member, 2 once none was",

@@ -146,6 +146,9 @@ async fn keep_routes(broker: Arc<Broker>, cluster: Arc<Cluster>, cancel: Cancell
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if cluster.is_caught_up() {
+            cluster.announce_again_if_stale();
+        }
         if cluster.routes_dirty() && cluster.is_caught_up() {
             let (added, removed) = broker.with_routes(|local| cluster.reconcile_routes(local));
             if added + removed > 0 {

@@ -139,6 +139,10 @@ pub struct Cluster {
     settle: Settle,
     /// When an append from a leader last arrived (ms since `started`; 0: never).
     leader_contact: AtomicU64,
+    /// The log index of this node's announcement since it started (`MemberUp`, committed
+    /// after everything the cluster committed while it was down): it is not caught up
+    /// before it has applied that far. `u64::MAX` until the announcement commits.
+    announced_at: AtomicU64,
     started: Instant,
     /// Cancelled when the control plane stops (ends the peers' streams).
     stop: CancellationToken,
@@ -257,6 +261,7 @@ impl Cluster {
             proposals: Mutex::new(Queue { tx, last: 0 }),
             settle: Settle::new(Duration::from_millis(cfg.apply_wait_ms)),
             leader_contact: AtomicU64::new(0),
+            announced_at: AtomicU64::new(u64::MAX),
             started: Instant::now(),
             stop: cancel.clone(),
             host: std::sync::OnceLock::new(),
@@ -462,8 +467,37 @@ impl Cluster {
     /// others still believes it leads until then).
     pub fn is_caught_up(&self) -> bool {
         let m = self.metrics();
+        let applied = m.last_applied.map_or(0, |l| l.index);
         self.leads_or_follows(&m)
             && m.last_applied.map(|l| l.index) >= m.local_committed.map(|l| l.index)
+            // Right after a restart a follower's committed index is what the leader has
+            // told it so far; its own announcement is committed after all it missed.
+            && applied >= self.announced_at.load(Ordering::Relaxed)
+    }
+
+    /// Announces this node again if its member record does not show its wire level: a
+    /// `MemberUp` that went through a leader of an earlier version lost the field (the
+    /// leader re-encodes what it proposes). Call it once caught up.
+    pub fn announce_again_if_stale(&self) {
+        let stale = self
+            .sm
+            .read()
+            .members
+            .get(&self.me.node_id)
+            // (Not while it drains: an announcement clears that.)
+            .is_some_and(|m| !m.draining && wire::level(m) != self.me.wire_level.max(1));
+        if stale {
+            tracing::debug!(wire_level = self.me.wire_level, "announcing this node's wire level again");
+            self.propose_detached(pb::Command {
+                cmd: Some(pb::command::Cmd::MemberUp(pb::MemberUp {
+                    node_id: self.me.node_id,
+                    grpc_addr: self.me.grpc_addr.clone(),
+                    mqtt_addr: self.me.mqtt_addr.clone(),
+                    version: self.me.version.clone(),
+                    wire_level: self.me.wire_level,
+                })),
+            });
+        }
     }
 
     /// Whether this node is a member with a leader that a quorum follows: the leader has
@@ -717,7 +751,10 @@ impl Cluster {
         };
         loop {
             match self.propose(up.clone()).await {
-                Ok(_) => break,
+                Ok(p) => {
+                    self.announced_at.store(p.index, Ordering::Relaxed);
+                    break;
+                }
                 Err(ProposeError::Stopped) => return,
                 Err(e) => tracing::debug!(error = %e, "announcing this node failed; retrying"),
             }
