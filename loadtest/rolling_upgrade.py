@@ -20,8 +20,8 @@ Checked (the exit status is 1 if any fails) and printed:
 - no node is ready (/readyz 200) before it has applied what the others committed while it
   was down;
 - with --old-bin and --new-bin: the wire level the new nodes report
-  (`petrel_cluster_wire_level`) stays 1 while a node of version N is a member, and is the new
-  version's once the last node runs it (its newer features turn on then, not before);
+  (`petrel_cluster_wire_level`) stays N's while a node of version N is a member, and is
+  N+1's once the last node runs it (its newer features turn on then, not before);
 - figures: messages sent, acknowledged, delivered, duplicates (QoS 1 and 2), wills, the
   total time, and the longest time any client could not connect.
 
@@ -182,6 +182,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.short:
         args.sessions, args.rate = 12, 60.0
+    old_level = new_level = 0
+    if args.old_bin and args.new_bin:
+        old_level, new_level = binary_level(args.old_bin), binary_level(args.new_bin)
+        print(f"rolling-upgrade: wire levels: N {old_level}, N+1 {new_level}", flush=True)
     if args.old_bin:
         os.environ["PETREL_BIN"] = args.old_bin
     work = Path(tempfile.mkdtemp(prefix="petrel-rolling-"))
@@ -257,11 +261,13 @@ def main() -> int:
         if code != 0 or (leader == i and not handed) or applied < committed:
             ok = False
         if args.old_bin and args.new_bin:
-            # Every node replaced so far runs N+1; the level it reports is the cluster's.
+            # Every node replaced so far runs N+1; the level it reports is the cluster's: N's
+            # while a node of N is a member, N+1's once none is.
             last = i == len(cluster.nodes) - 1
-            levels = [wire_level(cluster.nodes[j], expect_high=last) for j in range(i + 1)]
+            want = new_level if last else old_level
+            levels = [wire_level(cluster.nodes[j], want) for j in range(i + 1)]
             step["wire_levels"] = levels
-            if any(lv != (levels[-1] if last else 1) for lv in levels) or (last and levels[-1] < 2):
+            if any(lv != want for lv in levels):
                 ok = False
         steps.append(step)
         print(f"rolling-upgrade: node {i}: {step}", flush=True)
@@ -317,9 +323,9 @@ def main() -> int:
                all(s["applied_when_ready"] >= s["committed_while_down"] for s in steps))]
     if args.old_bin and args.new_bin:
         levels = [s["wire_levels"] for s in steps]
-        checks.append(("wire level 1 while a node of version N was a member, 2 once none was",
-                       all(lv == 1 for step in levels[:-1] for lv in step)
-                       and all(lv >= 2 for lv in levels[-1])))
+        checks.append((f"wire level {old_level} (N's) while a node of N was a member, {new_level} once none was",
+                       all(lv == old_level for step in levels[:-1] for lv in step)
+                       and all(lv == new_level for lv in levels[-1])))
     for name, good in checks:
         print(f"rolling-upgrade: {'ok' if good else 'FAILED'}: {name}")
     passed = sum(1 for _, g in checks if g)
@@ -327,16 +333,23 @@ def main() -> int:
     return 0 if ok and passed == len(checks) else 1
 
 
-def wire_level(node, expect_high: bool) -> int:
-    """The wire level `node` (a node of version N+1) reports: once every member announced
-    the new level it is reached within a few seconds (each announces itself when it starts),
-    so the last step waits for it; the earlier ones read it as it is."""
+def binary_level(path: str) -> int:
+    """The wire level a binary announces by default (`cluster.wire_level` in its default
+    configuration; a version before wire levels has none: 1)."""
+    import re
+    import subprocess
+    out = subprocess.run([path, "--print-default-config"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"^wire_level = (\d+)", out, re.M)
+    return int(m.group(1)) if m else 1
+
+
+def wire_level(node, want: int) -> int:
+    """The wire level `node` (a node of version N+1) reports, waiting up to 30 s for `want`
+    (each member announces itself when it starts, so a change takes a moment)."""
     def read():
         return int(node.metric("petrel_cluster_wire_level"))
-    if not expect_high:
-        return read()
     try:
-        return wait_until("the cluster's wire level rises", lambda: read() if read() >= 2 else None, 30)
+        return wait_until(f"the cluster's wire level is {want}", lambda: read() if read() == want else None, 30)
     except AssertionError:
         return read()
 

@@ -119,6 +119,8 @@ pub struct HandedOver {
     pub queued: Vec<HandedMessage>,
     /// Inbound QoS 2 packet ids whose PUBREL has not come.
     pub inbound_qos2: Vec<u16>,
+    /// The subscriptions the old owner held (empty from a node of an earlier version).
+    pub subscriptions: Vec<ReplicaSubscription>,
 }
 
 /// What the cluster asks of this node's sessions (the node implements it; see

@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::Broker;
 use crate::cluster::Cluster;
 use crate::codec::{MqttStr, PacketId, QoS, ReasonCode};
-use crate::control::{BoxFuture, ClaimRequest, HandedMessage, HandedOver, Moved, SessionHost};
+use crate::control::{
+    BoxFuture, ClaimRequest, HandedMessage, HandedOver, Moved, ReplicaSubscription, SessionHost,
+};
 use crate::persist::{self, value};
 use crate::router::{topic, AclStamp};
 use crate::session::{
@@ -203,7 +205,7 @@ async fn attach_claimed(
                         // Before its subscriptions reach the router: copies routed before the
                         // claim are the old node's.
                         session.set_arrived_at(grant.arrived_at);
-                        adopt(broker, &session, *m, expiry > 0);
+                        adopt(broker, &session, *m, expiry > 0, grant.epoch);
                         true
                     }
                     None => false,
@@ -237,11 +239,27 @@ fn persist_claim(broker: &Broker, session: &Session, expiry: u32, epoch: Epoch) 
 /// Builds a new (unattached) session from what another node held: the replica's
 /// subscriptions and the old owner's messages, stored here if the session is `persistent`.
 /// Once the store has it, the old owner is told it may delete its copy.
-fn adopt(broker: &Broker, session: &Arc<Session>, moved: Moved, persistent: bool) {
+fn adopt(broker: &Broker, session: &Arc<Session>, moved: Moved, persistent: bool, epoch: Epoch) {
     let client_id = session.client_id().clone();
     let mut txn = broker.store.begin();
     let mut subscriptions = 0;
-    for sub in &moved.subscriptions {
+    // The old owner's subscriptions that the replica lacks (its `SubPut` did not commit)
+    // come too, and go into the replica now.
+    let missing: Vec<&ReplicaSubscription> = moved
+        .handed
+        .iter()
+        .flat_map(|h| &h.subscriptions)
+        .filter(|h| !moved.subscriptions.iter().any(|r| r.filter == h.filter))
+        .collect();
+    for sub in missing.iter().filter(|_| persistent) {
+        broker
+            .control
+            .subscription_put(&client_id, epoch, (*sub).clone());
+    }
+    if !missing.is_empty() {
+        tracing::info!(%client_id, subscriptions = missing.len(), "subscriptions the replica lacked came with the hand-over");
+    }
+    for sub in moved.subscriptions.iter().chain(missing.iter().copied()) {
         let (Ok(raw), Ok(parsed), Some(options)) = (
             MqttStr::new(&sub.filter),
             // Stored filters were valid when stored; a lowered depth limit does not drop them.
@@ -446,11 +464,22 @@ fn hand_over(
             released: false,
         })
     });
+    let subscriptions = state
+        .subscriptions
+        .iter()
+        .map(|(filter, s)| ReplicaSubscription {
+            filter: filter.to_string(),
+            options: value::options_byte(&s.options),
+            subscription_id: s.subscription_id.unwrap_or(0),
+            acl_filtered: false,
+        })
+        .collect();
     HandedOver {
         from_node,
         from_epoch,
         queued: inflight.chain(queued).collect(),
         inbound_qos2: state.inbound_qos2.iter().copied().collect(),
+        subscriptions,
     }
 }
 

@@ -58,6 +58,18 @@ fn handed_pb(client_id: &str, h: HandedOver) -> pb::SessionHandover {
             })
             .collect(),
         inbound_qos2: h.inbound_qos2.into_iter().map(u32::from).collect(),
+        subscriptions: h
+            .subscriptions
+            .into_iter()
+            .map(|s| pb::Subscription {
+                client_id: client_id.to_owned(),
+                filter: s.filter,
+                options: u32::from(s.options),
+                subscription_id: s.subscription_id,
+                acl_filtered: s.acl_filtered,
+                epoch: 0,
+            })
+            .collect(),
     }
 }
 
@@ -80,6 +92,7 @@ fn handed_from_pb(h: pb::SessionHandover) -> HandedOver {
             .into_iter()
             .filter_map(|id| u16::try_from(id).ok().filter(|id| *id != 0))
             .collect(),
+        subscriptions: h.subscriptions.iter().map(replica_sub).collect(),
     }
 }
 
@@ -307,5 +320,40 @@ impl Cluster {
                 tracing::debug!(%client_id, from_node, error = %s.message(), "hand-over confirmation not delivered");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hand_over_keeps_its_messages_and_subscriptions_on_the_wire() {
+        let h = HandedOver {
+            from_node: 2,
+            from_epoch: 9,
+            queued: vec![HandedMessage {
+                message: bytes::Bytes::from_static(b"m"),
+                packet_id: 7,
+                released: true,
+            }],
+            inbound_qos2: vec![3, 4],
+            subscriptions: vec![ReplicaSubscription {
+                filter: "$share/g/a/+".into(),
+                options: 0b0000_0110,
+                subscription_id: 5,
+                acl_filtered: false,
+            }],
+        };
+        let back = handed_from_pb(handed_pb("dev", h.clone()));
+        assert_eq!(back.subscriptions, h.subscriptions);
+        assert_eq!((back.from_node, back.from_epoch), (2, 9));
+        assert_eq!(back.inbound_qos2, [3, 4]);
+        assert_eq!(back.queued[0].packet_id, 7);
+        assert!(back.queued[0].released);
+        // From a node of an earlier version: none, and the replica's are used.
+        let mut old = handed_pb("dev", h);
+        old.subscriptions.clear();
+        assert!(handed_from_pb(old).subscriptions.is_empty());
     }
 }

@@ -487,7 +487,10 @@ impl Cluster {
             // (Not while it drains: an announcement clears that.)
             .is_some_and(|m| !m.draining && wire::level(m) != self.me.wire_level.max(1));
         if stale {
-            tracing::debug!(wire_level = self.me.wire_level, "announcing this node's wire level again");
+            tracing::debug!(
+                wire_level = self.me.wire_level,
+                "announcing this node's wire level again"
+            );
             self.propose_detached(pb::Command {
                 cmd: Some(pb::command::Cmd::MemberUp(pb::MemberUp {
                     node_id: self.me.node_id,

@@ -9,10 +9,13 @@
 //! lower one (`cluster.wire_level`) to keep the newer features off, for example before
 //! going back to the previous version.
 //!
-//! | level | version | what it adds |
-//! | --- | --- | --- |
-//! | 1 | 0.1 (before wire levels; announces none) | |
-//! | 2 | 0.2 | `Claim.with_routes`: a claim that moves a session adds its routes for the new node in the same entry; `ForwardedMessage.routed_at` cuts a moving session's copies by that entry's index, and `ForwardedMessage.client_id` passes the old node's copies on |
+//! | level | what it adds |
+//! | --- | --- |
+//! | 1 | (the versions before wire levels, which announce none) |
+//! | 2 | `Claim.with_routes`: a claim that moves a session adds its routes for the new node in the same entry; `ForwardedMessage.routed_at` cuts a moving session's copies by that entry's index, and `ForwardedMessage.client_id` passes the old node's copies on |
+//!
+//! Additions that a node of an earlier version can ignore without harm take no level (a
+//! hand-over's `SessionHandover.subscriptions`: an old receiver keeps the replica's).
 
 use petrel_cluster_proto::pb;
 
