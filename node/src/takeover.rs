@@ -62,8 +62,11 @@ pub struct Takeovers {
     /// (client id, from epoch) of every hand-over taken here: a repeated one adds nothing.
     taken: Mutex<HashSet<(Arc<str>, u64)>>,
     /// Surrendered sessions still in the router (passing copies on), with their filters.
-    moved: Mutex<Vec<(Instant, Arc<Session>, Vec<String>)>>,
+    moved: Mutex<Vec<MovedAway>>,
 }
+
+/// A session surrendered here with its routes' claim: since when, and its plain filters.
+type MovedAway = (Instant, Arc<Session>, Vec<String>);
 
 struct Parked {
     handed: HandedOver,

@@ -220,7 +220,7 @@ impl Admin {
         let mut msg = Message::broker(topic, Bytes::from(payload), req.retain);
         msg.qos = QoS::from_u8(req.qos)
             .ok_or_else(|| AdminError::bad_request("bad_request", "qos must be 0, 1 or 2"))?;
-        if req.retain && msg.payload.len() > 0 {
+        if req.retain && !msg.payload.is_empty() {
             if let Some(limit) = self.broker.retained_over_limit_of(&msg.topic, &msg.payload) {
                 return Err(AdminError::bad_request(
                     "bad_request",

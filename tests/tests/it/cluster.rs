@@ -1329,7 +1329,6 @@ async fn a_session_moving_between_nodes_under_streams_loses_nothing() {
             "--- {} acknowledged over {MOVES} moves; {copies} copies so far",
             all.len()
         );
-        let mut seen = seen;
         while !all.is_subset(&seen) {
             match sub.try_recv_publish(WAIT).await {
                 Some(p) => {
