@@ -491,15 +491,20 @@ impl Cluster {
                 wire_level = self.me.wire_level,
                 "announcing this node's wire level again"
             );
-            self.propose_detached(pb::Command {
-                cmd: Some(pb::command::Cmd::MemberUp(pb::MemberUp {
-                    node_id: self.me.node_id,
-                    grpc_addr: self.me.grpc_addr.clone(),
-                    mqtt_addr: self.me.mqtt_addr.clone(),
-                    version: self.me.version.clone(),
-                    wire_level: self.me.wire_level,
-                })),
-            });
+            self.propose_detached(self.member_up());
+        }
+    }
+
+    /// This node's announcement: its addresses, version and wire level.
+    fn member_up(&self) -> pb::Command {
+        pb::Command {
+            cmd: Some(pb::command::Cmd::MemberUp(pb::MemberUp {
+                node_id: self.me.node_id,
+                grpc_addr: self.me.grpc_addr.clone(),
+                mqtt_addr: self.me.mqtt_addr.clone(),
+                version: self.me.version.clone(),
+                wire_level: self.me.wire_level,
+            })),
         }
     }
 
@@ -743,15 +748,7 @@ impl Cluster {
             }
         }
         // Announce this node's addresses and version (also after every restart).
-        let up = pb::Command {
-            cmd: Some(pb::command::Cmd::MemberUp(pb::MemberUp {
-                node_id: self.me.node_id,
-                grpc_addr: self.me.grpc_addr.clone(),
-                mqtt_addr: self.me.mqtt_addr.clone(),
-                version: self.me.version.clone(),
-                wire_level: self.me.wire_level,
-            })),
-        };
+        let up = self.member_up();
         loop {
             match self.propose(up.clone()).await {
                 Ok(p) => {
