@@ -107,12 +107,18 @@ impl Pause {
     }
 }
 
+/// The later of two store tickets: points in one commit order, the later covers both.
+fn later(a: Option<Ticket>, b: Option<Ticket>) -> Option<Ticket> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 impl Routed {
     /// Makes the acknowledgement wait for `ticket` too.
     fn merge_ticket(&mut self, ticket: Option<Ticket>) {
-        if let Some(t) = ticket {
-            self.ticket = Some(self.ticket.map_or(t, |x| x.max(t)));
-        }
+        self.ticket = later(self.ticket, ticket);
     }
 
     fn refused() -> Routed {
@@ -340,10 +346,7 @@ impl Broker {
             routed.congested = forwarded.full.map(Pause::Peer);
         }
         routed.delivered += nodes;
-        if let Some(t) = forwarded.ticket {
-            // Tickets are points in one commit order: the later covers both.
-            routed.ticket = Some(routed.ticket.map_or(t, |l| l.max(t)));
-        }
+        routed.merge_ticket(forwarded.ticket);
         routed
     }
 
@@ -423,9 +426,7 @@ impl Broker {
             if routed_at != 0 && routed_at < claim && !passed.contains(&id) {
                 passed.push(id);
                 let f = self.forward.push_on(msg, node, m.session.client_id());
-                if let Some(t) = f.ticket {
-                    ticket = Some(ticket.map_or(t, |x| x.max(t)));
-                }
+                ticket = later(ticket, f.ticket);
             }
             false
         });
