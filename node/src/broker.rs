@@ -294,12 +294,14 @@ impl Broker {
         let mut targets = TARGETS.take();
         // Read before `has_remote`: the table held at least the routes up to it.
         let mut routed_at = self.routes.index();
-        // A session moving here by a claim up to that index, not in the router yet: it gets
-        // the message when it is.
-        self.routes.hold_for_arrivals(&msg, routed_at);
         // The node's own `$SYS` topics stay here.
+        let held;
         if self.routes.has_remote() && !msg.topic.starts_with("$SYS/") {
             routed_at = self.routes.collect(&msg.topic, &mut targets);
+            // A session moving here by a claim up to that index, not in the router yet: it
+            // gets the message when it is (the node it left drops the copy routed at or past
+            // its claim). Before the router is read.
+            held = self.routes.hold_for_arrivals(&msg, routed_at);
             let router = self.router.read().unwrap_or_else(|e| e.into_inner());
             match targets.iter().position(|t| t.node == self.routes.me()) {
                 // The share-group strategy chose, among the nodes, the groups this one
@@ -315,12 +317,22 @@ impl Broker {
                 None => router.collect(&msg.topic, scratch),
             }
         } else {
+            // Nothing is forwarded: a session arriving by any claim applied so far is held
+            // for.
+            held = self
+                .routes
+                .hold_for_arrivals(&msg, self.routes.index().max(routed_at));
             self.router
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .collect(&msg.topic, scratch);
         }
         scratch.retain(|m| !(m.no_local && m.session.id() == msg.origin));
+        if !held.is_empty() {
+            // A session that got into the router after the message was held for it gets the
+            // held copy when its arrival completes, not a second one now.
+            scratch.retain(|m| !held.contains(m.session.client_id()));
+        }
         msg.routed_at.set(routed_at);
         let passed = self.pass_on_moved(&msg, scratch);
         let Some(stored) = self.local_storable(&msg, scratch) else {
@@ -405,6 +417,17 @@ impl Broker {
         for msg in held {
             self.deliver_forwarded(msg, true, [], 0, client_id, &mut scratch);
         }
+    }
+
+    /// Passes copies on to the nodes their sessions moved to (see [`Broker::enqueue_in`]);
+    /// returns the store write they wait for.
+    fn pass_on_gone(&self, moved: Vec<(Arc<Message>, u64, Arc<str>)>) -> Option<Ticket> {
+        let mut ticket = None;
+        for (msg, node, client_id) in moved {
+            tracing::debug!(%client_id, node, "a copy for a session that just moved passed on");
+            ticket = later(ticket, self.forward.push_on(&msg, node, &client_id).ticket);
+        }
+        ticket
     }
 
     /// Takes the sessions surrendered to another node out of `scratch`, and passes `msg`
@@ -493,9 +516,10 @@ impl Broker {
             // 0): one pass, each delivery queued as it is made.
             let mut delivered = 0;
             let mut congested = None;
+            let mut moved = Vec::new();
             self.plan_deliveries(&msg, scratch, |at, d, _| {
                 let session = &scratch[at].session;
-                let (queued, full) = self.enqueue_in(session, d, None);
+                let (queued, full) = self.enqueue_in(session, d, None, &mut moved);
                 delivered += queued as usize;
                 if full && congested.is_none() && session.id() != msg.origin {
                     congested = Some(Pause::Subscriber(session.clone()));
@@ -504,7 +528,7 @@ impl Broker {
             scratch.clear();
             return Routed {
                 delivered,
-                ticket: None,
+                ticket: self.pass_on_gone(moved),
                 congested,
                 unstorable: false,
                 mark: 0,
@@ -523,13 +547,14 @@ impl Broker {
         }
         let mut delivered = 0;
         let mut congested = None;
+        let mut moved = Vec::new();
         for (at, d, value) in plan.drain(..) {
             let session = &scratch[at].session;
             let stored = match (txn.as_mut(), value) {
                 (Some(txn), Some(v)) => Some((txn, v)),
                 _ => None,
             };
-            let (queued, full) = self.enqueue_in(session, d, stored);
+            let (queued, full) = self.enqueue_in(session, d, stored, &mut moved);
             delivered += queued as usize;
             // The publisher's own session never makes it wait (it could not drain).
             if full && congested.is_none() && session.id() != msg.origin {
@@ -538,9 +563,11 @@ impl Broker {
         }
         PLAN.set(plan);
         scratch.clear();
+        // After the commit: the outbox's store write would wait for the open transaction.
+        let ticket = txn.map(Txn::commit);
         Routed {
             delivered,
-            ticket: txn.map(Txn::commit),
+            ticket: later(ticket, self.pass_on_gone(moved)),
             congested,
             unstorable: false,
             mark: 0,
@@ -696,13 +723,31 @@ impl Broker {
     /// transaction and the encoded delivery, for a copy a persistent session stores. Returns
     /// whether it was queued and whether the session is congested (its publishers should
     /// wait).
+    ///
+    /// A session surrendered to another node between the match and this call has ended
+    /// here: a copy routed before the claim that took it goes into `moved`, to be passed on
+    /// to its new owner ([`Broker::pass_on_gone`], once no transaction is open).
     fn enqueue_in(
         &self,
         session: &Session,
         d: Delivery,
         stored: Option<(&mut Txn<'_>, bytes::Bytes)>,
+        moved: &mut Vec<(Arc<Message>, u64, Arc<str>)>,
     ) -> (bool, bool) {
         match session.enqueue(d, &self.limits, stored) {
+            Enqueued::Gone(d) => {
+                let routed_at = d.msg.routed_at.get();
+                match session.moved() {
+                    Some((claim, node)) if !d.shared && routed_at != 0 && routed_at < claim => {
+                        moved.push((d.msg, node, session.client_id().clone()));
+                        (true, false)
+                    }
+                    _ => {
+                        self.count_overflow(DropReason::SessionGone, 1);
+                        (false, false)
+                    }
+                }
+            }
             Enqueued::Queued {
                 dropped,
                 why,
@@ -776,7 +821,11 @@ impl Broker {
         let mut router = self.router.write().unwrap_or_else(|e| e.into_inner());
         let (found, last) = router.unsubscribe(f.filter, f.group, session);
         if last {
-            self.control.route_removed(f.group, f.filter);
+            match self.routes.removal_must_wait(f.group, f.filter) {
+                // A session on its way here may need the route: reconciled later.
+                true => self.control.recheck_routes(),
+                false => self.control.route_removed(f.group, f.filter),
+            }
         }
         drop(router);
         if found {

@@ -540,7 +540,8 @@ impl Host {
             // A clean session ends with its connection: nothing to hand over.
             return None;
         }
-        let (state, queue) = session.take_all()?;
+        let moved = (moved_at != 0).then_some((moved_at, to_node));
+        let (state, queue) = session.take_all(moved)?;
         // The session goes on elsewhere: a delayed will of its last connection here must not
         // fire (its client came back within the delay).
         broker.cancel_will(client_id, session.id());
@@ -556,7 +557,6 @@ impl Host {
             _ => {
                 // Copies the other nodes routed here before the claim are still coming: the
                 // session stays in the router a while and passes them on.
-                session.set_moved(moved_at, to_node);
                 lock(&broker.takeovers.moved).push((Instant::now(), session.clone(), plain));
             }
         }

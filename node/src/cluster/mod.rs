@@ -1067,10 +1067,22 @@ impl Cluster {
     pub fn reconcile_routes(&self, local: &[(Option<String>, String)]) -> (usize, usize) {
         self.routes_dirty.store(false, Ordering::Relaxed);
         let me = self.me.node_id;
-        let want: BTreeSet<(String, String)> = local
+        let routes = self.sm.routes();
+        // A claim in flight may bring routes whose subscribers are not counted yet: no
+        // route is removed meanwhile (the next round does it).
+        let may_remove = !routes.claims_in_flight();
+        let mut want: BTreeSet<(String, String)> = local
             .iter()
             .map(|(g, f)| (g.clone().unwrap_or_default(), f.clone()))
             .collect();
+        // Sessions on their way here: a claim brought their routes, the router does not
+        // have them yet.
+        want.extend(
+            routes
+                .arriving_filters()
+                .into_iter()
+                .map(|f| (String::new(), f)),
+        );
         let have: BTreeSet<(String, String)> = self
             .sm
             .read()
@@ -1085,6 +1097,10 @@ impl Cluster {
             added += 1;
         }
         for (g, f) in have.difference(&want) {
+            if !may_remove {
+                self.routes_dirty.store(true, Ordering::Relaxed);
+                break;
+            }
             self.propose_route(false, (!g.is_empty()).then_some(g.as_str()), f);
             removed += 1;
         }
@@ -1242,6 +1258,7 @@ impl ControlPlane for Cluster {
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Grant, ClaimError>> {
         // (`ClaimRequest::will` goes into the ownership record.)
         Box::pin(async move {
+            let clean_start = req.clean_start;
             let cmd = pb::Command {
                 cmd: Some(pb::command::Cmd::Claim(pb::Claim {
                     client_id: req.client_id.to_string(),
@@ -1258,8 +1275,10 @@ impl ControlPlane for Cluster {
             };
             let with_routes = matches!(&cmd.cmd, Some(pb::command::Cmd::Claim(c)) if c.with_routes);
             // Until it is applied here, a forwarded copy routed past this node's index may be
-            // for the session it moves here (`RouteTable::ready_for`).
-            let in_flight = self.sm.routes().claim_proposed();
+            // for the session it moves here (`RouteTable::ready_for`), and this node's routes
+            // stay (`RouteTable::removal_must_wait`). A clean start moves nothing.
+            let in_flight =
+                (with_routes && !clean_start).then(|| self.sm.routes().claim_proposed());
             let p = self.propose(cmd).await;
             let applied = match &p {
                 Ok(p) => self.wait_applied(p.index, self.propose_timeout).await,

@@ -449,6 +449,38 @@ impl RouteTable {
         ClaimInFlight(self)
     }
 
+    /// Whether removing this node's route to `filter` (in `group`) must wait: a claim of
+    /// this node that may bring routes is in flight, or a session whose claim brought that
+    /// route here is not in the router yet (its subscriptions are not counted yet). The
+    /// route is then left to the next reconciliation.
+    pub fn removal_must_wait(&self, group: Option<&str>, filter: &str) -> bool {
+        if group.is_some() {
+            return false;
+        }
+        if self.claiming.load(Ordering::Acquire) > 0 {
+            return true;
+        }
+        self.arriving_filters().iter().any(|f| f == filter)
+    }
+
+    /// Whether a claim of this node that may bring routes is in flight.
+    pub fn claims_in_flight(&self) -> bool {
+        self.claiming.load(Ordering::Acquire) > 0
+    }
+
+    /// The plain filters of the sessions on their way here ([`RouteTable::expect`]): this
+    /// node's routes to them stay.
+    pub fn arriving_filters(&self) -> Vec<String> {
+        if self.arriving.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
+        a.iter()
+            .filter(|x| x.since.elapsed() < ARRIVAL_WAIT)
+            .flat_map(|x| x.filters.iter().cloned())
+            .collect()
+    }
+
     /// `client_id`'s session is in the router here (or will not come). Returns the
     /// messages published here for it meanwhile, to deliver to it.
     pub fn arrived(&self, client_id: &str) -> Vec<std::sync::Arc<crate::message::Message>> {
@@ -474,9 +506,15 @@ impl RouteTable {
     /// moving here that it is for and that is not in the router yet (its claim is at
     /// `routed_at` or before). Call it before the router is read: a session that arrives
     /// meanwhile is then in the router.
-    pub fn hold_for_arrivals(&self, msg: &std::sync::Arc<crate::message::Message>, routed_at: u64) {
+    /// Returns the client ids it held it for (none allocates nothing).
+    pub fn hold_for_arrivals(
+        &self,
+        msg: &std::sync::Arc<crate::message::Message>,
+        routed_at: u64,
+    ) -> Vec<std::sync::Arc<str>> {
+        let mut held = Vec::new();
         if self.arriving.load(Ordering::Acquire) == 0 {
-            return;
+            return held;
         }
         let mut a = self.arrivals.lock().unwrap_or_else(|e| e.into_inner());
         for x in a.iter_mut() {
@@ -487,8 +525,10 @@ impl RouteTable {
                     .any(|f| super::topic::matches(f, &msg.topic))
             {
                 x.held.push(msg.clone());
+                held.push(x.client_id.clone());
             }
         }
+        held
     }
 
     /// Whether a copy of `topic` routed at `routed_at` (for `client_id` only, if not

@@ -250,7 +250,7 @@ impl Session {
     }
 
     /// Surrendered to `node` by its claim at log `index`.
-    pub fn set_moved(&self, index: u64, node: u64) {
+    fn set_moved(&self, index: u64, node: u64) {
         self.moved_to.store(node, Ordering::Relaxed);
         self.moved_at.store(index, Ordering::Release);
     }
@@ -284,7 +284,7 @@ impl Session {
     ) -> Enqueued {
         let mut inner = self.lock();
         if inner.ended {
-            return Enqueued::Dropped(DropReason::SessionGone);
+            return Enqueued::Gone(d);
         }
         let online = inner.link.is_some();
         let (dropped, why) = match queue::plan(&inner.queue, inner.queued_bytes, &d, online, limits)
@@ -557,13 +557,22 @@ impl Session {
 
     /// Ends a session no connection holds and takes everything it held: its parked state and
     /// its queue (a session handed over to another node). `None` if a connection holds it
-    /// or it has ended.
-    pub fn take_all(&self) -> Option<(Box<SessionState>, VecDeque<Delivery>)> {
+    /// or it has ended. `moved`: the log index and node of the claim that took it, when the
+    /// session stays in the router to pass copies on.
+    pub fn take_all(
+        &self,
+        moved: Option<(u64, u64)>,
+    ) -> Option<(Box<SessionState>, VecDeque<Delivery>)> {
         let mut inner = self.lock();
         if inner.link.is_some() || inner.ended {
             return None;
         }
         let state = inner.state.take()?;
+        if let Some((index, node)) = moved {
+            // Before it is ended, under the lock `enqueue` takes: a copy that finds it ended
+            // also finds where it went ([`Session::moved`]).
+            self.set_moved(index, node);
+        }
         inner.ended = true;
         let queue = std::mem::take(&mut inner.queue);
         inner.queued_bytes = 0;
@@ -644,5 +653,50 @@ impl Session {
 
     pub fn is_ended(&self) -> bool {
         self.lock().ended
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueOverflow;
+
+    fn limits() -> QueueLimits {
+        QueueLimits {
+            max_messages: 100,
+            max_bytes: 0,
+            overflow: QueueOverflow::DropNewest,
+            qos0_offline: false,
+            congested_at: 0,
+        }
+    }
+
+    #[test]
+    fn a_copy_that_finds_a_moved_session_ended_gets_it_back_with_where_it_went() {
+        let s = Session::new_for_test("c");
+        assert!(matches!(
+            s.enqueue(Delivery::for_test(4), &limits(), None),
+            Enqueued::Queued { .. }
+        ));
+        let (_, queue) = s.take_all(Some((42, 3))).expect("parked, not ended");
+        assert_eq!(queue.len(), 1, "what was queued goes with the hand-over");
+        // A publish that matched the session before it was taken and queues after.
+        match s.enqueue(Delivery::for_test(4), &limits(), None) {
+            Enqueued::Gone(d) => assert_eq!(d.msg.payload.len(), 4),
+            other => panic!("expected the delivery back, got {other:?}"),
+        }
+        assert_eq!(s.moved(), Some((42, 3)), "seen as soon as it has ended");
+        assert!(s.take_all(None).is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_session_taken_without_a_move_is_not_marked_moved() {
+        let s = Session::new_for_test("c");
+        assert!(s.take_all(None).is_some());
+        assert_eq!(s.moved(), None);
+        assert!(matches!(
+            s.enqueue(Delivery::for_test(1), &limits(), None),
+            Enqueued::Gone(_)
+        ));
     }
 }
