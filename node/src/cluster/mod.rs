@@ -334,14 +334,7 @@ impl Cluster {
 
     /// The route table as the replica holds it: (group, filter, node).
     pub fn route_entries(&self) -> Vec<(String, String, u64)> {
-        let st = self.sm.read();
-        let mut out = Vec::with_capacity(st.routes.len());
-        for (key, nodes) in st.routes.iter() {
-            for n in nodes {
-                out.push((key.0.to_string(), key.1.to_string(), *n));
-            }
-        }
-        out
+        self.sm.routes().entries()
     }
 
     /// Marks a member as draining (or not) in the replicated state.
@@ -954,12 +947,13 @@ impl Cluster {
             ServerState::Shutdown => "shutdown",
         };
         let st = self.sm.read();
-        let mut routes: BTreeMap<u64, u64> = BTreeMap::new();
-        for nodes in st.routes.values() {
-            for n in nodes {
-                *routes.entry(*n).or_default() += 1;
-            }
-        }
+        let routes: BTreeMap<u64, u64> = self
+            .sm
+            .routes()
+            .node_counts()
+            .into_iter()
+            .map(|(n, c)| (n, c as u64))
+            .collect();
         let routes_unknown_node = routes
             .iter()
             .filter(|(n, _)| !st.members.contains_key(n))
@@ -1083,14 +1077,7 @@ impl Cluster {
                 .into_iter()
                 .map(|f| (String::new(), f)),
         );
-        let have: BTreeSet<(String, String)> = self
-            .sm
-            .read()
-            .routes
-            .iter()
-            .filter(|(_, nodes)| nodes.contains(&me))
-            .map(|((g, f), _)| (g.to_string(), f.to_string()))
-            .collect();
+        let have: BTreeSet<(String, String)> = routes.routes_of(me).into_iter().collect();
         let (mut added, mut removed) = (0, 0);
         for (g, f) in want.difference(&have) {
             self.propose_route(true, (!g.is_empty()).then_some(g.as_str()), f);
@@ -1239,15 +1226,14 @@ impl Cluster {
 
     /// (routes in the table, routes whose node is not a member).
     pub fn route_counts(&self) -> (usize, usize) {
+        let counts = self.sm.routes().node_counts();
         let st = self.sm.read();
         let mut total = 0;
         let mut unknown = 0;
-        for nodes in st.routes.values() {
-            for n in nodes {
-                total += 1;
-                if !st.members.contains_key(n) {
-                    unknown += 1;
-                }
+        for (n, c) in counts {
+            total += c;
+            if !st.members.contains_key(&n) {
+                unknown += c;
             }
         }
         (total, unknown)

@@ -31,10 +31,6 @@ use crate::persist::value::{self, Clock};
 pub use crate::router::NodeSet;
 use crate::router::{topic, RouteOp, RouteTable, SharedRetained};
 
-/// A route key: (share group, or empty; filter). Boxed strings: every node holds every
-/// route, a million of them in a big fleet.
-pub type RouteKey = (Box<str>, Box<str>);
-
 /// Everything the cluster agrees on. Only [`StateMachine::apply`] and snapshot install
 /// change it.
 #[derive(Debug, Default, Clone)]
@@ -44,8 +40,11 @@ pub struct ClusterState {
     /// The epoch the next claim gets.
     pub next_epoch: u64,
     pub members: BTreeMap<u64, pb::Member>,
-    /// (group, filter) -> the nodes with at least one subscriber to it.
-    pub routes: BTreeMap<RouteKey, NodeSet>,
+    /// (group, filter) -> the nodes with at least one subscriber to it. The one copy a node
+    /// holds: the table the publish path matches against (a clone of the state shares
+    /// it). Commands do not change it; the route changes of an entry are applied to it at
+    /// once, with the entry's index ([`RouteTable::apply`]).
+    pub routes: Arc<RouteTable>,
     pub sessions: HashMap<Arc<str>, pb::SessionRecord>,
     /// client id -> filter -> subscription, for persistent sessions.
     pub subscriptions: HashMap<Arc<str>, BTreeMap<String, pb::Subscription>>,
@@ -76,20 +75,23 @@ fn expired(rec: &pb::SessionRecord, now_ms: u64) -> bool {
 }
 
 impl ClusterState {
-    /// Applies one command; the outcome goes back to its proposer. (Tests: the route
-    /// changes are not reported.)
+    /// Applies one command as an entry of its own; the outcome goes back to its proposer.
+    /// (Tests.)
     pub fn apply(&mut self, cmd: pb::Command) -> pb::Outcome {
         let index = self.last_applied.map(|l| l.index).unwrap_or(0);
-        self.apply_at(cmd, index, &mut Vec::new())
+        let mut ops = Vec::new();
+        let outcome = self.apply_at(cmd, index, &mut ops);
+        self.routes.apply(&ops, index);
+        outcome
     }
 
     /// Applies one command of the entry at log `index`; its changes of the routes go to
-    /// `ops` too (`None` there: every route may have changed, copy them all).
+    /// `ops`, for the caller to apply once the entry's commands are all applied.
     pub fn apply_at(
         &mut self,
         cmd: pb::Command,
         index: u64,
-        ops: &mut Vec<Option<RouteOp>>,
+        ops: &mut Vec<RouteOp>,
     ) -> pb::Outcome {
         use pb::command::Cmd;
         let Some(cmd) = cmd.cmd else {
@@ -123,10 +125,6 @@ impl ClusterState {
                 if self.members.remove(&r.node_id).is_none() {
                     return stale();
                 }
-                self.routes.retain(|_, nodes| {
-                    nodes.remove(&r.node_id);
-                    !nodes.is_empty()
-                });
                 let gone: Vec<Arc<str>> = self
                     .sessions
                     .iter()
@@ -136,7 +134,7 @@ impl ClusterState {
                 for c in gone {
                     self.end_session(&c);
                 }
-                ops.push(None);
+                ops.push(RouteOp::NodeGone(r.node_id));
                 for s in self.sessions.values_mut() {
                     if s.node_id == r.node_id {
                         s.orphaned = true;
@@ -155,19 +153,11 @@ impl ClusterState {
             }
             Cmd::RouteDel(d) => {
                 let Some(r) = d.route else { return stale() };
-                let key: RouteKey = (r.share_group.as_str().into(), r.filter.as_str().into());
-                if let Some(nodes) = self.routes.get_mut(&key) {
-                    nodes.remove(&r.node_id);
-                    if nodes.is_empty() {
-                        self.routes.remove(&key);
-                    }
-                }
-                ops.push(Some(RouteOp {
-                    add: false,
+                ops.push(RouteOp::Del {
                     group: r.share_group,
                     filter: r.filter,
                     node: r.node_id,
-                }));
+                });
                 done()
             }
             Cmd::Claim(c) => self.claim(c, index, ops),
@@ -251,26 +241,15 @@ impl ClusterState {
     }
 
     /// Node `node` has subscribers to `filter` in `group`.
-    fn add_route(
-        &mut self,
-        group: String,
-        filter: String,
-        node: u64,
-        ops: &mut Vec<Option<RouteOp>>,
-    ) {
-        self.routes
-            .entry((group.as_str().into(), filter.as_str().into()))
-            .or_default()
-            .insert(node);
-        ops.push(Some(RouteOp {
-            add: true,
+    fn add_route(&mut self, group: String, filter: String, node: u64, ops: &mut Vec<RouteOp>) {
+        ops.push(RouteOp::Add {
             group,
             filter,
             node,
-        }));
+        });
     }
 
-    fn claim(&mut self, c: pb::Claim, index: u64, ops: &mut Vec<Option<RouteOp>>) -> pb::Outcome {
+    fn claim(&mut self, c: pb::Claim, index: u64, ops: &mut Vec<RouteOp>) -> pb::Outcome {
         let epoch = self.next_epoch.max(1);
         self.next_epoch = epoch + 1;
         let client: Arc<str> = c.client_id.as_str().into();
@@ -360,14 +339,14 @@ impl ClusterState {
 
     /// Whether a change made by the session of `client` at `epoch` still applies: its
     /// record has that epoch (0: a change of the first version, always applied).
-    /// Makes `table` hold exactly the routes of this state.
-    pub fn copy_routes_to(&self, table: &RouteTable) {
-        table.replace(
-            self.routes
-                .iter()
-                .map(|((g, f), nodes)| (&**g, &**f, nodes)),
+    /// Moves the routes of this state (decoded from a snapshot) into `table`, the node's
+    /// shared one, which this state then holds.
+    pub fn move_routes_to(&mut self, table: &Arc<RouteTable>) {
+        table.replace_from(
+            &self.routes,
             self.last_applied.map(|l| l.index).unwrap_or(0),
         );
+        self.routes = table.clone();
     }
 
     fn epoch_is(&self, client: &str, epoch: u64) -> bool {
@@ -396,15 +375,15 @@ impl ClusterState {
         for m in self.members.values() {
             put(Record::Member(m.clone()));
         }
-        for ((group, filter), nodes) in &self.routes {
+        self.routes.visit(|group, filter, nodes| {
             for n in nodes {
                 put(Record::Route(pb::Route {
-                    filter: filter.to_string(),
-                    share_group: group.to_string(),
+                    filter: filter.to_owned(),
+                    share_group: group.to_owned(),
                     node_id: *n,
                 }));
             }
-        }
+        });
         for s in self.sessions.values() {
             put(Record::Session(s.clone()));
         }
@@ -452,10 +431,7 @@ impl ClusterState {
                     st.members.insert(m.node_id, m);
                 }
                 Some(Record::Route(r)) => {
-                    st.routes
-                        .entry((r.share_group.into(), r.filter.into()))
-                        .or_default()
-                        .insert(r.node_id);
+                    st.routes.add(&r.share_group, &r.filter, r.node_id);
                 }
                 Some(Record::Session(s)) => {
                     st.sessions.insert(s.client_id.as_str().into(), s);
@@ -556,7 +532,7 @@ pub struct StateMachine {
     state: Arc<RwLock<ClusterState>>,
     /// The node's retained messages: the replicated ones are applied here.
     retained: Arc<SharedRetained>,
-    /// The route table the publish path matches against (a copy of `ClusterState::routes`).
+    /// The route table the publish path matches against (`ClusterState::routes`).
     routes: Arc<RouteTable>,
     store: Store,
     applied: watch::Sender<u64>,
@@ -574,12 +550,12 @@ impl StateMachine {
         retained: Arc<SharedRetained>,
         routes: Arc<RouteTable>,
     ) -> io::Result<(StateMachine, mpsc::UnboundedReceiver<Effect>)> {
-        let (state, messages) = match saved_snapshot(&store)? {
+        let (mut state, messages) = match saved_snapshot(&store)? {
             Some(s) => ClusterState::decode_snapshot(&s.snapshot, &s.meta)?,
             None => (ClusterState::default(), Vec::new()),
         };
         replace_retained(&retained, messages);
-        state.copy_routes_to(&routes);
+        state.move_routes_to(&routes);
         let applied = state.last_applied.map(|l| l.index).unwrap_or(0);
         let (effects, rx) = mpsc::unbounded_channel();
         let sm = StateMachine {
@@ -624,7 +600,7 @@ impl StateMachine {
         &self,
         st: &mut ClusterState,
         cmd: pb::Command,
-        ops: &mut Vec<Option<RouteOp>>,
+        ops: &mut Vec<RouteOp>,
     ) -> pb::Outcome {
         match &cmd.cmd {
             Some(pb::command::Cmd::RetainSet(r)) => {
@@ -765,13 +741,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 };
                 // The entry's route changes and its index reach the table at once.
-                match ops.iter().any(Option::is_none) {
-                    true => st.copy_routes_to(&self.routes),
-                    false => {
-                        let ops: Vec<RouteOp> = ops.into_iter().flatten().collect();
-                        self.routes.apply(&ops, entry.log_id.index);
-                    }
-                }
+                self.routes.apply(&ops, entry.log_id.index);
                 outcome
             };
             last = Some(entry.log_id.index);
@@ -790,7 +760,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> io::Result<()> {
-        let (st, messages) = ClusterState::decode_snapshot(&data, meta)?;
+        let (mut st, messages) = ClusterState::decode_snapshot(&data, meta)?;
         let this = self.clone();
         let saved = meta.clone();
         tokio::task::spawn_blocking(move || this.save(&saved, &data))
@@ -798,9 +768,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(io::Error::other)??;
         let applied = st.last_applied.map(|l| l.index).unwrap_or(0);
         let mut state = self.write();
+        st.move_routes_to(&self.routes);
         *state = st;
         replace_retained(&self.retained, messages);
-        state.copy_routes_to(&self.routes);
         drop(state);
         self.applied.send_replace(applied);
         tracing::info!(last_log_id = ?meta.last_log_id, "raft snapshot installed");

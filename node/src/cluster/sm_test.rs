@@ -1,7 +1,9 @@
 use pb::command::Cmd;
 use petrel_cluster_proto::pb;
 
+use super::raft::SnapshotMeta;
 use super::ClusterState;
+use crate::router::RouteTable;
 
 fn c(cmd: Cmd) -> pb::Command {
     pb::Command { cmd: Some(cmd) }
@@ -213,7 +215,7 @@ fn removing_a_member_takes_its_routes_and_orphans_its_sessions() {
         node_id: 2,
         at_ms: 500,
     })));
-    let nodes = &st.routes[&("".into(), "a/+".into())];
+    let nodes = st.routes.nodes_of("", "a/+");
     assert_eq!(nodes.iter().copied().collect::<Vec<_>>(), vec![1]);
     assert!(!st.sessions.contains_key("clean"));
     let kept = &st.sessions["kept"];
@@ -381,17 +383,17 @@ fn a_claim_that_moves_a_session_brings_its_routes_and_its_index() {
     let mut ops = Vec::new();
     let moved = claimed(st.apply_at(claim_with_routes("dev", 2), 30, &mut ops));
     assert_eq!(moved.previous_node_id, 1);
-    let op = |group: &str, filter: &str| {
-        Some(RouteOp {
-            add: true,
-            group: group.into(),
-            filter: filter.into(),
-            node: 2,
-        })
+    let op = |group: &str, filter: &str| RouteOp::Add {
+        group: group.into(),
+        filter: filter.into(),
+        node: 2,
     };
     assert_eq!(ops, [op("", "a/+")], "plain filters only");
-    assert!(st.routes[&("".into(), "a/+".into())].contains(&2));
-    assert!(!st.routes.contains_key(&("g".into(), "b/#".into())));
+    // Applied with the entry: not before.
+    assert!(!st.routes.nodes_of("", "a/+").contains(&2));
+    st.routes.apply(&ops, 30);
+    assert!(st.routes.nodes_of("", "a/+").contains(&2));
+    assert!(st.routes.nodes_of("g", "b/#").is_empty());
     assert_eq!(st.sessions["dev"].claimed_at_index, 30);
     // Without the flag (a member of level 1): neither routes nor an index.
     let mut ops = Vec::new();
@@ -406,4 +408,43 @@ fn a_claim_that_moves_a_session_brings_its_routes_and_its_index() {
     }
     claimed(st.apply_at(clean, 50, &mut ops));
     assert!(ops.is_empty());
+}
+
+#[test]
+fn routes_go_through_a_snapshot_and_into_the_node_s_table() {
+    let mut st = ClusterState::default();
+    for (group, filter, node) in [
+        ("", "a/+/c", 2),
+        ("", "a/+/c", 3),
+        ("", "exact/topic", 2),
+        ("g", "s/#", 3),
+        ("", "fleet/dev1/+/status", 1),
+    ] {
+        st.apply(c(Cmd::RouteAdd(pb::RouteAdd {
+            route: Some(pb::Route {
+                filter: filter.into(),
+                share_group: group.into(),
+                node_id: node,
+            }),
+        })));
+    }
+    let meta = SnapshotMeta::default();
+    let (mut decoded, _) = ClusterState::decode_snapshot(&st.encode_snapshot(&[]), &meta).unwrap();
+    assert_eq!(decoded.routes.entries(), st.routes.entries());
+    assert_eq!(st.routes.entries().len(), 5);
+    // Into the node's own table (node 2), which the state then holds.
+    let table = std::sync::Arc::new(RouteTable::new(2));
+    table.add("", "stale", 3);
+    decoded.move_routes_to(&table);
+    assert!(std::sync::Arc::ptr_eq(&decoded.routes, &table));
+    assert_eq!(table.entries(), st.routes.entries());
+    assert_eq!(table.node_counts(), [(1, 1), (2, 2), (3, 2)]);
+    assert!(table.has_remote());
+    let mut out = Vec::new();
+    table.collect("a/b/c", &mut out);
+    assert_eq!(
+        out.iter().map(|t| t.node).collect::<Vec<_>>(),
+        [3],
+        "not itself"
+    );
 }

@@ -20,14 +20,15 @@ use std::sync::RwLock;
 use crate::config::SharedStrategy;
 
 /// The nodes of one route: almost always one, so one is held inline (a `BTreeSet` would
-/// allocate a whole tree node for it).
+/// allocate a whole tree node for it), and the rare list is boxed (two words in all).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum NodeSet {
     #[default]
     Empty,
     One(u64),
     /// Sorted, two or more.
-    Many(Vec<u64>),
+    #[allow(clippy::box_collection)] // one word in every route, not three
+    Many(Box<Vec<u64>>),
 }
 
 impl NodeSet {
@@ -55,7 +56,7 @@ impl NodeSet {
         *self = match std::mem::take(self) {
             NodeSet::Empty => NodeSet::One(n),
             NodeSet::One(m) if m == n => NodeSet::One(m),
-            NodeSet::One(m) => NodeSet::Many(if m < n { vec![m, n] } else { vec![n, m] }),
+            NodeSet::One(m) => NodeSet::Many(Box::new(if m < n { vec![m, n] } else { vec![n, m] })),
             NodeSet::Many(mut v) => {
                 if let Err(at) = v.binary_search(&n) {
                     v.insert(at, n);
@@ -122,6 +123,33 @@ impl Entry {
         self.plain.is_empty() && self.shared.is_none()
     }
 
+    /// Takes `node` out of every route here; returns how many it was in.
+    fn remove_node(&mut self, node: u64) -> usize {
+        let mut n = self.plain.contains(&node) as usize;
+        self.plain.remove(&node);
+        if let Some(shared) = self.shared.as_mut() {
+            for s in shared.iter_mut() {
+                n += s.nodes.contains(&node) as usize;
+                s.nodes.remove(&node);
+            }
+            shared.retain(|s| !s.nodes.is_empty());
+            if shared.is_empty() {
+                self.shared = None;
+            }
+        }
+        n
+    }
+
+    /// Each route here: (group, "" for none; nodes).
+    fn each(&self, mut f: impl FnMut(&str, &NodeSet)) {
+        if !self.plain.is_empty() {
+            f("", &self.plain);
+        }
+        for s in self.shared.iter().flat_map(|v| v.iter()) {
+            f(&s.group, &s.nodes);
+        }
+    }
+
     /// The node set of (`group`, `filter`) here, made if missing.
     fn set_mut(&mut self, group: &str, filter: &str) -> &mut NodeSet {
         if group.is_empty() {
@@ -168,6 +196,70 @@ impl Entry {
     }
 }
 
+/// A trie level's name (or a tail's levels): up to `INLINE` bytes held in place, so that
+/// the short names most levels have (`+`, `status`, `dev1234`) allocate nothing; longer
+/// ones are boxed. Compared and hashed as bytes.
+#[derive(Clone)]
+enum Level {
+    Inline(u8, [u8; INLINE]),
+    Heap(Box<str>),
+}
+
+const INLINE: usize = 22;
+
+impl Level {
+    fn new(s: &str) -> Level {
+        match s.len() <= INLINE {
+            true => {
+                let mut b = [0; INLINE];
+                b[..s.len()].copy_from_slice(s.as_bytes());
+                Level::Inline(s.len() as u8, b)
+            }
+            false => Level::Heap(s.into()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Level::Inline(n, b) => &b[..*n as usize],
+            Level::Heap(s) => s.as_bytes(),
+        }
+    }
+
+    /// As text (made from a `&str`, so always valid UTF-8; only listings read it).
+    fn to_text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(self.as_bytes())
+    }
+
+    /// Whether it names the same levels as `levels`.
+    fn is_path(&self, levels: &[&str]) -> bool {
+        self.as_bytes()
+            .split(|&b| b == b'/')
+            .eq(levels.iter().map(|l| l.as_bytes()))
+    }
+}
+
+impl PartialEq for Level {
+    fn eq(&self, other: &Level) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Level {}
+
+impl std::hash::Hash for Level {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As the `[u8]` it borrows as, so that a map finds it by a topic level's bytes.
+        self.as_bytes().hash(state)
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Level {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
 #[derive(Default)]
 struct RouteNode {
     children: Children,
@@ -180,13 +272,23 @@ impl RouteNode {
     }
 }
 
+/// The only path below a node, held as one string instead of a chain of nodes: most routes
+/// of a big table end in levels no other route shares (`dev1234/+/status`). Its entry is
+/// never empty.
+struct Tail {
+    levels: Level,
+    entry: Entry,
+}
+
 /// Most trie levels have one child or a few (`+`, `#`, `status`): a short list, searched in
-/// order, costs a fraction of a hash table's smallest allocation; a level with many children
-/// (`dev<id>`) becomes a table.
+/// order and allocated to its exact length, costs a fraction of a hash table's smallest
+/// allocation; a level with many children (`dev<id>`) becomes a table; a node with a single
+/// path below it holds that path as a [`Tail`].
 enum Children {
-    Few(Vec<(Box<str>, RouteNode)>),
+    Few(Vec<(Level, RouteNode)>),
     #[allow(clippy::box_collection)] // every trie node holds this enum: 3 words, not 6
-    Many(Box<HashMap<Box<str>, RouteNode>>),
+    Many(Box<HashMap<Level, RouteNode>>),
+    Tail(Box<Tail>),
 }
 
 /// Children kept in a list up to this many.
@@ -203,58 +305,164 @@ impl Children {
         match self {
             Children::Few(v) => v.is_empty(),
             Children::Many(m) => m.is_empty(),
+            Children::Tail(_) => false,
         }
     }
 
+    /// The child named `level` (none below a tail: see [`walk`]).
     fn get(&self, level: &str) -> Option<&RouteNode> {
+        let level = level.as_bytes();
         match self {
-            Children::Few(v) => v.iter().find(|(k, _)| &**k == level).map(|(_, n)| n),
+            Children::Few(v) => v
+                .iter()
+                .find(|(k, _)| k.as_bytes() == level)
+                .map(|(_, n)| n),
             Children::Many(m) => m.get(level),
+            Children::Tail(_) => None,
         }
     }
 
     fn get_mut(&mut self, level: &str) -> Option<&mut RouteNode> {
+        let level = level.as_bytes();
         match self {
-            Children::Few(v) => v.iter_mut().find(|(k, _)| &**k == level).map(|(_, n)| n),
+            Children::Few(v) => v
+                .iter_mut()
+                .find(|(k, _)| k.as_bytes() == level)
+                .map(|(_, n)| n),
             Children::Many(m) => m.get_mut(level),
+            Children::Tail(_) => None,
         }
     }
 
+    /// A tail becomes a child: the first of its levels, holding the rest.
+    fn open_tail(&mut self) {
+        if !matches!(self, Children::Tail(_)) {
+            return;
+        }
+        let Children::Tail(t) = std::mem::take(self) else {
+            return;
+        };
+        let Tail { levels, entry } = *t;
+        let text = levels.to_text();
+        let (first, rest) = match text.split_once('/') {
+            Some((first, rest)) => (first, Some(rest)),
+            None => (&*text, None),
+        };
+        let child = match rest {
+            Some(rest) => RouteNode {
+                children: Children::Tail(Box::new(Tail {
+                    levels: Level::new(rest),
+                    entry,
+                })),
+                entry: Entry::default(),
+            },
+            None => RouteNode {
+                children: Children::default(),
+                entry,
+            },
+        };
+        *self = Children::Few(vec![(Level::new(first), child)]);
+    }
+
     fn get_or_add(&mut self, level: &str) -> &mut RouteNode {
+        self.open_tail();
         if let Children::Few(v) = self {
-            if v.len() >= FEW && !v.iter().any(|(k, _)| &**k == level) {
+            if v.len() >= FEW && !v.iter().any(|(k, _)| k.as_bytes() == level.as_bytes()) {
                 *self = Children::Many(Box::new(std::mem::take(v).into_iter().collect()));
             }
         }
         match self {
             Children::Few(v) => {
-                let i = match v.iter().position(|(k, _)| &**k == level) {
+                let i = match v.iter().position(|(k, _)| k.as_bytes() == level.as_bytes()) {
                     Some(i) => i,
                     None => {
-                        v.push((level.into(), RouteNode::default()));
+                        // Exactly one more: a list grown by doubling would be mostly empty.
+                        v.reserve_exact(1);
+                        v.push((Level::new(level), RouteNode::default()));
                         v.len() - 1
                     }
                 };
                 &mut v[i].1
             }
-            Children::Many(m) => m.entry(level.into()).or_default(),
+            Children::Many(m) => m.entry(Level::new(level)).or_default(),
+            // (Opened above: not reached.)
+            Children::Tail(_) => {
+                self.open_tail();
+                self.get_or_add(level)
+            }
         }
     }
 
     fn remove(&mut self, level: &str) {
         match self {
-            Children::Few(v) => v.retain(|(k, _)| &**k != level),
-            Children::Many(m) => {
-                m.remove(level);
+            Children::Few(v) => {
+                v.retain(|(k, _)| k.as_bytes() != level.as_bytes());
+                v.shrink_to_fit();
             }
+            Children::Many(m) => {
+                m.remove(level.as_bytes());
+            }
+            Children::Tail(_) => {}
         }
     }
 
-    fn iter(&self) -> Box<dyn Iterator<Item = (&Box<str>, &RouteNode)> + '_> {
+    /// The children (not a tail), for listings.
+    fn iter(&self) -> Box<dyn Iterator<Item = (&Level, &RouteNode)> + '_> {
         match self {
             Children::Few(v) => Box::new(v.iter().map(|(k, n)| (k, n))),
             Children::Many(m) => Box::new(m.iter()),
+            Children::Tail(_) => Box::new(std::iter::empty()),
         }
+    }
+}
+
+/// The entry of the route whose levels (below `at`) are `levels`, made if missing.
+fn entry_at<'n>(at: &'n mut RouteNode, levels: &[&str]) -> &'n mut Entry {
+    let Some((first, rest)) = levels.split_first() else {
+        return &mut at.entry;
+    };
+    if at.children.is_empty() {
+        // Nothing below: the whole path is one tail.
+        at.children = Children::Tail(Box::new(Tail {
+            levels: Level::new(&levels.join("/")),
+            entry: Entry::default(),
+        }));
+    }
+    let same = matches!(&at.children, Children::Tail(t) if t.levels.is_path(levels));
+    if same {
+        return match &mut at.children {
+            Children::Tail(t) => &mut t.entry,
+            _ => &mut at.entry,
+        };
+    }
+    entry_at(at.children.get_or_add(first), rest)
+}
+
+/// The entry of the route whose levels (below `at`) are `levels`, if there is one.
+fn entry_of<'n>(at: &'n RouteNode, levels: &[&str]) -> Option<&'n Entry> {
+    let Some((first, rest)) = levels.split_first() else {
+        return Some(&at.entry);
+    };
+    match &at.children {
+        Children::Tail(t) => t.levels.is_path(levels).then_some(&t.entry),
+        c => entry_of(c.get(first)?, rest),
+    }
+}
+
+/// Whether the levels of a tail (`levels`, wildcards allowed) match the rest of a topic;
+/// `wildcards`: whether the first may match by a wildcard (not a `$` topic's first level).
+fn tail_matches(levels: &Level, mut topic: std::str::Split<'_, char>, mut wildcards: bool) -> bool {
+    let mut filter = levels.as_bytes().split(|&b| b == b'/');
+    loop {
+        match (filter.next(), topic.next()) {
+            (None, None) => return true,
+            // "a/#" also matches "a".
+            (Some(b"#"), _) => return wildcards,
+            (Some(b"+"), Some(_)) if wildcards => {}
+            (Some(f), Some(t)) if f == t.as_bytes() => {}
+            _ => return false,
+        }
+        wildcards = true;
     }
 }
 
@@ -264,6 +472,67 @@ impl Children {
 struct Table {
     exact: HashMap<Box<str>, Entry>,
     wild: RouteNode,
+    /// node -> how many (group, filter) routes it is in.
+    per_node: HashMap<u64, usize>,
+}
+
+/// Takes `node` out of every route at and below `at`, pruning what empties; returns how
+/// many it was in.
+fn prune_node(at: &mut RouteNode, node: u64) -> usize {
+    let mut n = at.entry.remove_node(node);
+    match &mut at.children {
+        Children::Tail(t) => {
+            n += t.entry.remove_node(node);
+            if t.entry.is_empty() {
+                at.children = Children::default();
+            }
+        }
+        Children::Few(v) => {
+            for (_, c) in v.iter_mut() {
+                n += prune_node(c, node);
+            }
+            v.retain(|(_, c)| !c.is_empty());
+            v.shrink_to_fit();
+        }
+        Children::Many(m) => {
+            for c in m.values_mut() {
+                n += prune_node(c, node);
+            }
+            m.retain(|_, c| !c.is_empty());
+        }
+    }
+    n
+}
+
+/// Calls `f` with (group, filter, nodes) for each route at and below `at`, whose path is
+/// `path` (the root: `root`, its path is empty; a level may be empty too).
+fn visit_node(
+    at: &RouteNode,
+    root: bool,
+    path: &mut String,
+    f: &mut dyn FnMut(&str, &str, &NodeSet),
+) {
+    if !root {
+        at.entry.each(|g, nodes| f(g, path, nodes));
+    }
+    let below = |level: &Level, path: &mut String| {
+        let len = path.len();
+        if !root {
+            path.push('/');
+        }
+        path.push_str(&level.to_text());
+        len
+    };
+    if let Children::Tail(t) = &at.children {
+        let len = below(&t.levels, path);
+        t.entry.each(|g, nodes| f(g, path, nodes));
+        path.truncate(len);
+    }
+    for (level, child) in at.children.iter() {
+        let len = below(level, path);
+        visit_node(child, false, path, f);
+        path.truncate(len);
+    }
 }
 
 fn has_wildcard(filter: &str) -> bool {
@@ -276,50 +545,103 @@ impl Table {
         let entry = match has_wildcard(filter) {
             false => self.exact.entry(filter.into()).or_default(),
             true => {
-                let mut at = &mut self.wild;
-                for level in filter.split('/') {
-                    at = at.children.get_or_add(level);
-                }
-                &mut at.entry
+                let levels: Vec<&str> = filter.split('/').collect();
+                entry_at(&mut self.wild, &levels)
             }
         };
         let set = entry.set_mut(group, filter);
         let new = !set.contains(&node);
         set.insert(node);
+        if new {
+            *self.per_node.entry(node).or_default() += 1;
+        }
         new
+    }
+
+    /// Takes `node` out of every route; returns how many it was in.
+    fn remove_node(&mut self, node: u64) -> usize {
+        let mut n = 0;
+        self.exact.retain(|_, e| {
+            n += e.remove_node(node);
+            !e.is_empty()
+        });
+        n += prune_node(&mut self.wild, node);
+        self.per_node.remove(&node);
+        n
+    }
+
+    /// Calls `f` with (group, filter, nodes) for each route.
+    fn visit(&self, f: &mut dyn FnMut(&str, &str, &NodeSet)) {
+        for (filter, e) in &self.exact {
+            e.each(|g, nodes| f(g, filter, nodes));
+        }
+        visit_node(&self.wild, true, &mut String::new(), f);
+    }
+
+    /// A route of `node` is gone: counted.
+    fn uncount(&mut self, node: u64) {
+        if let Some(n) = self.per_node.get_mut(&node) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_node.remove(&node);
+            }
+        }
+    }
+
+    /// The entry of `filter`, if it has one.
+    fn entry(&self, filter: &str) -> Option<&Entry> {
+        match has_wildcard(filter) {
+            false => self.exact.get(filter),
+            true => {
+                let levels: Vec<&str> = filter.split('/').collect();
+                entry_of(&self.wild, &levels)
+            }
+        }
     }
 
     /// Removes (`group`, `filter`, `node`); returns whether it was there.
     fn remove(&mut self, group: &str, filter: &str, node: u64) -> bool {
-        fn walk<'a>(
-            at: &mut RouteNode,
-            mut levels: impl Iterator<Item = &'a str>,
-            group: &str,
-            node: u64,
-        ) -> bool {
-            match levels.next() {
-                Some(level) => {
-                    let Some(child) = at.children.get_mut(level) else {
-                        return false;
-                    };
-                    let found = walk(child, levels, group, node);
-                    if child.is_empty() {
-                        at.children.remove(level);
-                    }
-                    found
+        fn walk(at: &mut RouteNode, levels: &[&str], group: &str, node: u64) -> bool {
+            let Some((first, rest)) = levels.split_first() else {
+                return at.entry.remove(group, node);
+            };
+            if let Children::Tail(t) = &mut at.children {
+                if !t.levels.is_path(levels) {
+                    return false;
                 }
-                None => at.entry.remove(group, node),
+                let found = t.entry.remove(group, node);
+                if t.entry.is_empty() {
+                    at.children = Children::default();
+                }
+                return found;
             }
+            let Some(child) = at.children.get_mut(first) else {
+                return false;
+            };
+            let found = walk(child, rest, group, node);
+            if child.is_empty() {
+                at.children.remove(first);
+            }
+            found
         }
-        if has_wildcard(filter) {
-            return walk(&mut self.wild, filter.split('/'), group, node);
-        }
-        let Some(entry) = self.exact.get_mut(filter) else {
-            return false;
+        let found = match has_wildcard(filter) {
+            true => {
+                let levels: Vec<&str> = filter.split('/').collect();
+                walk(&mut self.wild, &levels, group, node)
+            }
+            false => {
+                let Some(entry) = self.exact.get_mut(filter) else {
+                    return false;
+                };
+                let found = entry.remove(group, node);
+                if entry.is_empty() {
+                    self.exact.remove(filter);
+                }
+                found
+            }
         };
-        let found = entry.remove(group, node);
-        if entry.is_empty() {
-            self.exact.remove(filter);
+        if found {
+            self.uncount(node);
         }
         found
     }
@@ -347,6 +669,24 @@ pub struct RouteTable {
     changed: tokio::sync::Notify,
 }
 
+/// A table of no node (node 0): one decoded from a snapshot before it is moved into the
+/// node's ([`RouteTable::replace_from`]), or a test's.
+impl Default for RouteTable {
+    fn default() -> RouteTable {
+        RouteTable::new(0)
+    }
+}
+
+impl std::fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteTable")
+            .field("me", &self.me)
+            .field("index", &self.index())
+            .field("routes_per_node", &self.node_counts())
+            .finish()
+    }
+}
+
 /// See [`RouteTable::claim_proposed`].
 pub struct ClaimInFlight<'a>(&'a RouteTable);
 
@@ -371,14 +711,23 @@ struct Arrival {
 /// a session it is for to arrive (the claim's hand-over is bounded by the takeover timeout).
 pub const ARRIVAL_WAIT: std::time::Duration = std::time::Duration::from_secs(6);
 
-/// One change of the route table: node `node` has (`add`) or no longer has subscribers to
-/// `filter` in `group` ("" for none).
+/// One change of the route table.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RouteOp {
-    pub add: bool,
-    pub group: String,
-    pub filter: String,
-    pub node: u64,
+pub enum RouteOp {
+    /// Node `node` has subscribers to `filter` in `group` ("" for none).
+    Add {
+        group: String,
+        filter: String,
+        node: u64,
+    },
+    /// Node `node` has none any more.
+    Del {
+        group: String,
+        filter: String,
+        node: u64,
+    },
+    /// Node `node` left the cluster: none of its routes stay.
+    NodeGone(u64),
 }
 
 impl RouteTable {
@@ -586,15 +935,31 @@ impl RouteTable {
         }
         let mut t = self.write();
         for op in ops {
-            let remote = op.node != self.me;
-            match op.add {
-                true if t.add(&op.group, &op.filter, op.node) && remote => {
-                    self.remote.fetch_add(1, Ordering::Relaxed);
+            match op {
+                RouteOp::Add {
+                    group,
+                    filter,
+                    node,
+                } => {
+                    if t.add(group, filter, *node) && *node != self.me {
+                        self.remote.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                false if t.remove(&op.group, &op.filter, op.node) && remote => {
-                    self.remote.fetch_sub(1, Ordering::Relaxed);
+                RouteOp::Del {
+                    group,
+                    filter,
+                    node,
+                } => {
+                    if t.remove(group, filter, *node) && *node != self.me {
+                        self.remote.fetch_sub(1, Ordering::Relaxed);
+                    }
                 }
-                _ => {}
+                RouteOp::NodeGone(node) => {
+                    let n = t.remove_node(*node);
+                    if *node != self.me {
+                        self.remote.fetch_sub(n, Ordering::Relaxed);
+                    }
+                }
             }
         }
         self.index.fetch_max(index, Ordering::AcqRel);
@@ -628,14 +993,29 @@ impl RouteTable {
         index: u64,
     ) {
         let mut table = Table::default();
-        let mut remote = 0;
         for (group, filter, nodes) in routes {
             for &n in nodes {
-                if table.add(group, filter, n) && n != self.me {
-                    remote += 1;
-                }
+                table.add(group, filter, n);
             }
         }
+        self.install(table, index);
+    }
+
+    /// Takes the routes of `other` (a table decoded from a snapshot), leaving it empty,
+    /// as [`RouteTable::replace`] does.
+    pub fn replace_from(&self, other: &RouteTable, index: u64) {
+        let table = std::mem::take(&mut *other.write());
+        other.remote.store(0, Ordering::Relaxed);
+        self.install(table, index);
+    }
+
+    fn install(&self, table: Table, index: u64) {
+        let remote = table
+            .per_node
+            .iter()
+            .filter(|(n, _)| **n != self.me)
+            .map(|(_, c)| c)
+            .sum();
         let mut t = self.write();
         *t = table;
         self.remote.store(remote, Ordering::Relaxed);
@@ -686,53 +1066,62 @@ impl RouteTable {
     /// Another node with a member of share group `group` on `filter` (in turn), if any.
     pub fn shared_node(&self, group: &str, filter: &str) -> Option<u64> {
         let t = self.table.read().unwrap_or_else(|e| e.into_inner());
-        let entry = match has_wildcard(filter) {
-            false => t.exact.get(filter)?,
-            true => {
-                let mut at = &t.wild;
-                for level in filter.split('/') {
-                    at = at.children.get(level)?;
-                }
-                &at.entry
-            }
-        };
+        let entry = t.entry(filter)?;
         let s = entry.shared.as_ref()?.iter().find(|s| &*s.group == group)?;
         let others: Vec<u64> = s.nodes.iter().copied().filter(|&n| n != self.me).collect();
         let at = s.next.fetch_add(1, Ordering::Relaxed);
         others.get(at % others.len().max(1)).copied()
     }
 
-    /// Every route, as (group, filter, node), for tests and the admin API.
-    pub fn entries(&self) -> Vec<(String, String, u64)> {
-        fn push(e: &Entry, filter: &str, out: &mut Vec<(String, String, u64)>) {
-            for &n in &e.plain {
-                out.push((String::new(), filter.to_owned(), n));
-            }
-            for s in e.shared.iter().flat_map(|v| v.iter()) {
-                for &n in &s.nodes {
-                    out.push((s.group.to_string(), filter.to_owned(), n));
-                }
-            }
-        }
-        fn walk(at: &RouteNode, path: &mut String, out: &mut Vec<(String, String, u64)>) {
-            push(&at.entry, path, out);
-            for (level, child) in at.children.iter() {
-                let len = path.len();
-                path.push('/');
-                path.push_str(level);
-                walk(child, path, out);
-                path.truncate(len);
-            }
-        }
+    /// Calls `f` with (group, "" for none; filter; nodes) for each route, in no particular
+    /// order, under the table's read lock (a publish reads alongside; a change waits).
+    pub fn visit(&self, mut f: impl FnMut(&str, &str, &NodeSet)) {
         let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        t.visit(&mut f);
+    }
+
+    /// How many routes each node is in: (node, routes), by node.
+    pub fn node_counts(&self) -> Vec<(u64, usize)> {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(u64, usize)> = t.per_node.iter().map(|(n, c)| (*n, *c)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The nodes of (`group`, `filter`).
+    pub fn nodes_of(&self, group: &str, filter: &str) -> NodeSet {
+        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = t.entry(filter) else {
+            return NodeSet::Empty;
+        };
+        let mut out = NodeSet::Empty;
+        e.each(|g, nodes| {
+            if g == group {
+                out = nodes.clone();
+            }
+        });
+        out
+    }
+
+    /// The routes of `node`: (group, "" for none; filter).
+    pub fn routes_of(&self, node: u64) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for (filter, e) in &t.exact {
-            push(e, filter, &mut out);
-        }
-        for (level, child) in t.wild.children.iter() {
-            let mut path = level.to_string();
-            walk(child, &mut path, &mut out);
-        }
+        self.visit(|g, f, nodes| {
+            if nodes.contains(&node) {
+                out.push((g.to_owned(), f.to_owned()));
+            }
+        });
+        out
+    }
+
+    /// Every route, as (group, filter, node), sorted: for tests and the admin API.
+    pub fn entries(&self) -> Vec<(String, String, u64)> {
+        let mut out = Vec::new();
+        self.visit(|g, f, nodes| {
+            for &n in nodes {
+                out.push((g.to_owned(), f.to_owned(), n));
+            }
+        });
         out.sort();
         out
     }
@@ -825,6 +1214,15 @@ fn walk(
     pick: Pick,
     out: &mut Vec<Target>,
 ) {
+    if let Children::Tail(t) = &at.children {
+        if levels.clone().next().is_none() {
+            add_targets(&at.entry, pick, out);
+        }
+        if tail_matches(&t.levels, levels, wildcards) {
+            add_targets(&t.entry, pick, out);
+        }
+        return;
+    }
     match levels.next() {
         None => {
             add_targets(&at.entry, pick, out);
@@ -973,8 +1371,7 @@ mod tests {
         let t = RouteTable::new(1);
         let mut out = Vec::new();
         assert_eq!(t.collect("a/b", &mut out), 0);
-        let add = |filter: &str, node| RouteOp {
-            add: true,
+        let add = |filter: &str, node| RouteOp::Add {
             group: String::new(),
             filter: filter.into(),
             node,
@@ -989,9 +1386,10 @@ mod tests {
         assert_eq!(t.collect("a/b", &mut out), 9);
         assert_eq!(out.len(), 2);
         t.apply(
-            &[RouteOp {
-                add: false,
-                ..add("a/+", 2)
+            &[RouteOp::Del {
+                group: String::new(),
+                filter: "a/+".into(),
+                node: 2,
             }],
             11,
         );
@@ -999,13 +1397,24 @@ mod tests {
         assert_eq!(t.collect("a/b", &mut out), 11);
         assert_eq!(out, [plain(3)]);
         assert!(t.has_remote());
+        // A node that leaves takes all its routes, counted.
+        t.apply(&[add("x/#", 3), add("y", 4)], 12);
+        assert_eq!(t.node_counts(), [(3, 2), (4, 1)]);
+        t.apply(&[RouteOp::NodeGone(3)], 13);
+        assert_eq!(t.node_counts(), [(4, 1)]);
+        assert_eq!(t.entries(), [("".into(), "y".into(), 4)]);
+        assert_eq!(nodes(&t, "a/b"), []);
+        assert!(t.has_remote(), "node 4's route");
+        t.apply(&[RouteOp::NodeGone(4)], 14);
+        assert!(!t.has_remote());
+        assert!(t.table.read().unwrap().wild.is_empty(), "pruned");
     }
 
     #[test]
     fn replace_rebuilds_and_counts() {
         let t = RouteTable::new(1);
         t.add("", "old", 2);
-        let (a, b) = (NodeSet::One(2), NodeSet::Many(vec![1, 3]));
+        let (a, b) = (NodeSet::One(2), NodeSet::Many(Box::new(vec![1, 3])));
         t.replace([("", "x/y", &a), ("g", "x/+", &b)], 5);
         assert_eq!(
             t.entries(),
@@ -1034,5 +1443,105 @@ mod tests {
         }
         assert!(!t.has_remote());
         assert!(t.table.read().unwrap().wild.is_empty(), "pruned to nothing");
+    }
+
+    #[test]
+    fn a_route_costs_few_words() {
+        // Every node holds every route: a million of them in a big fleet.
+        assert_eq!(std::mem::size_of::<NodeSet>(), 16);
+        assert_eq!(std::mem::size_of::<Level>(), 24);
+        assert!(std::mem::size_of::<Entry>() <= 24);
+        assert!(std::mem::size_of::<RouteNode>() <= 48);
+        // A route of its own below a shared prefix is one tail: `+/status` inline.
+        let t = RouteTable::new(1);
+        t.add("", "fleet/dev1/+/status", 2);
+        t.add("", "fleet/dev2/+/status", 2);
+        let table = t.table.read().unwrap();
+        let fleet = table.wild.children.get("fleet").expect("shared level");
+        let dev1 = fleet.children.get("dev1").expect("a level each");
+        assert!(matches!(&dev1.children, Children::Tail(t) if t.levels.is_path(&["+", "status"])));
+    }
+
+    mod matching {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeSet;
+
+        /// A filter of 1 to 4 levels from a small alphabet (so that routes share prefixes,
+        /// tails open and close), `#` only last.
+        fn filter() -> impl Strategy<Value = String> {
+            let level = prop_oneof![
+                Just("a"),
+                Just("b"),
+                Just("+"),
+                Just(""),
+                Just("$s"),
+                Just("a-level-name-longer-than-inline")
+            ];
+            (prop::collection::vec(level, 1..4), any::<bool>()).prop_map(|(levels, hash)| {
+                let mut f = levels.join("/");
+                if hash {
+                    f.push_str(if f.is_empty() { "#" } else { "/#" });
+                }
+                f
+            })
+        }
+
+        fn topic() -> impl Strategy<Value = String> {
+            let level = prop_oneof![
+                Just("a"),
+                Just("b"),
+                Just(""),
+                Just("$s"),
+                Just("a-level-name-longer-than-inline")
+            ];
+            prop::collection::vec(level, 1..5).prop_map(|l| l.join("/"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Whatever routes come and go, the table matches as `topic::matches` does over
+            /// the routes it holds, lists them, and prunes to nothing once they are gone.
+            #[test]
+            fn the_table_matches_as_each_filter_does(
+                ops in prop::collection::vec((filter(), 1u64..4, any::<bool>()), 1..40),
+                topics in prop::collection::vec(topic(), 1..12),
+            ) {
+                let t = RouteTable::new(9);
+                let mut want: BTreeSet<(String, u64)> = BTreeSet::new();
+                for (f, node, add) in &ops {
+                    match add {
+                        true => {
+                            t.add("", f, *node);
+                            want.insert((f.clone(), *node));
+                        }
+                        false => {
+                            t.remove("", f, *node);
+                            want.remove(&(f.clone(), *node));
+                        }
+                    }
+                }
+                for topic in &topics {
+                    let mut out = Vec::new();
+                    t.collect(topic, &mut out);
+                    let got: BTreeSet<u64> = out.iter().filter(|x| x.plain).map(|x| x.node).collect();
+                    let expected: BTreeSet<u64> = want
+                        .iter()
+                        .filter(|(f, _)| crate::router::topic::matches(f, topic))
+                        .map(|(_, n)| *n)
+                        .collect();
+                    prop_assert_eq!(got, expected, "topic {:?}", topic);
+                }
+                let listed: BTreeSet<(String, u64)> =
+                    t.entries().into_iter().map(|(_, f, n)| (f, n)).collect();
+                prop_assert_eq!(&listed, &want);
+                for (f, node) in &want {
+                    t.remove("", f, *node);
+                }
+                let table = t.table.read().unwrap();
+                prop_assert!(table.wild.is_empty() && table.exact.is_empty());
+            }
+        }
     }
 }
