@@ -207,7 +207,7 @@ impl Store {
         db_opts.set_keep_log_file_num(4);
         let cfs = Cf::ALL
             .iter()
-            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
         let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|source| Error::Open {
             path: path.clone(),
             source,
@@ -423,19 +423,4 @@ fn write(s: &Shared, batch: WriteBatch, w: &WriteOptions) -> Result<(), rocksdb:
         return s.db.write_opt(batch, &bad);
     }
     s.db.write_opt(batch, w)
-}
-
-/// The Raft families hold the log (purged behind each snapshot) and the last snapshot, one
-/// value as large as the whole replicated state: with the default 64 MiB write buffers,
-/// every snapshot of a big route table stays in memory until its buffer fills (and the next
-/// ones with it). Small buffers flush them soon; the message families keep the defaults.
-const RAFT_WRITE_BUFFER: usize = 4 << 20;
-
-fn cf_options(cf: Cf) -> Options {
-    let mut o = Options::default();
-    if matches!(cf, Cf::RaftLog | Cf::RaftState) {
-        o.set_write_buffer_size(RAFT_WRITE_BUFFER);
-        o.set_max_write_buffer_number(2);
-    }
-    o
 }
