@@ -173,13 +173,20 @@ def test_session_detail_kick_and_discard(node, mqtt):
     assert s["listener"] == "mqtt" and s["tls"] is False and s["peer"].startswith("127.0.0.1:")
     assert s["expiry_secs"] == 3600 and s["keep_alive_secs"] == 60
     assert [x["filter"] for x in s["subscriptions"]] == ["k/+/t"] and s["subscriptions"][0]["qos"] == 1
+    # Kept filter by filter while connected: a new one is listed in order, an ended one goes.
+    c.subscribe("a/b", qos=0)
+    c.subscribe("z/#", qos=2)
+    c.unsubscribe("a/b")
+    s = call(node, "GET", f"/api/v1/sessions/{cid}")[1]
+    assert [(x["filter"], x["qos"]) for x in s["subscriptions"]] == [("k/+/t", 1), ("z/#", 2)]
+    assert s["subscription_count"] == 2
     status, k, _ = call(node, "DELETE", f"/api/v1/sessions/{cid}")
     assert status == 200 and k["disconnected"] and not k["discarded"]
     d = c.wait_disconnect()
     assert d.reason_code == 0x98, f"DISCONNECT {d.reason_code:#x}, wanted 0x98 Administrative action"
     wait_until("offline", lambda: call(node, "GET", f"/api/v1/sessions/{cid}")[1]["connected"] is False)
     s = call(node, "GET", f"/api/v1/sessions/{cid}")[1]
-    assert [x["filter"] for x in s["subscriptions"]] == ["k/+/t"], "the session stays"
+    assert [x["filter"] for x in s["subscriptions"]] == ["k/+/t", "z/#"], "the session stays"
     status, k, _ = call(node, "DELETE", f"/api/v1/sessions/{cid}?discard=true")
     assert status == 200 and k["discarded"] and not k["disconnected"]
     answer = call(node, "GET", f"/api/v1/sessions/{cid}")

@@ -170,9 +170,7 @@ impl Conn {
         let props = &p.connect.properties;
         let v5 = p.connect.protocol.is_v5();
         let client_receive_max = props.receive_maximum.unwrap_or(u16::MAX) as usize;
-        session.set_subscriptions(crate::session::sub_views(
-            state.subscriptions.iter().map(|(f, s)| (&**f, s.options)),
-        ));
+        session.set_subscriptions(state.subscriptions.iter().map(|(f, s)| (&**f, s.options)));
         Conn {
             protocol: p.connect.protocol,
             client_id: p.client_id,

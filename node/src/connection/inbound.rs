@@ -408,6 +408,7 @@ impl Conn {
                     subscription_id: sub_id,
                 },
             );
+            self.session.show_subscribed(raw, options);
             if self.session.is_persistent() {
                 // Replicated, so that another node can resume the session.
                 self.broker.control.subscription_put(
@@ -471,7 +472,6 @@ impl Conn {
         // the bounded queue.
         self.state.retained_backlog.extend(retained);
         self.queue_pending = true;
-        self.show_subscriptions();
         Ok(())
     }
 
@@ -483,9 +483,11 @@ impl Conn {
         for raw in &u.filters {
             let rc = match topic::parse_filter(raw, max_levels) {
                 Ok(parsed) => {
-                    if self.state.subscriptions.remove(raw).is_some()
-                        && self.session.is_persistent()
-                    {
+                    let had = self.state.subscriptions.remove(raw).is_some();
+                    if had {
+                        self.session.show_unsubscribed(raw);
+                    }
+                    if had && self.session.is_persistent() {
                         self.broker.control.subscription_del(
                             &self.client_id,
                             self.session.epoch(),
@@ -517,15 +519,6 @@ impl Conn {
             reason_codes: codes,
         });
         self.send_after_mark(durable, mark, unsuback);
-        self.show_subscriptions();
-    }
-
-    /// Tells the session (for the admin API) what this connection is subscribed to.
-    pub(super) fn show_subscriptions(&self) {
-        let subs = &self.state.subscriptions;
-        self.session.set_subscriptions(crate::session::sub_views(
-            subs.iter().map(|(f, s)| (&**f, s.options)),
-        ));
     }
 
     fn on_disconnect(&mut self, d: Disconnect) -> Result<Exit, ConnError> {

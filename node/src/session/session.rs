@@ -16,7 +16,7 @@ use super::queue::{self, Delivery, DropReason, Enqueued, Plan, QueueLimits};
 use super::registry::Epoch;
 use super::state::SessionState;
 use super::stats::SessionStats;
-use super::view::{sub_views, ClientInfo, Detail, SessionView, SubView};
+use super::view::{sub_views, ClientInfo, Detail, SessionView};
 use crate::codec::QoS;
 use crate::message::Message;
 
@@ -82,9 +82,9 @@ struct Inner {
     next_seq: u64,
     /// How the current (or last) connection came in (admin API).
     client: Option<Arc<ClientInfo>>,
-    /// The subscriptions while a connection holds the state (admin API); the parked
-    /// state is read directly.
-    subs: Option<Arc<[SubView]>>,
+    /// The subscriptions while a connection holds the state (admin API), kept up to date
+    /// filter by filter (a client may hold 100,000); the parked state is read directly.
+    subs: std::collections::BTreeMap<Box<str>, crate::codec::SubscriptionOptions>,
 }
 
 pub struct Session {
@@ -157,7 +157,7 @@ impl Session {
                 ended: false,
                 next_seq: 1,
                 client: None,
-                subs: None,
+                subs: Default::default(),
             }),
         }
     }
@@ -603,10 +603,23 @@ impl Session {
         self.lock().client = Some(Arc::new(info));
     }
 
-    /// Records the subscriptions a connection holds (at attach and after each SUBSCRIBE
-    /// or UNSUBSCRIBE).
-    pub fn set_subscriptions(&self, subs: Arc<[SubView]>) {
-        self.lock().subs = Some(subs);
+    /// Records the subscriptions a connection holds (at attach).
+    pub fn set_subscriptions<'a>(
+        &self,
+        subs: impl IntoIterator<Item = (&'a str, crate::codec::SubscriptionOptions)>,
+    ) {
+        let subs = subs.into_iter().map(|(f, o)| (Box::from(f), o)).collect();
+        self.lock().subs = subs;
+    }
+
+    /// Records a subscription the connection made (or replaced).
+    pub fn show_subscribed(&self, filter: &str, options: crate::codec::SubscriptionOptions) {
+        self.lock().subs.insert(filter.into(), options);
+    }
+
+    /// Records a subscription the connection ended.
+    pub fn show_unsubscribed(&self, filter: &str) {
+        self.lock().subs.remove(filter);
     }
 
     /// Records how many messages the connection has in flight.
@@ -630,8 +643,8 @@ impl Session {
                 st.inflight_bytes,
             ),
             None => (
-                inner.subs.as_ref().map_or(0, |s| s.len()),
-                with_subs.then(|| inner.subs.clone().unwrap_or_else(|| Arc::from(Vec::new()))),
+                inner.subs.len(),
+                with_subs.then(|| sub_views(inner.subs.iter().map(|(f, o)| (&**f, *o)))),
                 self.inflight.load(Ordering::Relaxed) as usize,
                 self.inflight_bytes.load(Ordering::Relaxed),
             ),
