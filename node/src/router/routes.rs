@@ -940,20 +940,12 @@ impl RouteTable {
                     group,
                     filter,
                     node,
-                } => {
-                    if t.add(group, filter, *node) && *node != self.me {
-                        self.remote.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                } => self.add_in(&mut t, group, filter, *node),
                 RouteOp::Del {
                     group,
                     filter,
                     node,
-                } => {
-                    if t.remove(group, filter, *node) && *node != self.me {
-                        self.remote.fetch_sub(1, Ordering::Relaxed);
-                    }
-                }
+                } => self.remove_in(&mut t, group, filter, *node),
                 RouteOp::NodeGone(node) => {
                     let n = t.remove_node(*node);
                     if *node != self.me {
@@ -973,36 +965,30 @@ impl RouteTable {
 
     /// Node `node` has subscribers to `filter` (in share group `group`, "" for none).
     pub fn add(&self, group: &str, filter: &str, node: u64) {
-        if self.write().add(group, filter, node) && node != self.me {
-            self.remote.fetch_add(1, Ordering::Relaxed);
-        }
+        self.add_in(&mut self.write(), group, filter, node);
     }
 
     /// Node `node` has no subscriber to `filter` (in `group`) any more.
     pub fn remove(&self, group: &str, filter: &str, node: u64) {
-        if self.write().remove(group, filter, node) && node != self.me {
+        self.remove_in(&mut self.write(), group, filter, node);
+    }
+
+    /// [`RouteTable::add`] in the locked `t`, counting a new remote route.
+    fn add_in(&self, t: &mut Table, group: &str, filter: &str, node: u64) {
+        if t.add(group, filter, node) && node != self.me {
+            self.remote.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// [`RouteTable::remove`] in the locked `t`, counting a remote route gone.
+    fn remove_in(&self, t: &mut Table, group: &str, filter: &str, node: u64) {
+        if t.remove(group, filter, node) && node != self.me {
             self.remote.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
-    /// Replaces the whole table (a snapshot was installed or loaded, a member removed):
-    /// built aside, then swapped in at once, so a publish sees the old table or the new.
-    pub fn replace<'a>(
-        &self,
-        routes: impl IntoIterator<Item = (&'a str, &'a str, &'a NodeSet)>,
-        index: u64,
-    ) {
-        let mut table = Table::default();
-        for (group, filter, nodes) in routes {
-            for &n in nodes {
-                table.add(group, filter, n);
-            }
-        }
-        self.install(table, index);
-    }
-
-    /// Takes the routes of `other` (a table decoded from a snapshot), leaving it empty,
-    /// as [`RouteTable::replace`] does.
+    /// Takes the routes of `other` (a table decoded from a snapshot), leaving it empty:
+    /// swapped in at once with its index, so a publish sees the old table or the new.
     pub fn replace_from(&self, other: &RouteTable, index: u64) {
         let table = std::mem::take(&mut *other.write());
         other.remote.store(0, Ordering::Relaxed);
@@ -1414,8 +1400,12 @@ mod tests {
     fn replace_rebuilds_and_counts() {
         let t = RouteTable::new(1);
         t.add("", "old", 2);
-        let (a, b) = (NodeSet::One(2), NodeSet::Many(Box::new(vec![1, 3])));
-        t.replace([("", "x/y", &a), ("g", "x/+", &b)], 5);
+        let decoded = RouteTable::default();
+        decoded.add("", "x/y", 2);
+        decoded.add("g", "x/+", 1);
+        decoded.add("g", "x/+", 3);
+        t.replace_from(&decoded, 5);
+        assert!(decoded.entries().is_empty() && !decoded.has_remote());
         assert_eq!(
             t.entries(),
             vec![
