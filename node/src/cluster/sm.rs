@@ -337,8 +337,6 @@ impl ClusterState {
         }
     }
 
-    /// Whether a change made by the session of `client` at `epoch` still applies: its
-    /// record has that epoch (0: a change of the first version, always applied).
     /// Moves the routes of this state (decoded from a snapshot) into `table`, the node's
     /// shared one, which this state then holds.
     pub fn move_routes_to(&mut self, table: &Arc<RouteTable>) {
@@ -349,6 +347,8 @@ impl ClusterState {
         self.routes = table.clone();
     }
 
+    /// Whether a change made by the session of `client` at `epoch` still applies: its
+    /// record has that epoch (0: a change of the first version, always applied).
     fn epoch_is(&self, client: &str, epoch: u64) -> bool {
         epoch == 0 || self.sessions.get(client).is_some_and(|r| r.epoch == epoch)
     }
@@ -416,6 +416,8 @@ impl ClusterState {
         };
         let mut header = false;
         let mut retained = Vec::new();
+        let table = st.routes.clone();
+        let mut routes = table.bulk();
         while !bytes.is_empty() {
             let rec = pb::SnapshotRecord::decode_length_delimited(&mut bytes)
                 .map_err(|_| bad("bad snapshot record"))?;
@@ -431,7 +433,7 @@ impl ClusterState {
                     st.members.insert(m.node_id, m);
                 }
                 Some(Record::Route(r)) => {
-                    st.routes.add(&r.share_group, &r.filter, r.node_id);
+                    routes.add(&r.share_group, &r.filter, r.node_id);
                 }
                 Some(Record::Session(s)) => {
                     st.sessions.insert(s.client_id.as_str().into(), s);
@@ -448,6 +450,7 @@ impl ClusterState {
                 None => {}
             }
         }
+        drop(routes);
         if !header {
             return Err(bad("snapshot without a header"));
         }

@@ -1,21 +1,28 @@
 //! The replicated route table as the publish path reads it: for every (share group, filter)
 //! the nodes with at least one subscriber to it. A filter without wildcards is found by the
-//! topic itself (one hash lookup); the others sit in a trie like the subscription trie's,
-//! walked level by level. Matching allocates nothing but the caller's output.
+//! topic itself (one hash lookup); one with wildcards by its literal prefix (the levels
+//! before its first wildcard: one lookup per level of the topic), below which a small trie
+//! holds the rest of the filters with that prefix. Matching allocates nothing but the
+//! caller's output.
 //!
 //! ```text
-//!  Raft apply (RouteAdd / RouteDel / MemberRemove / snapshot) ──> RouteTable::add/remove/..
+//!  Raft apply (RouteAdd / RouteDel / MemberRemove / snapshot) ──> RouteTable::apply
+//!        copies the shards it changes, swaps in the new table (one pointer)
 //!  Broker::publish ──> RouteTable::collect(topic) ──> [Target{node, plain, shared}] ──> forward
+//!        reads whichever table is current, no lock
 //! ```
 //!
 //! The cluster's state machine writes it (only there: it is a copy of `ClusterState::routes`
-//! kept for matching); the broker reads it on every publish, under a read lock held for the
-//! walk only. A node that holds no route of another node (a single node, or a cluster whose
+//! kept for matching); the broker reads it on every publish. A publish never waits for an
+//! apply: the table is immutable once published, and an apply builds the next one beside it.
+//! Copying a million routes per log entry would be too slow, so the table is cut into
+//! shards of a few hundred routes (by hash), each behind its own `Arc`: the next table
+//! shares every shard the entry does not touch and copies only those it does (copy on
+//! write). A node that holds no route of another node (a single node, or a cluster whose
 //! subscribers are all here) skips the walk: `has_remote` is one atomic load.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::RwLock;
 
 use crate::config::SharedStrategy;
 
@@ -101,7 +108,7 @@ pub struct Target {
 }
 
 /// The routes of one filter.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Entry {
     plain: NodeSet,
     /// Share groups, rare: boxed so an entry without any is two words smaller.
@@ -116,6 +123,17 @@ struct SharedRoute {
     nodes: NodeSet,
     /// Round robin over `nodes` when no member is on the publishing node.
     next: AtomicUsize,
+}
+
+impl Clone for SharedRoute {
+    fn clone(&self) -> SharedRoute {
+        SharedRoute {
+            group: self.group.clone(),
+            filter: self.filter.clone(),
+            nodes: self.nodes.clone(),
+            next: AtomicUsize::new(self.next.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 impl Entry {
@@ -260,7 +278,7 @@ impl std::borrow::Borrow<[u8]> for Level {
     }
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct RouteNode {
     children: Children,
     entry: Entry,
@@ -275,6 +293,7 @@ impl RouteNode {
 /// The only path below a node, held as one string instead of a chain of nodes: most routes
 /// of a big table end in levels no other route shares (`dev1234/+/status`). Its entry is
 /// never empty.
+#[derive(Clone)]
 struct Tail {
     levels: Level,
     entry: Entry,
@@ -284,6 +303,7 @@ struct Tail {
 /// order and allocated to its exact length, costs a fraction of a hash table's smallest
 /// allocation; a level with many children (`dev<id>`) becomes a table; a node with a single
 /// path below it holds that path as a [`Tail`].
+#[derive(Clone)]
 enum Children {
     Few(Vec<(Level, RouteNode)>),
     #[allow(clippy::box_collection)] // every trie node holds this enum: 3 words, not 6
@@ -451,7 +471,11 @@ fn entry_of<'n>(at: &'n RouteNode, levels: &[&str]) -> Option<&'n Entry> {
 
 /// Whether the levels of a tail (`levels`, wildcards allowed) match the rest of a topic;
 /// `wildcards`: whether the first may match by a wildcard (not a `$` topic's first level).
-fn tail_matches(levels: &Level, mut topic: std::str::Split<'_, char>, mut wildcards: bool) -> bool {
+fn tail_matches<'t>(
+    levels: &Level,
+    mut topic: impl Iterator<Item = &'t str>,
+    mut wildcards: bool,
+) -> bool {
     let mut filter = levels.as_bytes().split(|&b| b == b'/');
     loop {
         match (filter.next(), topic.next()) {
@@ -466,14 +490,417 @@ fn tail_matches(levels: &Level, mut topic: std::str::Split<'_, char>, mut wildca
     }
 }
 
+/// Keys are hashed with FNV-1a, byte by byte, so that one pass over a topic yields the hash
+/// of every prefix a wildcard filter may be filed under ([`Table::matches`]); each hash is then
+/// mixed (murmur3's finalizer) so that keys differing in their last bytes spread over the
+/// shards (picked by the top bits).
+const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv(h: u64, b: u8) -> u64 {
+    (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+}
+
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+fn hash_of(key: &[u8]) -> u64 {
+    mix(key.iter().fold(FNV0, |h, &b| fnv(h, b)))
+}
+
+/// Routes per shard above which a map doubles its shards: an apply copies each shard it
+/// changes, so this bounds the copy per changed route (a few KiB).
+const SHARD_ROUTES: usize = 256;
+
+/// One shard of a [`Map`]: its keys sorted by hash, laid out flat (the keys' bytes one
+/// after another, not one allocation each), every vector allocated to its exact length.
+#[derive(Clone)]
+struct Shard<V> {
+    hashes: Vec<u64>,
+    /// Where each key ends in `keys`.
+    ends: Vec<u32>,
+    keys: Vec<u8>,
+    values: Vec<V>,
+}
+
+impl<V> Default for Shard<V> {
+    fn default() -> Self {
+        Shard {
+            hashes: Vec::new(),
+            ends: Vec::new(),
+            keys: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+}
+
+impl<V> Shard<V> {
+    fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.keys[start..self.ends[i] as usize]
+    }
+
+    /// The slot of the key with `hash` for which `eq` holds; or where it would go.
+    fn find(&self, hash: u64, eq: impl Fn(&[u8]) -> bool) -> Result<usize, usize> {
+        let at = self.hashes.partition_point(|&h| h < hash);
+        let mut i = at;
+        while i < self.hashes.len() && self.hashes[i] == hash {
+            if eq(self.key(i)) {
+                return Ok(i);
+            }
+            i += 1;
+        }
+        Err(at)
+    }
+
+    fn insert(&mut self, i: usize, hash: u64, key: &[u8], value: V) {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.hashes.reserve_exact(1);
+        self.hashes.insert(i, hash);
+        self.keys.reserve_exact(key.len());
+        self.keys.splice(start..start, key.iter().copied());
+        self.ends.reserve_exact(1);
+        self.ends.insert(i, start as u32);
+        for e in &mut self.ends[i..] {
+            *e += key.len() as u32;
+        }
+        self.values.reserve_exact(1);
+        self.values.insert(i, value);
+    }
+
+    fn remove(&mut self, i: usize) -> V {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        let len = self.ends[i] as usize - start;
+        self.keys.drain(start..start + len);
+        self.ends.remove(i);
+        for e in &mut self.ends[i..] {
+            *e -= len as u32;
+        }
+        self.hashes.remove(i);
+        self.values.remove(i)
+    }
+
+    /// A shard of the slots `range` of this one.
+    fn slice(&self, range: std::ops::Range<usize>) -> Shard<V>
+    where
+        V: Clone,
+    {
+        let start = if range.start == 0 {
+            0
+        } else {
+            self.ends[range.start - 1]
+        };
+        let end = if range.end == 0 {
+            0
+        } else {
+            self.ends[range.end - 1]
+        };
+        Shard {
+            hashes: self.hashes[range.clone()].to_vec(),
+            ends: self.ends[range.clone()].iter().map(|e| e - start).collect(),
+            keys: self.keys[start as usize..end as usize].to_vec(),
+            values: self.values[range].to_vec(),
+        }
+    }
+}
+
+/// A hash map from byte strings that is cheap to copy and change: `clone` shares every
+/// shard, and a change copies the one shard it is in if it is shared (`Arc::make_mut`).
+#[derive(Clone)]
+struct Map<V> {
+    /// Shard `i` holds the keys whose hash's top `bits` bits are `i`.
+    shards: Vec<std::sync::Arc<Shard<V>>>,
+    bits: u32,
+    len: usize,
+}
+
+impl<V: Clone> Default for Map<V> {
+    fn default() -> Self {
+        Map {
+            shards: vec![Default::default()],
+            bits: 0,
+            len: 0,
+        }
+    }
+}
+
+impl<V: Clone> Map<V> {
+    fn shard(&self, hash: u64) -> usize {
+        match self.bits {
+            0 => 0,
+            b => (hash >> (64 - b)) as usize,
+        }
+    }
+
+    fn get(&self, hash: u64, eq: impl Fn(&[u8]) -> bool) -> Option<&V> {
+        let s = &self.shards[self.shard(hash)];
+        s.find(hash, eq).ok().map(|i| &s.values[i])
+    }
+
+    fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
+        let hash = hash_of(key);
+        let at = self.shard(hash);
+        let i = self.shards[at].find(hash, |k| k == key).ok()?;
+        Some(&mut std::sync::Arc::make_mut(&mut self.shards[at]).values[i])
+    }
+
+    /// The value of `key`, made by `make` if missing.
+    fn get_or_insert(&mut self, key: &[u8], make: impl FnOnce() -> V) -> &mut V {
+        let hash = hash_of(key);
+        if let Err(i) = self.shards[self.shard(hash)].find(hash, |k| k == key) {
+            let at = self.shard(hash);
+            std::sync::Arc::make_mut(&mut self.shards[at]).insert(i, hash, key, make());
+            self.len += 1;
+            if self.len > self.shards.len() * SHARD_ROUTES {
+                self.split();
+            }
+        }
+        self.get_mut(key).expect("just inserted")
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Option<V> {
+        let hash = hash_of(key);
+        let at = self.shard(hash);
+        let i = self.shards[at].find(hash, |k| k == key).ok()?;
+        self.len -= 1;
+        Some(std::sync::Arc::make_mut(&mut self.shards[at]).remove(i))
+    }
+
+    /// Twice the shards, each cut in two by the next bit of the hash (a shard's keys are
+    /// sorted by hash, so each half is a slice).
+    fn split(&mut self) {
+        let bit = 63 - self.bits;
+        let mut shards = Vec::with_capacity(self.shards.len() * 2);
+        for s in &self.shards {
+            let mid = s.hashes.partition_point(|&h| (h >> bit) & 1 == 0);
+            shards.push(std::sync::Arc::new(s.slice(0..mid)));
+            shards.push(std::sync::Arc::new(s.slice(mid..s.hashes.len())));
+        }
+        self.shards = shards;
+        self.bits += 1;
+    }
+
+    /// Calls `f` on each value for which `has` holds, dropping those it returns false for:
+    /// copies only the shards that hold such a value.
+    fn change_where(&mut self, has: impl Fn(&V) -> bool, mut f: impl FnMut(&[u8], &mut V) -> bool) {
+        for s in &mut self.shards {
+            if !s.values.iter().any(&has) {
+                continue;
+            }
+            let s = std::sync::Arc::make_mut(s);
+            let mut i = 0;
+            while i < s.values.len() {
+                let keep = match has(&s.values[i]) {
+                    false => true,
+                    true => {
+                        let key = s.key(i).to_vec();
+                        f(&key, &mut s.values[i])
+                    }
+                };
+                match keep {
+                    true => i += 1,
+                    false => {
+                        s.remove(i);
+                        self.len -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
+        self.shards
+            .iter()
+            .flat_map(|s| (0..s.values.len()).map(move |i| (s.key(i), &s.values[i])))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The wildcard filters of one literal prefix (the levels before the first wildcard): the
+/// rest of their levels below it. Most prefixes have one (`fleet/dev1/` + `+/status`), held
+/// in place; more make a trie, shared between tables until one of them changes it.
+#[derive(Clone)]
+enum Group {
+    One(Tail),
+    Trie(std::sync::Arc<RouteNode>),
+}
+
+impl Group {
+    /// The entry of the filter whose levels below the prefix are `rest`, made if missing.
+    fn entry_mut(&mut self, rest: &[&str]) -> &mut Entry {
+        if matches!(self, Group::One(t) if t.levels.is_path(rest)) {
+            let Group::One(t) = self else { unreachable!() };
+            return &mut t.entry;
+        }
+        if let Group::One(t) = self {
+            let t = std::mem::replace(t, Tail::empty());
+            *self = Group::Trie(std::sync::Arc::new(RouteNode {
+                children: Children::Tail(Box::new(t)),
+                entry: Entry::default(),
+            }));
+        }
+        let Group::Trie(root) = self else {
+            unreachable!()
+        };
+        entry_at(std::sync::Arc::make_mut(root), rest)
+    }
+
+    /// Takes (`group`, `node`) out of the filter whose levels below the prefix are `rest`;
+    /// returns whether it was there. A trie left with one path becomes that path again.
+    fn remove(&mut self, rest: &[&str], group: &str, node: u64) -> bool {
+        let found = match self {
+            Group::One(t) => t.levels.is_path(rest) && t.entry.remove(group, node),
+            Group::Trie(root) => remove_below(std::sync::Arc::make_mut(root), rest, group, node),
+        };
+        if let Group::Trie(root) = self {
+            if let Some((levels, entry)) = single_path(root) {
+                *self = Group::One(Tail {
+                    levels: Level::new(&levels),
+                    entry: entry.clone(),
+                });
+            }
+        }
+        found
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Group::One(t) => t.entry.is_empty(),
+            Group::Trie(root) => root.is_empty(),
+        }
+    }
+
+    /// Adds the targets of the filters here that match the rest of a topic (`rest`: its
+    /// levels below the prefix). `wildcards`: whether the first may match by a wildcard.
+    fn matches<'t>(
+        &self,
+        rest: impl Iterator<Item = &'t str> + Clone,
+        wildcards: bool,
+        pick: Pick,
+        out: &mut Vec<Target>,
+    ) {
+        match self {
+            Group::One(t) => {
+                if tail_matches(&t.levels, rest, wildcards) {
+                    add_targets(&t.entry, pick, out);
+                }
+            }
+            Group::Trie(root) => walk(root, rest, wildcards, pick, out),
+        }
+    }
+
+    /// Takes `node` out of every route here; returns how many it was in.
+    fn remove_node(&mut self, node: u64) -> usize {
+        match self {
+            Group::One(t) => t.entry.remove_node(node),
+            Group::Trie(root) => prune_node(std::sync::Arc::make_mut(root), node),
+        }
+    }
+}
+
+impl Tail {
+    fn empty() -> Tail {
+        Tail {
+            levels: Level::new(""),
+            entry: Entry::default(),
+        }
+    }
+}
+
+/// The levels and entry of the one route below `root`, if it holds exactly one.
+fn single_path(root: &RouteNode) -> Option<(String, &Entry)> {
+    let mut path = String::new();
+    let mut at = root;
+    loop {
+        let top = std::ptr::eq(at, root);
+        let has_entry = !at.entry.is_empty();
+        let mut below = |level: &Level| {
+            if !top {
+                path.push('/');
+            }
+            path.push_str(&level.to_text());
+        };
+        match &at.children {
+            Children::Few(v) if v.is_empty() => {
+                return (has_entry && !top).then_some((path, &at.entry))
+            }
+            _ if has_entry => return None,
+            Children::Tail(t) => {
+                below(&t.levels);
+                return Some((path, &t.entry));
+            }
+            Children::Few(v) if v.len() == 1 => {
+                below(&v[0].0);
+                at = &v[0].1;
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Removes (`group`, `node`) from the route whose levels below `at` are `levels`, pruning
+/// what empties; returns whether it was there.
+fn remove_below(at: &mut RouteNode, levels: &[&str], group: &str, node: u64) -> bool {
+    let Some((first, rest)) = levels.split_first() else {
+        return at.entry.remove(group, node);
+    };
+    if let Children::Tail(t) = &mut at.children {
+        if !t.levels.is_path(levels) {
+            return false;
+        }
+        let found = t.entry.remove(group, node);
+        if t.entry.is_empty() {
+            at.children = Children::default();
+        }
+        return found;
+    }
+    let Some(child) = at.children.get_mut(first) else {
+        return false;
+    };
+    let found = remove_below(child, rest, group, node);
+    if child.is_empty() {
+        at.children.remove(first);
+    }
+    found
+}
+
+/// Where a wildcard filter is filed: its literal prefix with a `/` after each level (`a/b/`
+/// for `a/b/+/c`; `` for `#`), and the levels from its first wildcard on. `None` for a
+/// filter without wildcards.
+fn split_wild(filter: &str) -> Option<(&str, Vec<&str>)> {
+    let mut at = 0;
+    for level in filter.split('/') {
+        if level == "+" || level == "#" {
+            return Some((&filter[..at], filter[at..].split('/').collect()));
+        }
+        at += level.len() + 1;
+    }
+    None
+}
+
 /// Filters without wildcards (most of a fleet's: `cmd/<device>`) are looked up by the topic
-/// itself; the others are matched level by level in a trie.
-#[derive(Default)]
+/// itself; the others by their literal prefix ([`split_wild`]), below which a [`Group`]
+/// holds the rest. Cloning a table shares all its shards.
+#[derive(Clone, Default)]
 struct Table {
-    exact: HashMap<Box<str>, Entry>,
-    wild: RouteNode,
+    exact: Map<Entry>,
+    wild: Map<Group>,
+    /// How many prefixes of each depth (levels) `wild` has: a publish looks up only the
+    /// depths that have one.
+    depths: Vec<u32>,
     /// node -> how many (group, filter) routes it is in.
     per_node: HashMap<u64, usize>,
+    /// Routes whose node is not the table's (set by [`RouteTable`]).
+    remote: usize,
+    /// The log index of the last change in this table.
+    index: u64,
 }
 
 /// Takes `node` out of every route at and below `at`, pruning what empties; returns how
@@ -535,18 +962,28 @@ fn visit_node(
     }
 }
 
-fn has_wildcard(filter: &str) -> bool {
-    filter.split('/').any(|l| l == "+" || l == "#")
-}
-
 impl Table {
     /// Adds (`group`, `filter`, `node`); returns whether it was new.
     fn add(&mut self, group: &str, filter: &str, node: u64) -> bool {
-        let entry = match has_wildcard(filter) {
-            false => self.exact.entry(filter.into()).or_default(),
-            true => {
-                let levels: Vec<&str> = filter.split('/').collect();
-                entry_at(&mut self.wild, &levels)
+        let entry = match split_wild(filter) {
+            None => self.exact.get_or_insert(filter.as_bytes(), Entry::default),
+            Some((prefix, rest)) => {
+                let key = prefix.as_bytes();
+                if self.wild.get(hash_of(key), |k| k == key).is_none() {
+                    let depth = prefix.matches('/').count();
+                    if self.depths.len() <= depth {
+                        self.depths.resize(depth + 1, 0);
+                    }
+                    self.depths[depth] += 1;
+                }
+                self.wild
+                    .get_or_insert(key, || {
+                        Group::One(Tail {
+                            levels: Level::new(&rest.join("/")),
+                            entry: Entry::default(),
+                        })
+                    })
+                    .entry_mut(&rest)
             }
         };
         let set = entry.set_mut(group, filter);
@@ -558,24 +995,85 @@ impl Table {
         new
     }
 
+    /// Removes (`group`, `filter`, `node`); returns whether it was there.
+    fn remove(&mut self, group: &str, filter: &str, node: u64) -> bool {
+        let found = match split_wild(filter) {
+            None => {
+                let Some(entry) = self.exact.get_mut(filter.as_bytes()) else {
+                    return false;
+                };
+                let found = entry.remove(group, node);
+                if entry.is_empty() {
+                    self.exact.remove(filter.as_bytes());
+                }
+                found
+            }
+            Some((prefix, rest)) => {
+                let Some(g) = self.wild.get_mut(prefix.as_bytes()) else {
+                    return false;
+                };
+                let found = g.remove(&rest, group, node);
+                if g.is_empty() {
+                    self.wild.remove(prefix.as_bytes());
+                    self.depths[prefix.matches('/').count()] -= 1;
+                }
+                found
+            }
+        };
+        if found {
+            self.uncount(node);
+        }
+        found
+    }
+
     /// Takes `node` out of every route; returns how many it was in.
     fn remove_node(&mut self, node: u64) -> usize {
         let mut n = 0;
-        self.exact.retain(|_, e| {
-            n += e.remove_node(node);
-            !e.is_empty()
-        });
-        n += prune_node(&mut self.wild, node);
+        self.exact.change_where(
+            |e| entry_has_node(e, node),
+            |_, e| {
+                n += e.remove_node(node);
+                !e.is_empty()
+            },
+        );
+        let mut gone = Vec::new();
+        self.wild.change_where(
+            |g| g_has_node(g, node),
+            |key, g| {
+                n += g.remove_node(node);
+                if g.is_empty() {
+                    gone.push(key.iter().filter(|&&b| b == b'/').count());
+                }
+                !g.is_empty()
+            },
+        );
+        for depth in gone {
+            self.depths[depth] -= 1;
+        }
         self.per_node.remove(&node);
         n
     }
 
     /// Calls `f` with (group, filter, nodes) for each route.
     fn visit(&self, f: &mut dyn FnMut(&str, &str, &NodeSet)) {
-        for (filter, e) in &self.exact {
-            e.each(|g, nodes| f(g, filter, nodes));
+        for (filter, e) in self.exact.iter() {
+            let filter = String::from_utf8_lossy(filter);
+            e.each(|g, nodes| f(g, &filter, nodes));
         }
-        visit_node(&self.wild, true, &mut String::new(), f);
+        for (prefix, g) in self.wild.iter() {
+            let prefix = String::from_utf8_lossy(prefix);
+            match g {
+                Group::One(t) => {
+                    let filter = format!("{prefix}{}", t.levels.to_text());
+                    t.entry.each(|g, nodes| f(g, &filter, nodes));
+                }
+                Group::Trie(root) => {
+                    // The prefix without its last `/`: the trie's levels go below it.
+                    let mut path = prefix.strip_suffix('/').unwrap_or("").to_owned();
+                    visit_node(root, prefix.is_empty(), &mut path, f);
+                }
+            }
+        }
     }
 
     /// A route of `node` is gone: counted.
@@ -590,61 +1088,89 @@ impl Table {
 
     /// The entry of `filter`, if it has one.
     fn entry(&self, filter: &str) -> Option<&Entry> {
-        match has_wildcard(filter) {
-            false => self.exact.get(filter),
-            true => {
-                let levels: Vec<&str> = filter.split('/').collect();
-                entry_of(&self.wild, &levels)
+        match split_wild(filter) {
+            None => {
+                let key = filter.as_bytes();
+                self.exact.get(hash_of(key), |k| k == key)
+            }
+            Some((prefix, rest)) => {
+                let key = prefix.as_bytes();
+                match self.wild.get(hash_of(key), |k| k == key)? {
+                    Group::One(t) => t.levels.is_path(&rest).then_some(&t.entry),
+                    Group::Trie(root) => entry_of(root, &rest),
+                }
             }
         }
     }
 
-    /// Removes (`group`, `filter`, `node`); returns whether it was there.
-    fn remove(&mut self, group: &str, filter: &str, node: u64) -> bool {
-        fn walk(at: &mut RouteNode, levels: &[&str], group: &str, node: u64) -> bool {
-            let Some((first, rest)) = levels.split_first() else {
-                return at.entry.remove(group, node);
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.wild.is_empty()
+    }
+
+    /// Adds the targets of every route matching `topic`.
+    fn matches(&self, topic: &str, pick: Pick, out: &mut Vec<Target>) {
+        let bytes = topic.as_bytes();
+        let mut h = FNV0;
+        // Wildcards do not match a `$` topic's first level.
+        let dollar = topic.starts_with('$');
+        let mut depth = 0;
+        let probe = |depth: usize, end: usize, h: u64, out: &mut Vec<Target>| {
+            if self.depths.get(depth).is_none_or(|&n| n == 0) || (depth == 0 && dollar) {
+                return;
+            }
+            // The prefix is `topic[..end]` and a `/` (which `h` has hashed).
+            let eq = |k: &[u8]| k.len() == end + 1 && k[..end] == bytes[..end] && k[end] == b'/';
+            let Some(g) = self.wild.get(mix(h), eq) else {
+                return;
             };
-            if let Children::Tail(t) = &mut at.children {
-                if !t.levels.is_path(levels) {
-                    return false;
-                }
-                let found = t.entry.remove(group, node);
-                if t.entry.is_empty() {
-                    at.children = Children::default();
-                }
-                return found;
-            }
-            let Some(child) = at.children.get_mut(first) else {
-                return false;
-            };
-            let found = walk(child, rest, group, node);
-            if child.is_empty() {
-                at.children.remove(first);
-            }
-            found
-        }
-        let found = match has_wildcard(filter) {
-            true => {
-                let levels: Vec<&str> = filter.split('/').collect();
-                walk(&mut self.wild, &levels, group, node)
-            }
-            false => {
-                let Some(entry) = self.exact.get_mut(filter) else {
-                    return false;
-                };
-                let found = entry.remove(group, node);
-                if entry.is_empty() {
-                    self.exact.remove(filter);
-                }
-                found
+            let wildcards = depth > 0 || !dollar;
+            match end < bytes.len() {
+                true => g.matches(topic[end + 1..].split('/'), wildcards, pick, out),
+                false => g.matches(std::iter::empty(), wildcards, pick, out),
             }
         };
-        if found {
-            self.uncount(node);
+        if !self.wild.is_empty() {
+            // The empty prefix: `end` stands before the topic, so a slash is not part of it.
+            if self.depths.first().is_some_and(|&n| n > 0) && !dollar {
+                let eq = |k: &[u8]| k.is_empty();
+                if let Some(g) = self.wild.get(mix(FNV0), eq) {
+                    g.matches(topic.split('/'), true, pick, out);
+                }
+            }
         }
-        found
+        for (i, &b) in bytes.iter().enumerate() {
+            h = fnv(h, b);
+            if b == b'/' && !self.wild.is_empty() {
+                depth += 1;
+                // `h` has hashed `topic[..i]` and its `/`.
+                probe(depth, i, h, out);
+            }
+        }
+        if let Some(e) = self.exact.get(mix(h), |k| k == bytes) {
+            add_targets(e, pick, out);
+        }
+        if !self.wild.is_empty() {
+            probe(depth + 1, bytes.len(), fnv(h, b'/'), out);
+        }
     }
+}
+
+fn entry_has_node(e: &Entry, node: u64) -> bool {
+    let mut found = false;
+    e.each(|_, nodes| found |= nodes.contains(&node));
+    found
+}
+
+/// Whether `node` is in any route of `g`.
+fn g_has_node(g: &Group, node: u64) -> bool {
+    let mut found = false;
+    let mut f = |_: &str, _: &str, nodes: &NodeSet| found |= nodes.contains(&node);
+    match g {
+        Group::One(t) => t.entry.each(|g, nodes| f(g, "", nodes)),
+        Group::Trie(root) => visit_node(root, true, &mut String::new(), &mut f),
+    }
+    found
 }
 
 /// The route table for matching (see the module docs).
@@ -652,12 +1178,16 @@ pub struct RouteTable {
     me: u64,
     /// Which node serves a share group with members on several (`cluster.shared_strategy`).
     strategy: SharedStrategy,
-    table: RwLock<Table>,
-    /// (group, filter, node) entries whose node is not this one.
+    /// The current table: read without a lock, replaced whole by a change.
+    table: arc_swap::ArcSwap<Table>,
+    /// Held by whoever changes the table (the state machine's apply; tests), so that two
+    /// changes do not build on the same table.
+    writer: std::sync::Mutex<()>,
+    /// (group, filter, node) entries whose node is not this one (the current table's).
     remote: AtomicUsize,
     /// The Raft log index the table is current up to: every route change of the entries up
-    /// to it is in, none of a later one. Changed under the write lock with the routes (so a
-    /// publish reads the routes and the index of one state: [`RouteTable::collect`]).
+    /// to it is in. Moved after the table that holds an entry's changes is in place (so a
+    /// publish that reads it, then the table, sees them: [`RouteTable::collect`]).
     index: AtomicU64,
     /// Sessions whose routes a claim brought to this node before the session is in its
     /// router ([`RouteTable::expect`]).
@@ -684,6 +1214,29 @@ impl std::fmt::Debug for RouteTable {
             .field("index", &self.index())
             .field("routes_per_node", &self.node_counts())
             .finish()
+    }
+}
+
+/// See [`RouteTable::bulk`].
+pub struct Bulk<'a> {
+    of: &'a RouteTable,
+    next: Option<Table>,
+}
+
+impl Bulk<'_> {
+    /// As [`RouteTable::add`].
+    pub fn add(&mut self, group: &str, filter: &str, node: u64) {
+        if let Some(t) = self.next.as_mut() {
+            add_in(self.of.me, t, group, filter, node);
+        }
+    }
+}
+
+impl Drop for Bulk<'_> {
+    fn drop(&mut self) {
+        if let Some(next) = self.next.take() {
+            self.of.change(None, |_, t| *t = next);
+        }
     }
 }
 
@@ -743,7 +1296,8 @@ impl RouteTable {
         RouteTable {
             me,
             strategy,
-            table: RwLock::new(Table::default()),
+            table: arc_swap::ArcSwap::from_pointee(Table::default()),
+            writer: std::sync::Mutex::new(()),
             remote: AtomicUsize::new(0),
             index: AtomicU64::new(0),
             arrivals: Default::default(),
@@ -925,7 +1479,8 @@ impl RouteTable {
         }
     }
 
-    /// The changes of one applied log entry (`ops`, maybe none) and its `index`, at once.
+    /// The changes of one applied log entry (`ops`, maybe none) and its `index`, at once:
+    /// a publish sees all of them or none.
     pub fn apply(&self, ops: &[RouteOp], index: u64) {
         if ops.is_empty() {
             // Nothing for a publish to see half-done.
@@ -933,82 +1488,92 @@ impl RouteTable {
             self.changed.notify_waiters();
             return;
         }
-        let mut t = self.write();
-        for op in ops {
-            match op {
-                RouteOp::Add {
-                    group,
-                    filter,
-                    node,
-                } => self.add_in(&mut t, group, filter, *node),
-                RouteOp::Del {
-                    group,
-                    filter,
-                    node,
-                } => self.remove_in(&mut t, group, filter, *node),
-                RouteOp::NodeGone(node) => {
-                    let n = t.remove_node(*node);
-                    if *node != self.me {
-                        self.remote.fetch_sub(n, Ordering::Relaxed);
+        self.change(Some(index), |me, t| {
+            for op in ops {
+                match op {
+                    RouteOp::Add {
+                        group,
+                        filter,
+                        node,
+                    } => add_in(me, t, group, filter, *node),
+                    RouteOp::Del {
+                        group,
+                        filter,
+                        node,
+                    } => remove_in(me, t, group, filter, *node),
+                    RouteOp::NodeGone(node) => {
+                        let n = t.remove_node(*node);
+                        if *node != me {
+                            t.remote -= n;
+                        }
                     }
                 }
             }
-        }
-        self.index.fetch_max(index, Ordering::AcqRel);
-        drop(t);
-        self.changed.notify_waiters();
+        });
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
-        self.table.write().unwrap_or_else(|e| e.into_inner())
+    /// Builds the next table from the current one by `f` (which copies the shards it
+    /// changes), puts it in place, then moves the index to `index` if given.
+    fn change(&self, index: Option<u64>, f: impl FnOnce(u64, &mut Table)) {
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = Table::clone(&self.table.load());
+        f(self.me, &mut next);
+        if let Some(index) = index {
+            next.index = next.index.max(index);
+        }
+        self.remote.store(next.remote, Ordering::Relaxed);
+        // The table this replaces is freed by the last publish that reads it (the shards it
+        // shares with the new one stay).
+        self.table.store(std::sync::Arc::new(next));
+        if let Some(index) = index {
+            self.index.fetch_max(index, Ordering::AcqRel);
+        }
+        drop(writer);
+        self.changed.notify_waiters();
     }
 
     /// Node `node` has subscribers to `filter` (in share group `group`, "" for none).
     pub fn add(&self, group: &str, filter: &str, node: u64) {
-        self.add_in(&mut self.write(), group, filter, node);
+        self.change(None, |me, t| add_in(me, t, group, filter, node));
     }
 
     /// Node `node` has no subscriber to `filter` (in `group`) any more.
     pub fn remove(&self, group: &str, filter: &str, node: u64) {
-        self.remove_in(&mut self.write(), group, filter, node);
+        self.change(None, |me, t| remove_in(me, t, group, filter, node));
     }
 
-    /// [`RouteTable::add`] in the locked `t`, counting a new remote route.
-    fn add_in(&self, t: &mut Table, group: &str, filter: &str, node: u64) {
-        if t.add(group, filter, node) && node != self.me {
-            self.remote.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// [`RouteTable::remove`] in the locked `t`, counting a remote route gone.
-    fn remove_in(&self, t: &mut Table, group: &str, filter: &str, node: u64) {
-        if t.remove(group, filter, node) && node != self.me {
-            self.remote.fetch_sub(1, Ordering::Relaxed);
+    /// Many additions made as one change (a snapshot's routes): each shard is copied at
+    /// most once, not once per route. They are seen when the returned [`Bulk`] goes.
+    pub fn bulk(&self) -> Bulk<'_> {
+        Bulk {
+            of: self,
+            next: Some(Table::clone(&self.table.load())),
         }
     }
 
     /// Takes the routes of `other` (a table decoded from a snapshot), leaving it empty:
     /// swapped in at once with its index, so a publish sees the old table or the new.
     pub fn replace_from(&self, other: &RouteTable, index: u64) {
-        let table = std::mem::take(&mut *other.write());
-        other.remote.store(0, Ordering::Relaxed);
-        self.install(table, index);
-    }
-
-    fn install(&self, table: Table, index: u64) {
-        let remote = table
+        let taken = {
+            let _writer = other.writer.lock().unwrap_or_else(|e| e.into_inner());
+            other.remote.store(0, Ordering::Relaxed);
+            other.table.swap(std::sync::Arc::new(Table::default()))
+        };
+        let mut table = std::sync::Arc::unwrap_or_clone(taken);
+        table.remote = table
             .per_node
             .iter()
             .filter(|(n, _)| **n != self.me)
             .map(|(_, c)| c)
             .sum();
-        let mut t = self.write();
-        *t = table;
-        self.remote.store(remote, Ordering::Relaxed);
+        table.index = index;
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.remote.store(table.remote, Ordering::Relaxed);
+        self.table.store(std::sync::Arc::new(table));
         // A snapshot replaces everything, its index too (it may be behind what this table
         // had only when a node's log was lost; then the lower index is the true one).
         self.index.store(index, Ordering::Release);
-        drop(t);
+        drop(writer);
         self.changed.notify_waiters();
     }
 
@@ -1017,19 +1582,16 @@ impl RouteTable {
     /// (local first); one without gets one node of those that have members, in turn.
     /// Returns the log index the routes were current up to.
     pub fn collect(&self, topic: &str, out: &mut Vec<Target>) -> u64 {
-        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        // The index first: the table read after it holds every change up to it (and maybe
+        // later ones, whose index it carries).
         let index = self.index.load(Ordering::Acquire);
+        let t = self.table.load();
+        let index = index.max(t.index);
         let pick = Pick {
             me: self.me,
             strategy: self.strategy,
         };
-        if let Some(e) = t.exact.get(topic) {
-            add_targets(e, pick, out);
-        }
-        if !t.wild.children.is_empty() {
-            let wildcards = !topic.starts_with('$');
-            walk(&t.wild, topic.split('/'), wildcards, pick, out);
-        }
+        t.matches(topic, pick, out);
         drop(t);
         if out.len() > 1 {
             out.sort_by_key(|t| t.node);
@@ -1051,7 +1613,7 @@ impl RouteTable {
 
     /// Another node with a member of share group `group` on `filter` (in turn), if any.
     pub fn shared_node(&self, group: &str, filter: &str) -> Option<u64> {
-        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let t = self.table.load();
         let entry = t.entry(filter)?;
         let s = entry.shared.as_ref()?.iter().find(|s| &*s.group == group)?;
         let others: Vec<u64> = s.nodes.iter().copied().filter(|&n| n != self.me).collect();
@@ -1060,15 +1622,15 @@ impl RouteTable {
     }
 
     /// Calls `f` with (group, "" for none; filter; nodes) for each route, in no particular
-    /// order, under the table's read lock (a publish reads alongside; a change waits).
+    /// order, of the table current when called (changes meanwhile build the next one).
     pub fn visit(&self, mut f: impl FnMut(&str, &str, &NodeSet)) {
-        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let t = self.table.load_full();
         t.visit(&mut f);
     }
 
     /// How many routes each node is in: (node, routes), by node.
     pub fn node_counts(&self) -> Vec<(u64, usize)> {
-        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let t = self.table.load();
         let mut out: Vec<(u64, usize)> = t.per_node.iter().map(|(n, c)| (*n, *c)).collect();
         out.sort_unstable();
         out
@@ -1076,7 +1638,7 @@ impl RouteTable {
 
     /// The nodes of (`group`, `filter`).
     pub fn nodes_of(&self, group: &str, filter: &str) -> NodeSet {
-        let t = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let t = self.table.load();
         let Some(e) = t.entry(filter) else {
             return NodeSet::Empty;
         };
@@ -1162,6 +1724,20 @@ fn random() -> usize {
     })
 }
 
+/// [`RouteTable::add`] in `t` (of node `me`), counting a new remote route.
+fn add_in(me: u64, t: &mut Table, group: &str, filter: &str, node: u64) {
+    if t.add(group, filter, node) && node != me {
+        t.remote += 1;
+    }
+}
+
+/// [`RouteTable::remove`] in `t` (of node `me`), counting a remote route gone.
+fn remove_in(me: u64, t: &mut Table, group: &str, filter: &str, node: u64) {
+    if t.remove(group, filter, node) && node != me {
+        t.remote -= 1;
+    }
+}
+
 fn add_targets(e: &Entry, pick: Pick, out: &mut Vec<Target>) {
     let me = pick.me;
     for &n in &e.plain {
@@ -1193,9 +1769,9 @@ fn add_targets(e: &Entry, pick: Pick, out: &mut Vec<Target>) {
     }
 }
 
-fn walk(
+fn walk<'t>(
     at: &RouteNode,
-    mut levels: std::str::Split<'_, char>,
+    mut levels: impl Iterator<Item = &'t str> + Clone,
     wildcards: bool,
     pick: Pick,
     out: &mut Vec<Target>,
@@ -1271,11 +1847,7 @@ mod tests {
         assert!(!t.has_remote());
         t.remove("", "a/#", 1);
         assert!(t.entries().is_empty());
-        let table = t.table.read().unwrap();
-        assert!(
-            table.wild.is_empty() && table.exact.is_empty(),
-            "empty levels pruned"
-        );
+        assert!(t.table.load().is_empty(), "empty levels pruned");
     }
 
     #[test]
@@ -1393,7 +1965,7 @@ mod tests {
         assert!(t.has_remote(), "node 4's route");
         t.apply(&[RouteOp::NodeGone(4)], 14);
         assert!(!t.has_remote());
-        assert!(t.table.read().unwrap().wild.is_empty(), "pruned");
+        assert!(t.table.load().is_empty(), "pruned");
     }
 
     #[test]
@@ -1432,7 +2004,7 @@ mod tests {
             t.remove("", &format!("fleet/dev{i}/+/status"), 2 + i % 3);
         }
         assert!(!t.has_remote());
-        assert!(t.table.read().unwrap().wild.is_empty(), "pruned to nothing");
+        assert!(t.table.load().is_empty(), "pruned to nothing");
     }
 
     #[test]
@@ -1442,14 +2014,87 @@ mod tests {
         assert_eq!(std::mem::size_of::<Level>(), 24);
         assert!(std::mem::size_of::<Entry>() <= 24);
         assert!(std::mem::size_of::<RouteNode>() <= 48);
-        // A route of its own below a shared prefix is one tail: `+/status` inline.
+        assert!(std::mem::size_of::<Group>() <= 48);
+        // A route of its own below its prefix is held in place: `+/status` under `fleet/dev1/`.
         let t = RouteTable::new(1);
         t.add("", "fleet/dev1/+/status", 2);
         t.add("", "fleet/dev2/+/status", 2);
-        let table = t.table.read().unwrap();
-        let fleet = table.wild.children.get("fleet").expect("shared level");
-        let dev1 = fleet.children.get("dev1").expect("a level each");
-        assert!(matches!(&dev1.children, Children::Tail(t) if t.levels.is_path(&["+", "status"])));
+        let table = t.table.load();
+        let key = b"fleet/dev1/";
+        let g = table
+            .wild
+            .get(hash_of(key), |k| k == key)
+            .expect("filed by prefix");
+        assert!(matches!(g, Group::One(t) if t.levels.is_path(&["+", "status"])));
+        // A second filter of the prefix makes a trie; removing it makes one again.
+        t.add("", "fleet/dev1/+/cmd", 3);
+        let table = t.table.load();
+        let g = table.wild.get(hash_of(key), |k| k == key).unwrap();
+        assert!(matches!(g, Group::Trie(_)));
+        t.remove("", "fleet/dev1/+/cmd", 3);
+        let table = t.table.load();
+        let g = table.wild.get(hash_of(key), |k| k == key).unwrap();
+        assert!(matches!(g, Group::One(_)));
+    }
+
+    #[test]
+    fn a_change_copies_the_shards_it_touches_and_shares_the_rest() {
+        let t = RouteTable::new(1);
+        for i in 0..5_000 {
+            t.add("", &format!("cmd/dev{i}"), 2);
+            t.add("", &format!("fleet/dev{i}/+/status"), 3);
+        }
+        let before = t.table.load_full();
+        assert!(before.exact.shards.len() >= 16, "split as it grew");
+        assert!(before
+            .exact
+            .shards
+            .iter()
+            .all(|s| s.values.len() <= 2 * SHARD_ROUTES));
+        t.apply(
+            &[RouteOp::Add {
+                group: String::new(),
+                filter: "cmd/new".into(),
+                node: 4,
+            }],
+            3,
+        );
+        let after = t.table.load_full();
+        let shared = |a: &Map<Entry>, b: &Map<Entry>| {
+            a.shards
+                .iter()
+                .zip(&b.shards)
+                .filter(|(x, y)| std::sync::Arc::ptr_eq(x, y))
+                .count()
+        };
+        assert_eq!(
+            shared(&before.exact, &after.exact),
+            before.exact.shards.len() - 1
+        );
+        assert!(before
+            .wild
+            .shards
+            .iter()
+            .zip(&after.wild.shards)
+            .all(|(x, y)| std::sync::Arc::ptr_eq(x, y)));
+        // The table a publish still holds is unchanged.
+        let mut out = Vec::new();
+        let pick = Pick {
+            me: 1,
+            strategy: SharedStrategy::LocalFirst,
+        };
+        before.matches("cmd/new", pick, &mut out);
+        assert!(out.is_empty());
+        after.matches("cmd/new", pick, &mut out);
+        assert_eq!(out, [plain(4)]);
+        assert_eq!(nodes(&t, "fleet/dev4999/x/status"), [plain(3)]);
+        assert_eq!(nodes(&t, "cmd/dev0"), [plain(2)]);
+        // A node that goes takes its routes, and only the shards holding one are copied.
+        t.apply(&[RouteOp::NodeGone(3)], 4);
+        let gone = t.table.load_full();
+        assert!(gone.wild.is_empty() && gone.depths.iter().all(|&n| n == 0));
+        assert_eq!(shared(&after.exact, &gone.exact), after.exact.shards.len());
+        assert_eq!(t.node_counts(), [(2, 5_000), (4, 1)]);
     }
 
     mod matching {
@@ -1529,8 +2174,8 @@ mod tests {
                 for (f, node) in &want {
                     t.remove("", f, *node);
                 }
-                let table = t.table.read().unwrap();
-                prop_assert!(table.wild.is_empty() && table.exact.is_empty());
+                prop_assert!(t.table.load().is_empty());
+                prop_assert!(t.table.load().depths.iter().all(|&n| n == 0));
             }
         }
     }
