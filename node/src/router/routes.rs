@@ -514,41 +514,50 @@ fn hash_of(key: &[u8]) -> u64 {
 
 /// Routes per shard above which a map doubles its shards: an apply copies each shard it
 /// changes, so this bounds the copy per changed route (a few KiB).
-const SHARD_ROUTES: usize = 256;
+const SHARD_ROUTES: usize = 64;
 
 /// One shard of a [`Map`]: its keys sorted by hash, laid out flat (the keys' bytes one
-/// after another, not one allocation each), every vector allocated to its exact length.
+/// after another, not one allocation each), both vectors allocated to their exact length.
 #[derive(Clone)]
 struct Shard<V> {
-    hashes: Vec<u64>,
-    /// Where each key ends in `keys`.
-    ends: Vec<u32>,
+    slots: Vec<Slot<V>>,
     keys: Vec<u8>,
-    values: Vec<V>,
+}
+
+#[derive(Clone)]
+struct Slot<V> {
+    hash: u64,
+    /// Where the key ends in `keys`.
+    end: u32,
+    value: V,
 }
 
 impl<V> Default for Shard<V> {
     fn default() -> Self {
         Shard {
-            hashes: Vec::new(),
-            ends: Vec::new(),
+            slots: Vec::new(),
             keys: Vec::new(),
-            values: Vec::new(),
         }
     }
 }
 
 impl<V> Shard<V> {
+    fn start(&self, i: usize) -> usize {
+        match i {
+            0 => 0,
+            i => self.slots[i - 1].end as usize,
+        }
+    }
+
     fn key(&self, i: usize) -> &[u8] {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        &self.keys[start..self.ends[i] as usize]
+        &self.keys[self.start(i)..self.slots[i].end as usize]
     }
 
     /// The slot of the key with `hash` for which `eq` holds; or where it would go.
     fn find(&self, hash: u64, eq: impl Fn(&[u8]) -> bool) -> Result<usize, usize> {
-        let at = self.hashes.partition_point(|&h| h < hash);
+        let at = self.slots.partition_point(|s| s.hash < hash);
         let mut i = at;
-        while i < self.hashes.len() && self.hashes[i] == hash {
+        while i < self.slots.len() && self.slots[i].hash == hash {
             if eq(self.key(i)) {
                 return Ok(i);
             }
@@ -558,30 +567,78 @@ impl<V> Shard<V> {
     }
 
     fn insert(&mut self, i: usize, hash: u64, key: &[u8], value: V) {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        self.hashes.reserve_exact(1);
-        self.hashes.insert(i, hash);
+        let start = self.start(i);
         self.keys.reserve_exact(key.len());
         self.keys.splice(start..start, key.iter().copied());
-        self.ends.reserve_exact(1);
-        self.ends.insert(i, start as u32);
-        for e in &mut self.ends[i..] {
-            *e += key.len() as u32;
+        self.slots.reserve_exact(1);
+        self.slots.insert(
+            i,
+            Slot {
+                hash,
+                end: start as u32,
+                value,
+            },
+        );
+        for s in &mut self.slots[i..] {
+            s.end += key.len() as u32;
         }
-        self.values.reserve_exact(1);
-        self.values.insert(i, value);
     }
 
     fn remove(&mut self, i: usize) -> V {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        let len = self.ends[i] as usize - start;
+        let start = self.start(i);
+        let len = self.slots[i].end as usize - start;
         self.keys.drain(start..start + len);
-        self.ends.remove(i);
-        for e in &mut self.ends[i..] {
-            *e -= len as u32;
+        let slot = self.slots.remove(i);
+        for s in &mut self.slots[i..] {
+            s.end -= len as u32;
         }
-        self.hashes.remove(i);
-        self.values.remove(i)
+        slot.value
+    }
+
+    /// A copy of this shard with (`hash`, `key`, `value`) inserted at `i`: one allocation
+    /// each for the slots and keys, not a copy and then a larger one.
+    fn with_inserted(&self, i: usize, hash: u64, key: &[u8], value: V) -> Shard<V>
+    where
+        V: Clone,
+    {
+        let start = self.start(i);
+        let mut keys = Vec::with_capacity(self.keys.len() + key.len());
+        keys.extend_from_slice(&self.keys[..start]);
+        keys.extend_from_slice(key);
+        keys.extend_from_slice(&self.keys[start..]);
+        let mut slots = Vec::with_capacity(self.slots.len() + 1);
+        slots.extend_from_slice(&self.slots[..i]);
+        slots.push(Slot {
+            hash,
+            end: (start + key.len()) as u32,
+            value,
+        });
+        slots.extend(self.slots[i..].iter().map(|s| Slot {
+            hash: s.hash,
+            end: s.end + key.len() as u32,
+            value: s.value.clone(),
+        }));
+        Shard { slots, keys }
+    }
+
+    /// A copy of this shard without slot `i`.
+    fn without(&self, i: usize) -> Shard<V>
+    where
+        V: Clone,
+    {
+        let start = self.start(i);
+        let len = self.slots[i].end as usize - start;
+        let mut keys = Vec::with_capacity(self.keys.len() - len);
+        keys.extend_from_slice(&self.keys[..start]);
+        keys.extend_from_slice(&self.keys[start + len..]);
+        let mut slots = Vec::with_capacity(self.slots.len() - 1);
+        slots.extend_from_slice(&self.slots[..i]);
+        slots.extend(self.slots[i + 1..].iter().map(|s| Slot {
+            hash: s.hash,
+            end: s.end - len as u32,
+            value: s.value.clone(),
+        }));
+        Shard { slots, keys }
     }
 
     /// A shard of the slots `range` of this one.
@@ -589,21 +646,18 @@ impl<V> Shard<V> {
     where
         V: Clone,
     {
-        let start = if range.start == 0 {
-            0
-        } else {
-            self.ends[range.start - 1]
-        };
-        let end = if range.end == 0 {
-            0
-        } else {
-            self.ends[range.end - 1]
-        };
+        let start = self.start(range.start);
+        let end = self.start(range.end);
         Shard {
-            hashes: self.hashes[range.clone()].to_vec(),
-            ends: self.ends[range.clone()].iter().map(|e| e - start).collect(),
-            keys: self.keys[start as usize..end as usize].to_vec(),
-            values: self.values[range].to_vec(),
+            slots: self.slots[range]
+                .iter()
+                .map(|s| Slot {
+                    hash: s.hash,
+                    end: s.end - start as u32,
+                    value: s.value.clone(),
+                })
+                .collect(),
+            keys: self.keys[start..end].to_vec(),
         }
     }
 }
@@ -638,28 +692,44 @@ impl<V: Clone> Map<V> {
 
     fn get(&self, hash: u64, eq: impl Fn(&[u8]) -> bool) -> Option<&V> {
         let s = &self.shards[self.shard(hash)];
-        s.find(hash, eq).ok().map(|i| &s.values[i])
+        s.find(hash, eq).ok().map(|i| &s.slots[i].value)
     }
 
     fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
         let hash = hash_of(key);
         let at = self.shard(hash);
         let i = self.shards[at].find(hash, |k| k == key).ok()?;
-        Some(&mut std::sync::Arc::make_mut(&mut self.shards[at]).values[i])
+        Some(&mut std::sync::Arc::make_mut(&mut self.shards[at]).slots[i].value)
     }
 
-    /// The value of `key`, made by `make` if missing.
-    fn get_or_insert(&mut self, key: &[u8], make: impl FnOnce() -> V) -> &mut V {
+    /// The value of `key`, made by `make` if missing (then the flag is true).
+    fn get_or_insert(&mut self, key: &[u8], make: impl FnOnce() -> V) -> (&mut V, bool) {
         let hash = hash_of(key);
-        if let Err(i) = self.shards[self.shard(hash)].find(hash, |k| k == key) {
-            let at = self.shard(hash);
-            std::sync::Arc::make_mut(&mut self.shards[at]).insert(i, hash, key, make());
-            self.len += 1;
-            if self.len > self.shards.len() * SHARD_ROUTES {
-                self.split();
+        let mut at = self.shard(hash);
+        let (i, new) = match self.shards[at].find(hash, |k| k == key) {
+            Ok(i) => (i, false),
+            Err(i) => {
+                match std::sync::Arc::get_mut(&mut self.shards[at]) {
+                    Some(s) => s.insert(i, hash, key, make()),
+                    None => {
+                        let s = self.shards[at].with_inserted(i, hash, key, make());
+                        self.shards[at] = std::sync::Arc::new(s);
+                    }
+                }
+                self.len += 1;
+                match self.len > self.shards.len() * SHARD_ROUTES {
+                    false => (i, true),
+                    true => {
+                        self.split();
+                        at = self.shard(hash);
+                        let i = self.shards[at].find(hash, |k| k == key);
+                        (i.expect("just inserted"), true)
+                    }
+                }
             }
-        }
-        self.get_mut(key).expect("just inserted")
+        };
+        let s = std::sync::Arc::make_mut(&mut self.shards[at]);
+        (&mut s.slots[i].value, new)
     }
 
     fn remove(&mut self, key: &[u8]) -> Option<V> {
@@ -667,7 +737,15 @@ impl<V: Clone> Map<V> {
         let at = self.shard(hash);
         let i = self.shards[at].find(hash, |k| k == key).ok()?;
         self.len -= 1;
-        Some(std::sync::Arc::make_mut(&mut self.shards[at]).remove(i))
+        match std::sync::Arc::get_mut(&mut self.shards[at]) {
+            Some(s) => Some(s.remove(i)),
+            None => {
+                let value = self.shards[at].slots[i].value.clone();
+                let s = self.shards[at].without(i);
+                self.shards[at] = std::sync::Arc::new(s);
+                Some(value)
+            }
+        }
     }
 
     /// Twice the shards, each cut in two by the next bit of the hash (a shard's keys are
@@ -676,9 +754,9 @@ impl<V: Clone> Map<V> {
         let bit = 63 - self.bits;
         let mut shards = Vec::with_capacity(self.shards.len() * 2);
         for s in &self.shards {
-            let mid = s.hashes.partition_point(|&h| (h >> bit) & 1 == 0);
+            let mid = s.slots.partition_point(|x| (x.hash >> bit) & 1 == 0);
             shards.push(std::sync::Arc::new(s.slice(0..mid)));
-            shards.push(std::sync::Arc::new(s.slice(mid..s.hashes.len())));
+            shards.push(std::sync::Arc::new(s.slice(mid..s.slots.len())));
         }
         self.shards = shards;
         self.bits += 1;
@@ -688,17 +766,17 @@ impl<V: Clone> Map<V> {
     /// copies only the shards that hold such a value.
     fn change_where(&mut self, has: impl Fn(&V) -> bool, mut f: impl FnMut(&[u8], &mut V) -> bool) {
         for s in &mut self.shards {
-            if !s.values.iter().any(&has) {
+            if !s.slots.iter().any(|x| has(&x.value)) {
                 continue;
             }
             let s = std::sync::Arc::make_mut(s);
             let mut i = 0;
-            while i < s.values.len() {
-                let keep = match has(&s.values[i]) {
+            while i < s.slots.len() {
+                let keep = match has(&s.slots[i].value) {
                     false => true,
                     true => {
                         let key = s.key(i).to_vec();
-                        f(&key, &mut s.values[i])
+                        f(&key, &mut s.slots[i].value)
                     }
                 };
                 match keep {
@@ -715,7 +793,7 @@ impl<V: Clone> Map<V> {
     fn iter(&self) -> impl Iterator<Item = (&[u8], &V)> {
         self.shards
             .iter()
-            .flat_map(|s| (0..s.values.len()).map(move |i| (s.key(i), &s.values[i])))
+            .flat_map(|s| (0..s.slots.len()).map(move |i| (s.key(i), &s.slots[i].value)))
     }
 
     fn is_empty(&self) -> bool {
@@ -966,24 +1044,26 @@ impl Table {
     /// Adds (`group`, `filter`, `node`); returns whether it was new.
     fn add(&mut self, group: &str, filter: &str, node: u64) -> bool {
         let entry = match split_wild(filter) {
-            None => self.exact.get_or_insert(filter.as_bytes(), Entry::default),
+            None => {
+                self.exact
+                    .get_or_insert(filter.as_bytes(), Entry::default)
+                    .0
+            }
             Some((prefix, rest)) => {
-                let key = prefix.as_bytes();
-                if self.wild.get(hash_of(key), |k| k == key).is_none() {
+                let (g, new) = self.wild.get_or_insert(prefix.as_bytes(), || {
+                    Group::One(Tail {
+                        levels: Level::new(&rest.join("/")),
+                        entry: Entry::default(),
+                    })
+                });
+                if new {
                     let depth = prefix.matches('/').count();
                     if self.depths.len() <= depth {
                         self.depths.resize(depth + 1, 0);
                     }
                     self.depths[depth] += 1;
                 }
-                self.wild
-                    .get_or_insert(key, || {
-                        Group::One(Tail {
-                            levels: Level::new(&rest.join("/")),
-                            entry: Entry::default(),
-                        })
-                    })
-                    .entry_mut(&rest)
+                g.entry_mut(&rest)
             }
         };
         let set = entry.set_mut(group, filter);
@@ -2050,7 +2130,7 @@ mod tests {
             .exact
             .shards
             .iter()
-            .all(|s| s.values.len() <= 2 * SHARD_ROUTES));
+            .all(|s| s.slots.len() <= 2 * SHARD_ROUTES));
         t.apply(
             &[RouteOp::Add {
                 group: String::new(),
