@@ -29,13 +29,23 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::persist::value::{self, Clock};
 use crate::router::{
-    AclStamp, Match, ParsedFilter, RetainedLimits, RouteTable, SharedRetained, Subscriber,
-    SubscriptionTrie, Target,
+    AclStamp, Match, ParsedFilter, RetainedLimits, RouteTable, ShareKey, SharedRetained,
+    Subscriber, SubscriptionTrie, Target,
 };
 use crate::session::{
     Delivery, DropReason, Enqueued, QueueLimits, Session, SessionId, SessionRegistry, SessionState,
     Stage, SubIds,
 };
+
+/// Copies whose session ended between the match and the queue ([`Broker::enqueue_in`]).
+#[derive(Default)]
+struct Ended {
+    /// Routed before the claim that moved the session to another node: (message, that
+    /// node, client id).
+    moved: Vec<(Arc<Message>, u64, Arc<str>)>,
+    /// Picked by a share group: another member takes them.
+    shared: Vec<(Arc<Message>, Arc<ShareKey>)>,
+}
 
 /// The cluster as the broker reaches it (in the node: the cluster's control and data planes
 /// and what its state machine writes; in unit tests, a process alone).
@@ -419,15 +429,84 @@ impl Broker {
         }
     }
 
-    /// Passes copies on to the nodes their sessions moved to (see [`Broker::enqueue_in`]);
-    /// returns the store write they wait for.
-    fn pass_on_gone(&self, moved: Vec<(Arc<Message>, u64, Arc<str>)>) -> Option<Ticket> {
+    /// Passes copies whose session ended under them on (see [`Broker::enqueue_in`]): to the
+    /// nodes their sessions moved to, and to other members of the share groups that picked
+    /// them. Returns the store write they wait for. `scratch`: an empty match buffer.
+    fn pass_on_ended(&self, ended: Ended, scratch: &mut Vec<Match>) -> Option<Ticket> {
         let mut ticket = None;
-        for (msg, node, client_id) in moved {
+        for (msg, node, client_id) in ended.moved {
             tracing::debug!(%client_id, node, "a copy for a session that just moved passed on");
             ticket = later(ticket, self.forward.push_on(&msg, node, &client_id).ticket);
         }
+        for (msg, share) in ended.shared {
+            tracing::debug!(group = %share.group, "a shared copy for a session that just ended goes to another member");
+            ticket = later(
+                ticket,
+                self.share_elsewhere(msg, &share.group, &share.filter, scratch),
+            );
+        }
         ticket
+    }
+
+    /// Gives `msg` to one member of share group `group` on `filter` that has not ended:
+    /// on this node if it has one, else on a node that has (counted in
+    /// `petrel_shared_redelivered_total`). Returns the store write a copy here waits for.
+    fn share_elsewhere(
+        &self,
+        msg: Arc<Message>,
+        group: &str,
+        filter: &str,
+        scratch: &mut Vec<Match>,
+    ) -> Option<Ticket> {
+        let count = |outcome: &str| {
+            self.metrics
+                .shared_redelivered
+                .with_label_values(&[outcome])
+                .inc()
+        };
+        // The group takes turns: a member that ended but is still in the router (its
+        // subscriptions go a moment later) is passed over, each once.
+        let members = self
+            .router
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .shared_members(group, filter);
+        for _ in 0..members {
+            self.router
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .collect_forwarded(&msg.topic, false, [(group, filter)], scratch);
+            scratch.retain(|m| !m.session.is_ended());
+            if !scratch.is_empty() {
+                break;
+            }
+        }
+        let stored = match scratch.is_empty() {
+            true => None,
+            false => self.local_storable(&msg, scratch),
+        };
+        if let (Some(stored), false) = (stored, scratch.is_empty()) {
+            let routed = self.route_local(msg, scratch, stored, None);
+            count("local");
+            scratch.clear();
+            return routed.ticket;
+        }
+        scratch.clear();
+        match self.routes.shared_node(group, filter) {
+            Some(node) => {
+                let target = Target {
+                    node,
+                    plain: false,
+                    shared: vec![(group.into(), filter.into())],
+                };
+                count("forwarded");
+                self.forward.forward(&msg, &[target]).ticket
+            }
+            None => {
+                count("dropped");
+                None
+            }
+        }
     }
 
     /// Takes the sessions surrendered to another node out of `scratch`, and passes `msg`
@@ -516,10 +595,11 @@ impl Broker {
             // 0): one pass, each delivery queued as it is made.
             let mut delivered = 0;
             let mut congested = None;
-            let mut moved = Vec::new();
+            let mut ended = Ended::default();
             self.plan_deliveries(&msg, scratch, |at, d, _| {
                 let session = &scratch[at].session;
-                let (queued, full) = self.enqueue_in(session, d, None, &mut moved);
+                let share = scratch[at].share.as_ref();
+                let (queued, full) = self.enqueue_in(session, share, d, None, &mut ended);
                 delivered += queued as usize;
                 if full && congested.is_none() && session.id() != msg.origin {
                     congested = Some(Pause::Subscriber(session.clone()));
@@ -528,7 +608,7 @@ impl Broker {
             scratch.clear();
             return Routed {
                 delivered,
-                ticket: self.pass_on_gone(moved),
+                ticket: self.pass_on_ended(ended, scratch),
                 congested,
                 unstorable: false,
                 mark: 0,
@@ -547,14 +627,15 @@ impl Broker {
         }
         let mut delivered = 0;
         let mut congested = None;
-        let mut moved = Vec::new();
+        let mut ended = Ended::default();
         for (at, d, value) in plan.drain(..) {
             let session = &scratch[at].session;
+            let share = scratch[at].share.as_ref();
             let stored = match (txn.as_mut(), value) {
                 (Some(txn), Some(v)) => Some((txn, v)),
                 _ => None,
             };
-            let (queued, full) = self.enqueue_in(session, d, stored, &mut moved);
+            let (queued, full) = self.enqueue_in(session, share, d, stored, &mut ended);
             delivered += queued as usize;
             // The publisher's own session never makes it wait (it could not drain).
             if full && congested.is_none() && session.id() != msg.origin {
@@ -567,7 +648,7 @@ impl Broker {
         let ticket = txn.map(Txn::commit);
         Routed {
             delivered,
-            ticket: later(ticket, self.pass_on_gone(moved)),
+            ticket: later(ticket, self.pass_on_ended(ended, scratch)),
             congested,
             unstorable: false,
             mark: 0,
@@ -724,22 +805,28 @@ impl Broker {
     /// whether it was queued and whether the session is congested (its publishers should
     /// wait).
     ///
-    /// A session surrendered to another node between the match and this call has ended
-    /// here: a copy routed before the claim that took it goes into `moved`, to be passed on
-    /// to its new owner ([`Broker::pass_on_gone`], once no transaction is open).
+    /// A session that ended between the match and this call takes nothing; its copy goes
+    /// into `ended` ([`Broker::pass_on_ended`], once no transaction is open): one that a
+    /// share group (`share`) picked goes to another member of the group; one for a session
+    /// surrendered to another node, routed before the claim that took it, to its new owner.
     fn enqueue_in(
         &self,
         session: &Session,
+        share: Option<&Arc<ShareKey>>,
         d: Delivery,
         stored: Option<(&mut Txn<'_>, bytes::Bytes)>,
-        moved: &mut Vec<(Arc<Message>, u64, Arc<str>)>,
+        ended: &mut Ended,
     ) -> (bool, bool) {
         match session.enqueue(d, &self.limits, stored) {
             Enqueued::Gone(d) => {
                 let routed_at = d.msg.routed_at.get();
+                if let (true, Some(share)) = (d.shared, share) {
+                    ended.shared.push((d.msg, share.clone()));
+                    return (true, false);
+                }
                 match session.moved() {
                     Some((claim, node)) if !d.shared && routed_at != 0 && routed_at < claim => {
-                        moved.push((d.msg, node, session.client_id().clone()));
+                        ended.moved.push((d.msg, node, session.client_id().clone()));
                         (true, false)
                     }
                     _ => {
@@ -911,12 +998,6 @@ impl Broker {
             .filter(|p| p.group.is_some())
             .collect();
         let now = Instant::now();
-        let count = |outcome: &str| {
-            self.metrics
-                .shared_redelivered
-                .with_label_values(&[outcome])
-                .inc()
-        };
         let mut scratch = Vec::new();
         for msg in orphans {
             let Some(p) = groups
@@ -929,33 +1010,7 @@ impl Broker {
                 continue;
             }
             let group = p.group.unwrap_or_default();
-            self.router
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .collect_forwarded(&msg.topic, false, [(group, p.filter)], &mut scratch);
-            let stored = match scratch.is_empty() {
-                true => None,
-                false => self.local_storable(&msg, &mut scratch),
-            };
-            if let (Some(stored), false) = (stored, scratch.is_empty()) {
-                self.route_local(msg, &mut scratch, stored, None);
-                count("local");
-                scratch.clear();
-                continue;
-            }
-            scratch.clear();
-            match self.routes.shared_node(group, p.filter) {
-                Some(node) => {
-                    let target = Target {
-                        node,
-                        plain: false,
-                        shared: vec![(group.into(), p.filter.into())],
-                    };
-                    self.forward.forward(&msg, &[target]);
-                    count("forwarded");
-                }
-                None => count("dropped"),
-            }
+            self.share_elsewhere(msg, group, p.filter, &mut scratch);
         }
     }
 

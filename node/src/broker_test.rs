@@ -113,3 +113,38 @@ fn message_too_large_to_store_is_refused_whole() {
     assert!(rows(&b.store, Cf::Retained).is_empty());
     assert_eq!(b.retained_count(), 1);
 }
+
+/// MQTT 5 section 4.8.2, in the gap between a publish's match and its queue: a share group
+/// picked a member whose session ended meanwhile (its subscriptions not yet out of the
+/// router): the copy goes to another member, not nowhere.
+#[test]
+fn a_shared_copy_that_finds_its_member_ended_goes_to_another_member() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = broker(dir.path());
+    let gone = Session::new_for_test("gone");
+    let live = Session::new_for_test("live");
+    subscribe(&b, &gone, "$share/g/t/+", None);
+    subscribe(&b, &live, "$share/g/t/+", None);
+    // Ended, still in the router: what a publish that matched just before the end sees.
+    let _ = gone.end();
+    assert!(gone.is_ended());
+    let mut sent = 0;
+    for topic in ["t/1", "t/2", "t/3", "t/4"] {
+        let mut msg = message(topic, Bytes::from_static(b"x"));
+        Arc::get_mut(&mut msg).expect("fresh").retain = false;
+        let routed = b.publish(msg, &mut Vec::new(), None);
+        sent += 1;
+        assert_eq!(routed.delivered, 1, "{topic}: one member took it");
+    }
+    assert_eq!(live.queue_len(), sent, "every copy reached the live member");
+    assert_eq!(gone.queue_len(), 0);
+    let again = b
+        .metrics
+        .shared_redelivered
+        .with_label_values(&["local"])
+        .get();
+    assert!(
+        again >= 1,
+        "the round robin picked the ended member at least once"
+    );
+}

@@ -13,4 +13,4 @@ pub mod trie;
 pub use retained::{RetainedLimits, RetainedStore, SharedRetained};
 pub use routes::{NodeSet, RouteOp, RouteTable, Target};
 pub use topic::{FilterError, ParsedFilter};
-pub use trie::{AclStamp, Match, Subscriber, SubscriptionTrie};
+pub use trie::{AclStamp, Match, ShareKey, Subscriber, SubscriptionTrie};

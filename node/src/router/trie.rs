@@ -61,6 +61,16 @@ pub struct Match {
     pub shared: bool,
     pub acl_filtered: bool,
     pub acl_gen: u64,
+    /// The share group that picked this session (`None`: an ordinary subscription), so a
+    /// copy that finds the session ended can go to another member.
+    pub share: Option<Arc<ShareKey>>,
+}
+
+/// A share group: its name and the filter its members subscribed to.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ShareKey {
+    pub group: Box<str>,
+    pub filter: Box<str>,
 }
 
 #[derive(Default)]
@@ -72,6 +82,7 @@ struct Node {
 
 struct SharedGroup {
     name: Box<str>,
+    key: Arc<ShareKey>,
     members: Vec<Subscriber>,
     next: AtomicUsize,
 }
@@ -92,6 +103,7 @@ impl Node {
                 shared: false,
                 acl_filtered: s.acl_filtered,
                 acl_gen: s.acl_gen,
+                share: None,
             });
         }
         if shared {
@@ -115,6 +127,7 @@ impl SharedGroup {
                 shared: true,
                 acl_filtered: s.acl_filtered,
                 acl_gen: s.acl_gen,
+                share: Some(self.key.clone()),
             });
         }
     }
@@ -168,6 +181,10 @@ impl SubscriptionTrie {
                         first = true;
                         node.shared.push(SharedGroup {
                             name: name.into(),
+                            key: Arc::new(ShareKey {
+                                group: name.into(),
+                                filter: filter.into(),
+                            }),
                             members: Vec::new(),
                             next: AtomicUsize::new(0),
                         });
@@ -311,6 +328,16 @@ impl SubscriptionTrie {
                 g.pick_into(out);
             }
         }
+    }
+
+    /// How many members share group `group` on `filter` has here.
+    pub fn shared_members(&self, group: &str, filter: &str) -> usize {
+        let mut node = Some(&self.root);
+        for level in filter.split('/') {
+            node = node.and_then(|n| n.children.get(level));
+        }
+        node.and_then(|n| n.shared.iter().find(|g| &*g.name == group))
+            .map_or(0, |g| g.members.len())
     }
 
     pub fn is_empty(&self) -> bool {
