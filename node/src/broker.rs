@@ -360,7 +360,7 @@ impl Broker {
         };
         targets.clear();
         TARGETS.set(targets);
-        let mut routed = self.route_local(msg, scratch, stored, inbound);
+        let mut routed = self.route_local(msg, scratch, stored, inbound, false);
         routed.merge_ticket(passed);
         routed.mark = mark;
         routed.forwarded = forwarded.mark;
@@ -413,7 +413,7 @@ impl Broker {
         }
         let passed = self.pass_on_moved(&msg, scratch);
         let mut routed = match self.local_storable_at(&msg, scratch, published_at_ms) {
-            Some(stored) => self.route_local(msg, scratch, stored, None),
+            Some(stored) => self.route_local(msg, scratch, stored, None, true),
             None => Routed::refused(),
         };
         routed.merge_ticket(passed);
@@ -431,8 +431,14 @@ impl Broker {
 
     /// Passes copies whose session ended under them on (see [`Broker::enqueue_in`]): to the
     /// nodes their sessions moved to, and to other members of the share groups that picked
-    /// them. Returns the store write they wait for. `scratch`: an empty match buffer.
-    fn pass_on_ended(&self, ended: Ended, scratch: &mut Vec<Match>) -> Option<Ticket> {
+    /// them (on another node only if `may_forward`). Returns the store write they wait for.
+    /// `scratch`: an empty match buffer.
+    fn pass_on_ended(
+        &self,
+        ended: Ended,
+        scratch: &mut Vec<Match>,
+        may_forward: bool,
+    ) -> Option<Ticket> {
         let mut ticket = None;
         for (msg, node, client_id) in ended.moved {
             tracing::debug!(%client_id, node, "a copy for a session that just moved passed on");
@@ -442,21 +448,24 @@ impl Broker {
             tracing::debug!(group = %share.group, "a shared copy for a session that just ended goes to another member");
             ticket = later(
                 ticket,
-                self.share_elsewhere(msg, &share.group, &share.filter, scratch),
+                self.share_elsewhere(msg, &share.group, &share.filter, scratch, may_forward),
             );
         }
         ticket
     }
 
     /// Gives `msg` to one member of share group `group` on `filter` that has not ended:
-    /// on this node if it has one, else on a node that has (counted in
+    /// on this node if it has one, else (if `may_forward`) on a node that has (counted in
     /// `petrel_shared_redelivered_total`). Returns the store write a copy here waits for.
+    /// A copy another node forwarded here is not sent on again: two nodes whose members
+    /// ended at once could pass it back and forth until their routes go.
     fn share_elsewhere(
         &self,
         msg: Arc<Message>,
         group: &str,
         filter: &str,
         scratch: &mut Vec<Match>,
+        may_forward: bool,
     ) -> Option<Ticket> {
         let count = |outcome: &str| {
             self.metrics
@@ -486,13 +495,17 @@ impl Broker {
             false => self.local_storable(&msg, scratch),
         };
         if let (Some(stored), false) = (stored, scratch.is_empty()) {
-            let routed = self.route_local(msg, scratch, stored, None);
+            let routed = self.route_local(msg, scratch, stored, None, !may_forward);
             count("local");
             scratch.clear();
             return routed.ticket;
         }
         scratch.clear();
-        match self.routes.shared_node(group, filter) {
+        match self
+            .routes
+            .shared_node(group, filter)
+            .filter(|_| may_forward)
+        {
             Some(node) => {
                 let target = Target {
                     node,
@@ -582,13 +595,15 @@ impl Broker {
 
     /// Queues `msg` for the matched local sessions (`scratch`, sorted by
     /// [`Broker::local_storable`], which said whether a copy is `stored`) and stores the
-    /// persistent sessions' copies.
+    /// persistent sessions' copies. `forwarded`: another node sent `msg` here (a share
+    /// group's copy is then not sent on to a third, see [`Broker::share_elsewhere`]).
     fn route_local(
         &self,
         msg: Arc<Message>,
         scratch: &mut Vec<Match>,
         stored: bool,
         inbound: Option<(&str, u16)>,
+        forwarded: bool,
     ) -> Routed {
         if !stored && inbound.is_none() {
             // Nothing of this publish is stored (the common case of clean sessions or QoS
@@ -608,7 +623,7 @@ impl Broker {
             scratch.clear();
             return Routed {
                 delivered,
-                ticket: self.pass_on_ended(ended, scratch),
+                ticket: self.pass_on_ended(ended, scratch, !forwarded),
                 congested,
                 unstorable: false,
                 mark: 0,
@@ -648,7 +663,7 @@ impl Broker {
         let ticket = txn.map(Txn::commit);
         Routed {
             delivered,
-            ticket: later(ticket, self.pass_on_ended(ended, scratch)),
+            ticket: later(ticket, self.pass_on_ended(ended, scratch, !forwarded)),
             congested,
             unstorable: false,
             mark: 0,
@@ -1010,7 +1025,7 @@ impl Broker {
                 continue;
             }
             let group = p.group.unwrap_or_default();
-            self.share_elsewhere(msg, group, p.filter, &mut scratch);
+            self.share_elsewhere(msg, group, p.filter, &mut scratch, true);
         }
     }
 

@@ -493,8 +493,18 @@ fn tail_matches<'t>(
 /// Keys are hashed with FNV-1a, byte by byte, so that one pass over a topic yields the hash
 /// of every prefix a wildcard filter may be filed under ([`Table::matches`]); each hash is then
 /// mixed (murmur3's finalizer) so that keys differing in their last bytes spread over the
-/// shards (picked by the top bits).
-const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+/// shards (picked by the top bits). The offset basis is FNV's xor a per-process random seed:
+/// filters made to fall into one shard (whose every change copies it whole) cannot be
+/// worked out in advance.
+fn fnv0() -> u64 {
+    static BASIS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BASIS.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x5eed);
+        0xcbf2_9ce4_8422_2325 ^ h.finish()
+    })
+}
 
 fn fnv(h: u64, b: u8) -> u64 {
     (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
@@ -509,7 +519,7 @@ fn mix(mut h: u64) -> u64 {
 }
 
 fn hash_of(key: &[u8]) -> u64 {
-    mix(key.iter().fold(FNV0, |h, &b| fnv(h, b)))
+    mix(key.iter().fold(fnv0(), |h, &b| fnv(h, b)))
 }
 
 /// Routes per shard above which a map doubles its shards: an apply copies each shard it
@@ -1041,8 +1051,21 @@ fn visit_node(
 }
 
 impl Table {
-    /// Adds (`group`, `filter`, `node`); returns whether it was new.
+    /// Whether (`group`, `filter`, `node`) is a route here.
+    fn has(&self, group: &str, filter: &str, node: u64) -> bool {
+        let mut found = false;
+        if let Some(e) = self.entry(filter) {
+            e.each(|g, nodes| found |= g == group && nodes.contains(&node));
+        }
+        found
+    }
+
+    /// Adds (`group`, `filter`, `node`); returns whether it was new. One that is there
+    /// already copies nothing.
     fn add(&mut self, group: &str, filter: &str, node: u64) -> bool {
+        if self.has(group, filter, node) {
+            return false;
+        }
         let entry = match split_wild(filter) {
             None => {
                 self.exact
@@ -1075,8 +1098,12 @@ impl Table {
         new
     }
 
-    /// Removes (`group`, `filter`, `node`); returns whether it was there.
+    /// Removes (`group`, `filter`, `node`); returns whether it was there. One that is not
+    /// there copies nothing.
     fn remove(&mut self, group: &str, filter: &str, node: u64) -> bool {
+        if !self.has(group, filter, node) {
+            return false;
+        }
         let found = match split_wild(filter) {
             None => {
                 let Some(entry) = self.exact.get_mut(filter.as_bytes()) else {
@@ -1191,7 +1218,8 @@ impl Table {
     /// Adds the targets of every route matching `topic`.
     fn matches(&self, topic: &str, pick: Pick, out: &mut Vec<Target>) {
         let bytes = topic.as_bytes();
-        let mut h = FNV0;
+        let basis = fnv0();
+        let mut h = basis;
         // Wildcards do not match a `$` topic's first level.
         let dollar = topic.starts_with('$');
         let mut depth = 0;
@@ -1214,7 +1242,7 @@ impl Table {
             // The empty prefix: `end` stands before the topic, so a slash is not part of it.
             if self.depths.first().is_some_and(|&n| n > 0) && !dollar {
                 let eq = |k: &[u8]| k.is_empty();
-                if let Some(g) = self.wild.get(mix(FNV0), eq) {
+                if let Some(g) = self.wild.get(mix(basis), eq) {
                     g.matches(topic.split('/'), true, pick, out);
                 }
             }
@@ -1301,6 +1329,8 @@ impl std::fmt::Debug for RouteTable {
 pub struct Bulk<'a> {
     of: &'a RouteTable,
     next: Option<Table>,
+    /// Held until the additions are in place (released after `drop`).
+    _writer: std::sync::MutexGuard<'a, ()>,
 }
 
 impl Bulk<'_> {
@@ -1315,7 +1345,9 @@ impl Bulk<'_> {
 impl Drop for Bulk<'_> {
     fn drop(&mut self) {
         if let Some(next) = self.next.take() {
-            self.of.change(None, |_, t| *t = next);
+            self.of.remote.store(next.remote, Ordering::Relaxed);
+            self.of.table.store(std::sync::Arc::new(next));
+            self.of.changed.notify_waiters();
         }
     }
 }
@@ -1624,10 +1656,13 @@ impl RouteTable {
 
     /// Many additions made as one change (a snapshot's routes): each shard is copied at
     /// most once, not once per route. They are seen when the returned [`Bulk`] goes.
+    /// Other changes wait until then.
     pub fn bulk(&self) -> Bulk<'_> {
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         Bulk {
             of: self,
             next: Some(Table::clone(&self.table.load())),
+            _writer: writer,
         }
     }
 
@@ -2169,8 +2204,33 @@ mod tests {
         assert_eq!(out, [plain(4)]);
         assert_eq!(nodes(&t, "fleet/dev4999/x/status"), [plain(3)]);
         assert_eq!(nodes(&t, "cmd/dev0"), [plain(2)]);
+        // A change that changes nothing (a route that is there, one that is not) copies
+        // nothing.
+        t.apply(
+            &[
+                RouteOp::Add {
+                    group: String::new(),
+                    filter: "fleet/dev7/+/status".into(),
+                    node: 3,
+                },
+                RouteOp::Del {
+                    group: String::new(),
+                    filter: "cmd/dev7".into(),
+                    node: 9,
+                },
+            ],
+            4,
+        );
+        let same = t.table.load_full();
+        assert_eq!(shared(&after.exact, &same.exact), after.exact.shards.len());
+        assert!(after
+            .wild
+            .shards
+            .iter()
+            .zip(&same.wild.shards)
+            .all(|(x, y)| std::sync::Arc::ptr_eq(x, y)));
         // A node that goes takes its routes, and only the shards holding one are copied.
-        t.apply(&[RouteOp::NodeGone(3)], 4);
+        t.apply(&[RouteOp::NodeGone(3)], 5);
         let gone = t.table.load_full();
         assert!(gone.wild.is_empty() && gone.depths.iter().all(|&n| n == 0));
         assert_eq!(shared(&after.exact, &gone.exact), after.exact.shards.len());
