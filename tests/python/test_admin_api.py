@@ -91,6 +91,10 @@ def test_metrics_and_health_can_be_put_behind_the_token(tmp_path):
                                      "PETREL_ADMIN_TOKEN": RW})
     b.start()
     try:
+        # The ready file comes with the listeners; readiness a moment later (caught up with
+        # the log, routes reconciled): wait for it, with the token.
+        wait_until("ready, asked with the token",
+                   lambda: call(b, "GET", "/readyz", token=RW)[0] == 200)
         for path in ("/metrics", "/healthz", "/readyz"):
             assert call(b, "GET", path, token=None)[0] == 401, path
             assert call(b, "GET", path.replace("metrics", "healthz"), token=RW)[0] == 200
