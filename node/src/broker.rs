@@ -47,6 +47,20 @@ struct Ended {
     shared: Vec<(Arc<Message>, Arc<ShareKey>)>,
 }
 
+/// Where a share group's copy may go when the member picked here has ended, or no member
+/// of the group is left here ([`Broker::share_elsewhere`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Onward {
+    /// Published (or orphaned) here: to a member on any node.
+    Any,
+    /// Forwarded here: to a member here, else once more to another node, marked
+    /// `share_redirected` so that it goes no further.
+    Once,
+    /// Forwarded here already redirected: to a member here only (two nodes whose members
+    /// ended at once could otherwise pass it back and forth until their routes go).
+    Here,
+}
+
 /// The cluster as the broker reaches it (in the node: the cluster's control and data planes
 /// and what its state machine writes; in unit tests, a process alone).
 pub struct Planes {
@@ -360,7 +374,7 @@ impl Broker {
         };
         targets.clear();
         TARGETS.set(targets);
-        let mut routed = self.route_local(msg, scratch, stored, inbound, false);
+        let mut routed = self.route_local(msg, scratch, stored, inbound, Onward::Any);
         routed.merge_ticket(passed);
         routed.mark = mark;
         routed.forwarded = forwarded.mark;
@@ -387,6 +401,12 @@ impl Broker {
     ///
     /// `for_client`: not empty for a copy another node passed on for the session of that
     /// client, which moved here from it; delivered to that session only.
+    ///
+    /// A share group with no member left here (its last one went, and the sender routed
+    /// before its route's removal reached it) passes its copy on to a node that has one,
+    /// once: `redirected` says the copy has been passed on so already, and then it is
+    /// dropped (counted in `petrel_shared_redelivered_total`).
+    #[allow(clippy::too_many_arguments)]
     pub fn deliver_forwarded<'a>(
         &self,
         msg: Arc<Message>,
@@ -394,13 +414,27 @@ impl Broker {
         shared: impl IntoIterator<Item = (&'a str, &'a str)>,
         published_at_ms: u64,
         for_client: &str,
+        redirected: bool,
         scratch: &mut Vec<Match>,
     ) -> Routed {
         scratch.clear();
-        self.router
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .collect_forwarded(&msg.topic, plain, shared, scratch);
+        // Groups with no member here (rare: no allocation otherwise).
+        let mut absent: Vec<(&str, &str)> = Vec::new();
+        {
+            let router = self.router.read().unwrap_or_else(|e| e.into_inner());
+            router.collect_forwarded(&msg.topic, plain, [], scratch);
+            for (group, filter) in shared {
+                let before = scratch.len();
+                router.collect_forwarded(&msg.topic, false, [(group, filter)], scratch);
+                if scratch.len() == before {
+                    absent.push((group, filter));
+                }
+            }
+        }
+        let onward = match redirected {
+            true => Onward::Here,
+            false => Onward::Once,
+        };
         let routed_at = msg.routed_at.get();
         match for_client.is_empty() {
             false => scratch.retain(|m| &**m.session.client_id() == for_client),
@@ -412,11 +446,18 @@ impl Broker {
             true => {}
         }
         let passed = self.pass_on_moved(&msg, scratch);
+        let again = (!absent.is_empty()).then(|| msg.clone());
         let mut routed = match self.local_storable_at(&msg, scratch, published_at_ms) {
-            Some(stored) => self.route_local(msg, scratch, stored, None, true),
+            Some(stored) => self.route_local(msg, scratch, stored, None, onward),
             None => Routed::refused(),
         };
         routed.merge_ticket(passed);
+        if let (Some(msg), false) = (again, routed.unstorable) {
+            for (group, filter) in absent {
+                let t = self.share_elsewhere(msg.clone(), group, filter, scratch, onward);
+                routed.merge_ticket(t);
+            }
+        }
         routed
     }
 
@@ -425,19 +466,19 @@ impl Broker {
     pub fn deliver_held(&self, client_id: &str, held: Vec<Arc<Message>>) {
         let mut scratch = Vec::new();
         for msg in held {
-            self.deliver_forwarded(msg, true, [], 0, client_id, &mut scratch);
+            self.deliver_forwarded(msg, true, [], 0, client_id, false, &mut scratch);
         }
     }
 
     /// Passes copies whose session ended under them on (see [`Broker::enqueue_in`]): to the
     /// nodes their sessions moved to, and to other members of the share groups that picked
-    /// them (on another node only if `may_forward`). Returns the store write they wait for.
+    /// them (on another node as `onward` allows). Returns the store write they wait for.
     /// `scratch`: an empty match buffer.
     fn pass_on_ended(
         &self,
         ended: Ended,
         scratch: &mut Vec<Match>,
-        may_forward: bool,
+        onward: Onward,
     ) -> Option<Ticket> {
         let mut ticket = None;
         for (msg, node, client_id) in ended.moved {
@@ -448,24 +489,23 @@ impl Broker {
             tracing::debug!(group = %share.group, "a shared copy for a session that just ended goes to another member");
             ticket = later(
                 ticket,
-                self.share_elsewhere(msg, &share.group, &share.filter, scratch, may_forward),
+                self.share_elsewhere(msg, &share.group, &share.filter, scratch, onward),
             );
         }
         ticket
     }
 
     /// Gives `msg` to one member of share group `group` on `filter` that has not ended:
-    /// on this node if it has one, else (if `may_forward`) on a node that has (counted in
-    /// `petrel_shared_redelivered_total`). Returns the store write a copy here waits for.
-    /// A copy another node forwarded here is not sent on again: two nodes whose members
-    /// ended at once could pass it back and forth until their routes go.
+    /// on this node if it has one, else (as `onward` allows) on a node that has (counted in
+    /// `petrel_shared_redelivered_total`). Returns the store write the copy waits for
+    /// (here, or in the outbox for that node: the sender's acknowledgement waits for it).
     fn share_elsewhere(
         &self,
         msg: Arc<Message>,
         group: &str,
         filter: &str,
         scratch: &mut Vec<Match>,
-        may_forward: bool,
+        onward: Onward,
     ) -> Option<Ticket> {
         let count = |outcome: &str| {
             self.metrics
@@ -473,29 +513,19 @@ impl Broker {
                 .with_label_values(&[outcome])
                 .inc()
         };
-        // The group takes turns: a member that ended but is still in the router (its
-        // subscriptions go a moment later) is passed over, each once.
-        let members = self
-            .router
+        // The pick passes over members that ended but are still in the router (their
+        // subscriptions go a moment later); it picks one of those only if no other is left.
+        self.router
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .shared_members(group, filter);
-        for _ in 0..members {
-            self.router
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .collect_forwarded(&msg.topic, false, [(group, filter)], scratch);
-            scratch.retain(|m| !m.session.is_ended());
-            if !scratch.is_empty() {
-                break;
-            }
-        }
+            .collect_forwarded(&msg.topic, false, [(group, filter)], scratch);
+        scratch.retain(|m| !m.session.is_ended());
         let stored = match scratch.is_empty() {
             true => None,
             false => self.local_storable(&msg, scratch),
         };
         if let (Some(stored), false) = (stored, scratch.is_empty()) {
-            let routed = self.route_local(msg, scratch, stored, None, !may_forward);
+            let routed = self.route_local(msg, scratch, stored, None, onward);
             count("local");
             scratch.clear();
             return routed.ticket;
@@ -504,16 +534,14 @@ impl Broker {
         match self
             .routes
             .shared_node(group, filter)
-            .filter(|_| may_forward)
+            .filter(|_| onward != Onward::Here)
         {
             Some(node) => {
-                let target = Target {
-                    node,
-                    plain: false,
-                    shared: vec![(group.into(), filter.into())],
-                };
                 count("forwarded");
-                self.forward.forward(&msg, &[target]).ticket
+                let redirected = onward == Onward::Once;
+                self.forward
+                    .pass_shared(&msg, node, group, filter, redirected)
+                    .ticket
             }
             None => {
                 count("dropped");
@@ -595,15 +623,15 @@ impl Broker {
 
     /// Queues `msg` for the matched local sessions (`scratch`, sorted by
     /// [`Broker::local_storable`], which said whether a copy is `stored`) and stores the
-    /// persistent sessions' copies. `forwarded`: another node sent `msg` here (a share
-    /// group's copy is then not sent on to a third, see [`Broker::share_elsewhere`]).
+    /// persistent sessions' copies. `onward`: where a share group's copy whose member ended
+    /// under it may go (see [`Broker::share_elsewhere`]).
     fn route_local(
         &self,
         msg: Arc<Message>,
         scratch: &mut Vec<Match>,
         stored: bool,
         inbound: Option<(&str, u16)>,
-        forwarded: bool,
+        onward: Onward,
     ) -> Routed {
         if !stored && inbound.is_none() {
             // Nothing of this publish is stored (the common case of clean sessions or QoS
@@ -623,7 +651,7 @@ impl Broker {
             scratch.clear();
             return Routed {
                 delivered,
-                ticket: self.pass_on_ended(ended, scratch, !forwarded),
+                ticket: self.pass_on_ended(ended, scratch, onward),
                 congested,
                 unstorable: false,
                 mark: 0,
@@ -663,7 +691,7 @@ impl Broker {
         let ticket = txn.map(Txn::commit);
         Routed {
             delivered,
-            ticket: later(ticket, self.pass_on_ended(ended, scratch, !forwarded)),
+            ticket: later(ticket, self.pass_on_ended(ended, scratch, onward)),
             congested,
             unstorable: false,
             mark: 0,
@@ -1025,7 +1053,7 @@ impl Broker {
                 continue;
             }
             let group = p.group.unwrap_or_default();
-            self.share_elsewhere(msg, group, p.filter, &mut scratch, true);
+            self.share_elsewhere(msg, group, p.filter, &mut scratch, Onward::Any);
         }
     }
 

@@ -270,6 +270,18 @@ pub trait DataPlane: Send + Sync + 'static {
     /// once: the returned ticket is all the sender's acknowledgement waits for.
     fn push_on(&self, msg: &crate::message::Message, node: u64, client_id: &str) -> Forwarded;
 
+    /// Gives a share group's copy to `node`, which has a member of (`group`, `filter`):
+    /// a copy whose member here ended under it, or (`redirected`) one forwarded here that
+    /// found no member left. Stored in the outbox at once, as [`DataPlane::push_on`].
+    fn pass_shared(
+        &self,
+        msg: &crate::message::Message,
+        node: u64,
+        group: &str,
+        filter: &str,
+        redirected: bool,
+    ) -> Forwarded;
+
     /// The highest settled forwarding mark, as it moves.
     fn forwarded(&self) -> watch::Receiver<u64>;
 
@@ -317,6 +329,17 @@ impl DataPlane for NoForwarding {
     }
 
     fn push_on(&self, _msg: &crate::message::Message, _node: u64, _client_id: &str) -> Forwarded {
+        Forwarded::default()
+    }
+
+    fn pass_shared(
+        &self,
+        _msg: &crate::message::Message,
+        _node: u64,
+        _group: &str,
+        _filter: &str,
+        _redirected: bool,
+    ) -> Forwarded {
         Forwarded::default()
     }
 

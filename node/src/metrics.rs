@@ -235,7 +235,7 @@ impl Metrics {
                 outbox_messages: gauge(&r, "petrel_forward_outbox_messages", "Forwarded copies not yet acknowledged by their peer"),
                 outbox_bytes: gauge(&r, "petrel_forward_outbox_bytes", "Bytes of forwarded copies not yet acknowledged by their peer"),
                 peer_messages: counter_vec(&r, "petrel_forward_peer_messages_total", "Forwarded copies sent to a peer (retransmits included), by peer", "peer"),
-                peer_bytes: counter_vec(&r, "petrel_forward_peer_bytes_total", "Bytes of forwarded batches sent to a peer, by peer", "peer"),
+                peer_bytes: counter_vec(&r, "petrel_forward_peer_bytes_total", "Bytes of forwarded messages sent to a peer (each in its stored encoding; gRPC framing not counted), by peer", "peer"),
                 peer_batches: counter_vec(&r, "petrel_forward_peer_batches_total", "Forwarded batches sent to a peer, by peer", "peer"),
                 peer_errors: counter_vec(&r, "petrel_forward_peer_errors_total", "Forwarding streams to a peer that failed or were refused, by peer", "peer"),
             },

@@ -133,7 +133,10 @@ impl PeerCounters {
     fn sent(&self, batch: &pb::ForwardBatch) {
         self.batches.inc();
         self.messages.inc_by(batch.messages.len() as u64);
-        self.bytes.inc_by(prost::Message::encoded_len(batch) as u64);
+        // The messages' own bytes, not the framing around them: an exact count would
+        // walk every message's encoding once more.
+        let bytes: usize = batch.messages.iter().map(|m| m.message.len()).sum();
+        self.bytes.inc_by(bytes as u64);
     }
 }
 
@@ -157,8 +160,13 @@ struct Copy<'a> {
     deadline: Instant,
     published_at_ms: u64,
     routed_at: u64,
-    /// Not empty: passed on for this client only (`DataPlane::push_on`), and stored at once.
+    /// Not empty: passed on for this client only (`DataPlane::push_on`).
     client_id: &'a str,
+    /// Stored in the outbox at once (a copy passed on: what was acknowledged for it waits
+    /// for that store write, not for the peer).
+    store_now: bool,
+    /// `ForwardedMessage.share_redirected`.
+    share_redirected: bool,
 }
 
 /// A peer's outbox: entries in sequence order; the first `sent` were sent on the current
@@ -354,6 +362,9 @@ pub struct Forwarder {
     links: RwLock<HashMap<u64, Arc<Link>>>,
     marks: Mutex<Marks>,
     settled: watch::Sender<u64>,
+    /// The watch's value, read without its lock (every QoS 1/2 publisher's acknowledgement
+    /// checks it).
+    settled_now: AtomicU64,
     broker: OnceLock<Arc<Broker>>,
     /// Per sending node; an async lock: one batch of a sender at a time is delivered (a
     /// reconnected stream waits for the old one's last batch).
@@ -411,6 +422,7 @@ impl Forwarder {
             links: RwLock::new(HashMap::new()),
             marks: Mutex::new(Marks::default()),
             settled: watch::channel(0).0,
+            settled_now: AtomicU64::new(0),
             broker: OnceLock::new(),
             received: Mutex::new(HashMap::new()),
             drained: Mutex::default(),
@@ -614,6 +626,7 @@ impl Forwarder {
         }
         let settled = m.settled();
         drop(m);
+        self.settled_now.fetch_max(settled, Ordering::Release);
         self.settled.send_if_modified(|s| {
             let moved = settled > *s;
             if moved {
@@ -658,6 +671,8 @@ impl Forwarder {
             published_at_ms,
             routed_at,
             client_id,
+            store_now,
+            share_redirected,
         } = copy;
         let shared_bytes: usize = target.shared.iter().map(|(g, f)| shared_len(g, f)).sum();
         let size = message.len() + shared_bytes + ENTRY_OVERHEAD;
@@ -698,6 +713,7 @@ impl Forwarder {
             published_at_ms,
             routed_at,
             client_id: client_id.to_owned(),
+            share_redirected,
         };
         o.entries.push_back(Entry {
             msg,
@@ -710,7 +726,7 @@ impl Forwarder {
         o.bytes += size;
         // Its publisher will not wait for the peer: stored first, and the acknowledgement
         // waits for that.
-        let ticket = match (holds && client_id.is_empty()) || qos0 {
+        let ticket = match (holds && !store_now) || qos0 {
             true => None,
             false => {
                 let at = o.entries.len() - 1;
@@ -754,7 +770,7 @@ impl Forwarder {
     /// The next batch of outbox `o` (possibly empty), marked drained if nothing unsent is
     /// left after it.
     fn batch_of(&self, o: &mut Outbox) -> pb::ForwardBatch {
-        let mut messages = Vec::new();
+        let mut messages = Vec::with_capacity((o.entries.len() - o.sent).min(BATCH_MESSAGES));
         let mut bytes = 0;
         let mut i = o.sent;
         let mut sent_qos0 = 0;
@@ -986,6 +1002,44 @@ impl Forwarder {
         }
     }
 
+    /// Queues one copy of `msg` for `target` that holds no publisher: it is stored in the
+    /// outbox at once, and the returned ticket is all an acknowledgement waits for. None:
+    /// not queued (counted as dropped).
+    fn pass_on(
+        &self,
+        msg: &Message,
+        target: &Target,
+        client_id: &str,
+        share_redirected: bool,
+    ) -> Option<Forwarded> {
+        let clock = Clock::now();
+        let Ok(message) = value::message(msg, msg.qos, msg.retain, &[], &clock) else {
+            self.count_dropped("too_large", 1);
+            return None;
+        };
+        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
+        let Some(link) = links.get(&target.node) else {
+            self.count_dropped("unknown_node", 1);
+            return None;
+        };
+        let copy = Copy {
+            mark: 0,
+            qos0: msg.qos == QoS::AtMostOnce,
+            deadline: clock.now + self.ack_timeout,
+            published_at_ms: clock.unix_ms,
+            routed_at: msg.routed_at.get(),
+            client_id,
+            store_now: true,
+            share_redirected,
+        };
+        let (_, ticket, full) = self.push(link, &message, target, copy);
+        Some(Forwarded {
+            mark: 0,
+            ticket,
+            full: full.then(|| link.clone() as Arc<dyn Window>),
+        })
+    }
+
     // ---- receiving ----------------------------------------------------------------------
 
     /// Serves one sender's stream: delivers each batch, then acknowledges it once what it
@@ -1070,6 +1124,7 @@ impl Forwarder {
                     shared,
                     m.published_at_ms,
                     &m.client_id,
+                    m.share_redirected,
                     &mut scratch,
                 );
                 if let Some(t) = routed.ticket {
@@ -1115,7 +1170,8 @@ impl Forwarder {
 
 impl DataPlane for Forwarder {
     fn forward(&self, msg: &Message, targets: &[Target]) -> Forwarded {
-        let clock = Clock::now();
+        // One clock reading per message: the stamp, the expiry and the deadline.
+        let clock = Clock::cheap();
         let message = match value::message(msg, msg.qos, msg.retain, &[], &clock) {
             Ok(v) => v,
             Err(_) => {
@@ -1129,7 +1185,7 @@ impl DataPlane for Forwarder {
             true => 0,
             false => lock(&self.marks).take(targets.len() as u32),
         };
-        let deadline = Instant::now() + self.ack_timeout.saturating_sub(2 * EXPIRE_EVERY);
+        let deadline = clock.now + self.ack_timeout.saturating_sub(2 * EXPIRE_EVERY);
         let mut released = Vec::new();
         let mut ticket = None;
         let mut full = None;
@@ -1144,6 +1200,8 @@ impl DataPlane for Forwarder {
                         published_at_ms: clock.unix_ms,
                         routed_at: msg.routed_at.get(),
                         client_id: "",
+                        store_now: false,
+                        share_redirected: false,
                     };
                     let (holds, stored, window_full) = self.push(link, &message, t, copy);
                     if let Some(s) = stored {
@@ -1173,36 +1231,33 @@ impl DataPlane for Forwarder {
     }
 
     fn push_on(&self, msg: &Message, node: u64, client_id: &str) -> Forwarded {
-        let clock = Clock::now();
-        let Ok(message) = value::message(msg, msg.qos, msg.retain, &[], &clock) else {
-            self.count_dropped("too_large", 1);
-            return Forwarded::default();
-        };
-        let links = self.links.read().unwrap_or_else(|e| e.into_inner());
-        let Some(link) = links.get(&node) else {
-            self.count_dropped("unknown_node", 1);
-            return Forwarded::default();
-        };
         let target = Target {
             node,
             plain: true,
             shared: Vec::new(),
         };
-        let copy = Copy {
-            mark: 0,
-            qos0: msg.qos == QoS::AtMostOnce,
-            deadline: Instant::now() + self.ack_timeout,
-            published_at_ms: clock.unix_ms,
-            routed_at: msg.routed_at.get(),
-            client_id,
-        };
-        let (_, ticket, full) = self.push(link, &message, &target, copy);
-        self.metrics.passed_on.inc();
-        Forwarded {
-            mark: 0,
-            ticket,
-            full: full.then(|| link.clone() as Arc<dyn Window>),
+        let f = self.pass_on(msg, &target, client_id, false);
+        if f.is_some() {
+            self.metrics.passed_on.inc();
         }
+        f.unwrap_or_default()
+    }
+
+    fn pass_shared(
+        &self,
+        msg: &Message,
+        node: u64,
+        group: &str,
+        filter: &str,
+        redirected: bool,
+    ) -> Forwarded {
+        let target = Target {
+            node,
+            plain: false,
+            shared: vec![(group.into(), filter.into())],
+        };
+        self.pass_on(msg, &target, "", redirected)
+            .unwrap_or_default()
     }
 
     fn forwarded(&self) -> watch::Receiver<u64> {
@@ -1210,7 +1265,7 @@ impl DataPlane for Forwarder {
     }
 
     fn forwarded_now(&self) -> u64 {
-        *self.settled.borrow()
+        self.settled_now.load(Ordering::Acquire)
     }
 }
 

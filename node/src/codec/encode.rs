@@ -259,17 +259,27 @@ impl<'a> PublishOut<'a> {
     }
 
     pub fn encode(&self, protocol: Protocol, buf: &mut BytesMut) -> Result<(), EncodeError> {
+        let body = self.body_len(protocol);
+        self.encode_sized(protocol, body, buf)
+    }
+
+    /// [`PublishOut::encode`] with the body's length already counted
+    /// ([`PublishOut::body_len`]); reserves exactly what it writes.
+    pub fn encode_sized(
+        &self,
+        protocol: Protocol,
+        body: usize,
+        buf: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
         if self.qos != QoS::AtMostOnce && self.packet_id.is_none() {
             return Err(EncodeError::MissingPacketId);
         }
-        let mut c = Counter(0);
-        self.body(protocol, &mut c);
-        if c.0 > MAX_REMAINING_LENGTH {
-            return Err(EncodeError::TooLarge(c.0));
+        if body > MAX_REMAINING_LENGTH {
+            return Err(EncodeError::TooLarge(body));
         }
-        buf.reserve(1 + 4 + c.0);
+        buf.reserve(1 + varint_len(body) + body);
         Sink::put_u8(buf, self.first_byte());
-        buf.put_varint(c.0 as u32);
+        buf.put_varint(body as u32);
         self.body(protocol, buf);
         Ok(())
     }

@@ -3,7 +3,8 @@
 //! Instants become milliseconds since the Unix epoch on the way out and back on the way in,
 //! so message expiry and session expiry keep counting across a restart.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -17,6 +18,9 @@ use crate::message::Message;
 use crate::session::{Delivery, SessionId, Stage, SubIds};
 
 const VERSION: u8 = 1;
+
+/// How old [`Clock::cheap`]'s reading of the wall clock may get.
+pub const WALL_RECHECK: Duration = Duration::from_millis(10);
 
 /// A wall clock reading paired with the monotonic clock, to convert between the two.
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +38,36 @@ impl Clock {
         Clock {
             now: Instant::now(),
             unix_ms,
+        }
+    }
+
+    /// [`Clock::now`] from one reading of the monotonic clock: the wall clock's offset
+    /// from it is read again when the last reading is [`WALL_RECHECK`] old, so a step of
+    /// the wall clock shows within that. For the forwarding path, which stamps every
+    /// message (the wall clock read each time was 2% of its CPU).
+    pub fn cheap() -> Clock {
+        static BASE: OnceLock<Instant> = OnceLock::new();
+        // Unix time at `BASE` in µs, and when (ns after `BASE`) it was last read.
+        static UNIX_US_AT_BASE: AtomicU64 = AtomicU64::new(0);
+        static CHECKED_NS: AtomicU64 = AtomicU64::new(0);
+        let base = *BASE.get_or_init(Instant::now);
+        let now = Instant::now();
+        let since = now.saturating_duration_since(base);
+        let since_ns = since.as_nanos() as u64;
+        let mut at_base = UNIX_US_AT_BASE.load(Ordering::Relaxed);
+        let checked = CHECKED_NS.load(Ordering::Relaxed);
+        if at_base == 0 || since_ns.saturating_sub(checked) > WALL_RECHECK.as_nanos() as u64 {
+            let unix_us = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0);
+            at_base = unix_us.saturating_sub(since.as_micros() as u64).max(1);
+            UNIX_US_AT_BASE.store(at_base, Ordering::Relaxed);
+            CHECKED_NS.store(since_ns, Ordering::Relaxed);
+        }
+        Clock {
+            now,
+            unix_ms: (at_base + since.as_micros() as u64) / 1000,
         }
     }
 
@@ -90,14 +124,16 @@ pub fn message(
         // Refused before a buffer of that size is allocated.
         return Err(EncodeError::TooLarge(body));
     }
-    let mut buf = BytesMut::with_capacity(HEADER + 5 + body);
+    // Exactly the length written: a full buffer is frozen without a second allocation.
+    let mut buf = BytesMut::with_capacity(HEADER + 1 + varint_len(body) + body);
     buf.put_u8(VERSION);
     buf.put_u64(
         msg.expires_at
             .map(|t| clock.to_unix_ms(t).max(1))
             .unwrap_or(0),
     );
-    out.encode(Protocol::V5, &mut buf)?;
+    out.encode_sized(Protocol::V5, body, &mut buf)?;
+    debug_assert_eq!(buf.len(), HEADER + 1 + varint_len(body) + body);
     // Frozen, not copied: a forwarded copy or a handed-over message shares it.
     Ok(buf.freeze())
 }

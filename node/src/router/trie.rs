@@ -133,17 +133,28 @@ impl SharedGroup {
     }
 
     /// Round robin over the members, skipping those that are not connected; if none is
-    /// connected the message goes to the next member's queue.
+    /// connected the message goes to the queue of the next member that has not ended. If
+    /// every member has ended (their subscriptions leave the router a moment later), the
+    /// next one is picked all the same: its copy finds it ended and goes to another member
+    /// of the group, on another node if need be (`Broker::share_elsewhere`).
     fn pick(&self) -> Option<&Subscriber> {
         let n = self.members.len();
         if n == 0 {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &self.members[(start + i) % n])
-            .find(|s| s.session.is_connected())
-            .or_else(|| Some(&self.members[start % n]))
+        let mut offline = None;
+        for i in 0..n {
+            let s = &self.members[(start + i) % n];
+            if s.session.is_ended() {
+                continue;
+            }
+            if s.session.is_connected() {
+                return Some(s);
+            }
+            offline.get_or_insert(s);
+        }
+        offline.or(Some(&self.members[start % n]))
     }
 }
 
@@ -328,16 +339,6 @@ impl SubscriptionTrie {
                 g.pick_into(out);
             }
         }
-    }
-
-    /// How many members share group `group` on `filter` has here.
-    pub fn shared_members(&self, group: &str, filter: &str) -> usize {
-        let mut node = Some(&self.root);
-        for level in filter.split('/') {
-            node = node.and_then(|n| n.children.get(level));
-        }
-        node.and_then(|n| n.shared.iter().find(|g| &*g.name == group))
-            .map_or(0, |g| g.members.len())
     }
 
     pub fn is_empty(&self) -> bool {

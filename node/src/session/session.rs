@@ -124,6 +124,9 @@ pub struct Session {
     /// before it that still reach this node are passed on to `moved_to`.
     moved_at: AtomicU64,
     moved_to: AtomicU64,
+    /// `Inner::ended`, readable without the lock (a share group's pick, made under the
+    /// router's lock, passes over ended members): set under the lock with it.
+    ended: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -147,6 +150,7 @@ impl Session {
             arrived_at: AtomicU64::new(0),
             moved_at: AtomicU64::new(0),
             moved_to: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
                 queued_bytes: 0,
@@ -450,6 +454,7 @@ impl Session {
             }
             if end {
                 inner.ended = true;
+                self.ended.store(true, Ordering::Release);
                 self.count_queue(0, inner.queue.len());
                 let mut state = state;
                 state.orphans = inner.queue.drain(..).filter(|d| d.shared).collect();
@@ -574,6 +579,7 @@ impl Session {
             self.set_moved(index, node);
         }
         inner.ended = true;
+        self.ended.store(true, Ordering::Release);
         let queue = std::mem::take(&mut inner.queue);
         inner.queued_bytes = 0;
         self.count_queue(0, queue.len());
@@ -586,6 +592,7 @@ impl Session {
     pub fn end(&self) -> (Option<Box<SessionState>>, usize) {
         let mut inner = self.lock();
         inner.ended = true;
+        self.ended.store(true, Ordering::Release);
         let dropped = inner.queue.len();
         self.count_queue(0, dropped);
         let mut state = inner.state.take();
@@ -664,8 +671,10 @@ impl Session {
         }
     }
 
+    /// Whether the session has ended (no copy can be queued for it any more). Lock-free:
+    /// set under the session's lock, so a copy queued after this reads true finds it ended.
     pub fn is_ended(&self) -> bool {
-        self.lock().ended
+        self.ended.load(Ordering::Acquire)
     }
 }
 
