@@ -138,13 +138,167 @@ fn a_shared_copy_that_finds_its_member_ended_goes_to_another_member() {
     }
     assert_eq!(live.queue_len(), sent, "every copy reached the live member");
     assert_eq!(gone.queue_len(), 0);
-    let again = b
-        .metrics
-        .shared_redelivered
-        .with_label_values(&["local"])
-        .get();
-    assert!(
-        again >= 1,
-        "the round robin picked the ended member at least once"
+    assert_eq!(
+        redelivered(&b, "local"),
+        0,
+        "the pick passed over the ended member"
     );
+
+    // Every member here ended: the pick falls back to one of them, its copy finds it
+    // ended, and with no other node in the group it is dropped, counted.
+    let _ = live.end();
+    b.publish(
+        message("t/5", Bytes::from_static(b"x")),
+        &mut Vec::new(),
+        None,
+    );
+    assert_eq!(redelivered(&b, "dropped"), 1);
+}
+
+fn redelivered(b: &Broker, outcome: &str) -> u64 {
+    b.metrics
+        .shared_redelivered
+        .with_label_values(&[outcome])
+        .get()
+}
+
+/// What a broker gave other nodes' share groups: (node, group, filter, redirected).
+#[derive(Default)]
+struct SharedOut {
+    given: std::sync::Mutex<Vec<(u64, String, String, bool)>>,
+    settled: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
+}
+
+impl crate::control::DataPlane for SharedOut {
+    fn forward(&self, _: &Message, _: &[crate::router::Target]) -> crate::control::Forwarded {
+        Default::default()
+    }
+
+    fn push_on(&self, _: &Message, _: u64, _: &str) -> crate::control::Forwarded {
+        Default::default()
+    }
+
+    fn pass_shared(
+        &self,
+        _: &Message,
+        node: u64,
+        group: &str,
+        filter: &str,
+        redirected: bool,
+    ) -> crate::control::Forwarded {
+        self.given.lock().expect("lock").push((
+            node,
+            group.to_owned(),
+            filter.to_owned(),
+            redirected,
+        ));
+        Default::default()
+    }
+
+    fn forwarded(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.settled
+            .get_or_init(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn forwarded_now(&self) -> u64 {
+        0
+    }
+}
+
+/// Node 1 of a cluster whose node 2 has a member of `$share/g/t/+`, as node 1's route table
+/// says.
+fn node_one(dir: &std::path::Path) -> (Arc<Broker>, Arc<SharedOut>) {
+    let cfg = Config::default();
+    let store = Store::open(StoreOptions {
+        path: dir.join("db"),
+        fsync: false,
+    })
+    .expect("open store");
+    let auth = AuthGate::from_config(&cfg.auth).expect("no auth files");
+    let out = Arc::new(SharedOut::default());
+    let mut planes = crate::broker::Planes::alone();
+    planes.routes = Arc::new(crate::router::RouteTable::new(1));
+    // Both nodes are in the group (node 1's route not removed yet): local first.
+    planes.routes.add("g", "t/+", 1);
+    planes.routes.add("g", "t/+", 2);
+    planes.forward = out.clone();
+    (Broker::new(cfg, Metrics::new(), auth, store, planes), out)
+}
+
+/// A share group's copy forwarded to a node whose last member of the group has just left
+/// (the sender routed before that route's removal reached it) goes on to a node that has
+/// one, once: marked redirected, and a redirected copy that finds no member is dropped
+/// (counted), never sent on again.
+#[test]
+fn a_forwarded_shared_copy_with_no_member_here_goes_on_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (b, out) = node_one(dir.path());
+    let msg = message("t/1", Bytes::from_static(b"x"));
+    let routed = b.deliver_forwarded(
+        msg.clone(),
+        false,
+        [("g", "t/+")],
+        0,
+        "",
+        false,
+        &mut Vec::new(),
+    );
+    assert_eq!(routed.delivered, 0);
+    assert_eq!(
+        *out.given.lock().expect("lock"),
+        vec![(2, "g".to_owned(), "t/+".to_owned(), true)],
+        "sent on to node 2, marked"
+    );
+    assert_eq!(redelivered(&b, "forwarded"), 1);
+
+    b.deliver_forwarded(
+        msg.clone(),
+        false,
+        [("g", "t/+")],
+        0,
+        "",
+        true,
+        &mut Vec::new(),
+    );
+    assert_eq!(
+        out.given.lock().expect("lock").len(),
+        1,
+        "not sent on twice"
+    );
+    assert_eq!(redelivered(&b, "dropped"), 1);
+
+    // A member here takes it, redirected or not.
+    let here = Session::new_for_test("here");
+    subscribe(&b, &here, "$share/g/t/+", None);
+    let routed = b.deliver_forwarded(msg, false, [("g", "t/+")], 0, "", true, &mut Vec::new());
+    assert_eq!((routed.delivered, here.queue_len()), (1, 1));
+    assert_eq!(out.given.lock().expect("lock").len(), 1);
+}
+
+/// A copy published here whose member ended under it goes to the group's member on another
+/// node, not marked (that node may redirect it once more).
+#[test]
+fn a_published_shared_copy_whose_members_here_ended_goes_to_another_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (b, out) = node_one(dir.path());
+    let gone = Session::new_for_test("gone");
+    subscribe(&b, &gone, "$share/g/t/+", None);
+    let _ = gone.end();
+    // Routed as local first: the member here is picked, and found ended.
+    let routed = b.publish(
+        message("t/1", Bytes::from_static(b"x")),
+        &mut Vec::new(),
+        None,
+    );
+    assert_eq!(
+        routed.delivered, 1,
+        "handed on: the publisher is not told no one took it"
+    );
+    assert_eq!(gone.queue_len(), 0);
+    assert_eq!(
+        *out.given.lock().expect("lock"),
+        vec![(2, "g".to_owned(), "t/+".to_owned(), false)]
+    );
+    assert_eq!(redelivered(&b, "forwarded"), 1);
 }

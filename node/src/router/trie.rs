@@ -445,6 +445,16 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(ids(&t, "s/1"), vec![a.id()], "disconnected member skipped");
         }
+        // Ended (its subscriptions not out of the trie yet), its link still set: passed
+        // over; an offline member that has not ended comes before it.
+        let _ = a.end();
+        for _ in 0..3 {
+            assert_eq!(ids(&t, "s/1"), vec![b.id()], "ended member skipped");
+        }
+        // Every member ended: one is picked all the same (its copy finds it ended and is
+        // given to another member, maybe on another node).
+        let _ = b.end();
+        assert_eq!(ids(&t, "s/1").len(), 1);
     }
 
     #[test]
