@@ -992,6 +992,11 @@ impl Forwarder {
                 },
                 permit = tx.reserve(), if unsent => {
                     let permit = permit.map_err(|_| "stream closed".to_owned())?;
+                    // One turn of the scheduler first: tasks already ready (publishers on
+                    // this worker) queue what they have, and it joins this batch. Under
+                    // load batches grow (fewer frames, acks and wake-ups per message); an
+                    // idle link waits a few microseconds, not a timer's millisecond.
+                    tokio::task::yield_now().await;
                     if let Some(batch) = self.take_batch(link) {
                         link.counters.sent(&batch);
                         permit.send(batch);
