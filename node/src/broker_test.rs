@@ -17,6 +17,10 @@ use crate::router::topic::parse_filter;
 use crate::session::{Session, SessionId};
 
 fn broker(dir: &std::path::Path) -> Arc<Broker> {
+    broker_with(dir, crate::broker::Planes::alone())
+}
+
+fn broker_with(dir: &std::path::Path, planes: crate::broker::Planes) -> Arc<Broker> {
     let cfg = Config::default();
     let store = Store::open(StoreOptions {
         path: dir.join("db"),
@@ -24,13 +28,7 @@ fn broker(dir: &std::path::Path) -> Arc<Broker> {
     })
     .expect("open store");
     let auth = AuthGate::from_config(&cfg.auth).expect("no auth files");
-    Broker::new(
-        cfg,
-        Metrics::new(),
-        auth,
-        store,
-        crate::broker::Planes::alone(),
-    )
+    Broker::new(cfg, Metrics::new(), auth, store, planes)
 }
 
 fn subscribe(b: &Broker, s: &Arc<Session>, filter: &str, id: Option<u32>) {
@@ -206,16 +204,32 @@ impl crate::control::DataPlane for SharedOut {
     }
 }
 
+/// A member of share group `g` on `t/+` that has ended, its subscription still in the
+/// router (what a publish that matched just before the end sees).
+fn ended_member(b: &Broker) -> Arc<Session> {
+    let gone = Session::new_for_test("gone");
+    subscribe(b, &gone, "$share/g/t/+", None);
+    let _ = gone.end();
+    gone
+}
+
+/// A copy another node forwarded to share group `g` on `t/+` (`redirected`: sent on once
+/// already).
+fn to_group(b: &Broker, msg: Arc<Message>, redirected: bool) -> super::Routed {
+    b.deliver_forwarded(
+        msg,
+        false,
+        [("g", "t/+")],
+        0,
+        "",
+        redirected,
+        &mut Vec::new(),
+    )
+}
+
 /// Node 1 of a cluster whose node 2 has a member of `$share/g/t/+`, as node 1's route table
 /// says.
 fn node_one(dir: &std::path::Path) -> (Arc<Broker>, Arc<SharedOut>) {
-    let cfg = Config::default();
-    let store = Store::open(StoreOptions {
-        path: dir.join("db"),
-        fsync: false,
-    })
-    .expect("open store");
-    let auth = AuthGate::from_config(&cfg.auth).expect("no auth files");
     let out = Arc::new(SharedOut::default());
     let mut planes = crate::broker::Planes::alone();
     planes.routes = Arc::new(crate::router::RouteTable::new(1));
@@ -223,7 +237,7 @@ fn node_one(dir: &std::path::Path) -> (Arc<Broker>, Arc<SharedOut>) {
     planes.routes.add("g", "t/+", 1);
     planes.routes.add("g", "t/+", 2);
     planes.forward = out.clone();
-    (Broker::new(cfg, Metrics::new(), auth, store, planes), out)
+    (broker_with(dir, planes), out)
 }
 
 /// A share group's copy forwarded to a node whose last member of the group has just left
@@ -235,15 +249,7 @@ fn a_forwarded_shared_copy_with_no_member_here_goes_on_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (b, out) = node_one(dir.path());
     let msg = message("t/1", Bytes::from_static(b"x"));
-    let routed = b.deliver_forwarded(
-        msg.clone(),
-        false,
-        [("g", "t/+")],
-        0,
-        "",
-        false,
-        &mut Vec::new(),
-    );
+    let routed = to_group(&b, msg.clone(), false);
     assert_eq!(routed.delivered, 0);
     assert_eq!(
         *out.given.lock().expect("lock"),
@@ -252,15 +258,7 @@ fn a_forwarded_shared_copy_with_no_member_here_goes_on_once() {
     );
     assert_eq!(redelivered(&b, "forwarded"), 1);
 
-    b.deliver_forwarded(
-        msg.clone(),
-        false,
-        [("g", "t/+")],
-        0,
-        "",
-        true,
-        &mut Vec::new(),
-    );
+    to_group(&b, msg.clone(), true);
     assert_eq!(
         out.given.lock().expect("lock").len(),
         1,
@@ -271,9 +269,25 @@ fn a_forwarded_shared_copy_with_no_member_here_goes_on_once() {
     // A member here takes it, redirected or not.
     let here = Session::new_for_test("here");
     subscribe(&b, &here, "$share/g/t/+", None);
-    let routed = b.deliver_forwarded(msg, false, [("g", "t/+")], 0, "", true, &mut Vec::new());
+    let routed = to_group(&b, msg, true);
     assert_eq!((routed.delivered, here.queue_len()), (1, 1));
     assert_eq!(out.given.lock().expect("lock").len(), 1);
+}
+
+/// A forwarded copy whose member here ended under it (its subscriptions not out of the
+/// router yet) goes on once, marked, like one that finds no member at all.
+#[test]
+fn a_forwarded_shared_copy_whose_member_here_ended_goes_on_marked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (b, out) = node_one(dir.path());
+    let gone = ended_member(&b);
+    let msg = message("t/1", Bytes::from_static(b"x"));
+    to_group(&b, msg, false);
+    assert_eq!(gone.queue_len(), 0);
+    assert_eq!(
+        *out.given.lock().expect("lock"),
+        vec![(2, "g".to_owned(), "t/+".to_owned(), true)]
+    );
 }
 
 /// A copy published here whose member ended under it goes to the group's member on another
@@ -282,9 +296,7 @@ fn a_forwarded_shared_copy_with_no_member_here_goes_on_once() {
 fn a_published_shared_copy_whose_members_here_ended_goes_to_another_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (b, out) = node_one(dir.path());
-    let gone = Session::new_for_test("gone");
-    subscribe(&b, &gone, "$share/g/t/+", None);
-    let _ = gone.end();
+    let gone = ended_member(&b);
     // Routed as local first: the member here is picked, and found ended.
     let routed = b.publish(
         message("t/1", Bytes::from_static(b"x")),

@@ -254,7 +254,7 @@ impl Metrics {
             shared_redelivered: counter_vec(
                 &r,
                 "petrel_shared_redelivered_total",
-                "Share-group messages whose member's session ended before its client acknowledged them, by outcome: local (another member here), forwarded (a member on another node), dropped (no member left)",
+                "Share-group messages given to another member, by outcome: local (another member here), forwarded (a member on another node), dropped (no member left). Counted when the member's session ended before its client acknowledged them, or when a copy forwarded here found no member of its group left",
                 "outcome",
             ),
             wills_skipped: counter(&r, "petrel_wills_skipped_total", "Due wills this node did not publish: another node did (it found this node unreachable), or the client had connected again"),

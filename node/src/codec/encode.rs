@@ -274,6 +274,7 @@ impl<'a> PublishOut<'a> {
         if self.qos != QoS::AtMostOnce && self.packet_id.is_none() {
             return Err(EncodeError::MissingPacketId);
         }
+        debug_assert_eq!(body, self.body_len(protocol));
         if body > MAX_REMAINING_LENGTH {
             return Err(EncodeError::TooLarge(body));
         }

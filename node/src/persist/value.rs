@@ -54,8 +54,9 @@ impl Clock {
         let now = Instant::now();
         let since = now.saturating_duration_since(base);
         let since_ns = since.as_nanos() as u64;
+        // The check time first: a thread that sees a new one sees its offset too.
+        let checked = CHECKED_NS.load(Ordering::Acquire);
         let mut at_base = UNIX_US_AT_BASE.load(Ordering::Relaxed);
-        let checked = CHECKED_NS.load(Ordering::Relaxed);
         if at_base == 0 || since_ns.saturating_sub(checked) > WALL_RECHECK.as_nanos() as u64 {
             let unix_us = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -63,7 +64,7 @@ impl Clock {
                 .unwrap_or(0);
             at_base = unix_us.saturating_sub(since.as_micros() as u64).max(1);
             UNIX_US_AT_BASE.store(at_base, Ordering::Relaxed);
-            CHECKED_NS.store(since_ns, Ordering::Relaxed);
+            CHECKED_NS.store(since_ns, Ordering::Release);
         }
         Clock {
             now,
