@@ -15,7 +15,9 @@
 //! | 2 | `Claim.with_routes`: a claim that moves a session adds its routes for the new node in the same entry; `ForwardedMessage.routed_at` cuts a moving session's copies by that entry's index, and `ForwardedMessage.client_id` passes the old node's copies on |
 //!
 //! Additions that a node of an earlier version can ignore without harm take no level (a
-//! hand-over's `SessionHandover.subscriptions`: an old receiver keeps the replica's).
+//! hand-over's `SessionHandover.subscriptions`: an old receiver keeps the replica's;
+//! `ForwardedMessage.share_redirected`: an old receiver never sends a forwarded copy on,
+//! which is what the mark asks).
 
 use petrel_cluster_proto::pb;
 
