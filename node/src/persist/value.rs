@@ -125,8 +125,9 @@ pub fn message(
         // Refused before a buffer of that size is allocated.
         return Err(EncodeError::TooLarge(body));
     }
-    // Exactly the length written: a full buffer is frozen without a second allocation.
-    let mut buf = BytesMut::with_capacity(HEADER + 1 + varint_len(body) + body);
+    // Exactly the length written: the encoder does not grow it.
+    let len = HEADER + 1 + varint_len(body) + body;
+    let mut buf = BytesMut::with_capacity(len);
     buf.put_u8(VERSION);
     buf.put_u64(
         msg.expires_at
@@ -134,7 +135,7 @@ pub fn message(
             .unwrap_or(0),
     );
     out.encode_sized(Protocol::V5, body, &mut buf)?;
-    debug_assert_eq!(buf.len(), HEADER + 1 + varint_len(body) + body);
+    debug_assert_eq!(buf.len(), len);
     // Frozen, not copied: a forwarded copy or a handed-over message shares it.
     Ok(buf.freeze())
 }

@@ -77,7 +77,6 @@ struct Inner {
     expiry_secs: u32,
     /// Set while offline: when the session expires.
     expires_at: Option<Instant>,
-    ended: bool,
     /// Next position in the stored queue (persistent sessions).
     next_seq: u64,
     /// How the current (or last) connection came in (admin API).
@@ -124,8 +123,10 @@ pub struct Session {
     /// before it that still reach this node are passed on to `moved_to`.
     moved_at: AtomicU64,
     moved_to: AtomicU64,
-    /// `Inner::ended`, readable without the lock (a share group's pick, made under the
-    /// router's lock, passes over ended members): set under the lock with it.
+    /// The session has ended: no copy can be queued for it any more. Set (never cleared)
+    /// under `inner`'s lock, so code holding that lock reads it as part of the locked
+    /// state; read without the lock too (a share group's pick, made under the router's
+    /// lock, passes over ended members).
     ended: AtomicBool,
     inner: Mutex<Inner>,
 }
@@ -158,7 +159,6 @@ impl Session {
                 link: None,
                 expiry_secs,
                 expires_at: None,
-                ended: false,
                 next_seq: 1,
                 client: None,
                 subs: Default::default(),
@@ -287,7 +287,7 @@ impl Session {
         mut stored: Option<(&mut Txn<'_>, bytes::Bytes)>,
     ) -> Enqueued {
         let mut inner = self.lock();
-        if inner.ended {
+        if self.is_ended() {
             return Enqueued::Gone(d);
         }
         let online = inner.link.is_some();
@@ -378,7 +378,7 @@ impl Session {
         notified.as_mut().enable();
         {
             let inner = self.lock();
-            if inner.queue.len() < low || inner.link.is_none() || inner.ended {
+            if inner.queue.len() < low || inner.link.is_none() || self.is_ended() {
                 return true;
             }
         }
@@ -419,7 +419,7 @@ impl Session {
     /// still holds the session or it has ended.
     pub fn attach(&self, conn_id: u64, epoch: Epoch) -> Option<Box<SessionState>> {
         let mut inner = self.lock();
-        if inner.link.is_some() || inner.ended {
+        if inner.link.is_some() || self.is_ended() {
             return None;
         }
         let state = inner.state.take()?;
@@ -453,7 +453,6 @@ impl Session {
                 s.released();
             }
             if end {
-                inner.ended = true;
                 self.ended.store(true, Ordering::Release);
                 self.count_queue(0, inner.queue.len());
                 let mut state = state;
@@ -569,7 +568,7 @@ impl Session {
         moved: Option<(u64, u64)>,
     ) -> Option<(Box<SessionState>, VecDeque<Delivery>)> {
         let mut inner = self.lock();
-        if inner.link.is_some() || inner.ended {
+        if inner.link.is_some() || self.is_ended() {
             return None;
         }
         let state = inner.state.take()?;
@@ -578,7 +577,6 @@ impl Session {
             // also finds where it went ([`Session::moved`]).
             self.set_moved(index, node);
         }
-        inner.ended = true;
         self.ended.store(true, Ordering::Release);
         let queue = std::mem::take(&mut inner.queue);
         inner.queued_bytes = 0;
@@ -591,7 +589,6 @@ impl Session {
     /// and the number of messages that were still queued.
     pub fn end(&self) -> (Option<Box<SessionState>>, usize) {
         let mut inner = self.lock();
-        inner.ended = true;
         self.ended.store(true, Ordering::Release);
         let dropped = inner.queue.len();
         self.count_queue(0, dropped);
