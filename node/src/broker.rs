@@ -358,7 +358,8 @@ impl Broker {
             scratch.retain(|m| !held.contains(m.session.client_id()));
         }
         msg.routed_at.set(routed_at);
-        let passed = self.pass_on_moved(&msg, scratch);
+        let mut moved = Ended::default();
+        let passed = self.pass_on_moved(&msg, scratch, &mut moved);
         let Some(stored) = self.local_storable(&msg, scratch) else {
             targets.clear();
             TARGETS.set(targets);
@@ -376,6 +377,9 @@ impl Broker {
         TARGETS.set(targets);
         let mut routed = self.route_local(msg, scratch, stored, inbound, Onward::Any);
         routed.merge_ticket(passed);
+        // Handed on: the publisher is not told that no one took them.
+        routed.delivered += moved.shared.len();
+        routed.merge_ticket(self.pass_on_ended(moved, scratch, Onward::Any));
         routed.mark = mark;
         routed.forwarded = forwarded.mark;
         if routed.congested.is_none() {
@@ -445,13 +449,18 @@ impl Broker {
             }
             true => {}
         }
-        let passed = self.pass_on_moved(&msg, scratch);
+        let mut moved = Ended::default();
+        let passed = self.pass_on_moved(&msg, scratch, &mut moved);
         let again = (!absent.is_empty()).then(|| msg.clone());
         let mut routed = match self.local_storable_at(&msg, scratch, published_at_ms) {
             Some(stored) => self.route_local(msg, scratch, stored, None, onward),
             None => Routed::refused(),
         };
         routed.merge_ticket(passed);
+        if !routed.unstorable {
+            routed.delivered += moved.shared.len();
+            routed.merge_ticket(self.pass_on_ended(moved, scratch, onward));
+        }
         if let (Some(msg), false) = (again, routed.unstorable) {
             for (group, filter) in absent {
                 let t = self.share_elsewhere(msg.clone(), group, filter, scratch, onward);
@@ -537,11 +546,20 @@ impl Broker {
             .filter(|_| onward != Onward::Here)
         {
             Some(node) => {
-                count("forwarded");
                 let redirected = onward == Onward::Once;
-                self.forward
+                match self
+                    .forward
                     .pass_shared(&msg, node, group, filter, redirected)
-                    .ticket
+                {
+                    Some(f) => {
+                        count("forwarded");
+                        f.ticket
+                    }
+                    None => {
+                        count("dropped");
+                        None
+                    }
+                }
             }
             None => {
                 count("dropped");
@@ -554,7 +572,16 @@ impl Broker {
     /// on to the new owner for those it was routed to before the claim that took them (the
     /// new owner did not get it); the others' copies are dropped (the owner got its own).
     /// Returns the store write the passed-on copies wait for.
-    fn pass_on_moved(&self, msg: &Message, scratch: &mut Vec<Match>) -> Option<Ticket> {
+    ///
+    /// A share group's copy that picked such a session (every member here has ended) is the
+    /// group's only copy, whatever the claim's index: it goes into `ended`, for another
+    /// member to take once `scratch` is routed ([`Broker::pass_on_ended`]).
+    fn pass_on_moved(
+        &self,
+        msg: &Arc<Message>,
+        scratch: &mut Vec<Match>,
+        ended: &mut Ended,
+    ) -> Option<Ticket> {
         if !scratch.iter().any(|m| m.session.moved().is_some()) {
             return None;
         }
@@ -565,6 +592,10 @@ impl Broker {
             let Some((claim, node)) = m.session.moved() else {
                 return true;
             };
+            if let Some(share) = &m.share {
+                ended.shared.push((msg.clone(), share.clone()));
+                return false;
+            }
             let id = m.session.id();
             if routed_at != 0 && routed_at < claim && !passed.contains(&id) {
                 passed.push(id);

@@ -160,10 +160,12 @@ fn redelivered(b: &Broker, outcome: &str) -> u64 {
         .get()
 }
 
-/// What a broker gave other nodes' share groups: (node, group, filter, redirected).
+/// What a broker gave other nodes' share groups: (node, group, filter, redirected); and the
+/// copies it passed on to sessions that moved: (node, client id).
 #[derive(Default)]
 struct SharedOut {
     given: std::sync::Mutex<Vec<(u64, String, String, bool)>>,
+    pushed: std::sync::Mutex<Vec<(u64, String)>>,
     settled: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
 }
 
@@ -172,7 +174,11 @@ impl crate::control::DataPlane for SharedOut {
         Default::default()
     }
 
-    fn push_on(&self, _: &Message, _: u64, _: &str) -> crate::control::Forwarded {
+    fn push_on(&self, _: &Message, node: u64, client_id: &str) -> crate::control::Forwarded {
+        self.pushed
+            .lock()
+            .expect("lock")
+            .push((node, client_id.to_owned()));
         Default::default()
     }
 
@@ -183,14 +189,14 @@ impl crate::control::DataPlane for SharedOut {
         group: &str,
         filter: &str,
         redirected: bool,
-    ) -> crate::control::Forwarded {
+    ) -> Option<crate::control::Forwarded> {
         self.given.lock().expect("lock").push((
             node,
             group.to_owned(),
             filter.to_owned(),
             redirected,
         ));
-        Default::default()
+        Some(Default::default())
     }
 
     fn forwarded(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -313,4 +319,47 @@ fn a_published_shared_copy_whose_members_here_ended_goes_to_another_node() {
         vec![(2, "g".to_owned(), "t/+".to_owned(), false)]
     );
     assert_eq!(redelivered(&b, "forwarded"), 1);
+}
+
+/// A share group's copy that picked a member here which has just moved to another node
+/// (surrendered, its subscriptions not out of the router yet) is the group's only copy:
+/// it goes to the group's member on another node, never as an ordinary copy for the
+/// client that moved (which holds no ordinary subscription to take it), and never dropped
+/// as one the new owner got on its own, whether it was routed before the claim or after.
+#[test]
+fn a_shared_copy_for_a_member_that_moved_goes_to_the_group_not_to_the_client() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (b, out) = node_one(dir.path());
+    let moved = Session::new_for_test("moved");
+    subscribe(&b, &moved, "$share/g/t/+", None);
+    // Claimed by node 2 at log index 5.
+    assert!(moved.take_all(Some((5, 2))).is_some());
+    let routed = b.publish(
+        message("t/1", Bytes::from_static(b"x")),
+        &mut Vec::new(),
+        None,
+    );
+    assert_eq!(routed.delivered, 1, "handed on, not \"no subscribers\"");
+    // Forwarded copies routed before the claim and after it.
+    for routed_at in [3, 7] {
+        let msg = message("t/1", Bytes::from_static(b"x"));
+        msg.routed_at.set(routed_at);
+        let routed = to_group(&b, msg, false);
+        assert_eq!(routed.delivered, 1);
+    }
+    assert_eq!(moved.queue_len(), 0);
+    assert!(
+        out.pushed.lock().expect("lock").is_empty(),
+        "not passed on as the client's own copy"
+    );
+    assert_eq!(
+        *out.given.lock().expect("lock"),
+        vec![
+            (2, "g".to_owned(), "t/+".to_owned(), false),
+            (2, "g".to_owned(), "t/+".to_owned(), true),
+            (2, "g".to_owned(), "t/+".to_owned(), true),
+        ],
+        "each to the group on node 2; the forwarded ones marked"
+    );
+    assert_eq!(redelivered(&b, "forwarded"), 3);
 }

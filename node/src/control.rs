@@ -273,6 +273,7 @@ pub trait DataPlane: Send + Sync + 'static {
     /// Gives a share group's copy to `node`, which has a member of (`group`, `filter`):
     /// a copy whose member here ended under it, or (`redirected`) one forwarded here that
     /// found no member left. Stored in the outbox at once, as [`DataPlane::push_on`].
+    /// `None`: not queued (the copy is lost: too large, or an unknown node; counted as dropped).
     fn pass_shared(
         &self,
         msg: &crate::message::Message,
@@ -280,7 +281,7 @@ pub trait DataPlane: Send + Sync + 'static {
         group: &str,
         filter: &str,
         redirected: bool,
-    ) -> Forwarded;
+    ) -> Option<Forwarded>;
 
     /// The highest settled forwarding mark, as it moves.
     fn forwarded(&self) -> watch::Receiver<u64>;
@@ -339,8 +340,8 @@ impl DataPlane for NoForwarding {
         _group: &str,
         _filter: &str,
         _redirected: bool,
-    ) -> Forwarded {
-        Forwarded::default()
+    ) -> Option<Forwarded> {
+        None
     }
 
     fn forwarded(&self) -> watch::Receiver<u64> {

@@ -816,9 +816,10 @@ impl Forwarder {
 
     /// The peer has everything up to `seq`.
     fn acked(&self, link: &Link, seq: u64) {
-        let (mut released, mut unstore) = (Vec::new(), Vec::new());
         let mut o = lock(&link.outbox);
         let n = o.entries.iter().take_while(|e| e.msg.seq <= seq).count();
+        // One mark per entry at most: no growing on the way.
+        let (mut released, mut unstore) = (Vec::with_capacity(n), Vec::new());
         let was_full = o.bytes > link.window / 2;
         o.pop_front(n, &mut released, &mut unstore);
         self.unstore(link.node, &unstore);
@@ -1096,7 +1097,8 @@ impl Forwarder {
                     continue;
                 }
                 delivered += 1;
-                let Some(d) = value::delivery(&m.message, &clock) else {
+                // A slice of the batch: copied only if a session keeps it past delivery.
+                let Some(d) = value::delivery_in(&m.message, &clock) else {
                     self.count_dropped("unreadable", 1);
                     continue;
                 };
@@ -1255,14 +1257,13 @@ impl DataPlane for Forwarder {
         group: &str,
         filter: &str,
         redirected: bool,
-    ) -> Forwarded {
+    ) -> Option<Forwarded> {
         let target = Target {
             node,
             plain: false,
             shared: vec![(group.into(), filter.into())],
         };
         self.pass_on(msg, &target, "", redirected)
-            .unwrap_or_default()
     }
 
     fn forwarded(&self) -> watch::Receiver<u64> {

@@ -64,6 +64,24 @@ pub fn decode_packet(
     decode_body(first, frame, protocol).map(Some)
 }
 
+/// Decodes `frame`, which holds exactly one whole packet, without copying it: the packet's
+/// topic, payload and properties are slices of `frame`.
+pub fn decode_frame(mut frame: Bytes, protocol: Protocol) -> Result<Packet, DecodeError> {
+    let Some(&first) = frame.first() else {
+        return Err(DecodeError::Malformed("empty packet"));
+    };
+    let Some((len, n)) = read_remaining_length(&frame[1..])? else {
+        return Err(DecodeError::Malformed("truncated packet"));
+    };
+    if frame.len() != 1 + n + len {
+        return Err(DecodeError::Malformed(
+            "packet length does not match its frame",
+        ));
+    }
+    frame.advance(1 + n);
+    decode_body(first, frame, protocol)
+}
+
 fn decode_body(first: u8, body: Bytes, protocol: Protocol) -> Result<Packet, DecodeError> {
     let kind_ = first >> 4;
     let flags = first & 0x0F;

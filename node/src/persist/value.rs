@@ -9,11 +9,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::codec::decode::decode_frame;
 use crate::codec::decode::MAX_REMAINING_LENGTH;
 use crate::codec::encode::varint_len;
-use crate::codec::{
-    decode_packet, EncodeError, Packet, PacketId, Protocol, PublishOut, QoS, SubscriptionOptions,
-};
+use crate::codec::{EncodeError, Packet, PacketId, Protocol, PublishOut, QoS, SubscriptionOptions};
 use crate::message::Message;
 use crate::session::{Delivery, SessionId, Stage, SubIds};
 
@@ -186,15 +185,25 @@ fn stored_publish<'a>(
     }
 }
 
-/// Decodes [`message`] back into a delivery (seq 0; the caller sets it).
+/// Decodes [`message`] back into a delivery (seq 0; the caller sets it), in a buffer of its
+/// own.
 pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
-    let mut b = bytes;
-    if b.len() < 9 || b.get_u8() != VERSION {
+    decode(Bytes::copy_from_slice(bytes), true, clock)
+}
+
+/// [`delivery`] from `bytes` without a copy: the message is a slice of them (of a forwarded
+/// batch's receive buffer), and not `owned` (it is copied when it is kept past delivery,
+/// as a message read from a client's connection is: [`Message::kept`]).
+pub fn delivery_in(bytes: &Bytes, clock: &Clock) -> Option<Delivery> {
+    decode(bytes.clone(), false, clock)
+}
+
+fn decode(mut b: Bytes, owned: bool, clock: &Clock) -> Option<Delivery> {
+    if b.len() < HEADER || b.get_u8() != VERSION {
         return None;
     }
     let expires_ms = b.get_u64();
-    let mut buf = BytesMut::from(b);
-    let Ok(Some(Packet::Publish(p))) = decode_packet(&mut buf, Protocol::V5, u32::MAX) else {
+    let Ok(Packet::Publish(p)) = decode_frame(b, Protocol::V5) else {
         return None;
     };
     let mut ids = SubIds::None;
@@ -203,8 +212,7 @@ pub fn delivery(bytes: &[u8], clock: &Clock) -> Option<Delivery> {
     }
     let (qos, retain) = (p.qos, p.retain);
     let mut msg = Message::from_publish(p, SessionId::BROKER, || clock.now);
-    // Decoded from a buffer of its own (the stored value's copy).
-    msg.owned = true;
+    msg.owned = owned;
     msg.expires_at = (expires_ms != 0).then(|| clock.to_instant(expires_ms));
     Some(Delivery {
         msg: Arc::new(msg),
@@ -425,6 +433,32 @@ mod tests {
         assert_eq!(d.msg.props().user_properties, msg.props().user_properties);
         let left = d.msg.remaining_expiry(clock.now).expect("expiry kept");
         assert!((29..=30).contains(&left), "{left}");
+        assert!(d.msg.owned, "a copy of its own");
+        assert!(!bytes.as_ptr_range().contains(&d.msg.payload.as_ptr()));
+
+        // A forwarded batch's message is decoded in place, and says it does not own it.
+        let d = delivery_in(&bytes, &clock).expect("decodes");
+        assert_eq!(&d.msg.payload[..], b"hello");
+        assert_eq!(d.msg.props().user_properties, msg.props().user_properties);
+        let within = bytes.as_ptr_range();
+        assert!(
+            within.contains(&d.msg.payload.as_ptr()),
+            "a slice, not a copy"
+        );
+        assert!(!d.msg.owned);
+        let kept = Message::kept(&d.msg);
+        assert!(kept.owned && !within.contains(&kept.payload.as_ptr()));
+
+        // Cut short or with bytes after the packet: unreadable, not a panic.
+        let short = (0..bytes.len()).map(|n| bytes.slice(..n));
+        for bad in short.chain([{
+            let mut longer = bytes.to_vec();
+            longer.push(0);
+            Bytes::from(longer)
+        }]) {
+            assert!(delivery_in(&bad, &clock).is_none());
+            assert!(delivery(&bad, &clock).is_none());
+        }
     }
 
     #[test]
