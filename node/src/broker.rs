@@ -359,7 +359,7 @@ impl Broker {
         }
         msg.routed_at.set(routed_at);
         let mut moved = Ended::default();
-        let passed = self.pass_on_moved(&msg, scratch, &mut moved);
+        self.pass_on_moved(&msg, scratch, &mut moved);
         let Some(stored) = self.local_storable(&msg, scratch) else {
             targets.clear();
             TARGETS.set(targets);
@@ -376,9 +376,8 @@ impl Broker {
         targets.clear();
         TARGETS.set(targets);
         let mut routed = self.route_local(msg, scratch, stored, inbound, Onward::Any);
-        routed.merge_ticket(passed);
         // Handed on: the publisher is not told that no one took them.
-        routed.delivered += moved.shared.len();
+        routed.delivered += moved.moved.len() + moved.shared.len();
         routed.merge_ticket(self.pass_on_ended(moved, scratch, Onward::Any));
         routed.mark = mark;
         routed.forwarded = forwarded.mark;
@@ -450,15 +449,14 @@ impl Broker {
             true => {}
         }
         let mut moved = Ended::default();
-        let passed = self.pass_on_moved(&msg, scratch, &mut moved);
+        self.pass_on_moved(&msg, scratch, &mut moved);
         let again = (!absent.is_empty()).then(|| msg.clone());
         let mut routed = match self.local_storable_at(&msg, scratch, published_at_ms) {
             Some(stored) => self.route_local(msg, scratch, stored, None, onward),
             None => Routed::refused(),
         };
-        routed.merge_ticket(passed);
         if !routed.unstorable {
-            routed.delivered += moved.shared.len();
+            routed.delivered += moved.moved.len() + moved.shared.len();
             routed.merge_ticket(self.pass_on_ended(moved, scratch, onward));
         }
         if let (Some(msg), false) = (again, routed.unstorable) {
@@ -568,25 +566,20 @@ impl Broker {
         }
     }
 
-    /// Takes the sessions surrendered to another node out of `scratch`, and passes `msg`
-    /// on to the new owner for those it was routed to before the claim that took them (the
-    /// new owner did not get it); the others' copies are dropped (the owner got its own).
-    /// Returns the store write the passed-on copies wait for.
+    /// Takes the sessions surrendered to another node out of `scratch`. A copy routed to
+    /// one of them before the claim that took it goes into `ended`, to be passed on to the
+    /// new owner (which did not get it) once `scratch` is routed
+    /// ([`Broker::pass_on_ended`]; nothing is passed on for a publish that is refused);
+    /// the others' copies are dropped (the owner got its own).
     ///
     /// A share group's copy that picked such a session (every member here has ended) is the
-    /// group's only copy, whatever the claim's index: it goes into `ended`, for another
-    /// member to take once `scratch` is routed ([`Broker::pass_on_ended`]).
-    fn pass_on_moved(
-        &self,
-        msg: &Arc<Message>,
-        scratch: &mut Vec<Match>,
-        ended: &mut Ended,
-    ) -> Option<Ticket> {
+    /// group's only copy, whatever the claim's index: it goes into `ended` too, for another
+    /// member of the group to take.
+    fn pass_on_moved(&self, msg: &Arc<Message>, scratch: &mut Vec<Match>, ended: &mut Ended) {
         if !scratch.iter().any(|m| m.session.moved().is_some()) {
-            return None;
+            return;
         }
         let routed_at = msg.routed_at.get();
-        let mut ticket: Option<Ticket> = None;
         let mut passed: Vec<SessionId> = Vec::new();
         scratch.retain(|m| {
             let Some((claim, node)) = m.session.moved() else {
@@ -599,12 +592,12 @@ impl Broker {
             let id = m.session.id();
             if routed_at != 0 && routed_at < claim && !passed.contains(&id) {
                 passed.push(id);
-                let f = self.forward.push_on(msg, node, m.session.client_id());
-                ticket = later(ticket, f.ticket);
+                ended
+                    .moved
+                    .push((msg.clone(), node, m.session.client_id().clone()));
             }
             false
         });
-        ticket
     }
 
     /// Drops stale sessions from the local matches, sorts them and checks that every copy

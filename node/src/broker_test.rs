@@ -363,3 +363,30 @@ fn a_shared_copy_for_a_member_that_moved_goes_to_the_group_not_to_the_client() {
     );
     assert_eq!(redelivered(&b, "forwarded"), 3);
 }
+
+/// An ordinary copy routed to a session here before the claim that moved it to another
+/// node is passed on to that node for that client (the new owner did not get it), and
+/// counted as delivered; one routed at or after the claim is dropped (the owner got its
+/// own).
+#[test]
+fn a_copy_for_a_session_that_moved_is_passed_on_only_if_routed_before_the_claim() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (b, out) = node_one(dir.path());
+    let moved = Session::new_for_test("plain");
+    subscribe(&b, &moved, "t/+", None);
+    // Claimed by node 2 at log index 5.
+    assert!(moved.take_all(Some((5, 2))).is_some());
+    let mut delivered = Vec::new();
+    for routed_at in [3, 5, 7] {
+        let msg = message("t/1", Bytes::from_static(b"x"));
+        msg.routed_at.set(routed_at);
+        let routed = b.deliver_forwarded(msg, true, [], 0, "", false, &mut Vec::new());
+        delivered.push(routed.delivered);
+    }
+    assert_eq!(delivered, [1, 0, 0]);
+    assert_eq!(
+        *out.pushed.lock().expect("lock"),
+        vec![(2, "plain".to_owned())]
+    );
+    assert!(out.given.lock().expect("lock").is_empty());
+}
