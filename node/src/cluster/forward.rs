@@ -652,18 +652,18 @@ impl Forwarder {
         self.metrics.outbox_bytes.set(bytes as i64);
     }
 
-    /// Queues a copy for `link`; returns whether it holds its mark (queued, to a peer that
-    /// keeps up). The oldest entries make room for it if need be (their marks let go).
-    /// Queues one copy in `link`'s outbox. Returns whether it holds its publisher's mark,
-    /// the store write it waits for (if stored at once), and whether the peer's window is
-    /// now full (its QoS 1/2 publishers should pause).
+    /// Queues one copy in `link`'s outbox; the oldest entries make room for it if need be
+    /// (their marks let go). Returns whether it holds its publisher's mark (queued, to a
+    /// peer that keeps up), the store write it waits for (if stored at once), and whether
+    /// the peer's window is now full (its QoS 1/2 publishers should pause); `None` if it
+    /// was not queued (a QoS 0 copy for a peer that is behind: dropped and counted).
     fn push(
         &self,
         link: &Link,
         message: &Bytes,
         target: &Target,
         copy: Copy<'_>,
-    ) -> (bool, Option<Ticket>, bool) {
+    ) -> Option<(bool, Option<Ticket>, bool)> {
         let Copy {
             mark,
             qos0,
@@ -681,7 +681,7 @@ impl Forwarder {
             // QoS 0 never waits: a peer that is behind does not get it.
             drop(o);
             self.count_dropped("slow_peer", 1);
-            return (false, None, false);
+            return None;
         }
         let mut dropped = 0;
         let (mut released, mut unstore) = (Vec::new(), Vec::new());
@@ -744,7 +744,7 @@ impl Forwarder {
             // The link task sleeps only with nothing to send.
             link.wake.notify_one();
         }
-        (holds, ticket, full)
+        Some((holds, ticket, full))
     }
 
     /// Takes the next batch of `link`'s outbox (entries not sent on this stream), if any.
@@ -1038,7 +1038,7 @@ impl Forwarder {
             store_now: true,
             share_redirected,
         };
-        let (_, ticket, full) = self.push(link, &message, target, copy);
+        let (_, ticket, full) = self.push(link, &message, target, copy)?;
         Some(Forwarded {
             mark: 0,
             ticket,
@@ -1210,7 +1210,9 @@ impl DataPlane for Forwarder {
                         store_now: false,
                         share_redirected: false,
                     };
-                    let (holds, stored, window_full) = self.push(link, &message, t, copy);
+                    let (holds, stored, window_full) = self
+                        .push(link, &message, t, copy)
+                        .unwrap_or((false, None, false));
                     if let Some(s) = stored {
                         ticket = Some(ticket.map_or(s, |x: Ticket| x.max(s)));
                     }

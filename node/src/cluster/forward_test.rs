@@ -182,6 +182,12 @@ async fn a_full_outbox_drops_its_oldest_and_qos0_early() {
     mark(&f, msg(QoS::AtMostOnce, b"x"), &[plain(2)]);
     assert_eq!(dropped.with_label_values(&["slow_peer"]).get(), 1);
     assert_eq!(outbox_seqs(&f, 2), vec![3, 4, 5]);
+    // A share group's QoS 0 copy passed on to it is not queued either, and says so (the
+    // broker counts it dropped, not handed on); a QoS 1 one is.
+    let shared = |qos| f.pass_shared(&msg(qos, b"y"), 2, "g", "t/+", false);
+    assert!(shared(QoS::AtMostOnce).is_none());
+    assert_eq!(dropped.with_label_values(&["slow_peer"]).get(), 2);
+    assert!(shared(QoS::AtLeastOnce).is_some());
     f.stop();
 }
 
