@@ -291,12 +291,6 @@ impl Session {
             return Enqueued::Gone(d);
         }
         let online = inner.link.is_some();
-        if !online && !d.msg.owned {
-            // Went offline after the publish looked (`Broker::plan_deliveries` copies for the
-            // sessions offline then): kept until the client is back, it must not pin a read
-            // buffer (a client's, or a forwarded batch's).
-            d.msg = Message::kept(&d.msg);
-        }
         let (dropped, why) = match queue::plan(&inner.queue, inner.queued_bytes, &d, online, limits)
         {
             Plan::Reject(why) => return Enqueued::Dropped(why),
@@ -319,6 +313,12 @@ impl Session {
                 (dropped, why)
             }
         };
+        if !online && !d.msg.owned {
+            // Taken by a session that went offline after the publish looked (the publish
+            // copies for those offline then, `Broker::plan_deliveries`): kept until the
+            // client is back, it must not pin a read buffer (a client's, or a batch's).
+            d.msg = Message::kept(&d.msg);
+        }
         if let Some((txn, value)) = stored {
             d.seq = inner.next_seq;
             inner.next_seq += 1;
