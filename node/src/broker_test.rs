@@ -170,11 +170,11 @@ struct SharedOut {
 }
 
 impl crate::control::DataPlane for SharedOut {
-    fn forward(&self, _: &Message, _: &[crate::router::Target]) -> crate::control::Forwarded {
+    fn forward(&self, _: &Arc<Message>, _: &[crate::router::Target]) -> crate::control::Forwarded {
         Default::default()
     }
 
-    fn push_on(&self, _: &Message, node: u64, client_id: &str) -> crate::control::Forwarded {
+    fn push_on(&self, _: &Arc<Message>, node: u64, client_id: &str) -> crate::control::Forwarded {
         self.pushed
             .lock()
             .expect("lock")
@@ -184,7 +184,7 @@ impl crate::control::DataPlane for SharedOut {
 
     fn pass_shared(
         &self,
-        _: &Message,
+        _: &Arc<Message>,
         node: u64,
         group: &str,
         filter: &str,

@@ -261,14 +261,14 @@ pub trait DataPlane: Send + Sync + 'static {
     /// acknowledgement waits for.
     fn forward(
         &self,
-        msg: &crate::message::Message,
+        msg: &Arc<crate::message::Message>,
         targets: &[crate::router::Target],
     ) -> Forwarded;
 
     /// Passes a copy routed to a session of this node before another node's claim took it
     /// (at `msg.routed_at`) on to that node, for that client only. Stored in the outbox at
     /// once: the returned ticket is all the sender's acknowledgement waits for.
-    fn push_on(&self, msg: &crate::message::Message, node: u64, client_id: &str) -> Forwarded;
+    fn push_on(&self, msg: &Arc<crate::message::Message>, node: u64, client_id: &str) -> Forwarded;
 
     /// Gives a share group's copy to `node`, which has a member of (`group`, `filter`):
     /// a copy whose member here ended under it, or (`redirected`) one forwarded here that
@@ -276,7 +276,7 @@ pub trait DataPlane: Send + Sync + 'static {
     /// `None`: not queued (the copy is lost: too large, or an unknown node; counted as dropped).
     fn pass_shared(
         &self,
-        msg: &crate::message::Message,
+        msg: &Arc<crate::message::Message>,
         node: u64,
         group: &str,
         filter: &str,
@@ -323,19 +323,24 @@ impl Default for NoForwarding {
 impl DataPlane for NoForwarding {
     fn forward(
         &self,
-        _msg: &crate::message::Message,
+        _msg: &Arc<crate::message::Message>,
         _targets: &[crate::router::Target],
     ) -> Forwarded {
         Forwarded::default()
     }
 
-    fn push_on(&self, _msg: &crate::message::Message, _node: u64, _client_id: &str) -> Forwarded {
+    fn push_on(
+        &self,
+        _msg: &Arc<crate::message::Message>,
+        _node: u64,
+        _client_id: &str,
+    ) -> Forwarded {
         Forwarded::default()
     }
 
     fn pass_shared(
         &self,
-        _msg: &crate::message::Message,
+        _msg: &Arc<crate::message::Message>,
         _node: u64,
         _group: &str,
         _filter: &str,

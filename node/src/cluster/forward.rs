@@ -30,7 +30,7 @@
 //! node keeps it (see ARCHITECTURE.md "Forwarding").
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -46,13 +46,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::broker::Broker;
-use crate::codec::QoS;
+use crate::codec::{MqttStr, QoS};
 use crate::control::{BoxFuture, DataPlane, Forwarded, Window};
 use crate::message::Message;
 use crate::persist::value::{self, Clock};
 use crate::router::Target;
 
-use super::network;
+use super::packed::{Fields, Messages, Packer};
+use super::{network, wire};
 
 /// Most messages in one batch.
 const BATCH_MESSAGES: usize = 512;
@@ -135,14 +136,22 @@ impl PeerCounters {
         self.messages.inc_by(batch.messages.len() as u64);
         // The messages' own bytes, not the framing around them: an exact count would
         // walk every message's encoding once more.
-        let bytes: usize = batch.messages.iter().map(|m| m.message.len()).sum();
+        let listed: usize = batch.messages.iter().map(|m| m.message.len()).sum();
+        let bytes = listed + batch.packed.len();
         self.bytes.inc_by(bytes as u64);
     }
 }
 
 /// One copy in a peer's outbox.
 struct Entry {
+    /// What is sent, but for the message itself while `live` holds it.
     msg: pb::ForwardedMessage,
+    /// The message as the broker holds it, while it is not encoded (`msg.message` empty):
+    /// sent as fields to a peer of wire level 3 ([`wire::PACKED`]). Only while its peer
+    /// keeps up: it may be a slice of a publisher's read buffer, which it would keep
+    /// alive. An entry that will wait (stored, or for a peer that is behind) or goes to a
+    /// peer of an earlier level is encoded first ([`Entry::encode`]).
+    live: Option<Arc<Message>>,
     /// The forwarding mark it holds (0: none, or no longer: acknowledged or timed out).
     mark: u64,
     qos0: bool,
@@ -151,6 +160,66 @@ struct Entry {
     /// Its id in the stored outbox (`Cf::Outbox`); 0: only in memory.
     stored: u64,
 }
+
+impl Entry {
+    /// Puts the message in the stored encoding (if it is not yet), letting go of `live`.
+    fn encode(&mut self) {
+        if let Some(m) = self.live.take() {
+            // It fits: checked before it was queued live (`Outgoing::new`).
+            let v = value::message(&m, m.qos, m.retain, &[], &Clock::cheap());
+            self.msg.message = v.unwrap_or_default();
+        }
+    }
+}
+
+/// A message on its way into outboxes: in the stored encoding when it must be (it has
+/// properties or an expiry, which the fields do not carry), else encoded only if a copy
+/// needs it, and then once.
+struct Outgoing<'a> {
+    msg: &'a Arc<Message>,
+    encoded: Option<Bytes>,
+    /// It can go as fields.
+    fields: bool,
+    /// What an entry of it counts for (the stored encoding's length, or about it).
+    size: usize,
+}
+
+impl<'a> Outgoing<'a> {
+    /// `None`: too large to encode (arrived within the packet limit, but grew past it by
+    /// a topic alias: never in practice).
+    fn new(msg: &'a Arc<Message>, fields: bool, clock: &Clock) -> Option<Outgoing<'a>> {
+        let fields = fields && msg.props.is_none() && msg.expires_at.is_none();
+        if fields && value::message_fits(msg, 0) {
+            return Some(Outgoing {
+                msg,
+                encoded: None,
+                fields,
+                size: msg.topic.len() + msg.payload.len() + LIVE_HEADER,
+            });
+        }
+        let v = value::message(msg, msg.qos, msg.retain, &[], clock).ok()?;
+        Some(Outgoing {
+            msg,
+            size: v.len(),
+            encoded: Some(v),
+            fields: false,
+        })
+    }
+
+    fn encoded(&mut self) -> Bytes {
+        let msg = self.msg;
+        self.encoded
+            .get_or_insert_with(|| {
+                let v = value::message(msg, msg.qos, msg.retain, &[], &Clock::cheap());
+                v.unwrap_or_default()
+            })
+            .clone()
+    }
+}
+
+/// About what the stored encoding adds to a message's topic and payload (version, expiry,
+/// fixed header, lengths, packet id).
+const LIVE_HEADER: usize = 20;
 
 /// What [`Forwarder::forward`] queues for each target.
 #[derive(Clone, Copy)]
@@ -218,6 +287,9 @@ struct Link {
     /// link stops: paused publishers look again.
     room: Notify,
     counters: PeerCounters,
+    /// The wire level agreed on the current stream (0 before the first): whether copies
+    /// may be queued as fields.
+    level: AtomicU32,
 }
 
 impl Link {
@@ -259,6 +331,8 @@ pub struct Limits {
     pub window: usize,
     /// `cluster.forward_outbox_bytes`.
     pub outbox: usize,
+    /// `cluster.wire_level`: the highest this node uses on a stream it sends.
+    pub wire_level: u32,
 }
 
 /// Which forwarding marks are still held: a mark settles once every copy of its message is
@@ -359,6 +433,7 @@ pub struct Forwarder {
     ack_timeout: Duration,
     window: usize,
     outbox_limit: usize,
+    wire_level: u32,
     links: RwLock<HashMap<u64, Arc<Link>>>,
     marks: Mutex<Marks>,
     settled: watch::Sender<u64>,
@@ -419,6 +494,7 @@ impl Forwarder {
             ack_timeout: limits.ack_timeout,
             window: limits.window,
             outbox_limit: limits.outbox,
+            wire_level: limits.wire_level,
             links: RwLock::new(HashMap::new()),
             marks: Mutex::new(Marks::default()),
             settled: watch::channel(0).0,
@@ -442,6 +518,7 @@ impl Forwarder {
         for &i in at {
             let id = self.last_stored.fetch_add(1, Ordering::Relaxed) + 1;
             let e = &mut o.entries[i];
+            e.encode();
             e.stored = id;
             if e.msg.first_incarnation == 0 {
                 // Resent after a restart under a new incarnation, it keeps this identity.
@@ -555,6 +632,7 @@ impl Forwarder {
                 window: self.window,
                 room: Notify::new(),
                 counters: PeerCounters::new(&self.metrics, id),
+                level: AtomicU32::new(0),
             });
             tracing::debug!(peer = id, %addr, "forwarding link up");
             tokio::spawn(self.clone().run_link(link.clone()));
@@ -585,6 +663,7 @@ impl Forwarder {
             o.bytes += size;
             o.entries.push_back(Entry {
                 msg,
+                live: None,
                 mark: 0,
                 qos0: false,
                 size,
@@ -660,7 +739,7 @@ impl Forwarder {
     fn push(
         &self,
         link: &Link,
-        message: &Bytes,
+        out: &mut Outgoing<'_>,
         target: &Target,
         copy: Copy<'_>,
     ) -> Option<(bool, Option<Ticket>, bool)> {
@@ -675,7 +754,8 @@ impl Forwarder {
             share_redirected,
         } = copy;
         let shared_bytes: usize = target.shared.iter().map(|(g, f)| shared_len(g, f)).sum();
-        let size = message.len() + shared_bytes + ENTRY_OVERHEAD;
+        let size = out.size + shared_bytes + ENTRY_OVERHEAD;
+        let fields = out.fields && link.level.load(Ordering::Relaxed) >= wire::PACKED;
         let mut o = lock(&link.outbox);
         if qos0 && o.bytes + size > self.window {
             // QoS 0 never waits: a peer that is behind does not get it.
@@ -696,9 +776,14 @@ impl Forwarder {
             false => (mark, true),
         };
         o.next_seq += 1;
+        // Live only for a peer that keeps up and reads fields (see `Entry::live`).
+        let (message, live) = match fields && !o.lagging && !store_now {
+            true => (Bytes::new(), Some(out.msg.clone())),
+            false => (out.encoded(), None),
+        };
         let msg = pb::ForwardedMessage {
             seq: o.next_seq,
-            message: message.clone(),
+            message,
             plain: target.plain,
             shared: target
                 .shared
@@ -714,9 +799,11 @@ impl Forwarder {
             routed_at,
             client_id: client_id.to_owned(),
             share_redirected,
+            ..Default::default()
         };
         o.entries.push_back(Entry {
             msg,
+            live,
             mark,
             qos0,
             size,
@@ -753,7 +840,7 @@ impl Forwarder {
         if o.sent == o.entries.len() {
             return None;
         }
-        let batch = self.batch_of(&mut o);
+        let batch = self.batch_of(&mut o, link.level.load(Ordering::Relaxed));
         drop(o);
         self.qos0_left(link);
         Some(batch)
@@ -767,20 +854,42 @@ impl Forwarder {
         }
     }
 
-    /// The next batch of outbox `o` (possibly empty), marked drained if nothing unsent is
-    /// left after it.
-    fn batch_of(&self, o: &mut Outbox) -> pb::ForwardBatch {
-        let mut messages = Vec::with_capacity((o.entries.len() - o.sent).min(BATCH_MESSAGES));
+    /// The next batch of outbox `o` (possibly empty), for a stream of wire level `level`,
+    /// marked drained if nothing unsent is left after it.
+    fn batch_of(&self, o: &mut Outbox, level: u32) -> pb::ForwardBatch {
+        let unsent = o.entries.len() - o.sent;
+        let (mut messages, mut packer) = match level >= wire::PACKED {
+            true => {
+                // What the batch's entries count for is at least what they pack into.
+                let mut size = 0;
+                for e in o.entries.range(o.sent..).take(BATCH_MESSAGES) {
+                    size += e.size;
+                    if size >= BATCH_BYTES {
+                        break;
+                    }
+                }
+                (Vec::new(), Some(Packer::with_capacity(size)))
+            }
+            false => (Vec::with_capacity(unsent.min(BATCH_MESSAGES)), None),
+        };
         let mut bytes = 0;
         let mut i = o.sent;
         let mut sent_qos0 = 0;
-        while i < o.entries.len() && messages.len() < BATCH_MESSAGES && bytes < BATCH_BYTES {
-            let e = &o.entries[i];
+        while i < o.entries.len() && i - o.sent < BATCH_MESSAGES && bytes < BATCH_BYTES {
+            let e = &mut o.entries[i];
             bytes += e.size;
-            messages.push(e.msg.clone());
+            match &mut packer {
+                Some(p) => p.push(&e.msg, e.live.as_deref()),
+                None => {
+                    // An earlier version reads the stored encoding only.
+                    e.encode();
+                    messages.push(e.msg.clone());
+                }
+            }
             sent_qos0 += e.qos0 as usize;
             i += 1;
         }
+        let count = i - o.sent;
         let first = o.sent;
         o.sent = i;
         if sent_qos0 > 0 {
@@ -805,12 +914,16 @@ impl Forwarder {
         self.metrics
             .messages
             .with_label_values(&["out"])
-            .inc_by(messages.len() as u64);
+            .inc_by(count as u64);
         pb::ForwardBatch {
             node_id: self.me,
             incarnation: self.incarnation,
             messages,
             drained,
+            packed: packer
+                .filter(|p| !p.is_empty())
+                .map(Packer::finish)
+                .unwrap_or_default(),
         }
     }
 
@@ -876,6 +989,10 @@ impl Forwarder {
                 ticket = Some(ticket.map_or(t, |x| x.max(t)));
             }
             let now_lagging = o.lagging && !was_lagging;
+            if now_lagging {
+                // What is queued for it will wait: no slices of read buffers kept.
+                o.entries.iter_mut().for_each(Entry::encode);
+            }
             drop(o);
             if now_lagging {
                 // Behind: it holds no publisher, paused ones included.
@@ -953,11 +1070,13 @@ impl Forwarder {
             .max_encoding_message_size(network::MAX_MESSAGE);
         let (tx, rx) = mpsc::channel::<pb::ForwardBatch>(4);
         lock(&link.outbox).sent = 0;
-        let mut acks = client
+        let response = client
             .stream(ReceiverStream::new(rx))
             .await
-            .map_err(|s| s.message().to_owned())?
-            .into_inner();
+            .map_err(|s| s.message().to_owned())?;
+        let level = wire::stream_level(response.metadata()).min(self.wire_level);
+        link.level.store(level, Ordering::Relaxed);
+        let mut acks = response.into_inner();
         // The first batch goes even if empty: it tells the peer whether this node still
         // keeps anything for it (see `Forwarder::has_drained`). Taken once the peer has
         // taken the stream (one that is catching up refuses it, and a QoS 0 copy taken
@@ -970,7 +1089,7 @@ impl Forwarder {
                 // behind with nothing to acknowledge that would clear it).
                 o.lagging = false;
             }
-            self.batch_of(&mut o)
+            self.batch_of(&mut o, level)
         };
         self.qos0_left(link);
         link.counters.sent(&first);
@@ -1013,13 +1132,14 @@ impl Forwarder {
     /// not queued (counted as dropped).
     fn pass_on(
         &self,
-        msg: &Message,
+        msg: &Arc<Message>,
         target: &Target,
         client_id: &str,
         share_redirected: bool,
     ) -> Option<Forwarded> {
         let clock = Clock::now();
-        let Ok(message) = value::message(msg, msg.qos, msg.retain, &[], &clock) else {
+        // Stored at once: encoded.
+        let Some(mut out) = Outgoing::new(msg, false, &clock) else {
             self.count_dropped("too_large", 1);
             return None;
         };
@@ -1038,7 +1158,7 @@ impl Forwarder {
             store_now: true,
             share_redirected,
         };
-        let (_, ticket, full) = self.push(link, &message, target, copy)?;
+        let (_, ticket, full) = self.push(link, &mut out, target, copy)?;
         Some(Forwarded {
             mark: 0,
             ticket,
@@ -1062,7 +1182,7 @@ impl Forwarder {
         let mut scratch = Vec::new();
         let mut sender = None;
         loop {
-            let batch = match batches.message().await {
+            let mut batch = match batches.message().await {
                 Ok(Some(b)) => b,
                 Ok(None) => {
                     self.stream_ended(sender);
@@ -1091,21 +1211,33 @@ impl Forwarder {
             let mut ticket = None;
             let (mut delivered, mut duplicates) = (0, 0);
             let backpressure = Duration::from_millis(broker.cfg.mqtt.backpressure_max_wait_ms);
-            for m in batch.messages {
+            let drained = batch.drained;
+            let (messages, mut refused) = match Messages::of(&mut batch) {
+                Ok(m) => (Some(m), None),
+                Err(e) => (None, Some(e)),
+            };
+            for item in messages.into_iter().flatten() {
+                let (m, fields) = match item {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // A message of it does not read, nor anything after it.
+                        refused = Some(e);
+                        break;
+                    }
+                };
                 if !st.is_new(&m) {
                     duplicates += 1;
                     continue;
                 }
                 delivered += 1;
-                // A slice of the batch: copied only if a session keeps it past delivery.
-                let Some(d) = value::delivery_in(&m.message, &clock) else {
+                // Slices of the batch: copied only if a session keeps it past delivery.
+                let Some(mut msg) = received_message(&m, fields, &clock) else {
                     self.count_dropped("unreadable", 1);
                     continue;
                 };
-                if d.msg.is_expired(clock.now) {
+                if msg.is_expired(clock.now) {
                     continue;
                 }
-                let mut msg = d.msg;
                 if crate::message::sample_latency() {
                     if let Some(fresh) = Arc::get_mut(&mut msg) {
                         // Measured from the publishing node's clock reading.
@@ -1160,12 +1292,23 @@ impl Forwarder {
                     return;
                 }
             }
+            if let Some(e) = refused {
+                // The stream ends unacknowledged: the sender sends the batch again on its
+                // next one, where what was delivered of it is skipped as a duplicate (it is
+                // in the write-ahead log by now, so acknowledging it then is right). A
+                // sender that keeps sending it is a bug, which this error names.
+                tracing::error!(peer = batch.node_id, error = %e, "forwarded batch refused");
+                let _ = acks
+                    .send(Err(Status::invalid_argument(e.to_string())))
+                    .await;
+                return;
+            }
             let ack = pb::ForwardAck {
                 incarnation: st.incarnation,
                 seq: st.seq,
             };
             drop(st);
-            if batch.drained {
+            if drained {
                 lock(&self.drained).insert(batch.node_id);
             }
             if acks.send(Ok(ack)).await.is_err() {
@@ -1175,17 +1318,43 @@ impl Forwarder {
     }
 }
 
+/// The message a peer forwarded: `fields` if it came so, else `m.message`; slices of the
+/// batch's buffer. `None` if it does not read.
+fn received_message(
+    m: &pb::ForwardedMessage,
+    fields: Option<Fields>,
+    clock: &Clock,
+) -> Option<Arc<Message>> {
+    let Some(f) = fields else {
+        return value::delivery_in(&m.message, clock).map(|d| d.msg);
+    };
+    let topic = MqttStr::from_bytes(f.topic).ok()?;
+    let qos = QoS::from_u8(f.qos)?;
+    if topic.is_empty() {
+        return None;
+    }
+    Some(Arc::new(Message {
+        topic,
+        payload: f.payload,
+        qos,
+        retain: f.retain,
+        props: None,
+        expires_at: None,
+        origin: crate::session::SessionId::BROKER,
+        owned: false,
+        received: crate::message::Stamp::NONE,
+        routed_at: Default::default(),
+    }))
+}
+
 impl DataPlane for Forwarder {
-    fn forward(&self, msg: &Message, targets: &[Target]) -> Forwarded {
+    fn forward(&self, msg: &Arc<Message>, targets: &[Target]) -> Forwarded {
         // One clock reading per message: the stamp, the expiry and the deadline.
         let clock = Clock::cheap();
-        let message = match value::message(msg, msg.qos, msg.retain, &[], &clock) {
-            Ok(v) => v,
-            Err(_) => {
-                // Arrived within the packet limit, but grew past it (never in practice).
-                self.count_dropped("too_large", targets.len() as u64);
-                return Forwarded::default();
-            }
+        let fields = self.wire_level >= wire::PACKED;
+        let Some(mut out) = Outgoing::new(msg, fields, &clock) else {
+            self.count_dropped("too_large", targets.len() as u64);
+            return Forwarded::default();
         };
         let qos0 = msg.qos == QoS::AtMostOnce;
         let mark = match qos0 {
@@ -1211,7 +1380,7 @@ impl DataPlane for Forwarder {
                         share_redirected: false,
                     };
                     let (holds, stored, window_full) = self
-                        .push(link, &message, t, copy)
+                        .push(link, &mut out, t, copy)
                         .unwrap_or((false, None, false));
                     if let Some(s) = stored {
                         ticket = Some(ticket.map_or(s, |x: Ticket| x.max(s)));
@@ -1239,7 +1408,7 @@ impl DataPlane for Forwarder {
         Forwarded { mark, ticket, full }
     }
 
-    fn push_on(&self, msg: &Message, node: u64, client_id: &str) -> Forwarded {
+    fn push_on(&self, msg: &Arc<Message>, node: u64, client_id: &str) -> Forwarded {
         let target = Target {
             node,
             plain: true,
@@ -1254,7 +1423,7 @@ impl DataPlane for Forwarder {
 
     fn pass_shared(
         &self,
-        msg: &Message,
+        msg: &Arc<Message>,
         node: u64,
         group: &str,
         filter: &str,

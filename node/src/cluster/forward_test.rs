@@ -3,8 +3,8 @@ use crate::codec::MqttStr;
 use crate::metrics::Metrics;
 use crate::session::SessionId;
 
-fn msg(qos: QoS, payload: &'static [u8]) -> Message {
-    Message {
+fn msg(qos: QoS, payload: &'static [u8]) -> Arc<Message> {
+    Arc::new(Message {
         topic: MqttStr::from_static("t/1"),
         payload: Bytes::from_static(payload),
         qos,
@@ -15,7 +15,7 @@ fn msg(qos: QoS, payload: &'static [u8]) -> Message {
         owned: true,
         received: crate::message::Stamp::NONE,
         routed_at: Default::default(),
-    }
+    })
 }
 
 fn plain(node: u64) -> Target {
@@ -59,6 +59,7 @@ fn forwarder_on(store: Store, outbox: usize) -> Arc<Forwarder> {
             ack_timeout: Duration::from_millis(100),
             window: outbox / 4,
             outbox,
+            wire_level: wire::LEVEL,
         },
         Metrics::new().forward,
     )
@@ -76,7 +77,7 @@ fn forwarder(outbox: usize) -> Arc<Forwarder> {
     f
 }
 
-fn mark(f: &Forwarder, m: Message, to: &[Target]) -> u64 {
+fn mark(f: &Forwarder, m: Arc<Message>, to: &[Target]) -> u64 {
     f.forward(&m, to).mark
 }
 
@@ -376,6 +377,7 @@ async fn an_unreachable_peer_holds_nobody() {
                 ack_timeout: Duration::from_secs(30),
                 window: 1 << 18,
                 outbox: 1 << 20,
+                wire_level: wire::LEVEL,
             },
             Metrics::new().forward,
         )
@@ -409,4 +411,147 @@ fn marks_settle_in_order_whatever_order_their_copies_are_released_in() {
     assert_eq!(m.settled(), 3);
     m.release(d);
     assert_eq!(m.settled(), 4);
+}
+
+/// What a batch reads as on the receiving side, message by message: (seq, topic, payload,
+/// QoS, retain, sent in the stored encoding).
+fn read_back(mut b: pb::ForwardBatch) -> Vec<(u64, String, Vec<u8>, QoS, bool, bool)> {
+    Messages::of(&mut b)
+        .expect("reads")
+        .map(|r| {
+            let (m, fields) = r.expect("reads");
+            let encoded = fields.is_none();
+            assert_eq!(encoded, !m.message.is_empty());
+            let r = received_message(&m, fields, &Clock::now()).expect("reads");
+            assert!(!r.owned, "slices of the batch");
+            let (topic, payload) = (r.topic.to_string(), r.payload.to_vec());
+            (m.seq, topic, payload, r.qos, r.retain, encoded)
+        })
+        .collect()
+}
+
+fn lives(l: &Link) -> Vec<bool> {
+    let o = lock(&l.outbox);
+    o.entries
+        .iter()
+        .map(|e| {
+            assert_eq!(e.live.is_some(), e.msg.message.is_empty());
+            e.live.is_some()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn copies_go_as_fields_only_to_a_peer_that_reads_them_and_keeps_up() {
+    let f = forwarder(1 << 20);
+    let (l2, l3) = (link(&f, 2), link(&f, 3));
+    // Node 2's stream agreed on level 3; node 3's on 2 (an earlier version).
+    l2.level.store(wire::PACKED, Ordering::Relaxed);
+    l3.level.store(wire::CLAIM_ROUTES, Ordering::Relaxed);
+    let mut retained = msg(QoS::ExactlyOnce, b"a");
+    Arc::get_mut(&mut retained).unwrap().retain = true;
+    mark(&f, retained, &[plain(2), plain(3)]);
+    assert_eq!(lives(&l2), vec![true]);
+    assert_eq!(lives(&l3), vec![false], "encoded for an earlier version");
+    let a = |encoded| {
+        (
+            1,
+            "t/1".to_owned(),
+            b"a".to_vec(),
+            QoS::ExactlyOnce,
+            true,
+            encoded,
+        )
+    };
+    let b = f.take_batch(&l2).expect("batch");
+    assert!(b.messages.is_empty() && !b.packed.is_empty());
+    assert_eq!(read_back(b), vec![a(false)]);
+    let b = f.take_batch(&l3).expect("batch");
+    assert!(!b.messages.is_empty() && b.packed.is_empty(), "listed");
+    assert_eq!(read_back(b), vec![a(true)]);
+
+    // A message with an expiry (a property the fields do not carry) is encoded, and goes
+    // packed in that encoding.
+    let mut expiring = msg(QoS::AtLeastOnce, b"e");
+    Arc::get_mut(&mut expiring).unwrap().expires_at =
+        Some(Instant::now() + Duration::from_secs(60));
+    mark(&f, expiring, &[plain(2)]);
+    assert_eq!(lives(&l2), vec![true, false]);
+    let e = (
+        2,
+        "t/1".to_owned(),
+        b"e".to_vec(),
+        QoS::AtLeastOnce,
+        false,
+        true,
+    );
+    assert_eq!(
+        read_back(f.take_batch(&l2).expect("batch")),
+        vec![e.clone()]
+    );
+
+    // The stream breaks and the next one meets an earlier version: the live entry it
+    // resends goes encoded, and stays so.
+    lock(&l2.outbox).sent = 0;
+    l2.level.store(wire::CLAIM_ROUTES, Ordering::Relaxed);
+    let b = f.take_batch(&l2).expect("batch");
+    assert!(b.packed.is_empty());
+    assert_eq!(read_back(b), vec![a(true), e]);
+    assert_eq!(lives(&l2), vec![false, false]);
+    f.stop();
+}
+
+#[tokio::test]
+async fn a_copy_that_waits_keeps_no_live_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = store(&dir);
+    let f = forwarder_on(st.clone(), 1 << 20);
+    let l = link(&f, 2);
+    l.level.store(wire::PACKED, Ordering::Relaxed);
+    let m1 = mark(&f, msg(QoS::AtLeastOnce, b"a"), &[plain(2)]);
+    mark(&f, msg(QoS::AtMostOnce, b"b"), &[plain(2)]);
+    assert_eq!(lives(&l), vec![true, true]);
+    // The first one's timeout passes: stored (encoded), and the peer is behind, so the
+    // QoS 0 one waits too: encoded as well.
+    f.expire(Instant::now() + Duration::from_millis(150));
+    settles(&f, m1).await;
+    assert_eq!(lives(&l), vec![false, false]);
+    // Behind: new copies are encoded at once.
+    mark(&f, msg(QoS::AtMostOnce, b"c"), &[plain(2)]);
+    assert_eq!(lives(&l), vec![false, false, false]);
+    let stored: Vec<pb::ForwardedMessage> = st
+        .scan(Cf::Outbox)
+        .map(|kv| pb::ForwardedMessage::decode(&*kv.expect("scan").1).expect("decodes"))
+        .collect();
+    assert_eq!(stored.len(), 1);
+    let d = value::delivery(&stored[0].message, &Clock::now()).expect("stored encoding");
+    assert_eq!(&d.msg.payload[..], b"a");
+
+    // A link whose stream broke (an unreachable peer) lets go of its live entries.
+    let l3 = link(&f, 3);
+    l3.level.store(wire::PACKED, Ordering::Relaxed);
+    mark(&f, msg(QoS::AtMostOnce, b"d"), &[plain(3)]);
+    assert_eq!(lives(&l3), vec![true]);
+    f.let_go(std::slice::from_ref(&l3), None);
+    assert_eq!(lives(&l3), vec![false]);
+    f.stop();
+}
+
+#[test]
+fn a_forwarded_message_in_fields_that_breaks_the_rules_is_unreadable() {
+    let m = pb::ForwardedMessage::default();
+    let read = |topic: &'static [u8], qos| {
+        let f = Fields {
+            topic: Bytes::from_static(topic),
+            payload: Bytes::from_static(b"p"),
+            qos,
+            retain: false,
+        };
+        received_message(&m, Some(f), &Clock::now())
+    };
+    assert!(read(b"a/b", 1).is_some());
+    assert!(read(b"a/b", 3).is_none(), "QoS 3");
+    assert!(read(b"", 0).is_none(), "no topic");
+    assert!(read(b"a\xff", 0).is_none(), "not UTF-8");
+    assert!(read(b"a\0b", 0).is_none(), "U+0000");
 }

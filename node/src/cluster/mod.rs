@@ -17,6 +17,7 @@ pub mod cli;
 pub mod forward;
 pub mod handover;
 mod network;
+mod packed;
 pub mod raft;
 mod server;
 mod settle;
@@ -237,6 +238,7 @@ impl Cluster {
                 // Room above the window for what waits for a peer that is behind.
                 window: cfg.forward_window_bytes.min(cfg.forward_outbox_bytes / 2),
                 outbox: cfg.forward_outbox_bytes,
+                wire_level: cfg.wire_level,
             },
             shared.forward_metrics,
         )?);

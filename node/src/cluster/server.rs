@@ -80,9 +80,12 @@ impl ForwardService for ForwardSvc {
         }
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(self.0.forward.clone().receive(req.into_inner(), tx));
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        let mut response = Response::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        // What this node reads of a forwarded message (see `wire.rs`).
+        response
+            .metadata_mut()
+            .insert(super::wire::STREAM_LEVEL, self.0.me.wire_level.into());
+        Ok(response)
     }
 }
 
