@@ -799,7 +799,6 @@ impl Forwarder {
             routed_at,
             client_id: client_id.to_owned(),
             share_redirected,
-            ..Default::default()
         };
         o.entries.push_back(Entry {
             msg,
