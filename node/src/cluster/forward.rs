@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::broker::Broker;
-use crate::codec::{MqttStr, QoS};
+use crate::codec::QoS;
 use crate::control::{BoxFuture, DataPlane, Forwarded, Window};
 use crate::message::Message;
 use crate::persist::value::{self, Clock};
@@ -133,7 +133,8 @@ impl PeerCounters {
 
     fn sent(&self, batch: &pb::ForwardBatch) {
         self.batches.inc();
-        self.messages.inc_by(batch.messages.len() as u64);
+        let n = batch.messages.len() + super::packed::count(&batch.packed);
+        self.messages.inc_by(n as u64);
         // The messages' own bytes, not the framing around them: an exact count would
         // walk every message's encoding once more.
         let listed: usize = batch.messages.iter().map(|m| m.message.len()).sum();
@@ -859,7 +860,8 @@ impl Forwarder {
         let unsent = o.entries.len() - o.sent;
         let (mut messages, mut packer) = match level >= wire::PACKED {
             true => {
-                // What the batch's entries count for is at least what they pack into.
+                // What the batch's entries count for: about what they pack into (more,
+                // but for a pass-on copy's client id; the buffer grows if need be).
                 let mut size = 0;
                 for e in o.entries.range(o.sent..).take(BATCH_MESSAGES) {
                     size += e.size;
@@ -1300,6 +1302,7 @@ impl Forwarder {
                 let _ = acks
                     .send(Err(Status::invalid_argument(e.to_string())))
                     .await;
+                self.stream_ended(sender);
                 return;
             }
             let ack = pb::ForwardAck {
@@ -1311,6 +1314,7 @@ impl Forwarder {
                 lock(&self.drained).insert(batch.node_id);
             }
             if acks.send(Ok(ack)).await.is_err() {
+                self.stream_ended(sender);
                 return;
             }
         }
@@ -1318,7 +1322,7 @@ impl Forwarder {
 }
 
 /// The message a peer forwarded: `fields` if it came so, else `m.message`; slices of the
-/// batch's buffer. `None` if it does not read.
+/// batch's buffer. `None` if the stored encoding does not read.
 fn received_message(
     m: &pb::ForwardedMessage,
     fields: Option<Fields>,
@@ -1327,15 +1331,11 @@ fn received_message(
     let Some(f) = fields else {
         return value::delivery_in(&m.message, clock).map(|d| d.msg);
     };
-    let topic = MqttStr::from_bytes(f.topic).ok()?;
-    let qos = QoS::from_u8(f.qos)?;
-    if topic.is_empty() {
-        return None;
-    }
+    // Checked by the reader (a topic name, a QoS).
     Some(Arc::new(Message {
-        topic,
+        topic: f.topic,
         payload: f.payload,
-        qos,
+        qos: f.qos,
         retain: f.retain,
         props: None,
         expires_at: None,

@@ -536,22 +536,3 @@ async fn a_copy_that_waits_keeps_no_live_message() {
     assert_eq!(lives(&l3), vec![false]);
     f.stop();
 }
-
-#[test]
-fn a_forwarded_message_in_fields_that_breaks_the_rules_is_unreadable() {
-    let m = pb::ForwardedMessage::default();
-    let read = |topic: &'static [u8], qos| {
-        let f = Fields {
-            topic: Bytes::from_static(topic),
-            payload: Bytes::from_static(b"p"),
-            qos,
-            retain: false,
-        };
-        received_message(&m, Some(f), &Clock::now())
-    };
-    assert!(read(b"a/b", 1).is_some());
-    assert!(read(b"a/b", 3).is_none(), "QoS 3");
-    assert!(read(b"", 0).is_none(), "no topic");
-    assert!(read(b"a\xff", 0).is_none(), "not UTF-8");
-    assert!(read(b"a\0b", 0).is_none(), "U+0000");
-}

@@ -6,7 +6,14 @@
 //! decoding the batches of the p2p QoS 1 row took about 0.4 µs per message, an eighth of
 //! what a cross-node message cost in all (perf, session 16). Here a message is a few
 //! fixed-width writes and two copies (topic and payload) on the sender, and reads and
-//! slices of the receive buffer (no copy) on the receiver.
+//! slices of the receive buffer on the receiver (only a pass-on copy's client id and a
+//! share group's names are copied out, into strings).
+//!
+//! A reader refuses the whole batch at the first thing that does not read (a length past
+//! the end, an unknown flag, a topic that is not a topic name, QoS 3): the receiver then
+//! ends the stream unacknowledged. Nodes write these batches, so that is a bug, and the
+//! sender's link, which sends the batch again on its next stream, is refused again until
+//! the outbox drops it for room; the error log names it.
 //!
 //! A message without v5 properties or expiry goes as its topic, payload, QoS and retain
 //! flag (the sender encodes nothing, the receiver decodes no MQTT); any other in the stored
@@ -32,6 +39,8 @@
 use bytes::{Buf, Bytes};
 use petrel_cluster_proto::pb;
 
+use crate::codec::decode::is_valid_topic_name;
+use crate::codec::{MqttStr, QoS};
 use crate::message::Message;
 
 /// The format's version (first byte).
@@ -48,13 +57,13 @@ const QOS_SHIFT: u16 = 8;
 const KNOWN: u16 =
     PLAIN | REDIRECTED | FIRST | CLIENT | SHARED | STORED | RETAIN | (3 << QOS_SHIFT);
 
-/// A message that came as its fields rather than in the stored encoding.
+/// A message that came as its fields rather than in the stored encoding (checked as a
+/// PUBLISH's would be: a topic name, a QoS).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Fields {
-    pub topic: Bytes,
+    pub topic: MqttStr,
     pub payload: Bytes,
-    /// The QoS bits as sent (0 to 3; 3 is not a QoS: the caller refuses it).
-    pub qos: u8,
+    pub qos: QoS,
     pub retain: bool,
 }
 
@@ -142,6 +151,14 @@ fn put32(b: &mut Vec<u8>, s: &[u8]) {
     b.extend_from_slice(s);
 }
 
+/// How many messages the packed batch `b` says it holds (0 if it is not one).
+pub fn count(b: &[u8]) -> usize {
+    match b {
+        [VERSION, n @ ..] if n.len() >= 4 => u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize,
+        _ => 0,
+    }
+}
+
 /// A packed batch that does not read: the whole batch is refused (a message cannot be
 /// skipped without its length, nor its sequence number known).
 #[derive(Debug, PartialEq, Eq)]
@@ -179,6 +196,9 @@ impl Unpacked {
         if flags & !KNOWN != 0 {
             return Err(Malformed("unknown flags"));
         }
+        if flags & STORED != 0 && flags & (RETAIN | (3 << QOS_SHIFT)) != 0 {
+            return Err(Malformed("QoS or retain flags beside a stored encoding"));
+        }
         let mut m = pb::ForwardedMessage {
             seq,
             plain: flags & PLAIN != 0,
@@ -196,12 +216,11 @@ impl Unpacked {
         }
         if flags & SHARED != 0 {
             let n = u32_of(b)?;
-            // Each target takes at least 4 bytes: a count past that is a lie, not a reason
-            // to reserve memory.
+            // Each target takes at least 4 bytes: a count past that is a lie. Room is made
+            // as targets are read, not from the count.
             if n as usize > b.remaining() / 4 {
                 return Err(Malformed("share targets past the end"));
             }
-            m.shared.reserve(n as usize);
             for _ in 0..n {
                 m.shared.push(pb::SharedTarget {
                     group: string_of(b)?,
@@ -215,13 +234,18 @@ impl Unpacked {
             return Ok((m, None));
         }
         let n = u16_of(b)? as usize;
-        let topic = take(b, n)?;
+        let topic = MqttStr::from_bytes(take(b, n)?)
+            .map_err(|_| Malformed("a topic that is not an MQTT string"))?;
+        if topic.is_empty() || !is_valid_topic_name(&topic) {
+            return Err(Malformed("not a topic name"));
+        }
+        let qos = QoS::from_u8((flags >> QOS_SHIFT) as u8 & 3).ok_or(Malformed("QoS 3"))?;
         let n = u32_of(b)? as usize;
         let payload = take(b, n)?;
         let fields = Fields {
             topic,
             payload,
-            qos: (flags >> QOS_SHIFT) as u8 & 3,
+            qos,
             retain: flags & RETAIN != 0,
         };
         Ok((m, Some(fields)))
@@ -257,8 +281,11 @@ pub enum Messages {
 }
 
 impl Messages {
-    /// `batch`'s messages: packed if it has any so.
+    /// `batch`'s messages: packed if it has any so (then none listed).
     pub fn of(batch: &mut pb::ForwardBatch) -> Result<Messages, Malformed> {
+        if !batch.packed.is_empty() && !batch.messages.is_empty() {
+            return Err(Malformed("messages both packed and listed"));
+        }
         if batch.packed.is_empty() {
             return Ok(Messages::Listed(
                 std::mem::take(&mut batch.messages).into_iter(),

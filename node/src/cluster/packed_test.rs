@@ -80,9 +80,9 @@ fn a_packed_batch_reads_back_as_written() {
         match l {
             Some(l) => {
                 let f = fields.expect("as fields");
-                assert_eq!(&f.topic[..], l.topic.as_bytes());
+                assert_eq!(f.topic.as_bytes(), l.topic.as_bytes());
                 assert_eq!(f.payload, l.payload);
-                assert_eq!((f.qos, f.retain), (l.qos as u8, l.retain));
+                assert_eq!((f.qos, f.retain), (l.qos, l.retain));
                 // Slices of the batch, not copies.
                 let range = packed.as_ptr_range();
                 assert!(range.contains(&f.payload.as_ptr()) || f.payload.is_empty());
@@ -153,4 +153,56 @@ fn a_packed_batch_that_does_not_read_is_refused_whole_and_never_panics() {
     v.extend_from_slice(&[0, 1, 0xff, 0, 0, 0, 0]);
     let r: Vec<_> = unpack(Bytes::from(v)).expect("header").collect();
     assert_eq!(r, vec![Err(Malformed("a string that is not UTF-8"))]);
+}
+
+/// One message of seq 1 with `flags`, no optional parts, and `rest` after the fixed fields.
+fn one(flags: u16, rest: &[u8]) -> Bytes {
+    let mut v = vec![VERSION, 0, 0, 0, 1];
+    v.extend_from_slice(&1u64.to_be_bytes());
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&[0; 16]);
+    v.extend_from_slice(rest);
+    Bytes::from(v)
+}
+
+/// A topic and a one-byte payload as the fields form writes them.
+fn topic_and_payload(topic: &[u8]) -> Vec<u8> {
+    let mut v = (topic.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(topic);
+    v.extend_from_slice(&[0, 0, 0, 1, b'p']);
+    v
+}
+
+fn first_error(b: Bytes) -> Option<Malformed> {
+    unpack(b).expect("header").find_map(|r| r.err())
+}
+
+#[test]
+fn fields_are_checked_as_a_publish_is() {
+    let qos1 = 1 << QOS_SHIFT;
+    assert_eq!(first_error(one(qos1, &topic_and_payload(b"a/b"))), None);
+    let refused = |topic: &[u8], flags| first_error(one(flags, &topic_and_payload(topic)));
+    assert_eq!(refused(b"a/#", qos1), Some(Malformed("not a topic name")));
+    assert_eq!(refused(b"a/+/b", 0), Some(Malformed("not a topic name")));
+    assert_eq!(refused(b"", 0), Some(Malformed("not a topic name")));
+    let not_mqtt = Some(Malformed("a topic that is not an MQTT string"));
+    assert_eq!(refused(b"a\xff", 0), not_mqtt);
+    assert_eq!(refused(b"a\0b", 0), not_mqtt);
+    assert_eq!(refused(b"a", 3 << QOS_SHIFT), Some(Malformed("QoS 3")));
+    // The stored encoding carries its own QoS and retain flag: none beside it.
+    let stored = [0, 0, 0, 1, 1];
+    assert_eq!(first_error(one(STORED, &stored)), None);
+    assert_eq!(
+        first_error(one(STORED | RETAIN, &stored)),
+        Some(Malformed("QoS or retain flags beside a stored encoding"))
+    );
+    // A batch with messages both packed and listed is refused whole.
+    let mut b = pb::ForwardBatch {
+        messages: vec![pb::ForwardedMessage::default()],
+        packed: one(qos1, &topic_and_payload(b"a")),
+        ..Default::default()
+    };
+    assert!(Messages::of(&mut b).is_err());
+    assert_eq!(count(&one(0, &[])), 1);
+    assert_eq!(count(b""), 0);
 }
