@@ -166,11 +166,16 @@ impl Entry {
     /// Puts the message in the stored encoding (if it is not yet), letting go of `live`.
     fn encode(&mut self) {
         if let Some(m) = self.live.take() {
-            // It fits: checked before it was queued live (`Outgoing::new`).
-            let v = value::message(&m, m.qos, m.retain, &[], &Clock::cheap());
-            self.msg.message = v.unwrap_or_default();
+            self.msg.message = stored_form(&m);
         }
     }
+}
+
+/// The stored encoding of a message that may go as fields (no expiry: the clock reading
+/// does not matter; it fits, as [`Outgoing::new`] checked).
+fn stored_form(m: &Message) -> Bytes {
+    let v = value::message(m, m.qos, m.retain, &[], &Clock::cheap());
+    v.unwrap_or_default()
 }
 
 /// A message on its way into outboxes: in the stored encoding when it must be (it has
@@ -209,12 +214,7 @@ impl<'a> Outgoing<'a> {
 
     fn encoded(&mut self) -> Bytes {
         let msg = self.msg;
-        self.encoded
-            .get_or_insert_with(|| {
-                let v = value::message(msg, msg.qos, msg.retain, &[], &Clock::cheap());
-                v.unwrap_or_default()
-            })
-            .clone()
+        self.encoded.get_or_insert_with(|| stored_form(msg)).clone()
     }
 }
 
