@@ -775,7 +775,7 @@ impl Broker {
             let value = match (qos != QoS::AtMostOnce && session.is_persistent())
                 .then(|| {
                     let clock = clock.get_or_insert_with(Clock::now);
-                    value::message(&msg, qos, retain, ids.as_slice(), clock)
+                    value::queued(&msg, qos, retain, ids.as_slice(), first.shared, clock)
                 })
                 .transpose()
             {

@@ -440,11 +440,12 @@ fn hand_over(
     let clock = value::Clock::now();
     // Expired ones go too: the new owner drops and counts them (`live`).
     let encode = |d: &Delivery| {
-        value::message(
+        value::queued(
             &d.msg,
             d.qos,
             d.retain,
             d.subscription_ids.as_slice(),
+            d.shared,
             &clock,
         )
         .ok()

@@ -118,7 +118,36 @@ pub fn message(
     sub_ids: &[u32],
     clock: &Clock,
 ) -> Result<Bytes, EncodeError> {
-    let out = stored_publish(msg, qos, retain, sub_ids);
+    encode(msg, qos, retain, sub_ids, false, clock)
+}
+
+/// [`message`] for a copy of a session's queue or in-flight window; `shared`: it went to
+/// the session as a share group's chosen member ([`Delivery::shared`]), so that a session
+/// recovered after a restart, or handed over to another node, still gives its
+/// unacknowledged share copies to another member when it ends (MQTT 5, 4.8.2). The mark is
+/// the stored PUBLISH's DUP flag, which a delivery never takes from the store and earlier
+/// versions ignore; a QoS 0 PUBLISH may not carry it (its copies are not given on anyway).
+pub fn queued(
+    msg: &Message,
+    qos: QoS,
+    retain: bool,
+    sub_ids: &[u32],
+    shared: bool,
+    clock: &Clock,
+) -> Result<Bytes, EncodeError> {
+    encode(msg, qos, retain, sub_ids, shared, clock)
+}
+
+fn encode(
+    msg: &Message,
+    qos: QoS,
+    retain: bool,
+    sub_ids: &[u32],
+    shared: bool,
+    clock: &Clock,
+) -> Result<Bytes, EncodeError> {
+    let mut out = stored_publish(msg, qos, retain, sub_ids);
+    out.dup = shared && qos != QoS::AtMostOnce;
     let body = out.body_len(Protocol::V5);
     if body > MAX_REMAINING_LENGTH {
         // Refused before a buffer of that size is allocated.
@@ -211,6 +240,8 @@ fn decode(mut b: Bytes, owned: bool, clock: &Clock) -> Option<Delivery> {
         ids.push(id);
     }
     let (qos, retain) = (p.qos, p.retain);
+    // The share mark of a queued copy ([`queued`]).
+    let shared = p.dup && qos != QoS::AtMostOnce;
     let mut msg = Message::from_publish(p, SessionId::BROKER, || clock.now);
     msg.owned = owned;
     msg.expires_at = (expires_ms != 0).then(|| clock.to_instant(expires_ms));
@@ -223,7 +254,7 @@ fn decode(mut b: Bytes, owned: bool, clock: &Clock) -> Option<Delivery> {
         // Decided before the node stopped (the ACL may have changed since): checked again.
         acl_check: true,
         acl_gen: 0,
-        shared: false,
+        shared,
     })
 }
 

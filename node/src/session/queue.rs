@@ -61,7 +61,7 @@ pub struct Delivery {
     pub acl_gen: u32,
     /// Routed to this session as a share group's chosen member: if the session ends
     /// before the client acknowledged it, another member gets it (MQTT 5 section 4.8.2).
-    /// In padding too. Not stored: a session recovered after a restart has lost it.
+    /// In padding too. Stored as the DUP flag of the queued copy (`value::queued`).
     pub shared: bool,
 }
 

@@ -423,3 +423,48 @@ async fn t3_kill9_keeps_retained_and_delayed_wills() {
     })
     .await;
 }
+
+/// MQTT 5, 4.8.2, across a restart: copies a share group gave to a member that is offline
+/// (its queue, stored) go to another member when that member's session ends, also when the
+/// broker was killed in between (the share mark is stored with the copy).
+#[tokio::test]
+async fn t3_kill9_keeps_queued_share_copies_for_the_groups_other_members() {
+    test_timeout(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut broker = start_on(dir.path(), &[]).await;
+        eprintln!("--- the group's only member goes offline with a session of 3 s");
+        let mut member = V5Client::connect_with(broker.mqtt_addr(), "shk-member", |o| {
+            o.set_clean_start(false);
+            set_session_expiry(o, 3);
+        })
+        .await;
+        member.subscribe("$share/gk/shk/t", Q5::AtLeastOnce).await;
+        member.disconnect().await;
+        wait_connections(&broker, 0).await;
+        let mut publ = V5Client::connect(broker.mqtt_addr(), "shk-pub").await;
+        for i in 0..5 {
+            publ.publish("shk/t", Q5::AtLeastOnce, false, format!("{i}"))
+                .await;
+        }
+        drop(publ);
+        eprintln!("--- kill -9 and restart; another member joins; the first one's session ends");
+        broker.kill9().await;
+        let broker = start_on(dir.path(), &[]).await;
+        let mut other = V5Client::connect(broker.mqtt_addr(), "shk-other").await;
+        other.subscribe("$share/gk/shk/t", Q5::AtLeastOnce).await;
+        let mut got: Vec<String> = other
+            .recv_publishes(5)
+            .await
+            .iter()
+            .map(|p| text(&p.payload))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            ["0", "1", "2", "3", "4"],
+            "given on when the session ended"
+        );
+        other.assert_no_publish_before_marker().await;
+    })
+    .await;
+}
