@@ -130,7 +130,7 @@ pub struct ClusterConfig {
     /// included) or `random`. On the chosen node the members take turns (connected ones
     /// first). Default `local_first`.
     pub shared_strategy: SharedStrategy,
-    /// The wire level this node announces (1 to the version's own, 3 in this version): the
+    /// The wire level this node announces (1 to the version's own, 4 in this version): the
     /// cluster uses a feature of a level once every member announces it (see
     /// ARCHITECTURE.md, "Versions side by side"). Lower it to keep the newer features off,
     /// for example before going back to the previous version. Default: the version's own.

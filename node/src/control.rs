@@ -195,6 +195,15 @@ pub trait ControlPlane: Send + Sync + 'static {
         true
     }
 
+    /// Whether the will of `client_id`'s connection at `epoch`, which a claim of another
+    /// node took over, was kept aside by that claim: it is then published only through
+    /// [`ControlPlane::fire_will`] with that epoch (the leader may publish it instead, if this
+    /// node seems dead); otherwise this node publishes it alone. Asked once, after the claim
+    /// is applied here (which is what closes the connection).
+    fn will_kept_by_claim(&self, _client_id: &str, _epoch: Epoch) -> bool {
+        false
+    }
+
     /// The session claimed at `epoch` ended (expired). Does not wait.
     fn ended(&self, client_id: &Arc<str>, epoch: Epoch);
 

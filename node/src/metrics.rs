@@ -34,6 +34,7 @@ pub struct Metrics {
     raft_term: IntGauge,
     raft_leader_id: IntGauge,
     cluster_wire_level: IntGauge,
+    cluster_wills_replaced: IntGauge,
     raft_role: IntGaugeVec,
     raft_commit_index: IntGauge,
     raft_applied_index: IntGauge,
@@ -179,6 +180,7 @@ impl Metrics {
             raft_term: gauge(&r, "petrel_raft_term", "Current Raft term"),
             raft_leader_id: gauge(&r, "petrel_raft_leader_id", "Node id of the Raft leader this node knows (-1: none)"),
             cluster_wire_level: gauge(&r, "petrel_cluster_wire_level", "The wire level every member announced (the lowest): features of higher levels are off until it reaches theirs"),
+            cluster_wills_replaced: gauge(&r, "petrel_cluster_wills_replaced", "Wills of connections that a claim on another node replaced (a takeover, or a reconnect after their node died), kept until published once"),
             raft_role: gauge_vec(&r, "petrel_raft_role", "This node's Raft role: 1 for the current one", &["role"]),
             raft_commit_index: gauge(&r, "petrel_raft_commit_index", "Raft log index this node knows committed"),
             raft_applied_index: gauge(&r, "petrel_raft_applied_index", "Raft log index this node has applied to its state"),
@@ -380,6 +382,8 @@ pub fn refresh(broker: &crate::broker::Broker, cluster: &crate::cluster::Cluster
     // -1: no leader known (node ids start at 0).
     m.raft_leader_id.set(st.leader_id.map_or(-1, |l| l as i64));
     m.cluster_wire_level.set(i64::from(cluster.wire_level()));
+    m.cluster_wills_replaced
+        .set(cluster.replaced_wills() as i64);
     for role in ["leader", "follower", "learner", "candidate"] {
         m.raft_role
             .with_label_values(&[role])

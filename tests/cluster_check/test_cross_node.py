@@ -206,6 +206,26 @@ def test_a_will_reaches_subscribers_on_the_other_nodes(nodes, clients, root):
         assert (m.topic, m.payload) == (f"{root}/will/dev", b"offline")
 
 
+def test_a_client_taken_over_on_another_node_has_its_will_published_once(nodes, clients, root):
+    """MQTT 5 3.1.4: a CONNECT with a client id already connected (here, to another node)
+    closes the existing connection (DISCONNECT 0x8E), whose will is then published (no delay):
+    once, wherever the subscribers are."""
+    if len(nodes) < 2:
+        pytest.skip("needs two nodes")
+    watch = clients.connected(nodes[-1])
+    watch.subscribe(f"{root}/taken/+", 1)
+    sid = unique_id("taken")
+    first = clients.new(nodes[0], client_id=sid).will(f"{root}/taken/dev", "offline", qos=1)
+    first.connect()
+    second = clients.new(nodes[1], client_id=sid)
+    second.connect()
+    m = watch.expect()
+    assert (m.topic, m.payload) == (f"{root}/taken/dev", b"offline")
+    watch.subscribe(f"{root}/taken-mark", 1)
+    watch.publish(f"{root}/taken-mark", "end", qos=1)
+    assert watch.collect_until(f"{root}/taken-mark") == [], "published once"
+
+
 def test_a_session_resumed_on_a_third_node_gets_what_was_queued_meanwhile(nodes, clients, root):
     if len(nodes) < 3:
         pytest.skip("needs three nodes")

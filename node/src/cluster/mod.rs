@@ -1096,6 +1096,11 @@ impl Cluster {
         (added, removed)
     }
 
+    /// Wills kept aside by claims that replaced their records (`ClusterState::replaced_wills`).
+    pub fn replaced_wills(&self) -> usize {
+        self.sm.read().replaced_wills.len()
+    }
+
     /// The lowest wire level a member announced (1 for one that has not announced
     /// itself yet): the features up to it are on.
     pub fn wire_level(&self) -> u32 {
@@ -1108,18 +1113,6 @@ impl Cluster {
             .min()
             .unwrap_or(1);
         level
-    }
-
-    /// Whether every member of the cluster (voters and learners) announced wire level
-    /// `level` or higher; a member that has not announced itself yet counts as level 1.
-    pub fn all_members_at(&self, level: u32) -> bool {
-        let st = self.sm.read();
-        let all = st
-            .membership
-            .membership()
-            .nodes()
-            .all(|(id, _)| st.members.get(id).is_some_and(|m| wire::level(m) >= level));
-        all
     }
 
     // ---- settling ----------------------------------------------------------------------
@@ -1247,6 +1240,7 @@ impl ControlPlane for Cluster {
         // (`ClaimRequest::will` goes into the ownership record.)
         Box::pin(async move {
             let clean_start = req.clean_start;
+            let level = self.wire_level();
             let cmd = pb::Command {
                 cmd: Some(pb::command::Cmd::Claim(pb::Claim {
                     client_id: req.client_id.to_string(),
@@ -1258,7 +1252,8 @@ impl ControlPlane for Cluster {
                         delay_secs,
                     }),
                     at_ms: now_ms(),
-                    with_routes: self.all_members_at(wire::CLAIM_ROUTES),
+                    with_routes: level >= wire::CLAIM_ROUTES,
+                    keep_replaced_will: level >= wire::KEEP_WILLS,
                 })),
             };
             let with_routes = matches!(&cmd.cmd, Some(pb::command::Cmd::Claim(c)) if c.with_routes);
@@ -1348,6 +1343,10 @@ impl ControlPlane for Cluster {
 
     fn fire_will(&self, client_id: &Arc<str>, epoch: Option<Epoch>) -> BoxFuture<'static, bool> {
         self.will_fired(client_id, epoch.map(|e| e.0))
+    }
+
+    fn will_kept_by_claim(&self, client_id: &str, epoch: Epoch) -> bool {
+        self.sm.kept_wills().take(client_id, epoch.0)
     }
 
     fn ended(&self, client_id: &Arc<str>, epoch: Epoch) {

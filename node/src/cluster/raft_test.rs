@@ -104,6 +104,7 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 will: Some(will()),
                 at_ms: 1_765_000_000_123,
                 with_routes: false,
+                keep_replaced_will: false,
             })),
         ),
         (
@@ -240,6 +241,20 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 will: Some(will()),
                 at_ms: 1_765_000_000_789,
                 with_routes: true,
+                keep_replaced_will: false,
+            })),
+        ),
+        (
+            "claim-keep-replaced-will",
+            cmd(Cmd::Claim(pb::Claim {
+                client_id: "device-17".into(),
+                node_id: 3,
+                clean_start: false,
+                expiry_secs: 3600,
+                will: None,
+                at_ms: 1_765_000_001_234,
+                with_routes: true,
+                keep_replaced_will: true,
             })),
         ),
     ]
@@ -305,7 +320,10 @@ fn a_snapshot_decodes_from_its_fixture() {
     // The commands of wire level 2 (at the end) are left out: the older fixtures hold the
     // state of the earlier list.
     for (name, c) in commands() {
-        if !matches!(name, "member-up-wire-level" | "claim-with-routes") {
+        if !matches!(
+            name,
+            "member-up-wire-level" | "claim-with-routes" | "claim-keep-replaced-will"
+        ) {
             st.apply(c);
         }
     }
@@ -375,6 +393,21 @@ fn a_snapshot_decodes_from_its_fixture() {
     let (decoded, _) = ClusterState::decode_snapshot(&fixture, &meta).unwrap();
     assert_eq!(decoded.members, third.members);
     assert_eq!(decoded.sessions, third.sessions);
+    // Wire level 4: records replaced by a claim elsewhere with their wills due.
+    let mut fourth = third.clone();
+    let mut replaced = fourth.sessions.values().next().unwrap().clone();
+    replaced.will = Some(will());
+    replaced.connected = true;
+    fourth.replaced_wills.insert(
+        (replaced.client_id.as_str().into(), replaced.epoch),
+        replaced,
+    );
+    let encoded = fourth.encode_snapshot(&retained);
+    let fixture = check("snapshot-replaced-will.bin", &encoded);
+    assert_eq!(fixture, encoded, "the encoding changed");
+    let (decoded, _) = ClusterState::decode_snapshot(&fixture, &meta).unwrap();
+    assert_eq!(decoded.replaced_wills, fourth.replaced_wills);
+    assert_eq!(decoded.sessions, fourth.sessions);
 }
 
 #[test]

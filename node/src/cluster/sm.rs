@@ -48,6 +48,9 @@ pub struct ClusterState {
     pub sessions: HashMap<Arc<str>, pb::SessionRecord>,
     /// client id -> filter -> subscription, for persistent sessions.
     pub subscriptions: HashMap<Arc<str>, BTreeMap<String, pb::Subscription>>,
+    /// (client id, epoch) -> a connected record of another node that a claim replaced while
+    /// its will was due (`Claim.keep_replaced_will`): kept until a `WillFired` of that epoch.
+    pub replaced_wills: BTreeMap<(Arc<str>, u64), pb::SessionRecord>,
     // Retained messages are not here: `StateMachine` applies them to the node's retained
     // store, the one SUBSCRIBE reads (one copy of each message per node).
 }
@@ -62,6 +65,16 @@ fn stale() -> pb::Outcome {
     pb::Outcome {
         result: Some(pb::outcome::Result::Stale(pb::Stale {})),
     }
+}
+
+/// Whether the will of `rec`, a connected record, is due when its connection ends and a new
+/// claim takes its place: at once (no delay), or because the session does not go on (a
+/// clean start, or none present); a delayed will of a resumed session is not published (MQTT
+/// 5, 3.1.3.2.2).
+fn will_due(rec: &pb::SessionRecord, present: bool) -> bool {
+    rec.will
+        .as_ref()
+        .is_some_and(|w| !present || w.delay_secs.min(rec.expiry_secs) == 0)
 }
 
 /// Whether a disconnected session's expiry has passed at `now_ms`.
@@ -162,6 +175,12 @@ impl ClusterState {
             }
             Cmd::Claim(c) => self.claim(c, index, ops),
             Cmd::SessionDisconnected(d) => {
+                if !d.keep_will && d.will.is_none() && !self.replaced_wills.is_empty() {
+                    // The connection ended without its will (a normal DISCONNECT) while a
+                    // claim elsewhere replaced it: that claim kept a will nobody may publish.
+                    self.replaced_wills
+                        .remove(&(d.client_id.as_str().into(), d.epoch));
+                }
                 let Some(rec) = self.sessions.get_mut(d.client_id.as_str()) else {
                     return stale();
                 };
@@ -222,6 +241,13 @@ impl ClusterState {
             Cmd::WillFired(w) => match self.sessions.get_mut(w.client_id.as_str()) {
                 // Exactly once: only the first WillFired of an epoch is Done; its proposer
                 // publishes the will.
+                _ if self
+                    .replaced_wills
+                    .remove(&(w.client_id.as_str().into(), w.epoch))
+                    .is_some() =>
+                {
+                    done()
+                }
                 Some(rec) if rec.epoch == w.epoch && rec.will.is_some() => {
                     rec.will = None;
                     if rec.connected {
@@ -257,6 +283,22 @@ impl ClusterState {
         let present = !c.clean_start && previous.as_ref().is_some_and(|p| !expired(p, c.at_ms));
         if !present {
             self.subscriptions.remove(&client);
+        }
+        if let Some(p) = previous.as_ref().filter(|p| {
+            c.keep_replaced_will
+                && p.connected
+                && p.node_id != c.node_id
+                && will_due(p, present)
+                && !self.members.get(&p.node_id).is_some_and(|m| m.draining)
+        }) {
+            // Its connection on another node goes (taken over, or its node died under it):
+            // its will is due, and is published once, by that node or by the leader
+            // (`WillFired` of its epoch). A claim of the same node, or of a version before
+            // level 4, leaves the will to the node that held the connection, as before; so
+            // does a claim that replaces a connection of a draining node (DESIGN: a drained
+            // client's will is dropped if it reconnects elsewhere within the grace).
+            self.replaced_wills
+                .insert((client.clone(), p.epoch), p.clone());
         }
         if c.expiry_secs == 0 && c.will.is_none() && !present {
             // A new session that ends with its connection and has no will leaves nothing to
@@ -392,6 +434,9 @@ impl ClusterState {
                 put(Record::Subscription(s.clone()));
             }
         }
+        for r in self.replaced_wills.values() {
+            put(Record::ReplacedWill(r.clone()));
+        }
         for (topic, message) in retained {
             put(Record::Retained(pb::RetainSet {
                 topic: topic.clone(),
@@ -445,6 +490,10 @@ impl ClusterState {
                         .insert(s.filter.clone(), s);
                 }
                 Some(Record::Retained(r)) => retained.push(r),
+                Some(Record::ReplacedWill(r)) => {
+                    st.replaced_wills
+                        .insert((r.client_id.as_str().into(), r.epoch), r);
+                }
                 // A record kind of a newer version: skipped (the format would have changed
                 // if skipping it were wrong).
                 None => {}
@@ -542,6 +591,36 @@ pub struct StateMachine {
     effects: mpsc::UnboundedSender<Effect>,
     /// Snapshots built or installed since start (for metrics).
     snapshots: Arc<std::sync::atomic::AtomicU64>,
+    /// This node's connections whose wills claims of other nodes kept aside, as this node
+    /// applied those claims.
+    kept_wills: Arc<KeptWills>,
+}
+
+/// The (client id, epoch) of this node's connections whose records a claim of another node
+/// replaced and kept aside for their wills (`ClusterState::replaced_wills`), filled as this
+/// node applies such a claim (or installs a snapshot that holds one): the connection (closed by that claim, after its apply) asks
+/// here whether its will goes through `WillFired`. The replicated entry alone cannot say:
+/// the leader may have fired and removed it already. Not replicated; an entry nobody asks
+/// for (a claim applied again after a restart) goes after [`KeptWills::KEEP`].
+#[derive(Default)]
+pub struct KeptWills(std::sync::Mutex<HashMap<(Arc<str>, u64), std::time::Instant>>);
+
+impl KeptWills {
+    /// Far longer than a connection takes to close once its claim is applied.
+    const KEEP: std::time::Duration = std::time::Duration::from_secs(600);
+
+    fn insert(&self, keys: impl IntoIterator<Item = (Arc<str>, u64)>) {
+        let now = std::time::Instant::now();
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.retain(|_, at| now.duration_since(*at) < Self::KEEP);
+        kept.extend(keys.into_iter().map(|k| (k, now)));
+    }
+
+    /// Whether a claim kept the will of `client_id`'s connection at `epoch` (asked once).
+    pub fn take(&self, client_id: &str, epoch: u64) -> bool {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.remove(&(Arc::<str>::from(client_id), epoch)).is_some()
+    }
 }
 
 impl StateMachine {
@@ -570,6 +649,7 @@ impl StateMachine {
             applied: watch::channel(applied).0,
             effects,
             snapshots: Arc::default(),
+            kept_wills: Arc::default(),
         };
         Ok((sm, rx))
     }
@@ -586,6 +666,11 @@ impl StateMachine {
 
     fn write(&self) -> RwLockWriteGuard<'_, ClusterState> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// See [`KeptWills`].
+    pub fn kept_wills(&self) -> &KeptWills {
+        &self.kept_wills
     }
 
     /// The route table it writes.
@@ -661,6 +746,12 @@ impl StateMachine {
         if let (Some((client_id, node_id)), Some(pb::outcome::Result::Claimed(c))) =
             (claim_from, &outcome.result)
         {
+            if c.previous_node_id == self.me {
+                let key = (Arc::<str>::from(client_id.as_str()), c.previous_epoch);
+                if st.replaced_wills.contains_key(&key) {
+                    self.kept_wills.insert([key]);
+                }
+            }
             let _ = self.effects.send(Effect::ClaimedElsewhere {
                 client_id: client_id.into(),
                 epoch: c.epoch,
@@ -770,6 +861,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(io::Error::other)??;
         let applied = st.last_applied.map(|l| l.index).unwrap_or(0);
+        // Claims this node did not apply one by one: its connections they replaced ask here
+        // as they close.
+        self.kept_wills.insert(
+            st.replaced_wills
+                .iter()
+                .filter(|(_, r)| r.node_id == self.me)
+                .map(|(key, _)| key.clone()),
+        );
         let mut state = self.write();
         st.move_routes_to(&self.routes);
         *state = st;

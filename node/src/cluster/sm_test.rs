@@ -21,6 +21,29 @@ fn claim(client: &str, node: u64, clean: bool, expiry: u32, at_ms: u64) -> pb::C
         }),
         at_ms,
         with_routes: false,
+        keep_replaced_will: false,
+    }))
+}
+
+/// A claim of wire level 4: it keeps the will of a record it replaces.
+fn claim_keeping(client: &str, node: u64, clean: bool, will_delay: Option<u32>) -> pb::Command {
+    let mut cmd = claim(client, node, clean, 60, 1000);
+    if let Some(Cmd::Claim(c)) = cmd.cmd.as_mut() {
+        c.keep_replaced_will = true;
+        c.will = will_delay.map(|delay_secs| pb::Will {
+            message: bytes::Bytes::from_static(b"will"),
+            delay_secs,
+        });
+    }
+    cmd
+}
+
+fn will_fired(client: &str, epoch: u64, node: u64) -> pb::Command {
+    c(Cmd::WillFired(pb::WillFired {
+        client_id: client.into(),
+        epoch,
+        node_id: node,
+        at_ms: 2000,
     }))
 }
 
@@ -236,6 +259,7 @@ fn a_clean_session_without_a_will_leaves_no_record() {
             will: None,
             at_ms,
             with_routes: false,
+            keep_replaced_will: false,
         }))
     };
     let a = claimed(st.apply(bare(1)));
@@ -446,5 +470,146 @@ fn routes_go_through_a_snapshot_and_into_the_node_s_table() {
         out.iter().map(|t| t.node).collect::<Vec<_>>(),
         [3],
         "not itself"
+    );
+}
+
+#[test]
+fn a_claim_elsewhere_keeps_the_will_of_the_connection_it_replaces_until_it_fires_once() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim_keeping("dev", 1, false, Some(0))));
+    eprintln!("--- the client comes back on node 2 (node 1 died, or still holds the connection)");
+    let b = claimed(st.apply(claim_keeping("dev", 2, false, None)));
+    assert!(b.session_present && b.previous_connected);
+    assert_eq!(st.sessions["dev"].epoch, b.epoch);
+    assert!(
+        st.sessions["dev"].will.is_none(),
+        "the new connection has none"
+    );
+    let kept = &st.replaced_wills[&("dev".into(), a.epoch)];
+    assert_eq!((kept.node_id, kept.epoch), (1, a.epoch));
+    assert!(kept.will.is_some());
+    eprintln!("--- through a snapshot");
+    let meta = SnapshotMeta::default();
+    let (decoded, _) = ClusterState::decode_snapshot(&st.encode_snapshot(&[]), &meta).unwrap();
+    assert_eq!(decoded.replaced_wills, st.replaced_wills);
+    eprintln!("--- fired once, whoever asks first; the new epoch's record is not touched");
+    assert!(is_done(&st.apply(will_fired("dev", a.epoch, 3))));
+    assert!(!is_done(&st.apply(will_fired("dev", a.epoch, 1))), "once");
+    assert!(st.replaced_wills.is_empty());
+    let rec = &st.sessions["dev"];
+    assert!(rec.connected && rec.epoch == b.epoch && rec.node_id == 2);
+}
+
+#[test]
+fn a_replaced_will_is_kept_only_when_due_and_only_from_another_node() {
+    let kept = |first: pb::Command, second: pb::Command| {
+        let mut st = ClusterState::default();
+        st.apply(first);
+        st.apply(second);
+        st.replaced_wills.len()
+    };
+    assert_eq!(
+        kept(
+            claim_keeping("d", 1, false, Some(0)),
+            claim_keeping("d", 2, false, None)
+        ),
+        1,
+        "no delay"
+    );
+    assert_eq!(
+        kept(
+            claim_keeping("d", 1, false, Some(30)),
+            claim_keeping("d", 2, false, None)
+        ),
+        0,
+        "a delayed will of a session that goes on is not published (MQTT 5, 3.1.3.2.2)"
+    );
+    assert_eq!(
+        kept(
+            claim_keeping("d", 1, false, Some(30)),
+            claim_keeping("d", 2, true, None)
+        ),
+        1,
+        "the session ends with a clean start: its delayed will is due"
+    );
+    assert_eq!(
+        kept(
+            claim_keeping("d", 1, false, Some(0)),
+            claim_keeping("d", 1, false, None)
+        ),
+        0,
+        "a takeover on the same node: that node publishes the will, as before"
+    );
+    assert_eq!(
+        kept(
+            claim_keeping("d", 1, false, None),
+            claim_keeping("d", 2, false, None)
+        ),
+        0,
+        "no will"
+    );
+    assert_eq!(
+        kept(
+            claim_keeping("d", 1, false, Some(0)),
+            claim("d", 2, false, 60, 1000)
+        ),
+        0,
+        "a claim of a member before level 4 keeps nothing"
+    );
+    eprintln!("--- a record already disconnected (its will pending or not) is not kept");
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim_keeping("d", 1, false, Some(0))));
+    st.apply(c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+        client_id: "d".into(),
+        epoch: a.epoch,
+        at_ms: 1500,
+        will: None,
+        keep_will: true,
+        expiry_secs: None,
+    })));
+    st.apply(claim_keeping("d", 2, false, None));
+    assert!(st.replaced_wills.is_empty());
+    eprintln!("--- nor one of a draining node (its drained clients' wills wait for the grace)");
+    let mut st = ClusterState::default();
+    for (node, draining) in [(1, true), (2, false)] {
+        st.apply(c(Cmd::MemberUp(pb::MemberUp {
+            node_id: node,
+            ..Default::default()
+        })));
+        st.apply(c(Cmd::MemberDrain(pb::MemberDrain {
+            node_id: node,
+            draining,
+        })));
+    }
+    st.apply(claim_keeping("d", 1, false, Some(0)));
+    st.apply(claim_keeping("d", 2, false, None));
+    assert!(st.replaced_wills.is_empty());
+}
+
+#[test]
+fn a_normal_disconnect_that_raced_the_claim_drops_the_kept_will() {
+    let mut st = ClusterState::default();
+    let a = claimed(st.apply(claim_keeping("d", 1, false, Some(0))));
+    st.apply(claim_keeping("d", 2, false, None));
+    let gone = |keep_will| {
+        c(Cmd::SessionDisconnected(pb::SessionDisconnected {
+            client_id: "d".into(),
+            epoch: a.epoch,
+            at_ms: 1500,
+            will: None,
+            keep_will,
+            expiry_secs: None,
+        }))
+    };
+    eprintln!("--- a connection that ended with its will pending keeps it kept");
+    st.apply(gone(true));
+    assert_eq!(st.replaced_wills.len(), 1);
+    eprintln!("--- a DISCONNECT (no will) committed after the claim: nothing to publish");
+    st.apply(gone(false));
+    assert!(st.replaced_wills.is_empty());
+    assert!(!is_done(&st.apply(will_fired("d", a.epoch, 1))));
+    assert!(
+        st.sessions["d"].connected,
+        "the new connection's record is untouched"
     );
 }

@@ -6,13 +6,25 @@
 //!  the will is due here (now, or after its delay) ── WillFired(client, epoch) ──> Done: publish
 //!                                                                               Stale: not
 //!  a node unreachable for `cluster.will_grace_ms`: the leader ── WillFired ──> Done: publish
-//!    (for each of its records with a will, once the will's delay has passed too)
+//!    (for each of its records with a will, once the will's delay has passed too, and each
+//!    of its records that a claim elsewhere replaced with the will due)
+//!  a claim of another node replaces a connected record, will due ── kept aside ──>
+//!    the old node closes the connection ── WillFired(old epoch) ──> Done: publish
 //! ```
 //!
 //! `WillFired` is Done for the first proposer of an epoch only, and never once the client has
 //! claimed its id again (a new epoch), so a will is published once whoever proposes it: the
 //! node of the connection, a node restarted after a crash (it finds the will armed in its
 //! store), or the leader for a node that stays away.
+//!
+//! A client whose node died reconnects elsewhere, often before the grace has passed (a fleet
+//! behind a load balancer): its claim replaces the dead node's record, and with it the will
+//! that was due when the connection died. From wire level 4 such a claim keeps the replaced
+//! record aside (`ClusterState::replaced_wills`, while the will is due: no delay, or the
+//! session does not go on), and `WillFired` of the old epoch fires it once: the leader's once
+//! the old node has been away for the grace, the old node's on restart (armed in its store),
+//! or, if the old node is alive (a takeover), its own as it closes the connection
+//! ([`super::sm::KeptWills`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -128,19 +140,30 @@ impl Cluster {
             let now = now_ms();
             let due: Vec<(Arc<str>, u64, bytes::Bytes)> = {
                 let st = self.sm.read();
+                // How long the node of `r` has been away, if for the grace at least.
+                let away = |r: &pb::SessionRecord| {
+                    if r.node_id == self.me.node_id {
+                        return None;
+                    }
+                    let down = match members.membership().get_node(&r.node_id) {
+                        Some(_) => self.settle.down_for(r.node_id)?,
+                        None => Duration::MAX,
+                    };
+                    (down >= grace).then_some(down)
+                };
+                // Records that a claim replaced with their wills due: at once.
+                let replaced = st
+                    .replaced_wills
+                    .iter()
+                    .filter(|(_, r)| away(r).is_some())
+                    .filter_map(|((client, epoch), r)| {
+                        Some((client.clone(), *epoch, r.will.as_ref()?.message.clone()))
+                    });
                 st.sessions
                     .iter()
-                    .filter(|(_, r)| r.node_id != self.me.node_id)
                     .filter_map(|(client, r)| {
                         let will = r.will.as_ref()?;
-                        let member = members.membership().get_node(&r.node_id).is_some();
-                        let down = match member {
-                            true => self.settle.down_for(r.node_id)?,
-                            false => Duration::MAX,
-                        };
-                        if down < grace {
-                            return None;
-                        }
+                        let down = away(r)?;
                         // The delay never outlasts the session (MQTT 5, 3.1.3.2.2).
                         let delay = u64::from(will.delay_secs.min(r.expiry_secs)) * 1000;
                         let ready = match r.connected {
@@ -150,6 +173,7 @@ impl Cluster {
                         };
                         ready.then(|| (client.clone(), r.epoch, will.message.clone()))
                     })
+                    .chain(replaced)
                     .collect()
             };
             for (client_id, epoch, message) in due {

@@ -14,6 +14,7 @@
 //! | 1 | (the versions before wire levels, which announce none) |
 //! | 2 | `Claim.with_routes`: a claim that moves a session adds its routes for the new node in the same entry; `ForwardedMessage.routed_at` cuts a moving session's copies by that entry's index, and `ForwardedMessage.client_id` passes the old node's copies on |
 //! | 3 | `ForwardBatch.packed`: a forwarded batch's messages in the packed form (`packed.rs`), a message without properties or expiry as its fields rather than in the stored encoding |
+//! | 4 | `Claim.keep_replaced_will`: a claim that replaces another node's connected record with a will still due keeps that record aside until a `WillFired` of its epoch (`sm.rs`, `wills.rs`); snapshots carry them (`SnapshotRecord.replaced_will`) |
 //!
 //! Level 3 concerns only one forwarding stream, so it is agreed per stream rather than by
 //! the members: the receiver answers the stream with its level in the [`STREAM_LEVEL`]
@@ -30,7 +31,7 @@
 use petrel_cluster_proto::pb;
 
 /// The highest level this version knows (the default of `cluster.wire_level`).
-pub const LEVEL: u32 = 3;
+pub const LEVEL: u32 = 4;
 
 /// Forwarded batches packed (`ForwardBatch.packed`).
 pub const PACKED: u32 = 3;
@@ -49,6 +50,9 @@ pub fn stream_level(headers: &tonic::metadata::MetadataMap) -> u32 {
 
 /// A claim that moves a session brings its routes (`Claim.with_routes`).
 pub const CLAIM_ROUTES: u32 = 2;
+
+/// A claim keeps the will of the record it replaces (`Claim.keep_replaced_will`).
+pub const KEEP_WILLS: u32 = 4;
 
 /// The level a member announced (the first versions announced none: 1).
 pub fn level(m: &pb::Member) -> u32 {

@@ -688,10 +688,23 @@ impl Conn {
                     delay = delay.max(grace);
                 }
                 let msg = Message::from_will(&w, self.session.id(), now);
+                let epoch = self.session.epoch();
+                let kept = matches!(reason, Some(ConnError::TakenOver))
+                    && self
+                        .broker
+                        .control
+                        .will_kept_by_claim(&self.client_id, epoch);
                 let of = match reason {
-                    Some(ConnError::TakenOver) => WillOf::TakenOver,
-                    _ => WillOf::Connection(self.session.epoch()),
+                    Some(ConnError::TakenOver) if !kept => WillOf::TakenOver,
+                    _ => WillOf::Connection(epoch),
                 };
+                if kept {
+                    // Taken over by a claim of another node that kept the will aside (due
+                    // now: no delay, or the session ended with this claim). It is published
+                    // through the cluster, by this node or, if this node seems dead
+                    // meanwhile, by the leader: exactly once.
+                    delay = Duration::ZERO;
+                }
                 self.broker
                     .schedule_will(&self.client_id, self.session.id(), of, msg, delay);
             }

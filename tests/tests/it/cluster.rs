@@ -1263,6 +1263,82 @@ async fn a_dead_nodes_wills_are_published_by_a_survivor_once_even_when_it_return
     .await
 }
 
+/// A client whose node dies and that reconnects to another node before the grace has passed,
+/// as a fleet behind a load balancer does: its will was due when its connection died, and the
+/// leader publishes it once (the new claim keeps the dead node's record aside for it); the
+/// dead node, back, finds it armed and leaves it. A takeover while the old node lives
+/// publishes the will once too, through the old node.
+#[tokio::test]
+async fn wills_of_a_dead_nodes_clients_that_reconnect_elsewhere_at_once_are_published_once() {
+    test_timeout(async {
+        let mut c = Cluster::new(3, 3, &[("PETREL_CLUSTER__WILL_GRACE_MS", "5000")]);
+        c.start(&[0, 1, 2]).await;
+        wait_agreed(&c, &[0, 1, 2], 3, 0).await;
+        let mut watch = V5Client::connect(node(&c, 2).mqtt_addr(), "rw-watch").await;
+        watch.subscribe("rw/#", Q5::AtLeastOnce).await;
+        wait_routes(c.grpc(0), 2, 1).await;
+        let will = |topic: &'static str| {
+            move |o: &mut rumqttc::v5::MqttOptions| {
+                o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    topic,
+                    "gone",
+                    Q5::AtLeastOnce,
+                    false,
+                    None,
+                ));
+            }
+        };
+        eprintln!("--- a takeover on node 1 while node 0 lives: node 0 publishes the will, once");
+        let old =
+            V5Client::connect_with(node(&c, 0).mqtt_addr(), "rw-moved", will("rw/moved")).await;
+        let new = V5Client::connect(node(&c, 1).mqtt_addr(), "rw-moved").await;
+        assert_eq!(topic5(&watch.recv_publishes(1).await[0]), "rw/moved");
+        node(&c, 0)
+            .wait_metric("petrel_wills_published_total", WAIT, |v| v == 1.0)
+            .await;
+        drop((old, new));
+        let dev = V5Client::connect_with(node(&c, 0).mqtt_addr(), "rw-dev", will("rw/dev")).await;
+        let dev2 = V5Client::connect_with(node(&c, 0).mqtt_addr(), "rw-dev2", |o| {
+            will("rw/dev2")(o);
+            persistent(o);
+        })
+        .await;
+        eprintln!("--- node 0 dies; both clients come back on node 1 at once, without wills");
+        c.kill9(0).await;
+        drop((dev, dev2));
+        let back = V5Client::connect(node(&c, 1).mqtt_addr(), "rw-dev").await;
+        let back2 = V5Client::connect_with(node(&c, 1).mqtt_addr(), "rw-dev2", persistent).await;
+        assert_eq!(
+            node(&c, 1).metric("petrel_cluster_wills_replaced").await,
+            2.0,
+            "both claims came within the grace, and kept the wills aside"
+        );
+        let mut got: Vec<String> = watch.recv_publishes(2).await.iter().map(topic5).collect();
+        got.sort();
+        assert_eq!(got, ["rw/dev", "rw/dev2"]);
+        let published = node(&c, 1).metric("petrel_wills_published_total").await
+            + node(&c, 2).metric("petrel_wills_published_total").await;
+        assert_eq!(published, 2.0, "by the leader, once each");
+        for i in [1, 2] {
+            node(&c, i)
+                .wait_metric("petrel_cluster_wills_replaced", WAIT, |v| v == 0.0)
+                .await;
+        }
+        eprintln!("--- node 0 returns: it finds both armed, and leaves them");
+        c.start(&[0]).await;
+        node(&c, 0)
+            .wait_metric("petrel_wills_skipped_total", WAIT, |v| v == 2.0)
+            .await;
+        assert_eq!(
+            node(&c, 0).metric("petrel_wills_published_total").await,
+            0.0
+        );
+        watch.assert_no_publish_before_marker().await;
+        drop((back, back2));
+    })
+    .await
+}
+
 /// A persistent session taken over from node to node (the client connects to the next node
 /// while its connection to the last is still up) while QoS 1 streams from every node go on:
 /// each move is a claim that brings the session's routes to the new node in the same log
