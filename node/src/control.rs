@@ -163,6 +163,19 @@ pub enum ClaimError {
     NoQuorum(String),
 }
 
+/// [`ControlPlane::will_elsewhere`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WillElsewhere {
+    /// Nothing: this node publishes it as before.
+    Nothing,
+    /// A claim of another node that took the connection over kept the will aside: it is
+    /// published through [`ControlPlane::fire_will`] with the connection's epoch, by this
+    /// node or by the leader (if this node seemed dead), once.
+    Kept,
+    /// Another node published it (the leader, while this node seemed dead): not again.
+    Fired,
+}
+
 pub trait ControlPlane: Send + Sync + 'static {
     /// Makes this node the owner of the client id, with a new epoch.
     fn claim(&self, req: ClaimRequest) -> BoxFuture<'_, Result<Grant, ClaimError>>;
@@ -172,13 +185,15 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// or after its delay, through [`ControlPlane::fire_will`]), so the record keeps it.
     /// Does not wait.
     /// `expiry_secs`: the session expiry interval the connection ended with (an MQTT 5
-    /// DISCONNECT may have changed it).
+    /// DISCONNECT may have changed it). `drained`: the node told it to go (shutdown or
+    /// drain); its will waits for the grace and goes if the client connects elsewhere.
     fn disconnected(
         &self,
         client_id: &Arc<str>,
         epoch: Epoch,
         will_pending: bool,
         expiry_secs: u32,
+        drained: bool,
     );
 
     /// Whether this node may publish the will of `client_id` claimed at `epoch` (`None`:
@@ -195,13 +210,11 @@ pub trait ControlPlane: Send + Sync + 'static {
         true
     }
 
-    /// Whether the will of `client_id`'s connection at `epoch`, which a claim of another
-    /// node took over, was kept aside by that claim: it is then published only through
-    /// [`ControlPlane::fire_will`] with that epoch (the leader may publish it instead, if this
-    /// node seems dead); otherwise this node publishes it alone. Asked once, after the claim
-    /// is applied here (which is what closes the connection).
-    fn will_kept_by_claim(&self, _client_id: &str, _epoch: Epoch) -> bool {
-        false
+    /// What other nodes did with the will of `client_id`'s connection at `epoch`, as this
+    /// node applied it; asked once, as the connection closes (a claim elsewhere that closes
+    /// it is applied here first).
+    fn will_elsewhere(&self, _client_id: &str, _epoch: Epoch) -> WillElsewhere {
+        WillElsewhere::Nothing
     }
 
     /// The session claimed at `epoch` ended (expired). Does not wait.
@@ -407,6 +420,7 @@ impl ControlPlane for LocalControl {
         _epoch: Epoch,
         _will_pending: bool,
         _expiry_secs: u32,
+        _drained: bool,
     ) {
     }
 

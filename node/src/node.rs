@@ -71,6 +71,9 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(5);
 /// How long a shutdown waits for another voter to take the leadership.
 const LEADER_HANDOFF: Duration = Duration::from_secs(2);
 
+/// How long a shutdown waits for its `MemberDrain` to commit.
+const DRAIN_MARK: Duration = Duration::from_secs(1);
+
 /// Tells every connected client to go (`why`), at most `rate` per second unless that would
 /// take longer than `within`; returns how many were told.
 pub async fn evict(broker: &Broker, rate: u32, within: Duration, why: Kick) -> usize {
@@ -484,6 +487,15 @@ impl NodeHandle {
         self.admin.ready.store(false, Ordering::Release);
         self.broker.draining.store(true, Ordering::Relaxed);
         self.cancel.cancel();
+        // Draining in the cluster's state before any client is told to go: a client that
+        // reconnects elsewhere before its drained connection's end commits gets no will
+        // kept for the leader to publish (its will waits for the grace; `sm.rs`).
+        let me = self.cluster.node_id();
+        match tokio::time::timeout(DRAIN_MARK, self.cluster.propose_drain(me, true)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "drain not recorded in the cluster state"),
+            Err(_) => tracing::warn!("drain not recorded in the cluster state in time"),
+        }
         if !self.broker.store.committed_now().failed {
             // Another voter leads before this one goes: no election gap.
             match tokio::time::timeout(LEADER_HANDOFF, self.cluster.hand_leadership_away()).await {

@@ -1326,6 +1326,7 @@ impl ControlPlane for Cluster {
         epoch: Epoch,
         will_pending: bool,
         expiry_secs: u32,
+        drained: bool,
     ) {
         self.propose_detached(pb::Command {
             cmd: Some(pb::command::Cmd::SessionDisconnected(
@@ -1336,6 +1337,7 @@ impl ControlPlane for Cluster {
                     will: None,
                     keep_will: will_pending,
                     expiry_secs: Some(expiry_secs),
+                    drained,
                 },
             )),
         });
@@ -1345,8 +1347,13 @@ impl ControlPlane for Cluster {
         self.will_fired(client_id, epoch.map(|e| e.0))
     }
 
-    fn will_kept_by_claim(&self, client_id: &str, epoch: Epoch) -> bool {
-        self.sm.kept_wills().take(client_id, epoch.0)
+    fn will_elsewhere(&self, client_id: &str, epoch: Epoch) -> crate::control::WillElsewhere {
+        use crate::control::WillElsewhere;
+        match self.sm.taken_wills().take(client_id, epoch.0) {
+            None => WillElsewhere::Nothing,
+            Some(sm::Taken::Kept) => WillElsewhere::Kept,
+            Some(sm::Taken::FiredElsewhere) => WillElsewhere::Fired,
+        }
     }
 
     fn ended(&self, client_id: &Arc<str>, epoch: Epoch) {

@@ -116,6 +116,7 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 will: Some(will()),
                 keep_will: false,
                 expiry_secs: None,
+                drained: false,
             })),
         ),
         (
@@ -199,6 +200,7 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 will: None,
                 keep_will: true,
                 expiry_secs: None,
+                drained: false,
             })),
         ),
         (
@@ -219,6 +221,7 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 will: None,
                 keep_will: false,
                 expiry_secs: Some(0),
+                drained: false,
             })),
         ),
         (
@@ -255,6 +258,18 @@ fn commands() -> Vec<(&'static str, pb::Command)> {
                 at_ms: 1_765_000_001_234,
                 with_routes: true,
                 keep_replaced_will: true,
+            })),
+        ),
+        (
+            "session-disconnected-drained",
+            cmd(Cmd::SessionDisconnected(pb::SessionDisconnected {
+                client_id: "device-17".into(),
+                epoch: 9,
+                at_ms: 1_765_000_001_456,
+                will: None,
+                keep_will: true,
+                expiry_secs: Some(3600),
+                drained: true,
             })),
         ),
     ]
@@ -322,7 +337,10 @@ fn a_snapshot_decodes_from_its_fixture() {
     for (name, c) in commands() {
         if !matches!(
             name,
-            "member-up-wire-level" | "claim-with-routes" | "claim-keep-replaced-will"
+            "member-up-wire-level"
+                | "claim-with-routes"
+                | "claim-keep-replaced-will"
+                | "session-disconnected-drained"
         ) {
             st.apply(c);
         }

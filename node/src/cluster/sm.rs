@@ -175,9 +175,11 @@ impl ClusterState {
             }
             Cmd::Claim(c) => self.claim(c, index, ops),
             Cmd::SessionDisconnected(d) => {
-                if !d.keep_will && d.will.is_none() && !self.replaced_wills.is_empty() {
-                    // The connection ended without its will (a normal DISCONNECT) while a
-                    // claim elsewhere replaced it: that claim kept a will nobody may publish.
+                let no_will = (!d.keep_will && d.will.is_none()) || d.drained;
+                if no_will && !self.replaced_wills.is_empty() {
+                    // The connection ended without its will (a normal DISCONNECT), or was
+                    // drained, while a claim elsewhere replaced it: that claim kept a will
+                    // nobody may publish.
                     self.replaced_wills
                         .remove(&(d.client_id.as_str().into(), d.epoch));
                 }
@@ -591,35 +593,50 @@ pub struct StateMachine {
     effects: mpsc::UnboundedSender<Effect>,
     /// Snapshots built or installed since start (for metrics).
     snapshots: Arc<std::sync::atomic::AtomicU64>,
-    /// This node's connections whose wills claims of other nodes kept aside, as this node
-    /// applied those claims.
-    kept_wills: Arc<KeptWills>,
+    /// What other nodes did with the wills of this node's connections.
+    taken_wills: Arc<TakenWills>,
 }
 
-/// The (client id, epoch) of this node's connections whose records a claim of another node
-/// replaced and kept aside for their wills (`ClusterState::replaced_wills`), filled as this
-/// node applies such a claim (or installs a snapshot that holds one): the connection (closed by that claim, after its apply) asks
-/// here whether its will goes through `WillFired`. The replicated entry alone cannot say:
-/// the leader may have fired and removed it already. Not replicated; an entry nobody asks
-/// for (a claim applied again after a restart) goes after [`KeptWills::KEEP`].
+/// What became of the wills of this node's connections that other nodes acted on, as this
+/// node applied it: a claim elsewhere kept one aside (`ClusterState::replaced_wills`; also
+/// found in an installed snapshot), or another node's `WillFired` published one (the leader,
+/// while this node seemed dead). A connection with a will asks here once, as it closes
+/// ([`TakenWills::take`]). The replicated state alone cannot say: the leader may have fired
+/// and removed a kept will already, and a record fired while its connection lived on here
+/// looks like any disconnected one. Not replicated; an entry nobody asks for (its connection
+/// ended first, or a command applied again after a restart) goes after [`TakenWills::KEEP`]
+/// if it is a kept one; one fired elsewhere waits for its connection, however long it lives.
 #[derive(Default)]
-pub struct KeptWills(std::sync::Mutex<HashMap<(Arc<str>, u64), std::time::Instant>>);
+pub struct TakenWills(std::sync::Mutex<HashMap<(Arc<str>, u64), (Taken, std::time::Instant)>>);
 
-impl KeptWills {
+/// See [`TakenWills`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taken {
+    /// Kept aside by a claim elsewhere: published once through `WillFired` of its epoch.
+    Kept,
+    /// Published by another node already: not again.
+    FiredElsewhere,
+}
+
+impl TakenWills {
     /// Far longer than a connection takes to close once its claim is applied.
     const KEEP: std::time::Duration = std::time::Duration::from_secs(600);
 
-    fn insert(&self, keys: impl IntoIterator<Item = (Arc<str>, u64)>) {
+    fn insert(&self, taken: Taken, keys: impl IntoIterator<Item = (Arc<str>, u64)>) {
         let now = std::time::Instant::now();
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        kept.retain(|_, at| now.duration_since(*at) < Self::KEEP);
-        kept.extend(keys.into_iter().map(|k| (k, now)));
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, (t, at)| *t != Taken::Kept || now.duration_since(*at) < Self::KEEP);
+        map.extend(keys.into_iter().map(|k| (k, (taken, now))));
     }
 
-    /// Whether a claim kept the will of `client_id`'s connection at `epoch` (asked once).
-    pub fn take(&self, client_id: &str, epoch: u64) -> bool {
-        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        kept.remove(&(Arc::<str>::from(client_id), epoch)).is_some()
+    /// What became of the will of `client_id`'s connection at `epoch` (asked once).
+    pub fn take(&self, client_id: &str, epoch: u64) -> Option<Taken> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        map.remove(&(Arc::<str>::from(client_id), epoch))
+            .map(|(t, _)| t)
     }
 }
 
@@ -649,7 +666,7 @@ impl StateMachine {
             applied: watch::channel(applied).0,
             effects,
             snapshots: Arc::default(),
-            kept_wills: Arc::default(),
+            taken_wills: Arc::default(),
         };
         Ok((sm, rx))
     }
@@ -668,9 +685,9 @@ impl StateMachine {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// See [`KeptWills`].
-    pub fn kept_wills(&self) -> &KeptWills {
-        &self.kept_wills
+    /// See [`TakenWills`].
+    pub fn taken_wills(&self) -> &TakenWills {
+        &self.taken_wills
     }
 
     /// The route table it writes.
@@ -717,6 +734,19 @@ impl StateMachine {
             }
             _ => None,
         };
+        // Another node publishes the will of a connection of this node's.
+        let fired_here = match &cmd.cmd {
+            Some(pb::command::Cmd::WillFired(w))
+                if w.node_id != self.me
+                    && st
+                        .sessions
+                        .get(w.client_id.as_str())
+                        .is_some_and(|r| r.epoch == w.epoch && r.node_id == self.me) =>
+            {
+                Some((Arc::<str>::from(w.client_id.as_str()), w.epoch))
+            }
+            _ => None,
+        };
         let index = st.last_applied.map(|l| l.index).unwrap_or(0);
         let arriving = match &cmd.cmd {
             Some(pb::command::Cmd::Claim(c)) if c.node_id == self.me && c.with_routes => {
@@ -725,6 +755,9 @@ impl StateMachine {
             _ => None,
         };
         let outcome = st.apply_at(cmd, index, ops);
+        if let (Some(key), Some(pb::outcome::Result::Done(_))) = (fired_here, &outcome.result) {
+            self.taken_wills.insert(Taken::FiredElsewhere, [key]);
+        }
         if let (Some(client_id), Some(pb::outcome::Result::Claimed(c))) =
             (arriving, &outcome.result)
         {
@@ -749,7 +782,7 @@ impl StateMachine {
             if c.previous_node_id == self.me {
                 let key = (Arc::<str>::from(client_id.as_str()), c.previous_epoch);
                 if st.replaced_wills.contains_key(&key) {
-                    self.kept_wills.insert([key]);
+                    self.taken_wills.insert(Taken::Kept, [key]);
                 }
             }
             let _ = self.effects.send(Effect::ClaimedElsewhere {
@@ -863,7 +896,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let applied = st.last_applied.map(|l| l.index).unwrap_or(0);
         // Claims this node did not apply one by one: its connections they replaced ask here
         // as they close.
-        self.kept_wills.insert(
+        self.taken_wills.insert(
+            Taken::Kept,
             st.replaced_wills
                 .iter()
                 .filter(|(_, r)| r.node_id == self.me)

@@ -99,6 +99,7 @@ fn a_persistent_session_expires_by_the_proposers_clock() {
         will: None,
         keep_will: false,
         expiry_secs: None,
+        drained: false,
     }));
     assert!(is_done(&st.apply(gone)));
     // Within 10 s of the disconnect: present, subscriptions kept.
@@ -112,6 +113,7 @@ fn a_persistent_session_expires_by_the_proposers_clock() {
         will: None,
         keep_will: false,
         expiry_secs: None,
+        drained: false,
     })));
     // 10 s later: expired; its subscriptions go.
     let c3 = claimed(st.apply(claim("dev", 1, false, 10, 30_000)));
@@ -132,6 +134,7 @@ fn a_clean_session_ends_with_its_connection_and_stale_epochs_are_ignored() {
         will: None,
         keep_will: false,
         expiry_secs: None,
+        drained: false,
     }));
     assert!(!is_done(&st.apply(late)));
     assert!(st.sessions.contains_key("dev"));
@@ -142,6 +145,7 @@ fn a_clean_session_ends_with_its_connection_and_stale_epochs_are_ignored() {
         will: None,
         keep_will: false,
         expiry_secs: None,
+        drained: false,
     }));
     assert!(is_done(&st.apply(end)));
     assert!(!st.sessions.contains_key("dev"));
@@ -180,6 +184,7 @@ fn a_pending_will_keeps_a_session_without_expiry_until_it_fires() {
             will: None,
             keep_will,
             expiry_secs: None,
+            drained: false,
         }))
     };
     assert!(is_done(&st.apply(gone(true))));
@@ -203,6 +208,7 @@ fn a_pending_will_keeps_a_session_without_expiry_until_it_fires() {
         will: None,
         keep_will: false,
         expiry_secs: None,
+        drained: false,
     }));
     assert!(is_done(&st.apply(bye)));
     assert!(!st.sessions.contains_key("dev"));
@@ -338,6 +344,7 @@ fn resuming_with_expiry_0_keeps_the_subscriptions_until_the_disconnect() {
         will: None,
         keep_will: false,
         expiry_secs: None,
+        drained: false,
     })));
     assert!(!st.sessions.contains_key("dev") && !st.subscriptions.contains_key("dev"));
 }
@@ -374,6 +381,7 @@ fn a_disconnect_that_shortens_the_expiry_to_0_ends_the_session() {
         will: None,
         keep_will: false,
         expiry_secs: Some(0),
+        drained: false,
     }));
     assert!(is_done(&st.apply(bye)));
     assert!(
@@ -566,6 +574,7 @@ fn a_replaced_will_is_kept_only_when_due_and_only_from_another_node() {
         will: None,
         keep_will: true,
         expiry_secs: None,
+        drained: false,
     })));
     st.apply(claim_keeping("d", 2, false, None));
     assert!(st.replaced_wills.is_empty());
@@ -587,7 +596,7 @@ fn a_replaced_will_is_kept_only_when_due_and_only_from_another_node() {
 }
 
 #[test]
-fn a_normal_disconnect_that_raced_the_claim_drops_the_kept_will() {
+fn a_normal_disconnect_or_a_drain_that_raced_the_claim_drops_the_kept_will() {
     let mut st = ClusterState::default();
     let a = claimed(st.apply(claim_keeping("d", 1, false, Some(0))));
     st.apply(claim_keeping("d", 2, false, None));
@@ -599,17 +608,57 @@ fn a_normal_disconnect_that_raced_the_claim_drops_the_kept_will() {
             will: None,
             keep_will,
             expiry_secs: None,
+            drained: false,
         }))
     };
     eprintln!("--- a connection that ended with its will pending keeps it kept");
     st.apply(gone(true));
     assert_eq!(st.replaced_wills.len(), 1);
     eprintln!("--- a DISCONNECT (no will) committed after the claim: nothing to publish");
+    let mut drained = st.clone();
     st.apply(gone(false));
     assert!(st.replaced_wills.is_empty());
+    eprintln!("--- nor for a connection its node drained (its will waits for the grace)");
+    let mut cmd = gone(true);
+    if let Some(Cmd::SessionDisconnected(d)) = cmd.cmd.as_mut() {
+        d.drained = true;
+    }
+    drained.apply(cmd);
+    assert!(drained.replaced_wills.is_empty());
     assert!(!is_done(&st.apply(will_fired("d", a.epoch, 1))));
     assert!(
         st.sessions["d"].connected,
         "the new connection's record is untouched"
     );
+}
+
+#[test]
+fn a_node_notes_what_other_nodes_did_with_its_connections_wills() {
+    use super::{StateMachine, Taken};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = petrel_storage::Store::open(petrel_storage::StoreOptions {
+        path: dir.path().join("db"),
+        fsync: false,
+    })
+    .expect("open store");
+    let (sm, _effects) = StateMachine::open(store, 1, Arc::default(), Arc::new(RouteTable::new(1)))
+        .expect("state machine");
+    let mut st = ClusterState::default();
+    let mut ops = Vec::new();
+    let mut apply = |cmd| sm.apply_one(&mut st, cmd, &mut ops);
+    eprintln!("--- node 2 takes a connection of node 1's over and keeps its will");
+    let a = claimed(apply(claim_keeping("kept", 1, false, Some(0))));
+    apply(claim_keeping("kept", 2, false, None));
+    eprintln!("--- the leader (node 3) fires a will of node 1's connection, as if node 1 was away");
+    let b = claimed(apply(claim_keeping("fired", 1, false, Some(0))));
+    assert!(is_done(&apply(will_fired("fired", b.epoch, 3))));
+    eprintln!("--- node 1 fires its own: nothing to note");
+    let d = claimed(apply(claim_keeping("own", 1, false, Some(0))));
+    assert!(is_done(&apply(will_fired("own", d.epoch, 1))));
+    let taken = sm.taken_wills();
+    assert_eq!(taken.take("kept", a.epoch), Some(Taken::Kept));
+    assert_eq!(taken.take("kept", a.epoch), None, "asked once");
+    assert_eq!(taken.take("fired", b.epoch), Some(Taken::FiredElsewhere));
+    assert_eq!(taken.take("own", d.epoch), None);
 }

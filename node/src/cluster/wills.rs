@@ -24,7 +24,7 @@
 //! session does not go on), and `WillFired` of the old epoch fires it once: the leader's once
 //! the old node has been away for the grace, the old node's on restart (armed in its store),
 //! or, if the old node is alive (a takeover), its own as it closes the connection
-//! ([`super::sm::KeptWills`]).
+//! ([`super::sm::TakenWills`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

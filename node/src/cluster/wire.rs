@@ -14,7 +14,7 @@
 //! | 1 | (the versions before wire levels, which announce none) |
 //! | 2 | `Claim.with_routes`: a claim that moves a session adds its routes for the new node in the same entry; `ForwardedMessage.routed_at` cuts a moving session's copies by that entry's index, and `ForwardedMessage.client_id` passes the old node's copies on |
 //! | 3 | `ForwardBatch.packed`: a forwarded batch's messages in the packed form (`packed.rs`), a message without properties or expiry as its fields rather than in the stored encoding |
-//! | 4 | `Claim.keep_replaced_will`: a claim that replaces another node's connected record with a will still due keeps that record aside until a `WillFired` of its epoch (`sm.rs`, `wills.rs`); snapshots carry them (`SnapshotRecord.replaced_will`) |
+//! | 4 | `Claim.keep_replaced_will`: a claim that replaces another node's connected record with a will still due keeps that record aside until a `WillFired` of its epoch (`sm.rs`, `wills.rs`); snapshots carry them (`SnapshotRecord.replaced_will`); `SessionDisconnected.drained` drops one of a drained connection (an earlier version ignores the field: it keeps no such records) |
 //!
 //! Level 3 concerns only one forwarding stream, so it is agreed per stream rather than by
 //! the members: the receiver answers the stream with its level in the [`STREAM_LEVEL`]

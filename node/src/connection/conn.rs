@@ -20,6 +20,7 @@ use crate::codec::{
     decode_packet, encode_packet, Connect, Disconnect, LastWill, MqttStr, Packet, Protocol,
 };
 use crate::config::PublishRatePolicy;
+use crate::control::WillElsewhere;
 use crate::limit::{Permits, TokenBucket};
 use crate::message::Message;
 use crate::router::Match;
@@ -689,24 +690,29 @@ impl Conn {
                 }
                 let msg = Message::from_will(&w, self.session.id(), now);
                 let epoch = self.session.epoch();
-                let kept = matches!(reason, Some(ConnError::TakenOver))
-                    && self
-                        .broker
-                        .control
-                        .will_kept_by_claim(&self.client_id, epoch);
-                let of = match reason {
-                    Some(ConnError::TakenOver) if !kept => WillOf::TakenOver,
-                    _ => WillOf::Connection(epoch),
+                let taken_over = matches!(reason, Some(ConnError::TakenOver));
+                let of = match self.broker.control.will_elsewhere(&self.client_id, epoch) {
+                    WillElsewhere::Fired => {
+                        // The leader published it while this node seemed dead.
+                        self.broker.disarm_will(&self.client_id);
+                        self.broker.metrics.wills_skipped.inc();
+                        None
+                    }
+                    WillElsewhere::Kept => {
+                        // A claim of another node took the connection over and kept the will
+                        // aside (due now: no delay, or the session ended with that claim): it
+                        // is published through the cluster, by this node or, if this node
+                        // seems dead meanwhile, by the leader, once.
+                        delay = Duration::ZERO;
+                        Some(WillOf::Connection(epoch))
+                    }
+                    WillElsewhere::Nothing if taken_over => Some(WillOf::TakenOver),
+                    WillElsewhere::Nothing => Some(WillOf::Connection(epoch)),
                 };
-                if kept {
-                    // Taken over by a claim of another node that kept the will aside (due
-                    // now: no delay, or the session ended with this claim). It is published
-                    // through the cluster, by this node or, if this node seems dead
-                    // meanwhile, by the leader: exactly once.
-                    delay = Duration::ZERO;
+                if let Some(of) = of {
+                    self.broker
+                        .schedule_will(&self.client_id, self.session.id(), of, msg, delay);
                 }
-                self.broker
-                    .schedule_will(&self.client_id, self.session.id(), of, msg, delay);
             }
         }
         if matches!(reason, Some(ConnError::Administrative { discard: true })) {
@@ -725,9 +731,13 @@ impl Conn {
                 crate::persist::put_session(w, &self.client_id, self.expiry, since, epoch)
             });
         }
-        broker
-            .control
-            .disconnected(&self.client_id, session.epoch(), will_pending, self.expiry);
+        broker.control.disconnected(
+            &self.client_id,
+            session.epoch(),
+            will_pending,
+            self.expiry,
+            matches!(reason, Some(ConnError::ShuttingDown)),
+        );
         if let Some(state) = session.release(self.conn_id, self.state, expires_at, end) {
             broker.end_session(&session, Some(state));
         } else if let Some(at) = expires_at {

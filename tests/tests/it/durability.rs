@@ -432,10 +432,12 @@ async fn t3_kill9_keeps_queued_share_copies_for_the_groups_other_members() {
     test_timeout(async {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut broker = start_on(dir.path(), &[]).await;
-        eprintln!("--- the group's only member goes offline with a session of 3 s");
+        // Long enough for the restart and the other member's SUBSCRIBE to come first, short
+        // enough for the copies to come within the receive wait (10 s) after that.
+        eprintln!("--- the group's only member goes offline with a session of 6 s");
         let mut member = V5Client::connect_with(broker.mqtt_addr(), "shk-member", |o| {
             o.set_clean_start(false);
-            set_session_expiry(o, 3);
+            set_session_expiry(o, 6);
         })
         .await;
         member.subscribe("$share/gk/shk/t", Q5::AtLeastOnce).await;
