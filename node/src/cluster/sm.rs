@@ -607,7 +607,10 @@ pub struct StateMachine {
 /// ended first, or a command applied again after a restart) goes after [`TakenWills::KEEP`]
 /// if it is a kept one; one fired elsewhere waits for its connection, however long it lives.
 #[derive(Default)]
-pub struct TakenWills(std::sync::Mutex<HashMap<(Arc<str>, u64), (Taken, std::time::Instant)>>);
+pub struct TakenWills(std::sync::Mutex<HashMap<WillKey, (Taken, std::time::Instant)>>);
+
+/// A connection's will: (client id, epoch).
+type WillKey = (Arc<str>, u64);
 
 /// See [`TakenWills`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
