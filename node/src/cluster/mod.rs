@@ -1241,6 +1241,9 @@ impl ControlPlane for Cluster {
         Box::pin(async move {
             let clean_start = req.clean_start;
             let level = self.wire_level();
+            // Its epoch is at least the next one this replica knows of.
+            let next = self.sm.read().next_epoch.max(1);
+            self.sm.taken_wills().claimed(next);
             let cmd = pb::Command {
                 cmd: Some(pb::command::Cmd::Claim(pb::Claim {
                     client_id: req.client_id.to_string(),

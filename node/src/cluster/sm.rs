@@ -600,14 +600,21 @@ pub struct StateMachine {
 /// What became of the wills of this node's connections that other nodes acted on, as this
 /// node applied it: a claim elsewhere kept one aside (`ClusterState::replaced_wills`; also
 /// found in an installed snapshot), or another node's `WillFired` published one (the leader,
-/// while this node seemed dead). A connection with a will asks here once, as it closes
-/// ([`TakenWills::take`]). The replicated state alone cannot say: the leader may have fired
-/// and removed a kept will already, and a record fired while its connection lived on here
-/// looks like any disconnected one. Not replicated; an entry nobody asks for (its connection
-/// ended first, or a command applied again after a restart) goes after [`TakenWills::KEEP`]
-/// if it is a kept one; one fired elsewhere waits for its connection, however long it lives.
+/// while this node seemed dead). A connection that has a will asks here once, as it closes,
+/// whether or not it publishes the will ([`TakenWills::take`]). The replicated state alone
+/// cannot say: the leader may have fired and removed a kept will already, and a record fired
+/// while its connection lived on here looks like any disconnected one. Not replicated, and
+/// only for connections of this process: epochs from its first claim on
+/// ([`TakenWills::claimed`]), so that commands applied again after a restart note nothing.
+/// An entry nobody asks for (a connection that closed just before the claim that kept its
+/// will was applied here) stays for the life of the process: a few bytes each, as rare as
+/// that race.
 #[derive(Default)]
-pub struct TakenWills(std::sync::Mutex<HashMap<WillKey, (Taken, std::time::Instant)>>);
+pub struct TakenWills {
+    map: std::sync::Mutex<HashMap<WillKey, Taken>>,
+    /// The epoch of this process's first claim (0: none yet).
+    first: std::sync::atomic::AtomicU64,
+}
 
 /// A connection's will: (client id, epoch).
 type WillKey = (Arc<str>, u64);
@@ -622,24 +629,37 @@ pub enum Taken {
 }
 
 impl TakenWills {
-    /// Far longer than a connection takes to close once its claim is applied.
-    const KEEP: std::time::Duration = std::time::Duration::from_secs(600);
+    /// This process claimed a client id at `epoch`: its connections have that epoch or a
+    /// later one.
+    pub fn claimed(&self, epoch: u64) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .first
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                (f == 0 || epoch < f).then_some(epoch)
+            });
+    }
 
-    fn insert(&self, taken: Taken, keys: impl IntoIterator<Item = (Arc<str>, u64)>) {
-        let now = std::time::Instant::now();
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, (t, at)| *t != Taken::Kept || now.duration_since(*at) < Self::KEEP);
-        map.extend(keys.into_iter().map(|k| (k, (taken, now))));
+    fn insert(&self, taken: Taken, keys: impl IntoIterator<Item = WillKey>) {
+        let first = self.first.load(std::sync::atomic::Ordering::Acquire);
+        if first == 0 {
+            return;
+        }
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.extend(
+            keys.into_iter()
+                .filter(|k| k.1 >= first)
+                .map(|k| (k, taken)),
+        );
     }
 
     /// What became of the will of `client_id`'s connection at `epoch` (asked once).
     pub fn take(&self, client_id: &str, epoch: u64) -> Option<Taken> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.is_empty() {
             return None;
         }
         map.remove(&(Arc::<str>::from(client_id), epoch))
-            .map(|(t, _)| t)
     }
 }
 
@@ -737,14 +757,14 @@ impl StateMachine {
             }
             _ => None,
         };
-        // Another node publishes the will of a connection of this node's.
+        // Another node (the leader) publishes the will of a connection of this node's that
+        // it took for dead.
         let fired_here = match &cmd.cmd {
             Some(pb::command::Cmd::WillFired(w))
                 if w.node_id != self.me
-                    && st
-                        .sessions
-                        .get(w.client_id.as_str())
-                        .is_some_and(|r| r.epoch == w.epoch && r.node_id == self.me) =>
+                    && st.sessions.get(w.client_id.as_str()).is_some_and(|r| {
+                        r.epoch == w.epoch && r.node_id == self.me && r.connected
+                    }) =>
             {
                 Some((Arc::<str>::from(w.client_id.as_str()), w.epoch))
             }

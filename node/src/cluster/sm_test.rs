@@ -646,7 +646,12 @@ fn a_node_notes_what_other_nodes_did_with_its_connections_wills() {
         .expect("state machine");
     let mut st = ClusterState::default();
     let mut ops = Vec::new();
+    let taken = sm.taken_wills();
     let mut apply = |cmd| sm.apply_one(&mut st, cmd, &mut ops);
+    eprintln!("--- what a restart applies again is of an earlier process: not noted");
+    let old = claimed(apply(claim_keeping("old", 1, false, Some(0))));
+    assert!(is_done(&apply(will_fired("old", old.epoch, 3))));
+    taken.claimed(old.epoch + 1);
     eprintln!("--- node 2 takes a connection of node 1's over and keeps its will");
     let a = claimed(apply(claim_keeping("kept", 1, false, Some(0))));
     apply(claim_keeping("kept", 2, false, None));
@@ -656,7 +661,7 @@ fn a_node_notes_what_other_nodes_did_with_its_connections_wills() {
     eprintln!("--- node 1 fires its own: nothing to note");
     let d = claimed(apply(claim_keeping("own", 1, false, Some(0))));
     assert!(is_done(&apply(will_fired("own", d.epoch, 1))));
-    let taken = sm.taken_wills();
+    assert_eq!(taken.take("old", old.epoch), None);
     assert_eq!(taken.take("kept", a.epoch), Some(Taken::Kept));
     assert_eq!(taken.take("kept", a.epoch), None, "asked once");
     assert_eq!(taken.take("fired", b.epoch), Some(Taken::FiredElsewhere));

@@ -666,6 +666,13 @@ impl Conn {
         let now = Instant::now();
         let will = self.will.take();
         let will_pending = publish_will && will.is_some();
+        let epoch = self.session.epoch();
+        // What other nodes did with this connection's will, asked once whatever this end
+        // does with it.
+        let elsewhere = match &will {
+            Some(_) => self.broker.control.will_elsewhere(&self.client_id, epoch),
+            None => WillElsewhere::Nothing,
+        };
         if !publish_will && will.is_some() {
             // Stored at CONNECT (`Broker::arm_will`); this end does not publish it.
             self.broker.disarm_will(&self.client_id);
@@ -681,7 +688,8 @@ impl Conn {
                     0
                 };
                 let mut delay = Duration::from_secs(delay as u64);
-                if matches!(reason, Some(ConnError::ShuttingDown)) {
+                let drained = matches!(reason, Some(ConnError::ShuttingDown));
+                if drained {
                     // Drained (a rolling upgrade): the client gets `cluster.will_grace_ms` to
                     // connect again, here after a restart or to another node; its will is
                     // published only if it does not (a new claim makes it stale).
@@ -689,15 +697,17 @@ impl Conn {
                     delay = delay.max(grace);
                 }
                 let msg = Message::from_will(&w, self.session.id(), now);
-                let epoch = self.session.epoch();
                 let taken_over = matches!(reason, Some(ConnError::TakenOver));
-                let of = match self.broker.control.will_elsewhere(&self.client_id, epoch) {
+                let of = match elsewhere {
                     WillElsewhere::Fired => {
                         // The leader published it while this node seemed dead.
                         self.broker.disarm_will(&self.client_id);
                         self.broker.metrics.wills_skipped.inc();
                         None
                     }
+                    // Drained: its end drops the kept will (`SessionDisconnected.drained`),
+                    // and the delayed one here is stale by then (the client is elsewhere).
+                    WillElsewhere::Kept if drained => Some(WillOf::Connection(epoch)),
                     WillElsewhere::Kept => {
                         // A claim of another node took the connection over and kept the will
                         // aside (due now: no delay, or the session ended with that claim): it
