@@ -118,7 +118,7 @@ pub fn message(
     sub_ids: &[u32],
     clock: &Clock,
 ) -> Result<Bytes, EncodeError> {
-    encode(msg, qos, retain, sub_ids, false, clock)
+    queued(msg, qos, retain, sub_ids, false, clock)
 }
 
 /// [`message`] for a copy of a session's queue or in-flight window; `shared`: it went to
@@ -128,17 +128,6 @@ pub fn message(
 /// the stored PUBLISH's DUP flag, which a delivery never takes from the store and earlier
 /// versions ignore; a QoS 0 PUBLISH may not carry it (its copies are not given on anyway).
 pub fn queued(
-    msg: &Message,
-    qos: QoS,
-    retain: bool,
-    sub_ids: &[u32],
-    shared: bool,
-    clock: &Clock,
-) -> Result<Bytes, EncodeError> {
-    encode(msg, qos, retain, sub_ids, shared, clock)
-}
-
-fn encode(
     msg: &Message,
     qos: QoS,
     retain: bool,

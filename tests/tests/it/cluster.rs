@@ -508,6 +508,19 @@ fn persistent(o: &mut rumqttc::v5::MqttOptions) {
     set_session_expiry(o, 300);
 }
 
+/// Connect options with a QoS 1 will "gone" on `topic`, no delay.
+fn will(topic: &'static str) -> impl Fn(&mut rumqttc::v5::MqttOptions) {
+    move |o| {
+        o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            topic,
+            "gone",
+            Q5::AtLeastOnce,
+            false,
+            None,
+        ));
+    }
+}
+
 fn node(c: &Cluster, i: usize) -> &Broker {
     c.members[i].broker.as_ref().expect("running")
 }
@@ -1222,17 +1235,6 @@ async fn a_dead_nodes_wills_are_published_by_a_survivor_once_even_when_it_return
         let mut watch = V5Client::connect(node(&c, 1).mqtt_addr(), "will-watch").await;
         watch.subscribe("wl/#", Q5::AtLeastOnce).await;
         wait_routes(c.grpc(0), 1, 1).await;
-        let will = |topic: &'static str| {
-            move |o: &mut rumqttc::v5::MqttOptions| {
-                o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
-                    topic,
-                    "gone",
-                    Q5::AtLeastOnce,
-                    false,
-                    None,
-                ));
-            }
-        };
         let dev = V5Client::connect_with(node(&c, 0).mqtt_addr(), "will-dev", will("wl/dev")).await;
         // A persistent one too, whose session outlives its node.
         let dev2 = V5Client::connect_with(node(&c, 0).mqtt_addr(), "will-dev2", |o| {
@@ -1277,17 +1279,6 @@ async fn wills_of_a_dead_nodes_clients_that_reconnect_elsewhere_at_once_are_publ
         let mut watch = V5Client::connect(node(&c, 2).mqtt_addr(), "rw-watch").await;
         watch.subscribe("rw/#", Q5::AtLeastOnce).await;
         wait_routes(c.grpc(0), 2, 1).await;
-        let will = |topic: &'static str| {
-            move |o: &mut rumqttc::v5::MqttOptions| {
-                o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
-                    topic,
-                    "gone",
-                    Q5::AtLeastOnce,
-                    false,
-                    None,
-                ));
-            }
-        };
         eprintln!("--- a takeover on node 1 while node 0 lives: node 0 publishes the will, once");
         let old =
             V5Client::connect_with(node(&c, 0).mqtt_addr(), "rw-moved", will("rw/moved")).await;
